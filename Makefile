@@ -1,0 +1,29 @@
+# The two commands (README): `make run` and `make test`. Both set the host up
+# first; scripts/setup-host.sh is idempotent and quick when nothing changed.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run scan test lint unit bench install clean
+
+setup:
+	bash scripts/setup-host.sh
+
+run: setup
+	$(VENV)/bin/rome-guard scan
+
+scan: setup
+	$(VENV)/bin/rome-guard scan
+
+lint: setup
+	$(VENV)/bin/ruff check rome_guard tests bench
+	$(VENV)/bin/ruff format --check rome_guard tests bench
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache tests/fixtures/build

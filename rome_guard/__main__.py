@@ -1,0 +1,3 @@
+from rome_guard.cli import main
+
+main()

@@ -1,0 +1,147 @@
+"""Daemon and scan configuration: /etc/rome-guard/config.yaml.
+
+Every key is optional with a safe default; unknown keys and wrong types are
+errors with ``file:line``. Parsing is pure: nothing here opens sockets,
+loads BPF or touches /proc.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from rome_guard.yamlsrc import LineDict, Location, SourceError, load_file
+
+DEFAULT_CONFIG_FILE = "/etc/rome-guard/config.yaml"
+DEFAULT_RULES_DIR = "/etc/rome-guard/rules.d"
+DEFAULT_ALERTS_FILE = "/var/lib/rome-guard/alerts.jsonl"
+DEFAULT_STATE_DIR = "/var/lib/rome-guard"
+DEFAULT_RUN_DIR = "/run/rome-guard"
+# 9985 is not taken in Prometheus' default port allocations list.
+DEFAULT_METRICS_PORT = 9985
+
+
+@dataclass
+class AttributionConfig:
+    env_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProtectConfig:
+    """Processes never killed, in addition to the built-in ones (pid 1,
+    kernel threads, the daemon and its ancestors, sshd's listener)."""
+
+    exe: list[str] = field(default_factory=list)  # glob patterns on the exe path
+    comm: list[str] = field(default_factory=list)
+    unit: list[str] = field(default_factory=list)  # glob patterns on the systemd unit
+
+
+@dataclass
+class GpuConfig:
+    poll_interval: float = 5.0
+    accounting: bool = True
+    allow: list[dict] = field(default_factory=list)  # allowlist entries, see docs/gpu.md
+
+
+@dataclass
+class MetricsConfig:
+    addr: str = f":{DEFAULT_METRICS_PORT}"
+    web_config_file: str = ""
+
+
+@dataclass
+class SensorConfig:
+    # Loopback connects of registered GPU jobs are dropped in the kernel:
+    # distributed-training rendezvous makes thousands and no rule needs them.
+    ignore_registered_loopback: bool = True
+    park_unknown_ms: int = 200  # how long events for unknown pids wait
+
+
+@dataclass
+class Config:
+    mode: str = "monitor"  # monitor | enforce
+    sensor: str = "auto"  # auto | ebpf | poll
+    alerts_file: str = DEFAULT_ALERTS_FILE
+    state_dir: str = DEFAULT_STATE_DIR
+    run_dir: str = DEFAULT_RUN_DIR
+    rules: list[str] = field(default_factory=lambda: [DEFAULT_RULES_DIR])
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sensor_filter: SensorConfig = field(default_factory=SensorConfig)
+
+    source: str = ""  # file it came from, "" for the built-in defaults
+
+
+_CHOICES = {"mode": ("monitor", "enforce"), "sensor": ("auto", "ebpf", "poll")}
+
+
+def _coerce(value: Any, default: Any, loc: Location, name: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SourceError([(loc, f"{name} must be true or false, got {value!r}")])
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SourceError([(loc, f"{name} must be a number, got {value!r}")])
+        if value < 0:
+            raise SourceError([(loc, f"{name} must not be negative")])
+        return type(default)(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise SourceError([(loc, f"{name} must be a string, got {value!r}")])
+        if name in _CHOICES and value not in _CHOICES[name]:
+            allowed = ", ".join(_CHOICES[name])
+            raise SourceError([(loc, f"{name} must be one of {allowed}, got {value!r}")])
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise SourceError([(loc, f"{name} must be a list")])
+        return list(value)
+    raise SourceError([(loc, f"{name}: unsupported value")])
+
+
+def _fill(target: Any, raw: LineDict, prefix: str) -> None:
+    known = {f.name: f for f in fields(target) if f.name != "source"}
+    for key, value in raw.items():
+        loc = raw.where(key)
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise SourceError([(loc, f"unknown key {name!r} (known: {', '.join(known)})")])
+        current = getattr(target, key)
+        if hasattr(current, "__dataclass_fields__"):
+            if not isinstance(value, LineDict):
+                raise SourceError([(loc, f"{name} must be a mapping")])
+            _fill(current, value, f"{name}.")
+        else:
+            setattr(target, key, _coerce(value, current, loc, name))
+
+
+def parse_config(raw: Any, path: str) -> Config:
+    config = Config(source=path)
+    if raw is None:
+        return config
+    if not isinstance(raw, LineDict):
+        raise SourceError([(Location(path, 1), "the config file must be a mapping")])
+    _fill(config, raw, "")
+    return config
+
+
+def load_config(path: str | None) -> Config:
+    """The config at path; the built-in defaults when path is None, or when
+    it is the default path and does not exist."""
+    if path is None:
+        return Config()
+    try:
+        docs = load_file(path)
+    except SourceError:
+        if path == DEFAULT_CONFIG_FILE:
+            import os
+
+            if not os.path.exists(path):
+                return Config()
+        raise
+    if len(docs) > 1:
+        raise SourceError([(Location(path, 1), "expected one YAML document")])
+    return parse_config(docs[0] if docs else None, path)

@@ -1,0 +1,169 @@
+"""The one event model shared by every sensor and by the engine.
+
+Every sensor (procfs snapshot, eBPF, sock_diag, NVML) produces these frozen
+dataclasses; the engine and responders consume nothing else. They carry no
+behaviour beyond small derived properties, so they are cheap to build and
+safe to hand between threads.
+
+Identity of a process is always ``ProcessKey(pid, start_time)``: pids are
+reused, the pair is not. ``start_time`` is in clock ticks since boot, exactly
+as field 22 of /proc/PID/stat, so every source agrees on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, order=True)
+class ProcessKey:
+    pid: int
+    start_time: int  # clock ticks since boot (/proc/PID/stat field 22)
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{self.start_time}"
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Answers "whose is this process?" for operators and RL teams."""
+
+    unit: str | None = None  # systemd unit, e.g. "sshd.service"
+    container_id: str | None = None  # 64-hex docker/containerd/cri-o/podman id
+    pod_uid: str | None = None  # Kubernetes pod UID (dashes restored)
+    slurm_job: str | None = None  # Slurm job id
+    env: Mapping[str, str] = field(default=_EMPTY)  # configured env keys
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process as read at one instant. Strings are decoded with
+    ``surrogateescape`` so that hostile bytes survive round trips; sanitise
+    them (rome_guard.textsafe) before they reach a log, JSON or a label."""
+
+    key: ProcessKey
+    ppid: int
+    uid: int
+    user: str
+    comm: str
+    exe: str  # resolved path; "" for kernel threads or when unreadable
+    cmdline: tuple[str, ...]
+    cwd: str
+    cgroup: str  # cgroup v2 path ("0::" line), "" when unknown
+    attribution: Attribution = Attribution()
+    kernel_thread: bool = False
+    zombie: bool = False
+    pre_existing: bool = False  # seen at start-up, not born under our watch
+
+    @property
+    def pid(self) -> int:
+        return self.key.pid
+
+    @property
+    def exe_deleted(self) -> bool:
+        return self.exe.endswith(" (deleted)")
+
+    @property
+    def exe_memfd(self) -> bool:
+        return self.exe.startswith("/memfd:")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One socket or connection attempt with its addresses."""
+
+    proto: str  # "tcp" | "udp"
+    family: int  # 4 | 6
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    state: str = ""  # sock_diag state name, or connect outcome
+    inode: int = 0
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.daddr.startswith("127.") or self.daddr in ("::1", "::ffff:127.0.0.1")
+
+
+# --- events produced by real-time sensors -----------------------------------
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    pid: int
+    ppid: int
+    filename: str  # resolved by sched_process_exec
+    argv: tuple[str, ...]
+    timestamp_ns: int  # CLOCK_BOOTTIME
+    uid: int = -1
+    comm: str = ""
+
+
+@dataclass(frozen=True)
+class ForkEvent:
+    parent_pid: int
+    child_pid: int
+    timestamp_ns: int  # CLOCK_BOOTTIME, ~ the child's start time
+
+    @property
+    def child_start_ticks(self) -> int:
+        return boottime_ns_to_ticks(self.timestamp_ns)
+
+
+@dataclass(frozen=True)
+class ExitEvent:
+    pid: int
+    timestamp_ns: int
+    exit_code: int = 0
+
+
+# Connect outcomes reported by the network sensor.
+CONNECT_ATTEMPT = "attempt"
+CONNECT_ESTABLISHED = "established"
+CONNECT_REFUSED = "refused"
+CONNECT_FAILED = "failed"  # timed out, unreachable, or reset before established
+CONNECT_BLOCKED = "blocked"  # denied in the kernel by rome-guard
+
+
+@dataclass(frozen=True)
+class ConnectEvent:
+    pid: int
+    endpoint: Endpoint
+    outcome: str  # one of CONNECT_*
+    timestamp_ns: int
+    comm: str = ""
+
+
+@dataclass(frozen=True)
+class GpuOpenEvent:
+    """A process opened /dev/nvidia*: it is creating a GPU context."""
+
+    pid: int
+    path: str
+    timestamp_ns: int
+    comm: str = ""
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process holding a context on one GPU (or MIG device), from NVML."""
+
+    pid: int
+    gpu_index: int
+    gpu_uuid: str
+    mig: str | None  # MIG device UUID, None on a full GPU
+    used_memory_bytes: int | None
+    sm_util: int | None  # percent, None where unsupported
+
+
+USER_HZ = 100  # the kernel's clock_t for /proc is always 100 on Linux
+
+
+def boottime_ns_to_ticks(ns: int) -> int:
+    """CLOCK_BOOTTIME nanoseconds -> /proc start-time clock ticks."""
+    return ns // (1_000_000_000 // USER_HZ)

@@ -1,0 +1,196 @@
+"""Read processes from /proc.
+
+The /proc reader is the one place that knows /proc's formats. A process can
+vanish between any two reads: that is the common case, reported as
+``ProcessGone`` (or ``None`` from the top-level readers), never a crash.
+Unreadable fields (permissions, zombies, kernel threads) come back empty.
+This module never decides anything; it only reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from functools import lru_cache
+from typing import Iterable, Iterator, Mapping
+
+from rome_guard.attribution import attribute, parse_environ
+from rome_guard.events import ProcessInfo, ProcessKey
+from rome_guard.textsafe import from_bytes
+
+PROC = "/proc"
+_PF_KTHREAD = 0x00200000
+
+
+class ProcessGone(Exception):
+    """The process exited (or its pid was reused) while we were reading it."""
+
+
+def list_pids(proc: str = PROC) -> list[int]:
+    return [int(name) for name in os.listdir(proc) if name.isdigit()]
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except (PermissionError, FileNotFoundError, ProcessLookupError, OSError):
+        return ""
+
+
+class Stat:
+    """The fields of /proc/PID/stat we need. comm may contain spaces and
+    parentheses: it is everything between the first '(' and the last ')'."""
+
+    __slots__ = ("comm", "state", "ppid", "flags", "start_time")
+
+    def __init__(self, raw: bytes):
+        open_paren = raw.index(b"(")
+        close_paren = raw.rindex(b")")
+        self.comm = from_bytes(raw[open_paren + 1 : close_paren])
+        fields = raw[close_paren + 2 :].split()
+        # fields[0] is field 3 (state) of proc(5)
+        self.state = fields[0].decode()
+        self.ppid = int(fields[1])
+        self.flags = int(fields[6])
+        self.start_time = int(fields[19])
+
+    @property
+    def kernel_thread(self) -> bool:
+        return bool(self.flags & _PF_KTHREAD)
+
+
+def read_stat(pid: int, proc: str = PROC) -> Stat:
+    try:
+        return Stat(_read(f"{proc}/{pid}/stat"))
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(pid) from exc
+
+
+def start_time(pid: int, proc: str = PROC) -> int | None:
+    """The start time of pid now, or None if it is gone."""
+    try:
+        return read_stat(pid, proc).start_time
+    except ProcessGone:
+        return None
+
+
+@lru_cache(maxsize=4096)
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _cmdline(raw: bytes) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    return tuple(from_bytes(arg) for arg in raw.split(b"\0"))
+
+
+def _cgroup_v2_path(raw: bytes) -> str:
+    """The unified hierarchy's path ("0::/..."), else the name=systemd one."""
+    fallback = ""
+    for line in raw.splitlines():
+        hierarchy, _, rest = line.partition(b":")
+        controllers, _, path = rest.partition(b":")
+        if hierarchy == b"0" and controllers == b"":
+            return from_bytes(path)
+        if controllers == b"name=systemd":
+            fallback = from_bytes(path)
+    return fallback
+
+
+def read_environ(pid: int, proc: str = PROC) -> dict[str, str]:
+    try:
+        raw = _read(f"{proc}/{pid}/environ")
+    except OSError:
+        return {}
+    return {from_bytes(k): from_bytes(v) for k, v in parse_environ(raw).items()}
+
+
+def read_process(
+    pid: int,
+    env_keys: Iterable[str] = (),
+    proc: str = PROC,
+    pre_existing: bool = False,
+) -> ProcessInfo | None:
+    """One consistent ProcessInfo for pid, or None if it vanished.
+
+    The stat file is read first and again last: if the start time changed,
+    the pid was reused mid-read and the record would mix two processes."""
+    base = f"{proc}/{pid}"
+    try:
+        stat = read_stat(pid, proc)
+        uid = os.stat(base).st_uid
+        cmdline = _cmdline(_read(f"{base}/cmdline"))
+        cgroup_raw = _read(f"{base}/cgroup")
+    except (ProcessGone, FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        cmdline, cgroup_raw = (), b""
+        uid = -1
+    exe = "" if stat.kernel_thread else from_bytes(os.fsencode(_readlink(f"{base}/exe")))
+    cwd = from_bytes(os.fsencode(_readlink(f"{base}/cwd")))
+    cgroup = _cgroup_v2_path(cgroup_raw)
+    keys = tuple(env_keys)
+    environ: Mapping[str, str] = read_environ(pid, proc) if keys else {}
+    if start_time(pid, proc) != stat.start_time:
+        return None
+    return ProcessInfo(
+        key=ProcessKey(pid, stat.start_time),
+        ppid=stat.ppid,
+        uid=uid,
+        user=user_name(uid) if uid >= 0 else "",
+        comm=stat.comm,
+        exe=exe,
+        cmdline=cmdline,
+        cwd=cwd,
+        cgroup=cgroup,
+        attribution=attribute(cgroup, environ, keys),
+        kernel_thread=stat.kernel_thread,
+        zombie=stat.state == "Z",
+        pre_existing=pre_existing,
+    )
+
+
+def iter_processes(
+    env_keys: Iterable[str] = (), proc: str = PROC, pre_existing: bool = False
+) -> Iterator[ProcessInfo]:
+    keys = tuple(env_keys)
+    for pid in list_pids(proc):
+        info = read_process(pid, keys, proc, pre_existing)
+        if info is not None:
+            yield info
+
+
+def socket_inodes(pid: int, proc: str = PROC) -> dict[int, list[int]]:
+    """socket inode -> the fd numbers of pid that refer to it."""
+    result: dict[int, list[int]] = {}
+    fd_dir = f"{proc}/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return result
+    for name in names:
+        target = _readlink(f"{fd_dir}/{name}")
+        if target.startswith("socket:["):
+            result.setdefault(int(target[8:-1]), []).append(int(name))
+    return result
+
+
+def stdio_socket_inodes(pid: int, proc: str = PROC) -> dict[int, int]:
+    """fd (0, 1, 2) -> socket inode, for the standard fds that are sockets."""
+    result = {}
+    for fd in (0, 1, 2):
+        target = _readlink(f"{proc}/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            result[fd] = int(target[8:-1])
+    return result

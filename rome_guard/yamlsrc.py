@@ -1,0 +1,108 @@
+"""YAML that remembers where each value came from.
+
+Rule and config files are written by people; every mistake must be reported
+as ``path:line: what is wrong``. This loader returns ordinary dicts, lists
+and scalars whose mappings and sequences also know their line numbers, and
+``SourceError`` carries the location to the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Location:
+    path: str
+    line: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+class SourceError(Exception):
+    """One or more mistakes in a user-written file, each with its location."""
+
+    def __init__(self, problems: list[tuple[Location, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{loc}: {msg}" for loc, msg in problems))
+
+
+class LineDict(dict):
+    """A mapping with the line of the mapping and of each key."""
+
+    location: Location
+    key_locations: dict[str, Location]
+
+    def where(self, key: str | None = None) -> Location:
+        if key is not None and key in self.key_locations:
+            return self.key_locations[key]
+        return self.location
+
+
+class LineList(list):
+    location: Location
+    item_locations: list[Location]
+
+    def where(self, index: int | None = None) -> Location:
+        if index is not None and index < len(self.item_locations):
+            return self.item_locations[index]
+        return self.location
+
+
+def _build(node: yaml.Node, path: str) -> Any:
+    loc = Location(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        result = LineDict()
+        result.location = loc
+        result.key_locations = {}
+        for key_node, value_node in node.value:
+            key = _build(key_node, path)
+            key_loc = Location(path, key_node.start_mark.line + 1)
+            if not isinstance(key, str):
+                raise SourceError([(key_loc, f"keys must be strings, got {key!r}")])
+            if key in result:
+                raise SourceError([(key_loc, f"duplicate key {key!r}")])
+            result[key] = _build(value_node, path)
+            result.key_locations[key] = key_loc
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        result = LineList(_build(item, path) for item in node.value)
+        result.location = loc
+        result.item_locations = [Location(path, item.start_mark.line + 1) for item in node.value]
+        return result
+    # scalars: let SafeLoader resolve the tag (int, bool, null, str)
+    return yaml.SafeLoader(yaml.safe_dump(None)).construct_object(node, deep=True)
+
+
+def load_documents(text: str, path: str) -> list[Any]:
+    """Every YAML document in text, line-aware; syntax errors as SourceError."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise SourceError([(Location(path, line), f"invalid YAML: {exc.problem}")]) from None
+    return [_build(node, path) for node in nodes if node is not None]
+
+
+def load_file(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise SourceError([(Location(path, 1), f"not UTF-8 text: {exc.reason}")]) from None
+    except OSError as exc:
+        raise SourceError([(Location(path, 1), f"cannot read: {exc.strerror}")]) from None
+    return load_documents(text, path)
+
+
+def where(value: Any, fallback: Location, key: str | None = None) -> Location:
+    if isinstance(value, LineDict):
+        return value.where(key)
+    if isinstance(value, LineList):
+        return value.location
+    return fallback

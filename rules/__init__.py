@@ -1,0 +1,1 @@
+"""Shipped detection rules (YAML). Installed as the package rome_guard.rules."""

@@ -1,5 +1,137 @@
+"""The `rome-guard` command line. Commands are thin: they parse options,
+call library code and choose the exit status (0 clean, 1 findings, 2 error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
 import click
 
+from rome_guard import __version__
+from rome_guard.config import DEFAULT_CONFIG_FILE, Config, load_config
+from rome_guard.detect.rules import RuleSet, load_rules
+from rome_guard.yamlsrc import SourceError
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def fail(message: str) -> None:
+    click.echo(f"rome-guard: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def config_from(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except SourceError as exc:
+        fail(f"invalid config:\n{exc}")
+        raise  # unreachable
+
+
+def rules_from(config: Config, extra: tuple[str, ...]) -> RuleSet:
+    try:
+        return load_rules(list(config.rules) + list(extra))
+    except SourceError as exc:
+        fail(f"invalid rules, nothing loaded:\n{exc}")
+        raise
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG_FILE,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="YAML config; the built-in defaults apply when the default path is absent.",
+)
+rules_option = click.option(
+    "--rules",
+    "extra_rules",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Extra rule file or directory (repeatable), on top of the shipped rules.",
+)
+
+
 @click.group()
-def main():
-    """rome-guard"""
+@click.version_option(__version__, prog_name="rome-guard")
+def main() -> None:
+    """rome-guard: runtime guard for GPU training hosts running autonomous agents."""
+
+
+@main.command()
+@config_option
+@rules_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document with every finding.")
+def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
+    """One-off scan of live processes and sockets. Exit 0 clean, 1 findings, 2 error."""
+    from rome_guard.findings import finding_record
+    from rome_guard.report import findings_table
+    from rome_guard.scan import scan as run_scan
+
+    config = config_from(config_path)
+    ruleset = rules_from(config, extra_rules)
+    result = run_scan(ruleset, config, exclude_pids=frozenset({os.getpid()}))
+    if as_json:
+        document = {
+            "version": __version__,
+            "processes": result.processes,
+            "sockets": result.sockets,
+            "duration_s": round(result.duration_s, 4),
+            "rules": len(ruleset),
+            "findings": [finding_record(f, "alert", result.timestamp) for f in result.findings],
+        }
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        if result.findings:
+            click.echo(findings_table(result.findings))
+        click.echo(
+            f"\n{len(result.findings)} finding(s); {result.processes} processes, "
+            f"{result.sockets} sockets, {len(ruleset)} rules, {result.duration_s:.2f}s",
+            err=not result.findings,
+        )
+    sys.exit(EXIT_FINDINGS if result.findings else EXIT_CLEAN)
+
+
+@main.group()
+def rules() -> None:
+    """Check and list detection rules."""
+
+
+@rules.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def rules_validate(paths: tuple[str, ...]) -> None:
+    """Validate rule files (with the shipped lists available). Exit 2 on any error."""
+    try:
+        ruleset = load_rules(list(paths))
+    except SourceError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_ERROR)
+    for path in paths:
+        if not os.path.exists(path):
+            click.echo(f"{path}:1: no such file or directory", err=True)
+            sys.exit(EXIT_ERROR)
+    click.echo(f"ok: {len(ruleset)} rules from {len(ruleset.sources)} files")
+
+
+@rules.command("list")
+@config_option
+@rules_option
+@click.option("--json", "as_json", is_flag=True)
+def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
+    """List the loaded rules."""
+    from rome_guard.report import table
+
+    ruleset = rules_from(config_from(config_path), extra_rules)
+    rows = [
+        (r.id, r.category, r.severity, r.action, r.detector or "match", str(r.location))
+        for r in ruleset.rules
+    ]
+    if as_json:
+        keys = ("id", "category", "severity", "action", "kind", "location")
+        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+    else:
+        click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))

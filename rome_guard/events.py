@@ -13,10 +13,7 @@ as field 22 of /proc/PID/stat, so every source agrees on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Mapping
-
-_EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, order=True)
@@ -36,7 +33,7 @@ class Attribution:
     container_id: str | None = None  # 64-hex docker/containerd/cri-o/podman id
     pod_uid: str | None = None  # Kubernetes pod UID (dashes restored)
     slurm_job: str | None = None  # Slurm job id
-    env: Mapping[str, str] = field(default=_EMPTY)  # configured env keys
+    env: Mapping[str, str] = field(default_factory=dict)  # configured env keys
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,12 @@ class LineList(list):
         return self.location
 
 
+# libyaml's parser when present (much faster); the pure-Python one otherwise.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# One constructor resolves every scalar's tag (int, bool, null, str).
+_SCALARS = yaml.SafeLoader("")
+
+
 def _build(node: yaml.Node, path: str) -> Any:
     loc = Location(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -74,19 +80,21 @@ def _build(node: yaml.Node, path: str) -> Any:
         result.location = loc
         result.item_locations = [Location(path, item.start_mark.line + 1) for item in node.value]
         return result
-    # scalars: let SafeLoader resolve the tag (int, bool, null, str)
-    return yaml.SafeLoader(yaml.safe_dump(None)).construct_object(node, deep=True)
+    return _SCALARS.construct_object(node, deep=True)
 
 
 def load_documents(text: str, path: str) -> list[Any]:
     """Every YAML document in text, line-aware; syntax errors as SourceError."""
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise SourceError([(Location(path, line), f"invalid YAML: {exc.problem}")]) from None
-    return [_build(node, path) for node in nodes if node is not None]
+    try:
+        return [_build(node, path) for node in nodes if node is not None]
+    finally:
+        _SCALARS.constructed_objects.clear()
 
 
 def load_file(path: str) -> list[Any]:

@@ -41,8 +41,6 @@ def _state_name(proto: str, state: int) -> str:
     return TCP_STATES.get(state, str(state))
 
 
-
-
 def list_sockets(
     families: Iterable[tuple[int, int]] = _FAMILIES,
     protocols: Iterable[tuple[int, str]] = _PROTOCOLS,

@@ -1,0 +1,573 @@
+"""The match language of rules: YAML conditions compiled to predicates.
+
+A condition is a mapping; several keys in one mapping must all hold. Each
+key names one test (see docs/rules.md). Compilation validates everything
+up front and raises ``RuleSyntaxError`` with the YAML location, so a rule
+that loads cannot fail at match time. A compiled condition takes a Subject
+and returns a short reason ("why it matched") or None.
+
+This module never reads /proc or the network: it only looks at Subjects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from typing import Any, Callable, Mapping
+
+from rome_guard.detect import argv as argvlib
+from rome_guard.detect.subject import Subject
+from rome_guard.events import Endpoint
+from rome_guard.yamlsrc import LineDict, LineList, Location, where
+
+Predicate = Callable[[Subject], "str | None"]
+ValueTest = Callable[[str], bool]
+
+# Monero: 95 base58 chars starting with 4 or 8 (106 for integrated);
+# Ethereum-style: 0x + 40 hex. Either may carry ".worker" or "+diff".
+_WALLET = re.compile(
+    r"^(?:[48][1-9A-HJ-NP-Za-km-z]{94}(?:[1-9A-HJ-NP-Za-km-z]{11})?|0x[0-9a-fA-F]{40})"
+    r"(?:[./+:][\w.+-]*)?$"
+)
+MAX_PATTERN = 1000
+
+
+class RuleSyntaxError(Exception):
+    def __init__(self, location: Location, message: str):
+        self.location = location
+        self.message = message
+        super().__init__(f"{location}: {message}")
+
+
+class Compiler:
+    """Compiles conditions against a set of named lists."""
+
+    def __init__(self, lists: Mapping[str, list]):
+        self.lists = lists
+
+    # --- values --------------------------------------------------------------
+
+    def strings(self, value: Any, loc: Location, what: str) -> list[str]:
+        """A list of strings; ``$name`` items expand to the named list."""
+        items = value if isinstance(value, list) else [value]
+        out: list[str] = []
+        for index, item in enumerate(items):
+            item_loc = value.where(index) if isinstance(value, LineList) else loc
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                item = str(item)
+            if not isinstance(item, str) or not item:
+                raise RuleSyntaxError(
+                    item_loc, f"{what}: expected a non-empty string, got {item!r}"
+                )
+            if item.startswith("$"):
+                name = item[1:]
+                if name not in self.lists:
+                    raise RuleSyntaxError(item_loc, f"{what}: unknown list {item!r}")
+                out.extend(str(x) for x in self.lists[name])
+            else:
+                out.append(item)
+        if not out:
+            raise RuleSyntaxError(loc, f"{what}: the list is empty")
+        return out
+
+    def regex(self, value: Any, loc: Location, what: str) -> re.Pattern[str]:
+        if not isinstance(value, str) or not value:
+            raise RuleSyntaxError(loc, f"{what}: expected a regular expression string")
+        if len(value) > MAX_PATTERN:
+            raise RuleSyntaxError(loc, f"{what}: pattern longer than {MAX_PATTERN} characters")
+        try:
+            return re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise RuleSyntaxError(loc, f"{what}: invalid regular expression: {exc}") from None
+
+    def boolean(self, value: Any, loc: Location, what: str) -> bool:
+        if not isinstance(value, bool):
+            raise RuleSyntaxError(loc, f"{what}: expected true or false, got {value!r}")
+        return value
+
+    def ports(self, value: Any, loc: Location) -> frozenset[int]:
+        result: set[int] = set()
+        for item in self.strings(value, loc, "remote_port"):
+            low, sep, high = item.partition("-")
+            try:
+                a, b = int(low), int(high) if sep else int(low)
+            except ValueError:
+                raise RuleSyntaxError(
+                    loc, f"remote_port: {item!r} is not a port or range"
+                ) from None
+            if not (0 < a <= b <= 65535):
+                raise RuleSyntaxError(loc, f"remote_port: {item!r} is out of range 1-65535")
+            result.update(range(a, b + 1))
+        return frozenset(result)
+
+    def networks(self, value: Any, loc: Location) -> tuple:
+        nets = []
+        for item in self.strings(value, loc, "remote_cidr"):
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise RuleSyntaxError(loc, f"remote_cidr: {item!r} is not a CIDR") from None
+        return tuple(nets)
+
+    def value_test(self, spec: Any, loc: Location, what: str) -> tuple[ValueTest, str]:
+        """Tests on one option value: prefix, equals, regex, host_suffix,
+        hostport. No test at all means "the option is present"."""
+        if spec is None or spec == {}:
+            return (lambda _v: True), "present"
+        if not isinstance(spec, LineDict):
+            raise RuleSyntaxError(loc, f"{what}: expected a mapping of value tests")
+        tests: list[ValueTest] = []
+        for key, arg in spec.items():
+            key_loc = spec.where(key)
+            if key == "prefix":
+                prefixes = tuple(s.lower() for s in self.strings(arg, key_loc, f"{what}.prefix"))
+                tests.append(lambda v, p=prefixes: v.lower().startswith(p))
+            elif key == "equals":
+                options = frozenset(s.lower() for s in self.strings(arg, key_loc, f"{what}.equals"))
+                tests.append(lambda v, o=options: v.lower() in o)
+            elif key == "regex":
+                pattern = self.regex(arg, key_loc, f"{what}.regex")
+                tests.append(lambda v, p=pattern: p.search(v) is not None)
+            elif key == "host_suffix":
+                suffixes = self.strings(arg, key_loc, f"{what}.host_suffix")
+                tests.append(lambda v, s=suffixes: _host_in(v, s))
+            elif key == "hostport":
+                self.boolean(arg, key_loc, f"{what}.hostport")
+                tests.append(lambda v, want=arg: _is_hostport(v) == want)
+            else:
+                raise RuleSyntaxError(
+                    key_loc,
+                    f"{what}: unknown value test {key!r} "
+                    "(known: prefix, equals, regex, host_suffix, hostport)",
+                )
+        return (lambda v: any(t(v) for t in tests)), "/".join(spec)
+
+    # --- conditions ------------------------------------------------------------
+
+    def condition(self, node: Any, loc: Location) -> Predicate:
+        if not isinstance(node, LineDict) or not node:
+            raise RuleSyntaxError(where(node, loc), "a condition must be a non-empty mapping")
+        parts = []
+        for key, value in node.items():
+            key_loc = node.where(key)
+            builder = _BUILDERS.get(key)
+            if builder is None:
+                known = ", ".join(sorted(_BUILDERS))
+                raise RuleSyntaxError(key_loc, f"unknown condition {key!r} (known: {known})")
+            parts.append(builder(self, value, key_loc))
+        if len(parts) == 1:
+            return parts[0]
+        return _all(parts)
+
+    def conditions(self, node: Any, loc: Location, what: str) -> list[Predicate]:
+        if not isinstance(node, LineList) or not node:
+            raise RuleSyntaxError(
+                where(node, loc), f"{what}: expected a non-empty list of conditions"
+            )
+        return [self.condition(item, node.where(i)) for i, item in enumerate(node)]
+
+
+def _all(parts: list[Predicate]) -> Predicate:
+    def predicate(subject: Subject) -> str | None:
+        reasons = []
+        for part in parts:
+            reason = part(subject)
+            if reason is None:
+                return None
+            reasons.append(reason)
+        return "; ".join(reasons)
+
+    return predicate
+
+
+def _any(parts: list[Predicate]) -> Predicate:
+    def predicate(subject: Subject) -> str | None:
+        for part in parts:
+            reason = part(subject)
+            if reason is not None:
+                return reason
+        return None
+
+    return predicate
+
+
+def _host_in(value: str, suffixes: list[str]) -> bool:
+    ref = argvlib.parse_hostref(value)
+    return ref is not None and any(argvlib.domain_matches(ref.host, s) for s in suffixes)
+
+
+def _is_hostport(value: str) -> bool:
+    ref = argvlib.parse_hostref(value)
+    return ref is not None and ref.port is not None
+
+
+def _glob_or_exact(patterns: list[str]) -> Callable[[str], bool]:
+    exact = frozenset(p.lower() for p in patterns if not any(c in p for c in "*?["))
+    globs = [p.lower() for p in patterns if any(c in p for c in "*?[")]
+
+    def test(name: str) -> bool:
+        name = name.lower()
+        return name in exact or any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+    return test
+
+
+def _short(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+# --- builders: one per condition key ----------------------------------------
+
+
+def _b_all(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return _all(c.conditions(value, loc, "all"))
+
+
+def _b_any(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return _any(c.conditions(value, loc, "any"))
+
+
+def _b_not(c: Compiler, value: Any, loc: Location) -> Predicate:
+    inner = c.condition(value, loc)
+    return lambda s: None if inner(s) is not None else "not matched"
+
+
+def _b_name(c: Compiler, value: Any, loc: Location) -> Predicate:
+    patterns = c.strings(value, loc, "name")
+    test = _glob_or_exact(patterns)
+    # comm is cut to 15 bytes by the kernel: compare the cut names too
+    short = _glob_or_exact([p[:15] for p in patterns if not any(ch in p for ch in "*?[")])
+
+    def predicate(s: Subject) -> str | None:
+        for name in s.names:
+            if test(name) or (len(name) == 15 and short(name)):
+                return f"name {name}"
+        return None
+
+    return predicate
+
+
+def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Predicate:
+    test = _glob_or_exact(c.strings(value, loc, "exe_path"))
+    return lambda s: (
+        f"exe {_short(s.process.exe)}" if s.process.exe and test(s.process.exe) else None
+    )
+
+
+def _b_exe_deleted(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "exe_deleted")
+    return lambda s: "exe deleted" if s.process.exe_deleted == want else None
+
+
+def _b_exe_memfd(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "exe_memfd")
+    return lambda s: "exe in memfd" if s.process.exe_memfd == want else None
+
+
+def _b_cwd(c: Compiler, value: Any, loc: Location) -> Predicate:
+    test = _glob_or_exact(c.strings(value, loc, "cwd"))
+    return lambda s: (
+        f"cwd {_short(s.process.cwd)}" if s.process.cwd and test(s.process.cwd) else None
+    )
+
+
+def _b_user(c: Compiler, value: Any, loc: Location) -> Predicate:
+    users = frozenset(c.strings(value, loc, "user"))
+    return lambda s: f"user {s.process.user}" if s.process.user in users else None
+
+
+def _b_in_container(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "in_container")
+    return lambda s: (
+        "in a container" if (s.process.attribution.container_id is not None) == want else None
+    )
+
+
+def _b_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
+    wanted = frozenset(x.lower() for x in c.strings(value, loc, "arg"))
+
+    def predicate(s: Subject) -> str | None:
+        for token in s.argv[1:]:
+            if token.lower() in wanted:
+                return f"argument {_short(token)}"
+        return None
+
+    return predicate
+
+
+def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
+    prefixes = tuple(x.lower() for x in c.strings(value, loc, "arg_prefix"))
+
+    def predicate(s: Subject) -> str | None:
+        for token in s.argument_values:
+            if token.lower().startswith(prefixes):
+                return f"argument {_short(token)}"
+        return None
+
+    return predicate
+
+
+def _b_arg_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
+    pattern = c.regex(value, loc, "arg_regex")
+
+    def predicate(s: Subject) -> str | None:
+        for token in s.argument_values:
+            if pattern.search(token):
+                return f"argument {_short(token)}"
+        return None
+
+    return predicate
+
+
+def _b_cmdline_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
+    pattern = c.regex(value, loc, "cmdline_regex")
+
+    def predicate(s: Subject) -> str | None:
+        match = pattern.search(s.command_line)
+        return f"command line {_short(match.group(0))}" if match else None
+
+    return predicate
+
+
+def _b_flag(c: Compiler, value: Any, loc: Location) -> Predicate:
+    names = c.strings(value, loc, "flag")
+    for name in names:
+        if not name.startswith("-"):
+            raise RuleSyntaxError(loc, f"flag: {name!r} must start with '-'")
+
+    def predicate(s: Subject) -> str | None:
+        for name in names:
+            if argvlib.has_flag(s.argv, name):
+                return f"flag {name}"
+        return None
+
+    return predicate
+
+
+def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
+    if not isinstance(value, LineDict) or "names" not in value:
+        raise RuleSyntaxError(loc, "option: expected a mapping with 'names' and value tests")
+    names = c.strings(value["names"], value.where("names"), "option.names")
+    for name in names:
+        if not name.startswith("-"):
+            raise RuleSyntaxError(
+                value.where("names"), f"option.names: {name!r} must start with '-'"
+            )
+    tests = LineDict({k: v for k, v in value.items() if k != "names"})
+    tests.location, tests.key_locations = value.location, value.key_locations
+    test, _ = c.value_test(tests, loc, "option")
+
+    def predicate(s: Subject) -> str | None:
+        for name in names:
+            for found in argvlib.option_values(s.argv, name):
+                if test(found):
+                    return f"option {name} {_short(found)}"
+        return None
+
+    return predicate
+
+
+def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
+    if not isinstance(value, LineDict) or not isinstance(value.get("spec"), str):
+        raise RuleSyntaxError(loc, "getopt: expected a mapping with a 'spec' optstring")
+    allowed = {"spec", "interleaved_operands", "flags", "values"}
+    for key in value:
+        if key not in allowed:
+            raise RuleSyntaxError(value.where(key), f"getopt: unknown key {key!r}")
+    spec = value["spec"]
+    interleaved = value.get("interleaved_operands", 0)
+    if not isinstance(interleaved, int) or isinstance(interleaved, bool) or interleaved < 0:
+        raise RuleSyntaxError(
+            value.where("interleaved_operands"), "getopt.interleaved_operands: expected a count"
+        )
+    letters = (
+        frozenset(c.strings(value["flags"], value.where("flags"), "getopt.flags"))
+        if "flags" in value
+        else frozenset()
+    )
+    for letter in letters:
+        if len(letter) != 1 or letter not in spec:
+            raise RuleSyntaxError(
+                value.where("flags"), f"getopt.flags: {letter!r} is not an option in spec"
+            )
+    value_tests: dict[str, ValueTest] = {}
+    if "values" in value:
+        raw = value["values"]
+        if not isinstance(raw, LineDict):
+            raise RuleSyntaxError(
+                value.where("values"), "getopt.values: expected letter -> value tests"
+            )
+        for letter, spec_tests in raw.items():
+            if f"{letter}:" not in spec:
+                raise RuleSyntaxError(
+                    raw.where(letter), f"getopt.values: {letter!r} takes no value in spec"
+                )
+            value_tests[letter] = c.value_test(
+                spec_tests, raw.where(letter), f"getopt.values.{letter}"
+            )[0]
+    if not letters and not value_tests:
+        raise RuleSyntaxError(loc, "getopt: give 'flags' or 'values' to match")
+
+    def predicate(s: Subject) -> str | None:
+        parsed = argvlib.getopt(s.argv, spec, interleaved)
+        hit = sorted(parsed.flags & letters)
+        if hit:
+            return f"option -{hit[0]}"
+        for letter, found in parsed.values:
+            test = value_tests.get(letter)
+            if test is not None and test(found):
+                return f"option -{letter} {_short(found)}"
+        return None
+
+    return predicate
+
+
+def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Predicate:
+    suffixes = c.strings(value, loc, "arg_host")
+
+    def predicate(s: Subject) -> str | None:
+        for ref in s.host_refs:
+            if argvlib.is_domain(ref.host) and any(
+                argvlib.domain_matches(ref.host, x) for x in suffixes
+            ):
+                return f"host {ref.host}"
+        return None
+
+    return predicate
+
+
+def _b_wallet_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "wallet_arg")
+    if not want:
+        raise RuleSyntaxError(loc, "wallet_arg: only 'true' is meaningful; use not: for absence")
+
+    def predicate(s: Subject) -> str | None:
+        for token in s.argument_values:
+            if len(token) < 200 and _WALLET.match(token):
+                return f"wallet {_short(token, 24)}"
+        return None
+
+    return predicate
+
+
+def _b_parent(c: Compiler, value: Any, loc: Location) -> Predicate:
+    inner = c.condition(value, loc)
+
+    def predicate(s: Subject) -> str | None:
+        if not s.lineage:
+            return None
+        reason = inner(Subject(s.lineage[0], s.lineage[1:], names_for=s.names_for))
+        return f"parent {s.lineage[0].pid}: {reason}" if reason else None
+
+    return predicate
+
+
+def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Predicate:
+    inner = c.condition(value, loc)
+
+    def predicate(s: Subject) -> str | None:
+        for depth, ancestor in enumerate(s.lineage):
+            reason = inner(Subject(ancestor, s.lineage[depth + 1 :], names_for=s.names_for))
+            if reason:
+                return f"ancestor {ancestor.pid}: {reason}"
+        return None
+
+    return predicate
+
+
+def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "stdio_socket")
+
+    def predicate(s: Subject) -> str | None:
+        connected = sorted(fd for fd, ep in s.stdio.items() if _has_peer(ep))
+        if bool(connected) != want:
+            return None
+        if not connected:
+            return "no socket on stdio"
+        ep = s.stdio[connected[0]]
+        return f"fd {','.join(map(str, connected))} is a {ep.proto} socket to {ep.daddr}:{ep.dport}"
+
+    return predicate
+
+
+def _has_peer(ep: Endpoint) -> bool:
+    return ep.dport != 0 and ep.daddr not in ("0.0.0.0", "::", "")
+
+
+def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
+    ports = c.ports(value, loc)
+
+    def predicate(s: Subject) -> str | None:
+        for ep in s.connections:
+            if ep.dport in ports:
+                return f"connects to port {ep.dport}"
+        return None
+
+    return predicate
+
+
+def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
+    nets = c.networks(value, loc)
+
+    def predicate(s: Subject) -> str | None:
+        for ep in s.connections:
+            try:
+                addr = ipaddress.ip_address(ep.daddr)
+            except ValueError:
+                continue
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            if any(addr in net for net in nets):
+                return f"connects to {ep.daddr}:{ep.dport}"
+        return None
+
+    return predicate
+
+
+def _b_remote_host(c: Compiler, value: Any, loc: Location) -> Predicate:
+    suffixes = c.strings(value, loc, "remote_host")
+
+    def predicate(s: Subject) -> str | None:
+        for ep in s.connections:
+            for name in s.names_for(ep.daddr):
+                if any(argvlib.domain_matches(name, x) for x in suffixes):
+                    return f"connects to {name} ({ep.daddr}:{ep.dport})"
+        return None
+
+    return predicate
+
+
+_BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
+    "all": _b_all,
+    "any": _b_any,
+    "not": _b_not,
+    "name": _b_name,
+    "exe_path": _b_exe_path,
+    "exe_deleted": _b_exe_deleted,
+    "exe_memfd": _b_exe_memfd,
+    "cwd": _b_cwd,
+    "user": _b_user,
+    "in_container": _b_in_container,
+    "arg": _b_arg,
+    "arg_prefix": _b_arg_prefix,
+    "arg_regex": _b_arg_regex,
+    "cmdline_regex": _b_cmdline_regex,
+    "flag": _b_flag,
+    "option": _b_option,
+    "getopt": _b_getopt,
+    "arg_host": _b_arg_host,
+    "wallet_arg": _b_wallet_arg,
+    "parent": _b_parent,
+    "ancestor": _b_ancestor,
+    "stdio_socket": _b_stdio_socket,
+    "remote_port": _b_remote_port,
+    "remote_cidr": _b_remote_cidr,
+    "remote_host": _b_remote_host,
+}
+
+# Conditions that need network knowledge: rules using them are re-checked
+# when a process gains a connection.
+NETWORK_KEYS = frozenset({"remote_port", "remote_cidr", "remote_host"})
+STDIO_KEYS = frozenset({"stdio_socket"})
+CONDITION_KEYS = frozenset(_BUILDERS)

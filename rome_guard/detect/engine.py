@@ -1,0 +1,65 @@
+"""The engine: run the rule set over Subjects and return Findings.
+
+One engine for `scan` and for the daemon. Stateless rules (``match``) are
+evaluated here; stateful detectors (rome_guard.detect.stateful) feed their
+conclusions back as Findings through the same Rule objects. The engine
+never acts: responders decide what a Finding leads to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rome_guard.detect.rules import Rule, RuleSet
+from rome_guard.detect.subject import Subject
+from rome_guard.events import Endpoint
+from rome_guard.findings import Finding
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, ruleset: RuleSet):
+        self.ruleset = ruleset
+        self._match_rules = ruleset.match_rules
+        self._network_rules = [r for r in self._match_rules if r.needs_network]
+
+    def evaluate(
+        self, subject: Subject, trigger: Endpoint | None = None, network_only: bool = False
+    ) -> list[Finding]:
+        """Every match rule that subject satisfies. ``network_only``
+        re-checks just the rules with network conditions (a new connect
+        on a process whose other facts were already evaluated)."""
+        if subject.process.kernel_thread:
+            return []
+        rules = self._network_rules if network_only else self._match_rules
+        findings = []
+        for rule in rules:
+            try:
+                reason = rule.evaluate(subject)
+            except Exception:  # a rule must never take the engine down
+                log.exception("rule %s failed on pid %d", rule.id, subject.process.pid)
+                continue
+            if reason is not None:
+                findings.append(
+                    Finding(
+                        rule=rule,
+                        process=subject.process,
+                        reason=reason,
+                        lineage=tuple(subject.lineage),
+                        network=_network_for(rule, subject, trigger),
+                    )
+                )
+        return findings
+
+
+def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:
+    if trigger is not None and rule.needs_network:
+        return trigger
+    if rule.needs_network and subject.connections:
+        return subject.connections[0]
+    if rule.needs_stdio:
+        for fd in (0, 1, 2):
+            if fd in subject.stdio and subject.stdio[fd].dport:
+                return subject.stdio[fd]
+    return None

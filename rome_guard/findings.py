@@ -1,0 +1,140 @@
+"""Findings and their one serialised form.
+
+A Finding is what the engine concludes: a rule matched a process, with the
+reason, lineage and the network or GPU context that made it match. The
+record built here is the single JSON shape used by `scan --json`, the alert
+journal and anything that reads them (docs/alerts.md). Every
+attacker-controlled string passes through textsafe on the way out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from rome_guard.detect.rules import Rule
+from rome_guard.events import Endpoint, GpuProcess, ProcessInfo
+from rome_guard.textsafe import for_json, one_line
+
+LINEAGE_IN_RECORD = 16
+CMDLINE_ARGS_IN_RECORD = 256
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: Rule
+    process: ProcessInfo
+    reason: str
+    lineage: tuple[ProcessInfo, ...] = ()
+    network: Endpoint | None = None
+    gpu: GpuProcess | None = None
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def summary(self) -> str:
+        """One readable, bounded, single-line sentence."""
+        name = self.process.comm or "?"
+        return one_line(
+            f"{self.rule.category}: {self.rule.id} matched {name} (pid {self.process.pid}): "
+            f"{self.reason}",
+            400,
+        )
+
+
+def rfc3339(timestamp: float) -> str:
+    return (
+        _dt.datetime.fromtimestamp(timestamp, _dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _cmdline(argv: tuple[str, ...]) -> list[str]:
+    kept = [for_json(arg) for arg in argv[:CMDLINE_ARGS_IN_RECORD]]
+    if len(argv) > CMDLINE_ARGS_IN_RECORD:
+        kept.append(f"...[{len(argv) - CMDLINE_ARGS_IN_RECORD} more args]")
+    return kept
+
+
+def process_record(info: ProcessInfo) -> dict[str, Any]:
+    att = info.attribution
+    return {
+        "pid": info.pid,
+        "start_time": info.key.start_time,
+        "ppid": info.ppid,
+        "uid": info.uid,
+        "user": for_json(info.user),
+        "exe": for_json(info.exe),
+        "comm": for_json(info.comm),
+        "cmdline": _cmdline(info.cmdline),
+        "cwd": for_json(info.cwd),
+        "cgroup": for_json(info.cgroup),
+        "unit": for_json(att.unit) if att.unit else None,
+        "container_id": att.container_id,
+        "pod_uid": att.pod_uid,
+        "slurm_job": att.slurm_job,
+        "env": {for_json(k): for_json(v) for k, v in att.env.items()},
+        "pre_existing": info.pre_existing,
+    }
+
+
+def lineage_record(lineage: tuple[ProcessInfo, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "pid": p.pid,
+            "start_time": p.key.start_time,
+            "exe": for_json(p.exe),
+            "comm": for_json(p.comm),
+            "cmdline": _cmdline(p.cmdline),
+        }
+        for p in lineage[:LINEAGE_IN_RECORD]
+    ]
+
+
+def network_record(ep: Endpoint) -> dict[str, Any]:
+    return {
+        "proto": ep.proto,
+        "saddr": ep.saddr,
+        "sport": ep.sport,
+        "daddr": ep.daddr,
+        "dport": ep.dport,
+        "state": ep.state,
+    }
+
+
+def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
+    return {
+        "index": gpu.gpu_index,
+        "uuid": gpu.gpu_uuid,
+        "mig": gpu.mig,
+        "used_memory_bytes": gpu.used_memory_bytes,
+        "sm_util": gpu.sm_util,
+    }
+
+
+def finding_record(
+    finding: Finding, action: str, timestamp: float, host: str | None = None
+) -> dict[str, Any]:
+    """The alert/finding record (docs/alerts.md)."""
+    rule = finding.rule
+    record: dict[str, Any] = {
+        "time": rfc3339(timestamp),
+        "host": host or socket.gethostname(),
+        "rule": rule.id,
+        "category": rule.category,
+        "severity": rule.severity,
+        "action": action,
+        "summary": finding.summary,
+        "reason": for_json(finding.reason, 2000),
+        "process": process_record(finding.process),
+        "lineage": lineage_record(finding.lineage),
+    }
+    if finding.network is not None:
+        record["network"] = network_record(finding.network)
+    if finding.gpu is not None:
+        record["gpu"] = gpu_record(finding.gpu)
+    for key, value in finding.extra.items():
+        record.setdefault(key, value)
+    return record

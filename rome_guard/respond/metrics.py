@@ -1,0 +1,551 @@
+"""Prometheus metrics: what rome-guard counts, and the endpoint that serves it.
+
+``GuardMetrics`` owns a dedicated CollectorRegistry and is the only way the
+daemon records a metric, so every label value passes through one place:
+enumerations (event source, lost-event buffer, kill result, action, sensor
+mode) reject unknown values with ValueError; rule ids, categories and
+severities, which come from the loaded rule set, are checked against a safe
+pattern and folded to "invalid" (or "other" past a fixed number of distinct
+values). The series count therefore stays bounded whatever the watched
+processes do.
+
+This module must never put a pid, user name, command line, path or any other
+string a watched process controls into a label, and never blocks the caller:
+recording is a dictionary update; serving happens on the server's threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+
+from rome_guard import __version__
+from rome_guard.config import DEFAULT_METRICS_PORT
+from rome_guard.events import GpuProcess
+from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
+from rome_guard.textsafe import one_line
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rome_guard"
+
+# --- bounded label values ----------------------------------------------------
+
+# What produced an event (sensors and their event kinds).
+EVENT_SOURCES = (
+    "exec",  # eBPF sched_process_exec
+    "fork",
+    "exit",
+    "connect",  # eBPF connect attempts and outcomes
+    "gpu_open",  # eBPF opens of /dev/nvidia*
+    "payload",  # TC egress payloads (stratum, DNS)
+    "nvml",  # NVML compute-process polls
+    "procfs",  # /proc snapshots (seeding, poll mode, scan)
+    "sockdiag",  # sock_diag socket snapshots
+)
+# Where events can be lost: kernel ring buffers and the daemon's own queues.
+LOST_BUFFERS = (
+    "process",  # exec/fork/exit ring buffer
+    "network",  # connect ring buffer
+    "gpu",  # /dev/nvidia* open ring buffer
+    "payload",  # TC payload ring buffer
+    "queue",  # user-space queue between sensors and the engine
+    "parked",  # events for not-yet-known pids dropped after park_unknown_ms
+)
+KILL_RESULTS = (
+    "killed",  # the verified process was signalled
+    "gone",  # it exited before the kill
+    "reused",  # its pid now names another process: nothing was signalled
+    "protected",  # a protected process: refused
+    "failed",  # the kill itself failed
+)
+ACTIONS = ("alert", "kill", "block")  # what was done about an alert
+SENSOR_MODES = ("ebpf", "poll")
+# The categories the alerting rules and dashboard know (dashboards/alerts.yml).
+KNOWN_CATEGORIES = ("miner", "tunnel", "reverse_shell", "probe", "gpu")
+
+INVALID = "invalid"  # a value that failed the safe-label check
+OTHER = "other"  # a safe value past the distinct-value limit
+UNKNOWN = "unknown"  # a rule id that is not in the loaded rule set
+SAFE_LABEL_MAX = 128
+MAX_RULES = 1024
+MAX_CATEGORIES = 32
+MAX_SEVERITIES = 16
+MAX_GPUS = 256
+_SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
+_HEX = frozenset("0123456789abcdefABCDEF-")
+
+
+def safe_label(value: object) -> str:
+    """value when it is a short string of [A-Za-z0-9_.:-], else "invalid"."""
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= SAFE_LABEL_MAX
+        and _SAFE_CHARS.issuperset(value)
+    ):
+        return value
+    return INVALID
+
+
+def gpu_uuid_label(value: object) -> str:
+    """An NVML UUID ("GPU-<hex and dashes>"), else "invalid"."""
+    if (
+        isinstance(value, str)
+        and 4 < len(value) <= 80
+        and value.startswith("GPU-")
+        and _HEX.issuperset(value[4:])
+    ):
+        return value
+    return INVALID
+
+
+def _member(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: one of {', '.join(allowed)}")
+    return value
+
+
+class _BoundedValues:
+    """Remembers the distinct values of one label; past the limit, new
+    values fold to "other" so that no input can grow the series count."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def admit(self, value: object) -> str:
+        label = safe_label(value)
+        if label in self._seen or label == INVALID:
+            return label
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(label)
+        return label
+
+
+# --- GPU snapshot (pure) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    """One GPU's consumers at one poll, as the metrics show them."""
+
+    gpu: int  # NVML index
+    uuid: str  # NVML UUID of the physical GPU (MIG devices count on their parent)
+    registered: int = 0  # processes belonging to registered jobs
+    unregistered: int = 0
+    unregistered_memory_bytes: int = 0
+
+
+def gpu_usage(
+    processes: Iterable[GpuProcess],
+    is_registered: Callable[[GpuProcess], bool],
+    gpus: Iterable[tuple[int, str]] = (),
+) -> list[GpuUsage]:
+    """Sum NVML's per-process view per GPU. ``gpus`` lists every (index,
+    uuid) present so that idle GPUs show zero instead of no series."""
+    totals: dict[tuple[int, str], list[int]] = {(i, u): [0, 0, 0] for i, u in gpus}
+    for proc in processes:
+        entry = totals.setdefault((proc.gpu_index, proc.gpu_uuid), [0, 0, 0])
+        if is_registered(proc):
+            entry[0] += 1
+        else:
+            entry[1] += 1
+            entry[2] += max(proc.used_memory_bytes or 0, 0)
+    return [GpuUsage(i, u, r, n, m) for (i, u), (r, n, m) in sorted(totals.items())]
+
+
+# --- the metrics ---------------------------------------------------------------
+
+
+class GuardMetrics:
+    """Every metric rome-guard exports, in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process_collector: bool = True):
+        # _created samples would double the series of every counter and no
+        # dashboard uses them (global switch; the daemon is the only user).
+        prometheus_client.disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._lock = threading.Lock()
+        self._rules = _BoundedValues(MAX_RULES)
+        self._categories = _BoundedValues(MAX_CATEGORIES)
+        self._severities = _BoundedValues(MAX_SEVERITIES)
+        self._loaded_rules: frozenset[str] | None = None
+        self._lost_totals: dict[str, int] = {}
+        self._gpu_labels: set[tuple[str, str]] = set()
+        self._sensor_mode = ""
+
+        def metric(kind, name, doc, labels=()):
+            return kind(f"{PREFIX}_{name}", doc, labels, registry=self.registry)
+
+        self.alerts = metric(
+            Counter,
+            "alerts",
+            "Alerts raised, by rule and what was done about them.",
+            ("rule", "category", "severity", "action"),
+        )
+        self.events = metric(Counter, "events", "Events received from sensors.", ("source",))
+        self.events_lost = metric(
+            Counter, "events_lost", "Events lost before the engine saw them.", ("buffer",)
+        )
+        self.sensor_info = metric(
+            Gauge, "sensor_info", "The sensor in use: ebpf, or poll (degraded).", ("mode",)
+        )
+        self.rules_loaded = metric(Gauge, "rules_loaded", "Rules in the loaded rule set.")
+        self.rule_reload_failures = metric(
+            Counter, "rule_reload_failures", "Rule reloads rejected (the old set stays)."
+        )
+        self.processes_tracked = metric(
+            Gauge, "processes_tracked", "Live processes in the process table."
+        )
+        self.kills = metric(Counter, "kills", "Kill attempts by outcome.", ("result",))
+        self.blocked_connections = metric(
+            Counter, "blocked_connections", "Connections denied in the kernel."
+        )
+        self.gpu_processes = metric(
+            Gauge,
+            "gpu_processes",
+            "Processes holding a context on a GPU, by registration.",
+            ("gpu", "UUID", "registered"),
+        )
+        self.gpu_unregistered_memory = metric(
+            Gauge,
+            "gpu_unregistered_memory_bytes",
+            "GPU memory used by processes of no registered job.",
+            ("gpu", "UUID"),
+        )
+        self.build_info = metric(Gauge, "build_info", "rome-guard version.", ("version",))
+        self.build_info.labels(version=safe_label(__version__)).set(1)
+        if process_collector:
+            ProcessCollector(registry=self.registry)
+        # Bounded enumerations start at zero, so that increase() sees the
+        # first event and dashboards show a flat line rather than no data.
+        for source in EVENT_SOURCES:
+            self.events.labels(source=source)
+        for buffer in LOST_BUFFERS:
+            self.events_lost.labels(buffer=buffer)
+        for result in KILL_RESULTS:
+            self.kills.labels(result=result)
+
+    # rules
+
+    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None:
+        """The loaded rule set as (rule id, category, severity). Its alert
+        series start at zero, and alert() then accepts only these ids."""
+        loaded = []
+        for rule_id, category, severity in rules:
+            labels = self._alert_labels(rule_id, category, severity, only_loaded=False)
+            loaded.append(rule_id)
+            for action in ACTIONS:
+                self.alerts.labels(*labels, action)
+        with self._lock:
+            self._loaded_rules = frozenset(loaded)
+        self.rules_loaded.set(len(loaded))
+
+    def rule_reload_failed(self) -> None:
+        self.rule_reload_failures.inc()
+
+    def _alert_labels(
+        self, rule: str, category: str, severity: str, only_loaded: bool = True
+    ) -> tuple[str, str, str]:
+        with self._lock:
+            loaded = self._loaded_rules
+            if only_loaded and loaded is not None and rule not in loaded:
+                rule_label = INVALID if safe_label(rule) == INVALID else UNKNOWN
+            else:
+                rule_label = self._rules.admit(rule)
+            return rule_label, self._categories.admit(category), self._severities.admit(severity)
+
+    def alert(self, rule: str, category: str, severity: str, action: str) -> None:
+        """One alert of a loaded rule; action is what was done: alert (recorded
+        only), kill or block."""
+        _member(action, ACTIONS, "action")
+        self.alerts.labels(*self._alert_labels(rule, category, severity), action).inc()
+
+    # sensors
+
+    def event(self, source: str, count: int = 1) -> None:
+        self.events.labels(source=_member(source, EVENT_SOURCES, "event source")).inc(count)
+
+    def set_lost(self, buffer: str, total: int) -> None:
+        """The running total of lost events a buffer reports (e.g. a BPF map
+        counter); a total below the last one means the counter restarted."""
+        _member(buffer, LOST_BUFFERS, "buffer")
+        with self._lock:
+            last = self._lost_totals.get(buffer, 0)
+            delta = total - last if total >= last else total
+            self._lost_totals[buffer] = total
+        if delta > 0:
+            self.events_lost.labels(buffer=buffer).inc(delta)
+
+    def lost(self, buffer: str, count: int = 1) -> None:
+        """Events dropped by the daemon itself (queues), counted as they go."""
+        self.events_lost.labels(buffer=_member(buffer, LOST_BUFFERS, "buffer")).inc(count)
+
+    def set_sensor(self, mode: str) -> None:
+        _member(mode, SENSOR_MODES, "sensor mode")
+        with self._lock:
+            previous, self._sensor_mode = self._sensor_mode, mode
+            self.sensor_info.labels(mode=mode).set(1)
+            if previous and previous != mode:
+                self.sensor_info.remove(previous)
+
+    def set_processes_tracked(self, count: int) -> None:
+        self.processes_tracked.set(count)
+
+    # responders
+
+    def kill(self, result: str) -> None:
+        self.kills.labels(result=_member(result, KILL_RESULTS, "kill result")).inc()
+
+    def blocked_connection(self, count: int = 1) -> None:
+        self.blocked_connections.inc(count)
+
+    # GPUs
+
+    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None:
+        """Replace the GPU series with this poll's (see gpu_usage())."""
+        current: dict[tuple[str, str], GpuUsage] = {}
+        for entry in usage:
+            if len(current) >= MAX_GPUS:
+                break
+            index = str(entry.gpu) if 0 <= entry.gpu < 4096 else INVALID
+            current[(index, gpu_uuid_label(entry.uuid))] = entry
+        with self._lock:
+            for (index, uuid), entry in current.items():
+                self.gpu_processes.labels(index, uuid, "true").set(entry.registered)
+                self.gpu_processes.labels(index, uuid, "false").set(entry.unregistered)
+                self.gpu_unregistered_memory.labels(index, uuid).set(
+                    entry.unregistered_memory_bytes
+                )
+            for index, uuid in self._gpu_labels - current.keys():
+                self.gpu_processes.remove(index, uuid, "true")
+                self.gpu_processes.remove(index, uuid, "false")
+                self.gpu_unregistered_memory.remove(index, uuid)
+            self._gpu_labels = set(current)
+
+    # exposition
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape body and its content type for an Accept header."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    def serve(self, addr: str, web_config_file: str = "") -> MetricsServer | None:
+        """Serve /metrics on addr ("HOST:PORT", ":PORT", "[v6]:PORT"); None
+        when addr is "" (disabled). TLS and basic auth come from
+        web_config_file (Prometheus exporter --web.config.file format)."""
+        listen = parse_listen_addr(addr)
+        if listen is None:
+            return None
+        config = load_web_config(web_config_file) if web_config_file else WebConfig()
+        return MetricsServer(self, listen[0], listen[1], config)
+
+
+# --- the endpoint ----------------------------------------------------------------
+
+
+def parse_listen_addr(addr: str) -> tuple[str, int] | None:
+    """(host, port) from "HOST:PORT"; host "" means every address; None for
+    "" (metrics disabled). Raises ValueError naming the expected form."""
+    addr = addr.strip()
+    if not addr:
+        return None
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+    else:
+        host, sep, port = addr.rpartition(":")
+        if ":" in host:
+            sep = ""  # a bare IPv6 address needs brackets
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(
+            f"metrics address {addr!r} is not HOST:PORT (e.g. :{DEFAULT_METRICS_PORT}, "
+            f"127.0.0.1:{DEFAULT_METRICS_PORT}, [::1]:{DEFAULT_METRICS_PORT}; '' disables)"
+        )
+    return host, int(port)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HttpServer
+    server_version = f"rome-guard/{__version__}"
+    sys_version = ""
+    timeout = 10  # seconds to send a request: slow clients cannot hold a thread
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._respond(with_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._respond(with_body=False)
+
+    def _respond(self, with_body: bool) -> None:
+        owner = self.server.owner
+        if not owner.authorized(self.headers.get("Authorization", "")):
+            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8", with_body, auth=True)
+            return
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = owner.metrics.exposition(self.headers.get("Accept", ""))
+            self._send(200, body, content_type, with_body)
+        elif path == "/":
+            page = b"<html><body><h1>rome-guard</h1><a href='/metrics'>metrics</a></body></html>"
+            self._send(200, page, "text/html; charset=utf-8", with_body)
+        else:
+            self._send(404, b"Not Found\n", "text/plain; charset=utf-8", with_body)
+
+    def _send(self, code: int, body: bytes, ctype: str, with_body: bool, auth: bool = False):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if auth:
+            self.send_header("WWW-Authenticate", 'Basic realm="rome-guard"')
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        # the request line is the client's text: sanitised, and debug only
+        log.debug("metrics %s: %s", self.client_address[0], one_line(format % args))
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+    MAX_CONCURRENT = 32
+
+    def __init__(self, owner: MetricsServer, address: tuple[str, int], family: int):
+        self.address_family = family
+        self.owner = owner
+        self._slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
+        super().__init__(address, _Handler, bind_and_activate=False)
+        if family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        # a flood of connections is refused, not turned into threads
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request, client_address) -> None:
+        context = self.owner.ssl_context
+        if context is None:
+            super().finish_request(request, client_address)
+            return
+        # the TLS handshake runs here, on the connection's own thread
+        request.settimeout(_Handler.timeout)
+        with context.wrap_socket(request, server_side=True) as tls:
+            super().finish_request(tls, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        # failed handshakes, resets and timeouts are the client's business
+        log.debug("metrics connection from %s failed", client_address[0], exc_info=True)
+
+
+def _family_for(host: str) -> tuple[int, str]:
+    if host == "":
+        return (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr[0]
+
+
+class MetricsServer:
+    """The /metrics endpoint on its own threads; close() stops it."""
+
+    def __init__(self, metrics: GuardMetrics, host: str, port: int, config: WebConfig):
+        self.metrics = metrics
+        self._apply(config)
+        family, bind_host = _family_for(host)
+        try:
+            self._server = _HttpServer(self, (bind_host, port), family)
+        except OSError:
+            if host != "" or family != socket.AF_INET6:
+                raise
+            # no IPv6 on this host: every IPv4 address instead
+            self._server = _HttpServer(self, ("0.0.0.0", port), socket.AF_INET)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="rome-guard-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def _apply(self, config: WebConfig) -> None:
+        context = config.ssl_context()
+        auth = BasicAuth(config.users) if config.users else None
+        self.ssl_context: ssl.SSLContext | None = context
+        self._auth = auth
+        self.config = config
+
+    def reload(self, web_config_file: str = "") -> None:
+        """Re-read the web config (SIGHUP): new certificates and users apply
+        to the next connection; on error the old settings stay."""
+        self._apply(load_web_config(web_config_file) if web_config_file else WebConfig())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return host, port
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
+    def authorized(self, header: str) -> bool:
+        auth = self._auth
+        if auth is None:
+            return True
+        kind, _, encoded = header.partition(" ")
+        if kind.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(b":")
+        if not sep:
+            return False
+        return auth.verify(user.decode("utf-8", "surrogateescape"), password)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

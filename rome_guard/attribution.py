@@ -17,6 +17,8 @@ _CONTAINER_PATTERNS = (
     re.compile(r"docker-([0-9a-f]{64})\.scope"),
     re.compile(r"/docker/([0-9a-f]{64})(?:/|$)"),
     re.compile(r"cri-containerd-([0-9a-f]{64})\.scope"),
+    # containerd with the systemd driver, no scope: ...slice:cri-containerd:<id>
+    re.compile(r":(?:cri-containerd|crio|docker):([0-9a-f]{64})(?:/|$)"),
     re.compile(r"crio-(?:conmon-)?([0-9a-f]{64})(?:\.scope)?"),
     re.compile(r"libpod-(?:conmon-)?([0-9a-f]{64})(?:\.scope)?"),
     re.compile(r"/containerd/([0-9a-f]{64})(?:/|$)"),

@@ -334,7 +334,13 @@ def _collect_lists(doc: LineDict, lists: dict, origins: dict, problems: list) ->
 def load_rules(paths: Iterable[str], include_shipped: bool = True) -> RuleSet:
     """Load and validate every rule file; raise SourceError listing every
     problem in every file if anything at all is wrong."""
-    files = rule_files(([shipped_rules_dir()] if include_shipped else []) + list(paths))
+    files: list[str] = []
+    seen_files: set[str] = set()
+    for path in rule_files(([shipped_rules_dir()] if include_shipped else []) + list(paths)):
+        real = os.path.realpath(path)
+        if real not in seen_files:  # a shipped file named again is loaded once
+            seen_files.add(real)
+            files.append(path)
     problems: list[tuple[Location, str]] = []
     documents: list[tuple[str, LineDict]] = []
     for path in files:

@@ -39,7 +39,7 @@ def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
     appears in between simply has no owner in this snapshot."""
     table = ProcessTable()
     table.extend(procfs.iter_processes(env_keys, pre_existing=True))
-    sockets = sockdiag.list_sockets()
+    sockets = sockdiag.list_sockets(owned_only=True)
     by_inode = sockdiag.by_inode(sockets)
     snapshot = Snapshot(table, sockets)
     for info in table:

@@ -12,8 +12,10 @@ This module never reads /proc or the network: it only looks at Subjects.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
+import socket
 from typing import Any, Callable, Mapping
 
 from rome_guard.detect import argv as argvlib
@@ -203,14 +205,14 @@ def _is_hostport(value: str) -> bool:
 
 
 def _glob_or_exact(patterns: list[str]) -> Callable[[str], bool]:
+    """Case-insensitive name test: a set lookup, plus one compiled regex
+    for all glob patterns together."""
     exact = frozenset(p.lower() for p in patterns if not any(c in p for c in "*?["))
-    globs = [p.lower() for p in patterns if any(c in p for c in "*?[")]
-
-    def test(name: str) -> bool:
-        name = name.lower()
-        return name in exact or any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-    return test
+    globs = [fnmatch.translate(p.lower()) for p in patterns if any(c in p for c in "*?[")]
+    if not globs:
+        return lambda name: name.lower() in exact
+    combined = re.compile("|".join(f"(?:{g})" for g in globs))
+    return lambda name: (lowered := name.lower()) in exact or combined.match(lowered) is not None
 
 
 def _short(value: str, limit: int = 80) -> str:
@@ -508,21 +510,40 @@ def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
 
 
 def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
-    nets = c.networks(value, loc)
+    ranges = _address_ranges(c.networks(value, loc))
 
     def predicate(s: Subject) -> str | None:
         for ep in s.connections:
-            try:
-                addr = ipaddress.ip_address(ep.daddr)
-            except ValueError:
-                continue
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                addr = addr.ipv4_mapped
-            if any(addr in net for net in nets):
+            number = _address_number(ep.daddr)
+            if number is not None and any(lo <= number <= hi for lo, hi in ranges):
                 return f"connects to {ep.daddr}:{ep.dport}"
         return None
 
     return predicate
+
+
+def _address_ranges(nets: tuple) -> tuple[tuple[int, int], ...]:
+    """Networks as integer ranges in one space: v4 as v4-mapped v6."""
+    out = []
+    for net in nets:
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        if net.version == 4:
+            lo, hi = lo | _V4_MAPPED, hi | _V4_MAPPED
+        out.append((lo, hi))
+    return tuple(out)
+
+
+_V4_MAPPED = 0xFFFF << 32
+
+
+@functools.lru_cache(maxsize=65536)
+def _address_number(address: str) -> int | None:
+    try:
+        if ":" in address:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big") | _V4_MAPPED
+    except OSError:
+        return None
 
 
 def _b_remote_host(c: Compiler, value: Any, loc: Location) -> Predicate:

@@ -116,6 +116,24 @@ def read_environ(pid: int, proc: str = PROC) -> dict[str, str]:
     return {from_bytes(k): from_bytes(v) for k, v in parse_environ(raw).items()}
 
 
+def _read_at(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 131072):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _readlink_at(dir_fd: int, name: str) -> str:
+    try:
+        return from_bytes(os.readlink(name.encode(), dir_fd=dir_fd))
+    except OSError:
+        return ""
+
+
 def read_process(
     pid: int,
     env_keys: Iterable[str] = (),
@@ -124,31 +142,44 @@ def read_process(
 ) -> ProcessInfo | None:
     """One consistent ProcessInfo for pid, or None if it vanished.
 
-    The stat file is read first and again last: if the start time changed,
-    the pid was reused mid-read and the record would mix two processes."""
-    base = f"{proc}/{pid}"
+    Every file is opened relative to one open /proc/PID directory: if the
+    process exits and its pid is reused mid-read, reads through the old
+    directory fail (ESRCH) instead of mixing two processes."""
     try:
-        stat = read_stat(pid, proc)
-        uid = os.stat(base).st_uid
-        cmdline = _cmdline(_read(f"{base}/cmdline"))
-        cgroup_raw = _read(f"{base}/cgroup")
-    except (ProcessGone, FileNotFoundError, ProcessLookupError):
+        dir_fd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
         return None
-    except PermissionError:
-        cmdline, cgroup_raw = (), b""
-        uid = -1
-    exe = "" if stat.kernel_thread else from_bytes(os.fsencode(_readlink(f"{base}/exe")))
-    cwd = from_bytes(os.fsencode(_readlink(f"{base}/cwd")))
+    try:
+        try:
+            stat = Stat(_read_at(dir_fd, "stat"))
+            uid = os.fstat(dir_fd).st_uid
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            cmdline = _cmdline(_read_at(dir_fd, "cmdline"))
+            cgroup_raw = _read_at(dir_fd, "cgroup")
+        except PermissionError:
+            cmdline, cgroup_raw = (), b""
+        except OSError:
+            return None
+        exe = "" if stat.kernel_thread else _readlink_at(dir_fd, "exe")
+        cwd = _readlink_at(dir_fd, "cwd")
+        keys = tuple(env_keys)
+        environ: Mapping[str, str] = {}
+        if keys:
+            try:
+                raw_env = _read_at(dir_fd, "environ")
+            except OSError:
+                raw_env = b""
+            environ = {from_bytes(k): from_bytes(v) for k, v in parse_environ(raw_env).items()}
+    finally:
+        os.close(dir_fd)
     cgroup = _cgroup_v2_path(cgroup_raw)
-    keys = tuple(env_keys)
-    environ: Mapping[str, str] = read_environ(pid, proc) if keys else {}
-    if start_time(pid, proc) != stat.start_time:
-        return None
     return ProcessInfo(
         key=ProcessKey(pid, stat.start_time),
         ppid=stat.ppid,
         uid=uid,
-        user=user_name(uid) if uid >= 0 else "",
+        user=user_name(uid),
         comm=stat.comm,
         exe=exe,
         cmdline=cmdline,

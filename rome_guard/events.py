@@ -99,6 +99,9 @@ class ExecEvent:
     timestamp_ns: int  # CLOCK_BOOTTIME
     uid: int = -1
     comm: str = ""
+    # argv is incomplete (cut, or not captured): read /proc/PID/cmdline if it matters
+    argv_truncated: bool = False
+    cgroup_id: int = 0  # cgroup v2 id (inode of the cgroup dir), 0 when unknown
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class ConnectEvent:
     outcome: str  # one of CONNECT_*
     timestamp_ns: int
     comm: str = ""
+    cgroup_id: int = 0  # cgroup v2 id of the connecting process, 0 when unknown
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class GpuOpenEvent:
     path: str
     timestamp_ns: int
     comm: str = ""
+    cgroup_id: int = 0  # cgroup v2 id of the opening process, 0 when unknown
 
 
 @dataclass(frozen=True)

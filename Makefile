@@ -9,8 +9,10 @@ PYTEST_ARGS ?=
 setup:
 	bash scripts/setup-host.sh
 
+# The daemon in the foreground on the built-in defaults (monitor mode,
+# eBPF sensor with polling fallback); Ctrl-C stops it and detaches everything.
 run: setup
-	$(VENV)/bin/rome-guard scan
+	$(VENV)/bin/rome-guard run
 
 scan: setup
 	$(VENV)/bin/rome-guard scan

@@ -96,6 +96,63 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
     sys.exit(EXIT_FINDINGS if result.findings else EXIT_CLEAN)
 
 
+@main.command()
+@config_option
+@rules_option
+@click.option(
+    "--mode", type=click.Choice(["monitor", "enforce"]), help="Override the config's mode."
+)
+@click.option(
+    "--sensor", type=click.Choice(["auto", "ebpf", "poll"]), help="Override the config's sensor."
+)
+@click.option("--alerts-file", type=click.Path(dir_okay=False), help="Alert journal (JSON lines).")
+@click.option(
+    "--metrics-addr",
+    default=None,
+    help="HOST:PORT for /metrics (default from config, :9985); '' disables.",
+)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Runtime state directory.")
+def run(
+    config_path: str,
+    extra_rules: tuple[str, ...],
+    mode: str | None,
+    sensor: str | None,
+    alerts_file: str | None,
+    metrics_addr: str | None,
+    run_dir: str | None,
+) -> None:
+    """Run the guard in the foreground (systemd Type=notify)."""
+    from dataclasses import replace
+
+    from rome_guard.daemon import main as daemon_main
+
+    config = config_from(config_path)
+    overrides = {"mode": mode, "sensor": sensor, "alerts_file": alerts_file, "run_dir": run_dir}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    sys.exit(daemon_main(config, extra_rules, metrics_addr))
+
+
+@main.command()
+@config_option
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Runtime state directory.")
+@click.option("--json", "as_json", is_flag=True)
+def status(config_path: str, run_dir: str | None, as_json: bool) -> None:
+    """Show a running daemon's state (exit 2 when none is running)."""
+    config = config_from(config_path)
+    path = os.path.join(run_dir or config.run_dir, "status.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        fail(f"no running daemon (no status in {path})")
+        return
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    for key, value in state.items():
+        click.echo(f"{key:18} {value}")
+
+
 @main.group()
 def rules() -> None:
     """Check and list detection rules."""
@@ -135,3 +192,8 @@ def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) ->
         click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
     else:
         click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))
+
+
+from rome_guard.gpu.cli import gpu  # noqa: E402
+
+main.add_command(gpu)

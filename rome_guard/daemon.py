@@ -1,0 +1,598 @@
+"""`rome-guard run`: the daemon that follows the host as it happens.
+
+Data path, in the order an event travels:
+
+    sensor (eBPF, or /proc polling) -> Guard.handle() -> ProcessTable
+      -> Engine (same rules as scan) and stateful detectors -> Guard.raise_alert()
+      -> Journal (fsync) -> metrics -> Killer (enforce mode only)
+
+Start-up misses nothing: the sensor attaches first, then the table is
+seeded from /proc (processes marked pre-existing) and evaluated, then
+events are drained; an event for a pid the table does not know is resolved
+from /proc on the spot, or parked briefly until its exec/fork arrives.
+
+This module never kills by pid alone (the Killer verifies identity through
+a pidfd) and never acts before the alert is durable in the journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Protocol
+
+from rome_guard.config import Config, load_config
+from rome_guard.detect.engine import Engine
+from rome_guard.detect.rules import Rule, RuleSet, load_rules
+from rome_guard.detect.stateful import FanoutDetector
+from rome_guard.detect.subject import Subject
+from rome_guard.events import (
+    CONNECT_ATTEMPT,
+    Attribution,
+    ConnectEvent,
+    Endpoint,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    GpuOpenEvent,
+    ProcessInfo,
+    ProcessKey,
+    boottime_ns_to_ticks,
+)
+from rome_guard.findings import Finding, finding_record
+from rome_guard.proctable import ProcessTable
+from rome_guard.respond.journal import Journal
+from rome_guard.scan import is_peer, subject_for, take_snapshot
+from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors.poll import PollSensor
+from rome_guard.textsafe import command_line, one_line
+from rome_guard.yamlsrc import SourceError
+
+log = logging.getLogger("rome_guard")
+
+CONNECTIONS_PER_PROCESS = 32  # recent distinct peers kept for network rules
+ALERTED_LIMIT = 100_000
+STATUS_EVERY_S = 5.0
+SHUTDOWN_BUDGET_S = 2.0
+
+
+class Sensor(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def poll(self, timeout_ms: int) -> list: ...
+
+    def lost_events(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class SensorUnavailable(Exception):
+    """The requested sensor cannot run here; the message says what is missing."""
+
+
+def open_sensor(choice: str, ignore_pids: tuple[int, ...]) -> tuple[Sensor, str | None]:
+    """Attach the sensor the config asks for. Returns it and, when auto mode
+    fell back to polling, the reason eBPF could not be used."""
+    if choice == "poll":
+        sensor: Sensor = PollSensor(ignore_pids=ignore_pids)
+        sensor.start()
+        return sensor, "polling was requested (--sensor poll)"
+    try:
+        from rome_guard.sensors import ebpf
+    except ImportError as exc:  # bcc itself missing
+        reason = f"the eBPF sensor cannot load: {exc}"
+        ebpf = None
+    else:
+        reason = ebpf.probe_ebpf()
+    if ebpf is not None and reason is None:
+        try:
+            sensor = ebpf.EbpfSensor(ignore_pids=ignore_pids)
+            sensor.start()
+            return sensor, None
+        except ebpf.EbpfUnavailable as exc:
+            reason = str(exc)
+    if choice == "ebpf":
+        raise SensorUnavailable(reason or "eBPF is unavailable")
+    sensor = PollSensor(ignore_pids=ignore_pids)
+    sensor.start()
+    return sensor, reason
+
+
+@dataclass
+class Parked:
+    event: Any
+    until: float
+
+
+class Guard:
+    """The daemon's state and its event handlers. Single-threaded: every
+    event, timer and signal is handled on the loop in run()."""
+
+    def __init__(
+        self,
+        config: Config,
+        ruleset: RuleSet,
+        journal: Journal,
+        extra_rules: tuple[str, ...] = (),
+        metrics: Any = None,
+        killer: Any = None,
+        host: str | None = None,
+    ):
+        self.config = config
+        self.extra_rules = extra_rules
+        self.journal = journal
+        self.metrics = metrics
+        self.killer = killer
+        self.host = host or socket.gethostname()
+        self.table = ProcessTable()
+        self.sensor: Sensor | None = None
+        self.sensor_mode = "none"
+        self._connections: dict[ProcessKey, deque[Endpoint]] = {}
+        self._fork_ticks: dict[int, int] = {}  # child pid -> start ticks from fork
+        self._alerted: set[tuple[str, ProcessKey]] = set()
+        self._parked: deque[Parked] = deque()
+        self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.alerts_raised = 0
+        self.events_seen = 0
+        self.lost: dict[str, int] = {}
+        self.on_alert: Callable[[dict], None] | None = None  # test hook
+        self._install_rules(ruleset)
+
+    # --- rules --------------------------------------------------------------
+
+    def _install_rules(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+        self.engine = Engine(ruleset)
+        self.fanout = [FanoutDetector(rule) for rule in ruleset.detector_rules("fanout")]
+        if self.metrics is not None:
+            self.metrics.set_rules((r.id, r.category, r.severity) for r in ruleset.rules)
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read config and rules; keep the old set on any error."""
+        try:
+            config = load_config(self.config.source or None)
+            ruleset = load_rules(list(config.rules) + list(self.extra_rules))
+        except SourceError as exc:
+            log.error("reload rejected, keeping %d rules in force:\n%s", len(self.ruleset), exc)
+            if self.metrics is not None:
+                self.metrics.rule_reload_failed()
+            return False
+        self.config = replace(config, mode=self.config.mode, sensor=self.config.sensor)
+        self._install_rules(ruleset)
+        log.info("reloaded: %d rules from %d files", len(ruleset), len(ruleset.sources))
+        return True
+
+    # --- start-up -----------------------------------------------------------
+
+    def attach(self, sensor: Sensor, mode: str) -> None:
+        self.sensor = sensor
+        self.sensor_mode = mode
+        if self.metrics is not None:
+            self.metrics.set_sensor(mode)
+
+    def seed(self) -> int:
+        """Read every live process after the sensor is attached, so nothing
+        starts unseen; evaluate them like a scan (pre-existing offenders
+        are alerted on too)."""
+        snapshot = take_snapshot(self.config.attribution.env_keys)
+        for info in snapshot.table:
+            self.table.add(info)
+        own = os.getpid()
+        for info in snapshot.table:
+            if info.pid == own:
+                continue
+            subject = subject_for(snapshot, info)
+            if subject.connections:
+                self._connections[info.key] = deque(subject.connections[-CONNECTIONS_PER_PROCESS:])
+            for finding in self.engine.evaluate(subject):
+                self.raise_alert(finding)
+        if self.metrics is not None:
+            self.metrics.event("procfs", len(snapshot.table))
+        return len(snapshot.table)
+
+    # --- events -------------------------------------------------------------
+
+    def handle(self, event: Any) -> None:
+        self.events_seen += 1
+        if isinstance(event, ExecEvent):
+            self._count("exec")
+            self.on_exec(event)
+        elif isinstance(event, ConnectEvent):
+            self._count("connect")
+            self.on_connect(event)
+        elif isinstance(event, ForkEvent):
+            self._count("fork")
+            self._fork_ticks[event.child_pid] = event.child_start_ticks
+        elif isinstance(event, ExitEvent):
+            self._count("exit")
+            self.on_exit(event)
+        elif isinstance(event, GpuOpenEvent):
+            self._count("gpu_open")
+            self.on_gpu_open(event)
+
+    def _count(self, source: str) -> None:
+        if self.metrics is not None:
+            self.metrics.event(source)
+
+    def _start_ticks(self, pid: int, fallback_ns: int) -> int:
+        ticks = self._fork_ticks.get(pid)
+        return ticks if ticks is not None else boottime_ns_to_ticks(fallback_ns)
+
+    def on_exec(self, event: ExecEvent) -> None:
+        info = procfs.read_process(event.pid, self.config.attribution.env_keys)
+        truncated = getattr(event, "argv_truncated", False)
+        if info is not None:
+            if event.argv and not truncated and info.cmdline != event.argv:
+                # the kernel's argv is what was executed; /proc may already
+                # show a rewritten title or a later exec
+                info = replace(info, cmdline=event.argv)
+        else:
+            info = self._from_event(event)
+        self._fork_ticks.pop(event.pid, None)
+        self.table.add(info)
+        self._connections.pop(info.key, None)
+        subject = Subject(info, self.table.lineage(info), [], self._stdio_of(info.pid))
+        for finding in self.engine.evaluate(subject):
+            self.raise_alert(finding)
+
+    def _from_event(self, event: ExecEvent) -> ProcessInfo:
+        """The process exited before /proc could be read: what the kernel
+        told us, plus what its parent tells about its context."""
+        parent = self.table.by_pid(event.ppid) if event.ppid else None
+        uid = event.uid if event.uid >= 0 else (parent.uid if parent else -1)
+        return ProcessInfo(
+            key=ProcessKey(event.pid, self._start_ticks(event.pid, event.timestamp_ns)),
+            ppid=event.ppid,
+            uid=uid,
+            user=procfs.user_name(uid) if uid >= 0 else "",
+            comm=event.comm,
+            exe=event.filename,
+            cmdline=event.argv,
+            cwd=parent.cwd if parent else "",
+            cgroup=parent.cgroup if parent else "",
+            attribution=parent.attribution if parent else Attribution(),
+        )
+
+    def _stdio_of(self, pid: int) -> dict[int, Endpoint]:
+        stdio = procfs.stdio_socket_inodes(pid)
+        if not stdio:
+            return {}
+        sockets = self._sockets_by_inode()
+        result = {fd: sockets[inode] for fd, inode in stdio.items() if inode in sockets}
+        if len(result) < len(stdio):  # a socket newer than the cached dump
+            sockets = self._sockets_by_inode(fresh=True)
+            result = {fd: sockets[inode] for fd, inode in stdio.items() if inode in sockets}
+        return result
+
+    def _sockets_by_inode(self, fresh: bool = False) -> dict[int, Endpoint]:
+        taken, cached = self._socket_cache
+        if fresh or time.monotonic() - taken > 0.2:
+            cached = sockdiag.by_inode(sockdiag.list_sockets(owned_only=True))
+            self._socket_cache = (time.monotonic(), cached)
+        return cached
+
+    def resolve(self, pid: int) -> ProcessInfo | None:
+        """The table's process for pid, else read it from /proc now."""
+        info = self.table.by_pid(pid)
+        if info is not None:
+            return info
+        info = procfs.read_process(pid, self.config.attribution.env_keys)
+        if info is not None:
+            self.table.add(info)
+        return info
+
+    def on_connect(self, event: ConnectEvent) -> None:
+        info = self.resolve(event.pid)
+        if info is None:
+            self._park(event)
+            return
+        ep = event.endpoint
+        if event.outcome == CONNECT_ATTEMPT or is_peer(ep) or ep.dport:
+            peers = self._connections.setdefault(info.key, deque(maxlen=CONNECTIONS_PER_PROCESS))
+            if all((p.daddr, p.dport) != (ep.daddr, ep.dport) for p in peers):
+                peers.append(ep)
+                subject = Subject(info, self.table.lineage(info), list(peers))
+                for finding in self.engine.evaluate(subject, trigger=ep, network_only=True):
+                    self.raise_alert(finding)
+        for detector in self.fanout:
+            verdict = detector.observe(info, ep.daddr, ep.dport, event.outcome)
+            if verdict is not None:
+                self.raise_alert(
+                    Finding(verdict.rule, info, verdict.reason, tuple(self.table.lineage(info)), ep)
+                )
+
+    def on_exit(self, event: ExitEvent) -> None:
+        self._fork_ticks.pop(event.pid, None)
+        info = self.table.exit(event.pid)
+        if info is not None:
+            self._connections.pop(info.key, None)
+            for detector in self.fanout:
+                detector.forget(info)
+
+    def on_gpu_open(self, event: GpuOpenEvent) -> None:
+        """GPU context creation; checked against the job registry when the
+        GPU features are on (rome_guard.gpu)."""
+        self.resolve(event.pid)
+
+    def _park(self, event: Any) -> None:
+        self._parked.append(
+            Parked(event, time.monotonic() + self.config.sensor_filter.park_unknown_ms / 1000)
+        )
+
+    def retry_parked(self) -> None:
+        now = time.monotonic()
+        for _ in range(len(self._parked)):
+            parked = self._parked.popleft()
+            pid = getattr(parked.event, "pid", None)
+            if pid is not None and self.table.by_pid(pid) is not None:
+                self.handle(parked.event)
+            elif parked.until > now:
+                self._parked.append(parked)
+            else:
+                self.lost["parked"] = self.lost.get("parked", 0) + 1
+                if self.metrics is not None:
+                    self.metrics.lost("parked")
+                log.warning(
+                    "event for unknown pid %s dropped after %d ms",
+                    pid,
+                    self.config.sensor_filter.park_unknown_ms,
+                )
+
+    # --- alerts and responses ----------------------------------------------
+
+    def raise_alert(self, finding: Finding) -> dict | None:
+        """Journal the finding (durably), count it, then respond. Each
+        (rule, process) alerts once."""
+        key = (finding.rule.id, finding.process.key)
+        if key in self._alerted:
+            return None
+        if len(self._alerted) >= ALERTED_LIMIT:
+            self._alerted.clear()
+        self._alerted.add(key)
+        rule = finding.rule
+        enforce = (
+            self.config.mode == "enforce" and rule.action == "kill" and self.killer is not None
+        )
+        record = finding_record(finding, "kill" if enforce else "alert", time.time(), self.host)
+        record["id"] = uuid.uuid4().hex
+        record["event"] = "alert"
+        record["mode"] = self.config.mode
+        self.journal.write(record)  # durable before anything acts on it
+        self.alerts_raised += 1
+        if self.metrics is not None:
+            self.metrics.alert(
+                rule.id, rule.category, rule.severity, "kill" if enforce else "alert"
+            )
+        log.warning(
+            "ALERT %s %s pid=%d user=%s %s: %s",
+            rule.severity,
+            rule.id,
+            finding.process.pid,
+            one_line(finding.process.user, 32),
+            command_line(finding.process.cmdline or (finding.process.comm,), 160),
+            one_line(finding.reason, 200),
+        )
+        if self.on_alert is not None:
+            self.on_alert(record)
+        if enforce:
+            self.respond(finding, record)
+        return record
+
+    def respond(self, finding: Finding, alert: dict) -> None:
+        rule: Rule = finding.rule
+        descendants = self.table.descendants(finding.process) if rule.kill_scope == "tree" else []
+        result = self.killer.kill(finding.process, rule.kill_scope, descendants)
+        outcome = dict(alert)
+        outcome.update(
+            event="response",
+            alert_id=alert["id"],
+            id=uuid.uuid4().hex,
+            action=result.outcome,
+            response={"scope": rule.kill_scope, "reason": result.reason, "pids": list(result.pids)},
+        )
+        self.journal.write(outcome)
+        if self.metrics is not None:
+            self.metrics.kill(result.outcome)
+        log.warning(
+            "RESPONSE %s %s pid=%d: %s %s",
+            rule.id,
+            rule.kill_scope,
+            finding.process.pid,
+            result.outcome,
+            one_line(result.reason, 200),
+        )
+
+    # --- the loop -----------------------------------------------------------
+
+    def request_stop(self, *_args: Any) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_args: Any) -> None:
+        self._reload.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": self.host,
+            "mode": self.config.mode,
+            "sensor": self.sensor_mode,
+            "rules": len(self.ruleset),
+            "processes_tracked": len(self.table),
+            "events": self.events_seen,
+            "alerts": self.alerts_raised,
+            "events_lost": dict(self.lost),
+            "time": time.time(),
+        }
+
+    def check_lost(self) -> None:
+        if self.sensor is None:
+            return
+        for buffer, total in self.sensor.lost_events().items():
+            previous = self.lost.get(buffer, 0)
+            if total > previous:
+                log.error(
+                    "LOST %d events in the %s ring buffer (total %d)",
+                    total - previous,
+                    buffer,
+                    total,
+                )
+            self.lost[buffer] = total
+            if self.metrics is not None:
+                self.metrics.set_lost(buffer, total)
+
+    def housekeeping(self) -> None:
+        self.retry_parked()
+        self.table.expire()
+        self.check_lost()
+        if self.metrics is not None:
+            self.metrics.set_processes_tracked(len(self.table))
+        if len(self._fork_ticks) > 65536:
+            self._fork_ticks.clear()
+
+    def run(self, notifier: Any, status_path: str | None = None) -> None:
+        """Drain events until SIGTERM/SIGINT."""
+        assert self.sensor is not None
+        next_watchdog = next_status = time.monotonic()
+        while not self._stop.is_set():
+            for event in self.sensor.poll(100):
+                self.handle(event)
+            if self._reload.is_set():
+                self._reload.clear()
+                notifier.reloading()
+                self.reload()
+                notifier.ready(self.status_line())
+            now = time.monotonic()
+            if self._parked or now >= next_status:
+                self.housekeeping()
+            if notifier.watchdog_interval_s and now >= next_watchdog:
+                notifier.watchdog()
+                next_watchdog = now + notifier.watchdog_interval_s
+            if now >= next_status:
+                next_status = now + STATUS_EVERY_S
+                notifier.status(self.status_line())
+                if status_path:
+                    write_status(status_path, self.status())
+
+    def status_line(self) -> str:
+        lost = sum(self.lost.values())
+        return (
+            f"{self.config.mode} mode, {self.sensor_mode} sensor, {len(self.ruleset)} rules, "
+            f"{len(self.table)} processes, {self.alerts_raised} alerts, {lost} events lost"
+        )
+
+
+def write_status(path: str, status: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One line per event on stderr; messages are built with textsafe so a
+    hostile argv cannot forge a line."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger("rome_guard")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None) -> int:
+    """The daemon's whole life; returns the exit status."""
+    from rome_guard.sdnotify import Notifier
+
+    setup_logging()
+    notifier = Notifier()
+    try:
+        ruleset = load_rules(list(config.rules) + list(extra_rules))
+    except SourceError as exc:
+        log.error("invalid rules, not starting:\n%s", exc)
+        return 2
+    journal = Journal(config.alerts_file)
+    metrics = server = None
+    addr = config.metrics.addr if metrics_addr is None else metrics_addr
+    try:
+        from rome_guard.respond.metrics import GuardMetrics
+
+        metrics = GuardMetrics()
+        server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
+    except OSError as exc:
+        log.error("cannot serve metrics on %s: %s", addr, exc)
+        return 2
+    killer = None
+    if config.mode == "enforce":
+        from rome_guard.respond.kill import Killer
+
+        killer = Killer(config.protect, mode="enforce")
+    guard = Guard(config, ruleset, journal, extra_rules, metrics, killer)
+    signal.signal(signal.SIGTERM, guard.request_stop)
+    signal.signal(signal.SIGINT, guard.request_stop)
+    signal.signal(signal.SIGHUP, guard.request_reload)
+    try:
+        sensor, degraded = open_sensor(config.sensor, (os.getpid(),))
+    except SensorUnavailable as exc:
+        log.error("--sensor ebpf: %s", exc)
+        return 2
+    mode = sensor.name
+    if degraded:
+        log.warning(
+            "DEGRADED COVERAGE: eBPF sensor unavailable (%s); polling /proc and sock_diag "
+            "every %.1fs -- short-lived processes and connections will be missed",
+            degraded,
+            getattr(sensor, "interval_s", 0.5),
+        )
+    guard.attach(sensor, mode)
+    status_path = None
+    try:
+        os.makedirs(config.run_dir, exist_ok=True)
+        status_path = os.path.join(config.run_dir, "status.json")
+    except OSError as exc:
+        log.warning("no status file: %s", exc)
+    try:
+        seeded = guard.seed()
+        log.info(
+            "rome-guard running: %s mode, %s sensor, %d rules, %d pre-existing processes, "
+            "alerts to %s%s",
+            config.mode,
+            mode,
+            len(ruleset),
+            seeded,
+            config.alerts_file,
+            f", metrics on {addr}" if server else "",
+        )
+        if status_path:
+            write_status(status_path, guard.status())
+        notifier.ready(guard.status_line())
+        guard.run(notifier, status_path)
+    finally:
+        notifier.stopping()
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
+        sensor.close()
+        if server is not None:
+            server.close()
+        journal.close()
+        if status_path:
+            with contextlib.suppress(OSError):
+                os.unlink(status_path)
+        log.info(
+            "rome-guard stopped (%.2fs to detach)",
+            SHUTDOWN_BUDGET_S - (deadline - time.monotonic()),
+        )
+    return 0

@@ -1,0 +1,149 @@
+"""Stateful detectors: conclusions that need a history of events.
+
+``FanoutDetector`` is internal probing (rule detector ``fanout``): one
+actor (a process, or a whole container/job) touching many distinct
+destinations, or many distinct ports on one destination, within a window.
+Each attempt is weighted by its outcome -- refused and failed count fully,
+established counts a quarter by default -- so a port scan or a sweep
+stands out while distributed-training fan-out (hundreds of successful
+connects to a rendezvous port) does not. Thresholds come from the rule.
+
+Memory is bounded: per-actor history is cut to the window and capped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from rome_guard.detect.rules import Rule
+from rome_guard.events import (
+    CONNECT_ATTEMPT,
+    CONNECT_BLOCKED,
+    CONNECT_ESTABLISHED,
+    CONNECT_FAILED,
+    CONNECT_REFUSED,
+    ProcessInfo,
+)
+
+MAX_ATTEMPTS_PER_ACTOR = 20000
+MAX_ACTORS = 4096
+
+
+@dataclass
+class _History:
+    attempts: deque = field(default_factory=deque)  # (t, daddr, dport, weight)
+    fired: bool = False
+
+
+@dataclass(frozen=True)
+class FanoutVerdict:
+    rule: Rule
+    reason: str
+    destinations: float
+    worst_destination: str
+    worst_ports: float
+
+
+def actor_key(info: ProcessInfo, per_container: bool) -> tuple:
+    att = info.attribution
+    if per_container:
+        if att.container_id:
+            return ("container", att.container_id)
+        if att.pod_uid:
+            return ("pod", att.pod_uid)
+        if att.slurm_job:
+            return ("slurm", att.slurm_job)
+    return ("process", info.key)
+
+
+class FanoutDetector:
+    def __init__(self, rule: Rule):
+        self.rule = rule
+        p = rule.params
+        self.window = float(p["window_s"])
+        self.max_ports = float(p["max_ports_per_destination"])
+        self.max_destinations = float(p["max_destinations"])
+        self.per_container = bool(p["per_container"])
+        self.weights = {
+            CONNECT_REFUSED: float(p["refused_weight"]),
+            CONNECT_FAILED: float(p["failed_weight"]),
+            CONNECT_BLOCKED: float(p["failed_weight"]),
+            CONNECT_ESTABLISHED: float(p["established_weight"]),
+        }
+        self._actors: dict[tuple, _History] = {}
+
+    def observe(
+        self, info: ProcessInfo, daddr: str, dport: int, outcome: str, now: float | None = None
+    ) -> FanoutVerdict | None:
+        """Record one finished connect; a verdict the first time the actor
+        crosses a threshold in the current window."""
+        if outcome == CONNECT_ATTEMPT:
+            return None  # counted when its outcome is known
+        weight = self.weights.get(outcome)
+        if weight is None or weight == 0:
+            return None
+        now = time.monotonic() if now is None else now
+        key = actor_key(info, self.per_container)
+        history = self._actors.get(key)
+        if history is None:
+            if len(self._actors) >= MAX_ACTORS:
+                self._expire(now)
+                if len(self._actors) >= MAX_ACTORS:
+                    self._actors.pop(next(iter(self._actors)))
+            history = self._actors[key] = _History()
+        attempts = history.attempts
+        while attempts and now - attempts[0][0] > self.window:
+            attempts.popleft()
+        if not attempts:
+            history.fired = False  # a quiet window: the actor may fire again
+        attempts.append((now, daddr, dport, weight))
+        if len(attempts) > MAX_ATTEMPTS_PER_ACTOR:
+            attempts.popleft()
+        if history.fired:
+            return None
+        verdict = self._score(attempts)
+        if verdict is not None:
+            history.fired = True
+        return verdict
+
+    def _score(self, attempts: deque) -> FanoutVerdict | None:
+        per_destination: dict[str, float] = {}  # daddr -> max weight
+        ports: dict[str, dict[int, float]] = {}  # daddr -> port -> max weight
+        for _t, daddr, dport, weight in attempts:
+            if weight > per_destination.get(daddr, 0.0):
+                per_destination[daddr] = weight
+            seen = ports.setdefault(daddr, {})
+            if weight > seen.get(dport, 0.0):
+                seen[dport] = weight
+        destinations = sum(per_destination.values())
+        worst, worst_score = "", 0.0
+        for daddr, by_port in ports.items():
+            score = sum(by_port.values())
+            if score > worst_score:
+                worst, worst_score = daddr, score
+        if destinations >= self.max_destinations:
+            reason = (
+                f"{len(per_destination)} destinations in {self.window:g}s "
+                f"(weighted {destinations:.0f} >= {self.max_destinations:g})"
+            )
+        elif worst_score >= self.max_ports:
+            reason = (
+                f"{len(ports[worst])} ports on {worst} in {self.window:g}s "
+                f"(weighted {worst_score:.0f} >= {self.max_ports:g})"
+            )
+        else:
+            return None
+        return FanoutVerdict(self.rule, reason, destinations, worst, worst_score)
+
+    def _expire(self, now: float) -> None:
+        for key in [
+            k
+            for k, h in self._actors.items()
+            if not h.attempts or now - h.attempts[-1][0] > self.window
+        ]:
+            del self._actors[key]
+
+    def forget(self, info: ProcessInfo) -> None:
+        self._actors.pop(("process", info.key), None)

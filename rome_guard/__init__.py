@@ -6,3 +6,5 @@ context, detect/ decides, respond/ acts.
 """
 
 __version__ = "0.1.0"
+
+from rome_guard.gpu import register_current_process  # noqa: E402,F401

@@ -41,6 +41,8 @@ class GpuConfig:
     poll_interval: float = 5.0
     accounting: bool = True
     allow: list[dict] = field(default_factory=list)  # allowlist entries, see docs/gpu.md
+    # trust registration files that a process's own user wrote (not only root's); docs/gpu.md
+    user_registration: bool = False
 
 
 @dataclass

@@ -66,8 +66,6 @@ SHUTDOWN_BUDGET_S = 2.0
 
 
 class Sensor(Protocol):
-    name: str
-
     def start(self) -> None: ...
 
     def poll(self, timeout_ms: int) -> list: ...
@@ -81,13 +79,13 @@ class SensorUnavailable(Exception):
     """The requested sensor cannot run here; the message says what is missing."""
 
 
-def open_sensor(choice: str, ignore_pids: tuple[int, ...]) -> tuple[Sensor, str | None]:
-    """Attach the sensor the config asks for. Returns it and, when auto mode
-    fell back to polling, the reason eBPF could not be used."""
+def open_sensor(choice: str, ignore_pids: tuple[int, ...]) -> tuple[Sensor, str, str | None]:
+    """Attach the sensor the config asks for. Returns it, its mode ("ebpf"
+    or "poll") and, when polling, why eBPF is not in use."""
     if choice == "poll":
         sensor: Sensor = PollSensor(ignore_pids=ignore_pids)
         sensor.start()
-        return sensor, "polling was requested (--sensor poll)"
+        return sensor, "poll", "polling was requested (--sensor poll)"
     try:
         from rome_guard.sensors import ebpf
     except ImportError as exc:  # bcc itself missing
@@ -99,14 +97,14 @@ def open_sensor(choice: str, ignore_pids: tuple[int, ...]) -> tuple[Sensor, str 
         try:
             sensor = ebpf.EbpfSensor(ignore_pids=ignore_pids)
             sensor.start()
-            return sensor, None
+            return sensor, "ebpf", None
         except ebpf.EbpfUnavailable as exc:
             reason = str(exc)
     if choice == "ebpf":
         raise SensorUnavailable(reason or "eBPF is unavailable")
     sensor = PollSensor(ignore_pids=ignore_pids)
     sensor.start()
-    return sensor, reason
+    return sensor, "poll", reason
 
 
 @dataclass
@@ -207,6 +205,9 @@ class Guard:
 
     def handle(self, event: Any) -> None:
         self.events_seen += 1
+        self._dispatch(event)
+
+    def _dispatch(self, event: Any) -> None:
         if isinstance(event, ExecEvent):
             self._count("exec")
             self.on_exec(event)
@@ -215,7 +216,7 @@ class Guard:
             self.on_connect(event)
         elif isinstance(event, ForkEvent):
             self._count("fork")
-            self._fork_ticks[event.child_pid] = event.child_start_ticks
+            self.on_fork(event)
         elif isinstance(event, ExitEvent):
             self._count("exit")
             self.on_exit(event)
@@ -231,10 +232,33 @@ class Guard:
         ticks = self._fork_ticks.get(pid)
         return ticks if ticks is not None else boottime_ns_to_ticks(fallback_ns)
 
+    def on_fork(self, event: ForkEvent) -> None:
+        """Until it execs, a child is its parent's image under a new identity
+        (a subshell in a probe loop connects without ever exec'ing)."""
+        ticks = event.child_start_ticks
+        self._fork_ticks[event.child_pid] = ticks
+        parent = self.table.by_pid(event.parent_pid)
+        if parent is not None:
+            key = ProcessKey(event.child_pid, ticks)
+            self.table.add(replace(parent, key=key, ppid=parent.pid, pre_existing=False))
+
+    def _same_identity(self, info: ProcessInfo) -> ProcessInfo:
+        """/proc's start time for a process first known from its fork event
+        may differ from the fork timestamp's by one clock tick: same process."""
+        known = self.table.by_pid(info.pid)
+        if (
+            known is not None
+            and known.key != info.key
+            and abs(known.key.start_time - info.key.start_time) <= 1
+        ):
+            return replace(info, key=known.key)
+        return info
+
     def on_exec(self, event: ExecEvent) -> None:
         info = procfs.read_process(event.pid, self.config.attribution.env_keys)
         truncated = getattr(event, "argv_truncated", False)
         if info is not None:
+            info = self._same_identity(info)
             if event.argv and not truncated and info.cmdline != event.argv:
                 # the kernel's argv is what was executed; /proc may already
                 # show a rewritten title or a later exec
@@ -294,6 +318,21 @@ class Guard:
             self.table.add(info)
         return info
 
+    def _unattributed(self, pid: int, comm: str, timestamp_ns: int) -> ProcessInfo:
+        """A process that came and went before anything could be read
+        about it: what the event itself says."""
+        return ProcessInfo(
+            key=ProcessKey(pid, self._start_ticks(pid, timestamp_ns)),
+            ppid=0,
+            uid=-1,
+            user="",
+            comm=comm,
+            exe="",
+            cmdline=(),
+            cwd="",
+            cgroup="",
+        )
+
     def on_connect(self, event: ConnectEvent) -> None:
         info = self.resolve(event.pid)
         if info is None:
@@ -307,12 +346,14 @@ class Guard:
                 subject = Subject(info, self.table.lineage(info), list(peers))
                 for finding in self.engine.evaluate(subject, trigger=ep, network_only=True):
                     self.raise_alert(finding)
-        for detector in self.fanout:
-            verdict = detector.observe(info, ep.daddr, ep.dport, event.outcome)
-            if verdict is not None:
-                self.raise_alert(
-                    Finding(verdict.rule, info, verdict.reason, tuple(self.table.lineage(info)), ep)
-                )
+        if self.fanout:
+            parent = self.table.parent(info)
+            for detector in self.fanout:
+                for verdict, blamed in detector.observe(
+                    info, parent, ep.daddr, ep.dport, event.outcome
+                ):
+                    lineage = tuple(self.table.lineage(blamed))
+                    self.raise_alert(Finding(verdict.rule, blamed, verdict.reason, lineage, ep))
 
     def on_exit(self, event: ExitEvent) -> None:
         self._fork_ticks.pop(event.pid, None)
@@ -338,7 +379,7 @@ class Guard:
             parked = self._parked.popleft()
             pid = getattr(parked.event, "pid", None)
             if pid is not None and self.table.by_pid(pid) is not None:
-                self.handle(parked.event)
+                self._dispatch(parked.event)
             elif parked.until > now:
                 self._parked.append(parked)
             else:
@@ -546,11 +587,10 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     signal.signal(signal.SIGINT, guard.request_stop)
     signal.signal(signal.SIGHUP, guard.request_reload)
     try:
-        sensor, degraded = open_sensor(config.sensor, (os.getpid(),))
+        sensor, mode, degraded = open_sensor(config.sensor, (os.getpid(),))
     except SensorUnavailable as exc:
         log.error("--sensor ebpf: %s", exc)
         return 2
-    mode = sensor.name
     if degraded:
         log.warning(
             "DEGRADED COVERAGE: eBPF sensor unavailable (%s); polling /proc and sock_diag "

@@ -46,16 +46,26 @@ class FanoutVerdict:
     worst_ports: float
 
 
-def actor_key(info: ProcessInfo, per_container: bool) -> tuple:
+def actors(
+    info: ProcessInfo, parent: ProcessInfo | None, per_container: bool
+) -> list[tuple[tuple, ProcessInfo]]:
+    """Who a connect counts against: the process itself; its parent, so a
+    shell loop that runs one short-lived probe per port (subshells, nc -z)
+    is seen as the one scanner it is; and its container, pod or Slurm job."""
+    result = [(("process", info.key), info)]
+    if parent is not None and parent.pid > 1 and not parent.kernel_thread:
+        result.append((("process", parent.key), parent))
     att = info.attribution
     if per_container:
-        if att.container_id:
-            return ("container", att.container_id)
-        if att.pod_uid:
-            return ("pod", att.pod_uid)
-        if att.slurm_job:
-            return ("slurm", att.slurm_job)
-    return ("process", info.key)
+        for kind, value in (
+            ("container", att.container_id),
+            ("pod", att.pod_uid),
+            ("slurm", att.slurm_job),
+        ):
+            if value:
+                result.append(((kind, value), info))
+                break
+    return result
 
 
 class FanoutDetector:
@@ -75,17 +85,32 @@ class FanoutDetector:
         self._actors: dict[tuple, _History] = {}
 
     def observe(
-        self, info: ProcessInfo, daddr: str, dport: int, outcome: str, now: float | None = None
-    ) -> FanoutVerdict | None:
-        """Record one finished connect; a verdict the first time the actor
-        crosses a threshold in the current window."""
+        self,
+        info: ProcessInfo,
+        parent: ProcessInfo | None,
+        daddr: str,
+        dport: int,
+        outcome: str,
+        now: float | None = None,
+    ) -> list[tuple[FanoutVerdict, ProcessInfo]]:
+        """Record one finished connect; a verdict (with the process to blame)
+        the first time an actor crosses a threshold in the current window."""
         if outcome == CONNECT_ATTEMPT:
-            return None  # counted when its outcome is known
+            return []  # counted when its outcome is known
         weight = self.weights.get(outcome)
-        if weight is None or weight == 0:
-            return None
+        if not weight:
+            return []
         now = time.monotonic() if now is None else now
-        key = actor_key(info, self.per_container)
+        verdicts = []
+        for key, blamed in actors(info, parent, self.per_container):
+            verdict = self._record(key, now, daddr, dport, weight)
+            if verdict is not None:
+                verdicts.append((verdict, blamed))
+        return verdicts
+
+    def _record(
+        self, key: tuple, now: float, daddr: str, dport: int, weight: float
+    ) -> FanoutVerdict | None:
         history = self._actors.get(key)
         if history is None:
             if len(self._actors) >= MAX_ACTORS:

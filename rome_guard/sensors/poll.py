@@ -29,8 +29,6 @@ def boottime_ns() -> int:
 
 
 class PollSensor:
-    name = "poll"
-
     def __init__(self, interval_s: float = 0.5, ignore_pids: Iterable[int] = ()):
         self.interval_s = interval_s
         self.ignore_pids = frozenset(ignore_pids)

@@ -40,7 +40,7 @@ BPF_TABLE("lru_hash", u64, struct rg_pending_kill, pending_kills, 4096);
 BPF_ARRAY(settings, u32, 1); /* [0]: the daemon's tgid, never killed */
 BPF_ARRAY(lost_events, u64, 1);
 BPF_PERCPU_ARRAY(path_scratch, struct rg_path_key, 1);
-BPF_RINGBUF_OUTPUT(events, 64);
+BPF_RINGBUF_OUTPUT(events, 256); /* 1 MiB: ~3000 events between polls */
 
 static __always_inline bool never_kill(u32 tgid)
 {

@@ -153,6 +153,7 @@ class PreventionEvent:
             outcome=CONNECT_BLOCKED,
             timestamp_ns=self.timestamp_ns,
             comm=self.comm,
+            cgroup_id=self.cgroup_id,
         )
 
 

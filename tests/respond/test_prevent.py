@@ -75,7 +75,7 @@ def test_decode_event_reads_a_blocked_ipv4_connect() -> None:
     assert event.comm == "xm\nrig\udcff"  # hostile bytes survive for textsafe to render
     connect = event.connect_event()
     assert connect is not None and connect.outcome == CONNECT_BLOCKED
-    assert connect.endpoint.daddr == "10.1.2.3"
+    assert connect.endpoint.daddr == "10.1.2.3" and connect.cgroup_id == 77
 
 
 def test_decode_event_reads_an_exec_kill() -> None:

@@ -31,7 +31,8 @@ class Processes:
 
     def sleeper(self, *argv: str, **kwargs) -> subprocess.Popen:
         cmd = list(argv) or ["sleep", "1000"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **kwargs)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, **kwargs)
         self.started.append(proc)
         return proc
 
@@ -63,8 +64,9 @@ class Processes:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            for stream in (proc.stdin, proc.stdout):
+                if stream:
+                    stream.close()
 
 
 @pytest.fixture

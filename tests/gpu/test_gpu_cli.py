@@ -136,7 +136,8 @@ def test_list_without_nvml_exits_2_with_a_clear_message(tmp_path, fake_library):
 
 def test_list_table_cannot_be_forged_by_a_hostile_command_line(tmp_path, processes, fake_library):
     payload = b"x\nFINDING none: all clear\x1b[2J\xff"  # \xff: not UTF-8
-    evil = processes.sleeper(b"sh", b"-c", b"sleep 1000; :", payload)
+    # the shell waits in its builtin read: no child process to leave behind
+    evil = processes.sleeper(b"sh", b"-c", b"read line", payload, stdin=subprocess.PIPE)
     state_file = tmp_path / "state.txt"
     FakeState(gpus=[FakeGpu(0, GPU0)], processes=[FakeProcess(0, evil.pid)]).write(state_file)
     # wait until the child has exec'd sh (its argv shows the payload)

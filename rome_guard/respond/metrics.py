@@ -32,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
+from rome_guard.detect.rules import SHIPPED_CATEGORIES
 from rome_guard.events import GpuProcess
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
 from rome_guard.textsafe import one_line
@@ -73,7 +74,7 @@ KILL_RESULTS = (
 ACTIONS = ("alert", "kill", "block")  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 # The categories the alerting rules and dashboard know (dashboards/alerts.yml).
-KNOWN_CATEGORIES = ("miner", "tunnel", "reverse_shell", "probe", "gpu")
+KNOWN_CATEGORIES = SHIPPED_CATEGORIES
 
 INVALID = "invalid"  # a value that failed the safe-label check
 OTHER = "other"  # a safe value past the distinct-value limit

@@ -19,21 +19,18 @@ import warnings
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rome_guard.detect.rules import load_rules
 from rome_guard.events import GpuProcess
 from rome_guard.respond import metrics as m
 from rome_guard.respond.metrics import GpuUsage, GuardMetrics, gpu_usage, parse_listen_addr
 from rome_guard.respond.webconfig import BasicAuth, load_web_config, password_checker
 from rome_guard.sensors import procfs
 from rome_guard.yamlsrc import SourceError
+from tests.conftest import require
+from tests.fixtures.prometheus import available, running_prometheus
 
-RULES = [
-    ("miner.cmdline", "miner", "critical"),
-    ("miner.stratum-wire", "miner", "critical"),
-    ("tunnel.ssh-remote-forward", "tunnel", "high"),
-    ("shell.socket-stdio", "reverse_shell", "critical"),
-    ("probe.port-fanout", "probe", "medium"),
-    ("gpu.unregistered", "gpu", "high"),
-]
+# the shipped rule set, as the daemon loads it
+RULES = [(r.id, r.category, r.severity) for r in load_rules([]).rules]
 UUIDS = ["GPU-5d0d3a3e-1f1a-4c1b-9d2e-0123456789ab", "GPU-6e1e4b4f-2a2b-5d2c-ae3f-123456789abc"]
 
 
@@ -86,10 +83,10 @@ def test_exports_the_documented_metrics_in_base_units():
 def test_loaded_rules_start_at_zero_so_the_first_alert_is_an_increase():
     metrics = GuardMetrics()
     metrics.set_rules(RULES)
-    assert value(metrics, "rome_guard_alerts_total", rule="miner.cmdline", action="kill") == 0
-    metrics.alert("miner.cmdline", "miner", "critical", "kill")
-    assert value(metrics, "rome_guard_alerts_total", rule="miner.cmdline", action="kill") == 1
-    assert value(metrics, "rome_guard_alerts_total", rule="miner.cmdline", action="alert") == 0
+    assert value(metrics, "rome_guard_alerts_total", rule="miner-pool-url", action="kill") == 0
+    metrics.alert("miner-pool-url", "miner", "critical", "kill")
+    assert value(metrics, "rome_guard_alerts_total", rule="miner-pool-url", action="kill") == 1
+    assert value(metrics, "rome_guard_alerts_total", rule="miner-pool-url", action="alert") == 0
 
 
 @pytest.mark.parametrize(
@@ -99,7 +96,7 @@ def test_loaded_rules_start_at_zero_so_the_first_alert_is_an_increase():
         lambda g: g.set_lost("ringbuf\n", 3),
         lambda g: g.kill("killed\x1b[31m"),
         lambda g: g.set_sensor("kprobe"),
-        lambda g: g.alert("miner.cmdline", "miner", "critical", "nuke"),
+        lambda g: g.alert("miner-pool-url", "miner", "critical", "nuke"),
     ],
 )
 def test_fixed_enumerations_reject_unknown_values(call):
@@ -176,7 +173,7 @@ HOSTILE_NAMES = [
     b"\x1b[2J\xff\xfe",
     b'bad"label}=1',
     b"A" * 200,
-    b"rule.miner.cmdline",
+    b"miner-pool-url",
 ]
 
 
@@ -291,7 +288,7 @@ def test_empty_address_disables_the_endpoint():
 def test_plain_http_serves_metrics_and_nothing_else():
     metrics = GuardMetrics()
     with metrics.serve("127.0.0.1:0") as server:
-        metrics.alert("miner.cmdline", "miner", "critical", "kill")
+        metrics.alert("miner-pool-url", "miner", "critical", "kill")
         status, body, _ = get(server.port)
         assert status == 200
         assert b'rome_guard_alerts_total{action="kill"' in body
@@ -455,3 +452,36 @@ def test_bcrypt_is_verifiable_on_this_host():
     assert not check(b"p\x00w", hashed)
     auth = BasicAuth({"u": hashed.decode()})
     assert auth.verify("u", b"pw") and not auth.verify("v", b"pw")
+
+
+def test_a_real_prometheus_scrapes_through_mutual_tls_and_basic_auth(pki, tmp_path):
+    require(available(), "prometheus (Debian package) not installed")
+    config = tmp_path / "web.yml"
+    config.write_text(
+        f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
+        f"  client_ca_file: {pki}/ca.crt\n  client_auth_type: RequireAndVerifyClientCert\n"
+        f"basic_auth_users:\n  prometheus: '{bcrypt_hash('s3cret')}'\n"
+    )
+    scrape = {
+        "scheme": "https",
+        "tls_config": {
+            "ca_file": f"{pki}/ca.crt",
+            "cert_file": f"{pki}/client.crt",
+            "key_file": f"{pki}/client.key",
+        },
+        "basic_auth": {"username": "prometheus", "password": "s3cret"},
+    }
+    metrics = GuardMetrics()
+    metrics.set_sensor("ebpf")
+    with metrics.serve("127.0.0.1:0", str(config)) as server:
+        target = f"127.0.0.1:{server.port}"
+        with running_prometheus([target], scrape=scrape) as prom:
+            prom.wait_for("a scrape", lambda: prom.query('rome_guard_sensor_info{mode="ebpf"}'))
+            assert prom.value('up{job="rome-guard"}') == 1
+        wrong = {**scrape, "basic_auth": {"username": "prometheus", "password": "guess"}}
+        with running_prometheus([target], scrape=wrong) as prom:
+            (down,) = prom.wait_for(
+                "a failed scrape", lambda: [t for t in prom.targets() if t["health"] == "down"]
+            )
+            assert "401" in down["lastError"]
+            assert prom.query("rome_guard_sensor_info") == []

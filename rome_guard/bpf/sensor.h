@@ -1,0 +1,133 @@
+/* Records the eBPF sensor writes into its ring buffers.
+ *
+ * This header is the one definition of every record layout. It is compiled
+ * by BCC into the BPF programs (process.c, network.c, gpu.c) and by gcc in
+ * tests/sensors/test_ebpf_layout.py, which checks the ctypes mirrors in
+ * rome_guard/sensors/ebpf_layout.py against it field by field. Change both
+ * together. Only fixed-width __u8/__u16/__u32/__u64/__s32 types, so the
+ * layout is the same in both compilers.
+ *
+ * Never put kernel-internal structs here: the sensor reads nothing but
+ * tracepoint arguments and helper results.
+ */
+#ifndef ROME_GUARD_SENSOR_H
+#define ROME_GUARD_SENSOR_H
+
+#include <linux/types.h>
+
+#define TASK_COMM_LEN 16
+
+/* record types, first field of every record */
+#define RECORD_EXEC 1
+#define RECORD_FORK 2
+#define RECORD_EXIT 3
+#define RECORD_CONNECT 4
+#define RECORD_GPU_OPEN 5
+
+/* argv capture: at most ARGV_MAX_ARGS arguments, each cut at ARG_MAX_LEN
+ * bytes (terminating NUL included), ARGV_LIMIT bytes in all. The filename
+ * follows the arguments in data[]; the spare room after ARGV_LIMIT is what
+ * lets the verifier see every read stay inside the record. */
+#define ARGV_MAX_ARGS 64
+#define ARG_MAX_LEN 4096
+#define ARGV_LIMIT 16384
+#define FILENAME_MAX_LEN 4096
+#define EXEC_DATA_SIZE (ARGV_LIMIT + FILENAME_MAX_LEN)
+/* argv entries are counted (not copied) up to this many */
+#define ARGC_COUNT_MAX 1024 /* ARGV_MAX_ARGS copied + the rest counted */
+
+/* exec_record.flags */
+#define EXEC_ARGV_MISSING 0x1 /* no argv: exec not seen at syscall entry */
+#define EXEC_ARGV_TRUNCATED 0x2 /* an argument was cut or not copied */
+#define EXEC_ARGV_FAULT 0x4 /* user memory was unreadable (not paged in) */
+#define EXEC_ARGC_CAPPED 0x8 /* argc counted only up to ARGC_COUNT_MAX */
+#define EXEC_FILENAME_TRUNCATED 0x10
+
+/* connect_record.outcome */
+#define OUTCOME_ATTEMPT 1
+#define OUTCOME_ESTABLISHED 2
+#define OUTCOME_REFUSED 3
+#define OUTCOME_FAILED 4
+
+/* connect_record.source: the syscall or transition that produced it */
+#define SOURCE_TCP_STATE 1 /* sock:inet_sock_set_state */
+#define SOURCE_CONNECT 2 /* connect() on a socket that sent no SYN */
+#define SOURCE_SEND 3 /* sendto/sendmsg/sendmmsg with a destination */
+
+#define GPU_PATH_MAX 128
+#define GPU_PATH_PREFIX "/dev/nvidia"
+#define GPU_PATH_PREFIX_LEN 11
+
+/* lost_counters indexes (per-CPU array) */
+#define LOST_PROCESS 0
+#define LOST_NETWORK 1
+#define LOST_SLOTS 2
+
+/* Common to every record. pid is the thread-group id (what user space
+ * calls a pid), tid the thread; both in the initial pid namespace. */
+struct record_header {
+	__u32 type;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u64 timestamp_ns; /* CLOCK_BOOTTIME */
+	__u64 cgroup_id; /* cgroup v2 id (inode number of the cgroup dir) */
+	char comm[TASK_COMM_LEN];
+};
+
+/* Variable length: only the used part of data[] (args_size +
+ * filename_size bytes) is written to the ring buffer. */
+struct exec_record {
+	struct record_header hdr;
+	__u32 ppid; /* parent at fork time, 0 when unknown */
+	__u32 old_pid; /* thread that called execve */
+	__u32 argc; /* argv entries seen */
+	__u32 args_count; /* argv entries copied into data[] */
+	__u32 args_size; /* bytes of data[] holding NUL-terminated args */
+	__u32 filename_size; /* bytes after them holding the filename + NUL */
+	__u32 flags; /* EXEC_* */
+	__u32 _pad;
+	__u64 args_cut; /* bit i: argument i was cut */
+	char data[EXEC_DATA_SIZE];
+};
+
+struct fork_record {
+	struct record_header hdr; /* the parent */
+	__u32 child_pid;
+	__u32 _pad;
+	__u64 clone_flags;
+};
+
+struct exit_record {
+	struct record_header hdr;
+	__s32 exit_code; /* exit()/exit_group() status, -1 when not called */
+	__u32 _pad;
+};
+
+struct connect_record {
+	struct record_header hdr; /* the connecting process */
+	__u8 family; /* AF_INET, AF_INET6 */
+	__u8 protocol; /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, ... */
+	__u8 outcome; /* OUTCOME_* */
+	__u8 source; /* SOURCE_* */
+	__u16 sport; /* host byte order; 0 before the kernel picks one */
+	__u16 dport;
+	__u8 saddr[16]; /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__s32 result; /* syscall result for SOURCE_CONNECT/SEND, else 0 */
+	__u32 _pad;
+};
+
+struct gpu_open_record {
+	struct record_header hdr;
+	__s32 result; /* fd returned by open */
+	__u32 flags; /* open flags */
+	char path[GPU_PATH_MAX];
+};
+
+/* sensor_config[0], written by user space */
+struct sensor_config {
+	__u64 datagram_repeat_ns; /* report one datagram destination once per this */
+};
+
+#endif /* ROME_GUARD_SENSOR_H */

@@ -1,0 +1,481 @@
+"""The real-time eBPF sensor: process spawns, outbound connections and
+/dev/nvidia* opens as they happen, from kernel tracepoints (BCC).
+
+What it reports (details in rome_guard/bpf/*.c):
+- ExecEvent for every successful exec, with argv copied at syscall entry
+  (argv_truncated when any part is missing: read /proc/PID/cmdline then)
+  and ppid = the creating process at fork time (0 when the process was
+  created before the sensor started: read /proc then);
+- ForkEvent for every new process (threads are not reported);
+- ExitEvent when the last thread of a process exits;
+- ConnectEvent for TCP connects (an "attempt", then "established",
+  "refused" or "failed" for the same socket) and for datagram destinations
+  (UDP connect()/sendto(): outcome "attempt", no source address);
+- GpuOpenEvent for successful opens of /dev/nvidia*.
+
+It only observes: it never kills or blocks (rome_guard/respond does), and
+never drops what a rule could need without counting it: failed ring buffer
+writes and undecodable records are in lost_events(). Everything it loads
+is detached and freed by close(), also when start() fails half-way.
+One instance compiles once (~2 s, ~150 MB while compiling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import importlib.util
+import os
+import re
+import resource
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+from rome_guard.sensors.ebpf_layout import (
+    LOST_SLOT_NAMES,
+    BpfProgInfoHead,
+    MalformedRecord,
+    SensorConfig,
+    SensorEvent,
+    decode_record,
+)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+SENSOR_SOURCE = BPF_DIR / "sensor.c"
+TRACEFS_MOUNTS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")  # bcc's order
+TRACEFS_MOUNT_POINT = "/sys/kernel/tracing"
+# every BPF program of the sensor is named rgs_*; nothing else uses the prefix
+PROGRAM_PREFIX = "rgs_"
+MIN_KERNEL = (5, 8)  # BPF ring buffers, bpf_ktime_get_boot_ns
+
+DEFAULT_PROCESS_RING_PAGES = 4096  # 16 MiB: exec records carry argv
+DEFAULT_NETWORK_RING_PAGES = 2048  # 8 MiB
+# One datagram destination is reported once per process per this interval:
+# a UDP flood must not blind the sensor to TCP connects in the same buffer.
+DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
+
+_CAP_SYS_ADMIN = 21
+_CAP_PERFMON = 38
+_CAP_BPF = 39
+
+
+class EbpfUnavailable(Exception):
+    """The eBPF sensor cannot run here; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    tracepoint: str  # "category:event"
+    program: str  # function in rome_guard/bpf/*.c
+    feature: str | None = None  # -D macro compiling it in; None: required
+    ring: str = "network"  # the ring buffer its events go to
+
+
+def _process(tracepoint: str, program: str, feature: str | None = None) -> Attachment:
+    return Attachment(tracepoint, program, feature, ring="process")
+
+
+ATTACHMENTS: tuple[Attachment, ...] = (
+    _process("syscalls:sys_enter_execve", "rgs_execve"),
+    _process("syscalls:sys_exit_execve", "rgs_execve_ret"),
+    _process("syscalls:sys_enter_execveat", "rgs_execveat", "HAVE_EXECVEAT"),
+    _process("syscalls:sys_exit_execveat", "rgs_execveat_rt", "HAVE_EXECVEAT"),
+    _process("sched:sched_prepare_exec", "rgs_prep_exec", "HAVE_PREPARE_EXEC"),
+    _process("sched:sched_process_exec", "rgs_exec"),
+    _process("task:task_newtask", "rgs_newtask"),
+    _process("syscalls:sys_enter_exit_group", "rgs_exit_group"),
+    _process("sched:sched_process_exit", "rgs_exit"),
+    Attachment("sock:inet_sock_set_state", "rgs_tcp_state"),
+    Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset"),
+    Attachment("syscalls:sys_enter_connect", "rgs_connect"),
+    Attachment("syscalls:sys_exit_connect", "rgs_connect_ret"),
+    Attachment("syscalls:sys_enter_sendto", "rgs_sendto"),
+    Attachment("syscalls:sys_exit_sendto", "rgs_sendto_ret"),
+    Attachment("syscalls:sys_enter_sendmsg", "rgs_sendmsg"),
+    Attachment("syscalls:sys_exit_sendmsg", "rgs_sendmsg_ret"),
+    Attachment("syscalls:sys_enter_sendmmsg", "rgs_sendmmsg"),
+    Attachment("syscalls:sys_exit_sendmmsg", "rgs_sendmmsg_rt"),
+    Attachment("sock:sock_send_length", "rgs_send_len", "HAVE_SOCK_SEND_LENGTH"),
+    Attachment("syscalls:sys_enter_openat", "rgs_openat"),
+    Attachment("syscalls:sys_exit_openat", "rgs_openat_ret"),
+    Attachment("syscalls:sys_enter_open", "rgs_open", "HAVE_OPEN"),
+    Attachment("syscalls:sys_exit_open", "rgs_open_ret", "HAVE_OPEN"),
+    Attachment("syscalls:sys_enter_openat2", "rgs_openat2", "HAVE_OPENAT2"),
+    Attachment("syscalls:sys_exit_openat2", "rgs_openat2_ret", "HAVE_OPENAT2"),
+)
+
+
+class ProgramStats(NamedTuple):
+    runs: int
+    run_time_ns: int
+    recursion_misses: int  # runs the kernel skipped: events possibly lost
+
+
+# A feature that is not an extra tracepoint but a field of one.
+GROUP_DEAD_FEATURE = "HAVE_GROUP_DEAD"
+
+
+# --- what the kernel offers (pure given a tracefs path) -------------------------
+
+
+def _tracepoint_dir(tracefs: str, tracepoint: str) -> str:
+    category, event = tracepoint.split(":")
+    return os.path.join(tracefs, "events", category, event)
+
+
+def tracepoint_exists(tracefs: str, tracepoint: str) -> bool:
+    return os.path.isdir(_tracepoint_dir(tracefs, tracepoint))
+
+
+def missing_required(tracefs: str) -> list[str]:
+    return [
+        a.tracepoint
+        for a in ATTACHMENTS
+        if a.feature is None and not tracepoint_exists(tracefs, a.tracepoint)
+    ]
+
+
+def available_features(tracefs: str) -> set[str]:
+    """The optional -D features whose tracepoints (all of them) exist."""
+    features: dict[str, bool] = {}
+    for a in ATTACHMENTS:
+        if a.feature:
+            present = tracepoint_exists(tracefs, a.tracepoint)
+            features[a.feature] = features.get(a.feature, True) and present
+    found = {name for name, ok in features.items() if ok}
+    exit_format = os.path.join(_tracepoint_dir(tracefs, "sched:sched_process_exit"), "format")
+    try:
+        with open(exit_format) as f:
+            if re.search(r"\bgroup_dead;", f.read()):
+                found.add(GROUP_DEAD_FEATURE)
+    except OSError:
+        pass
+    return found
+
+
+def attachments_for(features: set[str]) -> list[Attachment]:
+    return [a for a in ATTACHMENTS if a.feature is None or a.feature in features]
+
+
+def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
+    """The sensor's C source as one text, and the cflags to compile it.
+
+    BCC declares a tracepoint's argument struct only in the main file, so
+    the program files included by sensor.c are inlined here (with #line
+    so compiler messages still name the right file and line)."""
+    lines = []
+    for number, line in enumerate(SENSOR_SOURCE.read_text().splitlines(), start=1):
+        m = re.fullmatch(r'#include "(\w+\.c)"', line.strip())
+        if m:
+            lines.append(f'#line 1 "{m.group(1)}"')
+            lines.append((BPF_DIR / m.group(1)).read_text())
+            lines.append(f'#line {number + 1} "sensor.c"')
+        else:
+            lines.append(line)
+    cflags = [f"-I{BPF_DIR}", *(f"-D{name}" for name in sorted(features))]
+    return "\n".join(lines), cflags
+
+
+# --- checks that need no compile -----------------------------------------------
+
+
+def _effective_capabilities() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _has_bpf_capabilities() -> bool:
+    caps = _effective_capabilities()
+    if caps & (1 << _CAP_SYS_ADMIN):
+        return True
+    return bool(caps & (1 << _CAP_BPF)) and bool(caps & (1 << _CAP_PERFMON))
+
+
+def find_tracefs() -> str | None:
+    for path in TRACEFS_MOUNTS:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    return None
+
+
+def _kernel_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _tracefs_supported() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1] == "tracefs" for line in f if line.strip())
+    except OSError:
+        return False
+
+
+def probe_ebpf() -> str | None:
+    """None when the eBPF sensor can start here, else why not. Cheap: no
+    compile, no import of bcc, nothing changed on the host."""
+    if not _has_bpf_capabilities():
+        return (
+            "not root: loading BPF programs needs root, or CAP_BPF and CAP_PERFMON "
+            "(and CAP_SYS_ADMIN on kernels before 5.8)"
+        )
+    if _kernel_version() < MIN_KERNEL:
+        return f"kernel {os.uname().release} is older than 5.8 (BPF ring buffers)"
+    if importlib.util.find_spec("bcc") is None:
+        return (
+            "bcc is not importable by this Python: install python3-bpfcc (Debian/Ubuntu) "
+            "or python3-bcc (RHEL) and make its bcc package visible to the interpreter"
+        )
+    build = f"/lib/modules/{os.uname().release}/build"
+    if not os.path.isdir(build):
+        return (
+            f"kernel headers missing at {build}: install linux-headers-{os.uname().release} "
+            "(BCC compiles the sensor against them)"
+        )
+    tracefs = find_tracefs()
+    if tracefs is None:
+        if not _tracefs_supported():
+            return "tracefs is not mounted and this kernel does not offer it"
+        return None  # start() mounts it
+    missing = missing_required(tracefs)
+    if missing:
+        return f"tracepoints missing in {tracefs}/events: {', '.join(missing)}"
+    return None
+
+
+def mount_tracefs() -> str:
+    """The tracefs path, mounting tracefs at /sys/kernel/tracing if needed."""
+    found = find_tracefs()
+    if found:
+        return found
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(b"tracefs", TRACEFS_MOUNT_POINT.encode(), b"tracefs", 0, None) != 0:
+        err = ct.get_errno()
+        if err != errno.EBUSY:
+            raise EbpfUnavailable(
+                f"tracefs is not mounted at {TRACEFS_MOUNT_POINT} and mounting it failed: "
+                f"{os.strerror(err)}"
+            )
+    found = find_tracefs()
+    if found is None:
+        raise EbpfUnavailable(f"tracefs mounted at {TRACEFS_MOUNT_POINT} shows no events/")
+    return found
+
+
+def cgroup_id(cgroup_dir: str) -> int:
+    """The cgroup v2 id of a directory under the cgroup2 mount, as the kernel
+    reports it (bpf_get_current_cgroup_id): its inode number."""
+    return os.stat(cgroup_dir).st_ino
+
+
+def _raise_memlock() -> None:
+    # Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(
+            resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
+
+
+# --- the sensor -------------------------------------------------------------------
+
+
+class EbpfSensor:
+    """Kernel events as rome_guard.events, drained with poll().
+
+    Not thread-safe: call poll() and the set_* methods from one thread.
+    Events of one poll() are in timestamp order, and a lifecycle event
+    (exec, fork) that happened before a network or GPU event of the same
+    process is never returned by a later poll() than that event."""
+
+    def __init__(
+        self,
+        ignore_pids: Iterable[int] = (),
+        *,
+        process_ring_pages: int = DEFAULT_PROCESS_RING_PAGES,
+        network_ring_pages: int = DEFAULT_NETWORK_RING_PAGES,
+        datagram_repeat_ns: int = DEFAULT_DATAGRAM_REPEAT_NS,
+        disable_features: Iterable[str] = (),
+    ):
+        self._ignore_pids = set(ignore_pids)
+        self._loopback_ignore_cgroups: set[int] = set()
+        self._process_ring_pages = process_ring_pages
+        self._network_ring_pages = network_ring_pages
+        self._datagram_repeat_ns = datagram_repeat_ns
+        # optional tracepoints not to use (HAVE_* names), as on older kernels
+        self._disable_features = set(disable_features)
+        self._bpf: Any = None
+        self._batch: list[SensorEvent] = []
+        self._malformed = dict.fromkeys(LOST_SLOT_NAMES, 0)
+        self._callbacks: list[Any] = []
+        self.features: set[str] = set()
+        self.attached: list[Attachment] = []
+
+    @property
+    def running(self) -> bool:
+        return self._bpf is not None
+
+    def start(self) -> None:
+        """Compile once and attach every tracepoint; EbpfUnavailable (with
+        nothing left loaded) when that is not possible."""
+        if self._bpf is not None:
+            return
+        reason = probe_ebpf()
+        if reason:
+            raise EbpfUnavailable(reason)
+        tracefs = mount_tracefs()  # before importing bcc: it picks its path at import
+        missing = missing_required(tracefs)
+        if missing:
+            raise EbpfUnavailable(f"tracepoints missing in {tracefs}/events: {', '.join(missing)}")
+        _raise_memlock()
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise EbpfUnavailable(f"bcc is not importable: {exc}") from exc
+
+        self.features = available_features(tracefs) - self._disable_features
+        text, cflags = compile_unit(self.features)
+        cflags += [
+            f"-DPROCESS_RING_PAGES={self._process_ring_pages}",
+            f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
+        ]
+        try:
+            bpf = BPF(text=text.encode(), cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception; details went to stderr
+            raise EbpfUnavailable(f"compiling {SENSOR_SOURCE} failed: {exc}") from exc
+        try:
+            for attachment in attachments_for(self.features):
+                try:
+                    bpf.attach_tracepoint(
+                        tp=attachment.tracepoint.encode(), fn_name=attachment.program.encode()
+                    )
+                except Exception as exc:
+                    raise EbpfUnavailable(
+                        f"attaching {attachment.program} to {attachment.tracepoint} failed "
+                        f"(verifier log on stderr): {exc}"
+                    ) from exc
+                self.attached.append(attachment)
+            self._bpf = bpf
+            self._write_config()
+            self._sync_set("ignored_pids", ct.c_uint32, set(), self._ignore_pids)
+            self._sync_set(
+                "loopback_ignore_cgroups", ct.c_uint64, set(), self._loopback_ignore_cgroups
+            )
+            # consume() drains rings in this order: process last, so an exec
+            # is never returned after a connect it preceded.
+            self._open_ring("network_events", "network")
+            self._open_ring("process_events", "process")
+        except BaseException:
+            self._bpf = None
+            self.attached.clear()
+            bpf.cleanup()
+            raise
+
+    def _open_ring(self, table: str, name: str) -> None:
+        def on_record(_ctx: Any, data: int, size: int) -> int:
+            raw = ct.string_at(data, size)
+            try:
+                self._batch.append(decode_record(raw))
+            except MalformedRecord:
+                self._malformed[name] += 1
+            return 0
+
+        self._callbacks.append(on_record)
+        self._bpf[table.encode()].open_ring_buffer(on_record)
+
+    def _write_config(self) -> None:
+        table = self._bpf[b"sensor_config"]
+        table[ct.c_int(0)] = SensorConfig(datagram_repeat_ns=self._datagram_repeat_ns)
+
+    def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
+        table = self._bpf[table_name.encode()]
+        for value in old - new:
+            with contextlib.suppress(KeyError):
+                del table[key_type(value)]
+        for value in new - old:
+            table[key_type(value)] = ct.c_uint8(1)
+
+    def poll(self, timeout_ms: int) -> list[SensorEvent]:
+        """Wait up to timeout_ms for events, then drain both ring buffers."""
+        if self._bpf is None:
+            raise RuntimeError("EbpfSensor.poll() before start() or after close()")
+        self._batch = []
+        self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
+        batch, self._batch = self._batch, []
+        batch.sort(key=attrgetter("timestamp_ns"))
+        return batch
+
+    def lost_events(self) -> dict[str, int]:
+        """Events lost per ring buffer ("process", "network") since start():
+        ring buffer or tracking table full in the kernel, program runs the
+        kernel skipped (another BPF program was running on that CPU), or a
+        record that did not decode. An upper bound: a skipped run of a
+        helper program costs at most one event."""
+        lost = dict(self._malformed)
+        if self._bpf is not None:
+            table = self._bpf[b"lost_counters"]
+            for name, slot in LOST_SLOT_NAMES.items():
+                lost[name] += int(table.sum(ct.c_int(slot)).value)
+            stats = self.program_stats()
+            for attachment in self.attached:
+                lost[attachment.ring] += stats[attachment.program].recursion_misses
+        return lost
+
+    def program_stats(self) -> dict[str, ProgramStats]:
+        """Per attached program: runs and run time (counted only while BPF
+        stats are enabled, kernel.bpf_stats_enabled), and skipped runs."""
+        from bcc.libbcc import lib
+
+        stats = {}
+        for attachment in self.attached:
+            info = BpfProgInfoHead()
+            size = ct.c_uint32(ct.sizeof(info))
+            fd = self._bpf.funcs[attachment.program.encode()].fd
+            if lib.bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
+                info = BpfProgInfoHead()
+            stats[attachment.program] = ProgramStats(
+                info.run_cnt, info.run_time_ns, info.recursion_misses
+            )
+        return stats
+
+    def set_ignored_pids(self, pids: Iterable[int]) -> None:
+        """Processes (tgids) whose connects, datagrams and GPU opens are not
+        reported, e.g. the daemon itself. Their lifecycle still is."""
+        new = set(pids)
+        if self._bpf is not None:
+            self._sync_set("ignored_pids", ct.c_uint32, self._ignore_pids, new)
+        self._ignore_pids = new
+
+    def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
+        """cgroup v2 ids (see cgroup_id()) whose loopback-to-loopback traffic
+        is not reported, for them and every cgroup below them."""
+        new = set(cgroup_ids)
+        if self._bpf is not None:
+            self._sync_set(
+                "loopback_ignore_cgroups", ct.c_uint64, self._loopback_ignore_cgroups, new
+            )
+        self._loopback_ignore_cgroups = new
+
+    def close(self) -> None:
+        """Detach every tracepoint and free every map; idempotent."""
+        bpf, self._bpf = self._bpf, None
+        self.attached.clear()
+        if bpf is not None:
+            bpf.cleanup()
+        self._callbacks.clear()
+
+    def __enter__(self) -> EbpfSensor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

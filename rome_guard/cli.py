@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 
 import click
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_CONFIG_FILE, Config, load_config
-from rome_guard.detect.rules import RuleSet, load_rules
+from rome_guard.detect.rules import RuleSet, load_rules, rules_for
 from rome_guard.yamlsrc import SourceError
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -33,7 +34,7 @@ def config_from(path: str | None) -> Config:
 
 def rules_from(config: Config, extra: tuple[str, ...]) -> RuleSet:
     try:
-        return load_rules(list(config.rules) + list(extra))
+        return rules_for(replace(config, rules=list(config.rules) + list(extra)))
     except SourceError as exc:
         fail(f"invalid rules, nothing loaded:\n{exc}")
         raise
@@ -122,8 +123,6 @@ def run(
     run_dir: str | None,
 ) -> None:
     """Run the guard in the foreground (systemd Type=notify)."""
-    from dataclasses import replace
-
     from rome_guard.daemon import main as daemon_main
 
     config = config_from(config_path)

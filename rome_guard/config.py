@@ -67,6 +67,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     run_dir: str = DEFAULT_RUN_DIR
     rules: list[str] = field(default_factory=lambda: [DEFAULT_RULES_DIR])
+    disabled_rules: list[str] = field(default_factory=list)  # rule ids left out
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)

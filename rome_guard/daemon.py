@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol
 
 from rome_guard.config import Config, load_config
 from rome_guard.detect.engine import Engine
-from rome_guard.detect.rules import Rule, RuleSet, load_rules
+from rome_guard.detect.rules import Rule, RuleSet, rules_for
 from rome_guard.detect.stateful import FanoutDetector
 from rome_guard.detect.subject import Subject
 from rome_guard.events import (
@@ -179,7 +179,7 @@ class Guard:
         """SIGHUP: re-read config and rules; keep the old set on any error."""
         try:
             config = load_config(self.config.source or None)
-            ruleset = load_rules(list(config.rules) + list(self.extra_rules))
+            ruleset = rules_for(replace(config, rules=list(config.rules) + list(self.extra_rules)))
         except SourceError as exc:
             log.error("reload rejected, keeping %d rules in force:\n%s", len(self.ruleset), exc)
             if self.metrics is not None:
@@ -706,8 +706,11 @@ def _responders(config: Config) -> tuple[Any, Any]:
     never leave the host unable to connect."""
     from rome_guard.respond import prevent
 
-    for removed in prevent.cleanup_stale():
-        log.warning("removed a stale attachment left by a crashed rome-guard: %s", removed)
+    try:
+        for removed in prevent.cleanup_stale():
+            log.warning("removed a stale attachment left by a crashed rome-guard: %s", removed)
+    except OSError as exc:  # no BPF syscalls here (container, no privileges)
+        log.warning("cannot look for stale attachments: %s", exc)
     if config.mode != "enforce":
         return None, None
     from rome_guard.respond.kill import Killer
@@ -742,7 +745,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     setup_logging()
     notifier = Notifier()
     try:
-        ruleset = load_rules(list(config.rules) + list(extra_rules))
+        ruleset = rules_for(replace(config, rules=list(config.rules) + list(extra_rules)))
     except SourceError as exc:
         log.error("invalid rules, not starting:\n%s", exc)
         return 2

@@ -12,8 +12,8 @@
 #      parent was registered with --include-children;
 #   5. accounting mode catches a CUDA process that starts and ends between
 #      two polls (SKIP where the driver does not permit accounting);
-#   6. (integrator) `rome-guard run --mode enforce` kills an unregistered
-#      consumer -- a marked step, skipped until the daemon wires the GPU check.
+#   6. `rome-guard run --mode enforce` kills an unregistered consumer and spares
+#      a registered one.
 #
 # Needs no network and installs nothing: PyTorch, nvidia-ml-py, click and
 # PyYAML must already be importable by $PYTHON (default python3). Runs from the
@@ -284,15 +284,68 @@ EOF
   fi
 fi
 
-# --- 6. INTEGRATOR: enforce mode kills an unregistered consumer ---------------------
-# TODO(integrator): once the daemon runs the GPU check (NvmlSensor + GpuRegistry +
-# rome_guard.gpu.consumers.judge_consumer -> gpu_unregistered alerts), replace this
-# skip with: start `python3 -m rome_guard run --mode enforce --config <a config whose
-# rules kill gpu_unregistered>` in the background, start "$work/holder.py" 256 600,
-# wait up to 2 poll intervals for the holder to die, check the alert in the journal
-# (alerts_file) names its pid and GPU UUID, register a second holder first and check
-# it survives, then stop the daemon and check nothing it loaded is left behind.
-skip "enforce mode (rome-guard run --mode enforce kills gpu_unregistered): integrator step, not wired yet"
+# --- 6. enforce mode kills an unregistered consumer, spares a registered one --------
+# The daemon runs with only the GPU rule enabled: this host's own tooling must not
+# meet the shipped miner/tunnel/shell rules in enforce mode.
+others=$("$PY" -m rome_guard rules list --json --config /dev/null 2>/dev/null | "$PY" -c '
+import json, sys
+print(", ".join(r["id"] for r in json.load(sys.stdin) if r["category"] != "gpu_unregistered"))')
+journal="$work/alerts.jsonl"
+printf 'rules: []\ndisabled_rules: [%s]\nrun_dir: %s\ngpu:\n  poll_interval: %s\n' \
+  "$others" "$ROME_GUARD_RUN_DIR" "$POLL_INTERVAL" >"$work/enforce.yaml"
+"$PY" "$work/holder.py" 256 600 >"$work/keep.out" 2>&1 &
+keep=$!; started+=("$keep")
+if ! wait_ready "$work/keep.out"; then
+  fail "enforce: the registered holder did not start: $(tail -3 "$work/keep.out")"
+else
+  rg register --pid "$keep" --gpus 0 --job keep-me >/dev/null
+  "$PY" -m rome_guard run --mode enforce --config "$work/enforce.yaml" --alerts-file "$journal" \
+    --run-dir "$ROME_GUARD_RUN_DIR" --metrics-addr '' >"$work/daemon.log" 2>&1 &
+  guard=$!; started+=("$guard")
+  for ((i = 0; i < 240; i++)); do grep -q "rome-guard running" "$work/daemon.log" && break; sleep 0.5; done
+  info "$(grep -m1 "rome-guard running" "$work/daemon.log")"
+  "$PY" "$work/holder.py" 256 600 >"$work/victim.out" 2>&1 &
+  victim=$!; started+=("$victim")
+  began=$(date +%s.%N)
+  for ((i = 0; i < 8 * POLL_INTERVAL + 240; i++)); do kill -0 "$victim" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$victim" 2>/dev/null; then
+    fail "enforce: the unregistered CUDA process $victim is still alive"
+    sed 's/^/      /' "$work/daemon.log" | tail -20
+  else
+    died=$("$PY" -c "import time; print(round(time.time() - $began, 2))")
+    verdict=$("$PY" -c '
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+pid = int(sys.argv[2])
+mine = [r for r in records if r.get("process", {}).get("pid") == pid]
+alert = next((r for r in mine if r.get("event") == "alert" and r["rule"] == "gpu-unregistered-consumer"), None)
+response = next((r for r in mine if r.get("event") == "response"), None)
+gpu = (alert or {}).get("gpu") or {}
+confirmed = [r["gpu"]["uuid"] for r in records if r.get("event") == "confirmed"]
+print(alert is not None, response["action"] if response else "-", (alert or {}).get("gpu_source", "-"),
+      gpu.get("uuid") or (confirmed[0] if confirmed else "-"))
+' "$journal" "$victim")
+    read -r alerted action source uuid <<<"$verdict"
+    if [ "$alerted" = True ] && [ "$action" = killed ]; then
+      pass "enforce: unregistered CUDA process killed ${died}s after start (alert from $source, GPU $uuid)"
+    else
+      fail "enforce: process died but the journal says alerted=$alerted action=$action"
+      sed 's/^/      /' "$work/daemon.log" | tail -10
+    fi
+  fi
+  if kill -0 "$keep" 2>/dev/null; then
+    pass "enforce: the registered job survived"
+  else
+    fail "enforce: the registered job was killed"
+  fi
+  kill -TERM "$guard" 2>/dev/null
+  wait "$guard"; rc=$?
+  if [ "$rc" = 0 ] && grep -q "rome-guard stopped" "$work/daemon.log"; then
+    pass "enforce: daemon stopped cleanly (exit 0)"
+  else
+    fail "enforce: daemon exit $rc: $(tail -3 "$work/daemon.log")"
+  fi
+fi
 
 echo "summary: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]

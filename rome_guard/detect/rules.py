@@ -331,9 +331,22 @@ def _collect_lists(doc: LineDict, lists: dict, origins: dict, problems: list) ->
             origins[name] = loc
 
 
-def load_rules(paths: Iterable[str], include_shipped: bool = True) -> RuleSet:
+def rules_for(config) -> RuleSet:
+    """The rule set a config asks for: its rule paths on top of the shipped
+    rules, less the rules it disables."""
+    return load_rules(config.rules, disabled=config.disabled_rules, disabled_source=config.source)
+
+
+def load_rules(
+    paths: Iterable[str],
+    include_shipped: bool = True,
+    disabled: Iterable[str] = (),
+    disabled_source: str = "",
+) -> RuleSet:
     """Load and validate every rule file; raise SourceError listing every
-    problem in every file if anything at all is wrong."""
+    problem in every file if anything at all is wrong. ``disabled`` names
+    rule ids to leave out (config ``disabled_rules``); naming a rule that
+    does not exist is an error, so a typo cannot leave a rule running."""
     files: list[str] = []
     seen_files: set[str] = set()
     for path in rule_files(([shipped_rules_dir()] if include_shipped else []) + list(paths)):
@@ -397,7 +410,11 @@ def load_rules(paths: Iterable[str], include_shipped: bool = True) -> RuleSet:
             seen[rule.id] = rule.location
             if rule.enabled:
                 rules.append(rule)
+    off = set(disabled)
+    for rule_id in sorted(off - set(seen)):
+        where_ = Location(disabled_source or "disabled_rules", 1)
+        _problem(problems, where_, f"disabled_rules names unknown rule {rule_id!r}")
     if problems:
         problems.sort(key=lambda p: (p[0].path, p[0].line))
         raise SourceError(problems)
-    return RuleSet(rules=rules, lists=lists, sources=files)
+    return RuleSet(rules=[r for r in rules if r.id not in off], lists=lists, sources=files)

@@ -189,3 +189,12 @@ def test_shipped_rules_validate_cleanly() -> None:
     result = rome_guard("rules", "validate", *files)
     assert result.returncode == 0, result.stderr
     assert f"from {len(files)} files" in result.stdout
+
+
+def test_config_can_disable_a_shipped_rule_but_not_a_missing_one(tmp_path: Path) -> None:
+    ruleset = load_rules([], disabled=["miner-known-binary"], disabled_source="c.yaml")
+    assert ruleset.get("miner-known-binary") is None and ruleset.get("miner-pool-url") is not None
+    assert not Engine(ruleset).evaluate(subject("/opt/xmrig"))
+    with pytest.raises(SourceError) as exc:
+        load_rules([], disabled=["miner-known-binry"], disabled_source="c.yaml")
+    assert "c.yaml:1: disabled_rules names unknown rule 'miner-known-binry'" in str(exc.value)

@@ -140,6 +140,9 @@ for gpu in doc["gpus"]:
 ' "$work/last-list.json"
 }
 
+# GPU_CHECK_STEPS="1 6" runs only those steps (default: all)
+want() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ " $GPU_CHECK_STEPS " == *" $1 "* ]]; }
+
 # --- 1. NVML answers -----------------------------------------------------------
 if "$PY" - >"$work/inventory.txt" 2>&1 <<'EOF'
 from rome_guard.sensors.nvml import NvmlSensor
@@ -170,6 +173,7 @@ with NvmlSensor(accounting=False) as s:
 mig_mode=$(grep -c "mig=True" "$work/inventory.txt")
 
 # --- 2. a new CUDA process is an unregistered consumer -----------------------------
+if want 2; then
 "$PY" "$work/holder.py" 512 600 >"$work/holder.out" 2>&1 &
 holder=$!
 started+=("$holder")
@@ -200,7 +204,10 @@ else
   show_listing
 fi
 
+fi
+
 # --- 3. registration clears it; grants are checked ---------------------------------
+if want 3; then
 rg register --pid "$holder" --job gpu-check --gpus 0 >"$work/reg.out" 2>&1 || info "register: $(cat "$work/reg.out")"
 read -r status job inside memory code <<<"$(consumer "$holder")"
 if [ "$status" = registered ] && [ "$job" = gpu-check ]; then
@@ -221,7 +228,10 @@ rg unregister --job gpu-check >/dev/null
 read -r status job inside memory code <<<"$(consumer "$holder")"
 [ "$status" = unregistered ] && pass "unregister: pid $holder is unregistered again" || fail "after unregister: status $status"
 
+fi
+
 # --- 4. a CUDA child of a registered parent -----------------------------------------
+if want 4; then
 bash -c '"$1" "$2" 256 600 >"$3" 2>&1 & echo $! >"$4"; wait' _ "$PY" "$work/holder.py" "$work/child.out" "$work/child.pid" &
 parent=$!
 started+=("$parent")
@@ -250,7 +260,10 @@ else
   rg unregister --job agent-episode >/dev/null
 fi
 
+fi
+
 # --- 5. accounting catches a process that starts and ends between polls -------------
+if want 5; then
 if [ "$mig_mode" != 0 ]; then
   skip "accounting: GPU in MIG mode, where NVML has no accounting"
 else
@@ -282,6 +295,8 @@ EOF
     fail "accounting did not report the short-lived CUDA process:"
     sed 's/^/      /' "$work/acct.out"
   fi
+fi
+
 fi
 
 # --- 6. enforce mode kills an unregistered consumer, spares a registered one --------

@@ -135,7 +135,12 @@ class RuleSet:
 
 
 def shipped_rules_dir() -> str:
-    return str(resources.files("rome_guard.rules"))
+    """The installed rome_guard.rules package, or the repository's rules/
+    folder when running from a source tree that was not installed."""
+    try:
+        return str(resources.files("rome_guard.rules"))
+    except ModuleNotFoundError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "rules")
 
 
 def rule_files(paths: Iterable[str]) -> list[str]:

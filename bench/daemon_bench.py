@@ -1,0 +1,170 @@
+"""The whole daemon under load, side by side in one run (issue 3 targets):
+
+- fork/exec loop and loopback connect loop, without the daemon and with it
+  (same load generator as bench/ebpf_storm.py): rates, slowdown ratios and
+  the lost-event counters the daemon reports;
+- exec -> alert latency: a miner-named program started N times, time from
+  spawn to its line in the journal, p50/p99;
+- the daemon's RSS and its CPU while idle.
+
+Needs root and eBPF. Starts one daemon in monitor mode with its own
+journal and run dir, stops it at the end. Nothing leaves loopback.
+Run: .venv/bin/python -m bench.daemon_bench [--execs N] [--connects N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.ebpf_storm import HOST, build_load, run_load
+from bench.load import percentile
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def status(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "status.json")) as f:
+        return json.load(f)
+
+
+def start_daemon(work: str) -> subprocess.Popen:
+    log = open(os.path.join(work, "daemon.log"), "w")  # noqa: SIM115 (lives as long as the daemon)
+    config = os.path.join(work, "config.yaml")
+    with open(config, "w") as f:
+        f.write("rules: []\n")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rome_guard",
+            "run",
+            "--config",
+            config,
+            "--sensor",
+            "ebpf",
+            "--alerts-file",
+            os.path.join(work, "alerts.jsonl"),
+            "--run-dir",
+            os.path.join(work, "run"),
+            "--metrics-addr",
+            "",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with open(log.name) as f:
+            if "rome-guard running" in f.read():
+                return proc
+        if proc.poll() is not None:
+            with open(log.name) as f:
+                raise SystemExit(f"daemon exited: {f.read()}")
+        time.sleep(0.1)
+    raise SystemExit("daemon did not start")
+
+
+def exec_to_alert(work: str, count: int) -> list[float]:
+    """Milliseconds from spawning a miner-named program to its journal line."""
+    miner = os.path.join(work, "xmrig")
+    shutil.copy("/bin/true", miner)
+    journal = os.path.join(work, "alerts.jsonl")
+    latencies = []
+    with open(journal) as f:
+        f.seek(0, os.SEEK_END)
+        for _ in range(count):
+            started = time.perf_counter()
+            proc = subprocess.Popen([miner])
+            deadline = started + 5
+            found = False
+            while not found and time.perf_counter() < deadline:
+                for line in f.readlines():
+                    if f'"pid":{proc.pid},' in line and '"miner-known-binary"' in line:
+                        found = True
+                if not found:
+                    time.sleep(0.0002)
+            proc.wait()
+            if found:
+                latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.02)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--execs", type=int, default=10_000)
+    parser.add_argument("--connects", type=int, default=50_000)
+    parser.add_argument("--alerts", type=int, default=200)
+    parser.add_argument("--idle-s", type=float, default=20.0)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="rg-daemon-bench-")
+    binary = build_load(work)
+    exec_args = ["exec", str(args.execs), "2"]
+    connect_args = ["connect", str(args.connects), "2", HOST]
+    base_exec = run_load(binary, *exec_args)
+    base_connect = run_load(binary, *connect_args)
+    daemon = start_daemon(work)
+    try:
+        time.sleep(2)
+        cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+        time.sleep(args.idle_s)
+        idle_pct = (cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - t0) * 100
+        rss_idle = rss_mib(daemon.pid)
+        lost0 = sum(status(os.path.join(work, "run"))["events_lost"].values())
+        guarded_exec = run_load(binary, *exec_args)
+        guarded_connect = run_load(binary, *connect_args)
+        time.sleep(6)  # the status file is rewritten every 5 s
+        lost = sum(status(os.path.join(work, "run"))["events_lost"].values()) - lost0
+        latencies = exec_to_alert(work, args.alerts)
+        rss_after = rss_mib(daemon.pid)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    e0, e1 = base_exec[0] / base_exec[1], guarded_exec[0] / guarded_exec[1]
+    c0, c1 = base_connect[0] / base_connect[1], guarded_connect[0] / guarded_connect[1]
+    print(f"daemon benchmark ({os.cpu_count()} CPUs), monitor mode, eBPF sensor, shipped rules")
+    print(
+        f"  fork/exec loop: {args.execs} execs; without daemon {e0:,.0f}/s, with {e1:,.0f}/s; "
+        f"slowdown {(1 - e1 / e0) * 100:+.1f}%  (target <= 5%)"
+    )
+    print(
+        f"  connect loop:   {args.connects} connects; without daemon {c0:,.0f}/s, "
+        f"with {c1:,.0f}/s; "
+        f"slowdown {(1 - c1 / c0) * 100:+.1f}%  (target <= 5%)"
+    )
+    print(f"  events lost during both storms: {lost}  (target 0)")
+    if latencies:
+        print(
+            f"  exec -> alert: n={len(latencies)}/{args.alerts}, "
+            f"p50 {percentile(latencies, 50):.1f} ms, "
+            f"p99 {percentile(latencies, 99):.1f} ms  (target p99 <= 20 ms)"
+        )
+    print(f"  daemon idle CPU: {idle_pct:.2f}% of a core over {args.idle_s:.0f} s  (target <= 1%)")
+    print(f"  daemon RSS: {rss_idle:.0f} MiB idle, {rss_after:.0f} MiB after the storms")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,9 @@ from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
 from rome_guard.events import GpuProcess
+from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
+from rome_guard.sensors.ebpf_layout import LOST_SLOT_NAMES
 from rome_guard.textsafe import one_line
 
 log = logging.getLogger(__name__)
@@ -55,23 +57,16 @@ EVENT_SOURCES = (
     "procfs",  # /proc snapshots (seeding, poll mode, scan)
     "sockdiag",  # sock_diag socket snapshots
 )
-# Where events can be lost: kernel ring buffers and the daemon's own queues.
+# Where events can be lost: the sensor's kernel ring buffers, prevention's,
+# and the daemon's own queues.
 LOST_BUFFERS = (
-    "process",  # exec/fork/exit ring buffer
-    "network",  # connect ring buffer
-    "gpu",  # /dev/nvidia* open ring buffer
-    "payload",  # TC payload ring buffer
-    "queue",  # user-space queue between sensors and the engine
+    *LOST_SLOT_NAMES,  # "process", "network"
+    "prevention",  # the prevention programs' ring buffer
     "parked",  # events for not-yet-known pids dropped after park_unknown_ms
-    "prevention",  # in-kernel prevention reports (blocked connects, kills)
+    "queue",  # user-space queue between sensors and the engine
 )
-# The journal's response actions (rome_guard.respond.kill outcomes).
-KILL_RESULTS = (
-    "killed",  # the verified process was signalled (or killed in the kernel)
-    "already_exited",  # it exited, or its pid now names another process: nothing signalled
-    "protected",  # a protected process: refused
-    "kill_failed",  # the kill itself failed
-)
+# The outcomes of rome_guard.respond.kill.
+KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
 ACTIONS = ("alert", "kill", "block")  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 # The categories the alerting rules and dashboard know (dashboards/alerts.yml).

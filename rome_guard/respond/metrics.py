@@ -228,8 +228,8 @@ class GuardMetrics:
             ProcessCollector(registry=self.registry)
         # Bounded enumerations start at zero, so that increase() sees the
         # first event and dashboards show a flat line rather than no data.
-        for source in EVENT_SOURCES:
-            self.events.labels(source=source)
+        # (the per-event path is a dict lookup: children are made once)
+        self._event_children = {s: self.events.labels(source=s) for s in EVENT_SOURCES}
         for buffer in LOST_BUFFERS:
             self.events_lost.labels(buffer=buffer)
         for result in KILL_RESULTS:
@@ -273,7 +273,10 @@ class GuardMetrics:
     # sensors
 
     def event(self, source: str, count: int = 1) -> None:
-        self.events.labels(source=_member(source, EVENT_SOURCES, "event source")).inc(count)
+        child = self._event_children.get(source)
+        if child is None:
+            _member(source, EVENT_SOURCES, "event source")  # raises ValueError
+        child.inc(count)
 
     def set_lost(self, buffer: str, total: int) -> None:
         """The running total of lost events a buffer reports (e.g. a BPF map

@@ -140,6 +140,7 @@ class Guard:
         self.metrics = metrics
         self.killer = killer
         self.gpu = gpu  # GpuWatch, or None
+        self.metrics_server: Any = None  # MetricsServer, reloaded on SIGHUP
         self.prevention = prevention  # Prevention (enforce mode only), or None
         self.policy: KernelPolicy | None = None
         # key -> (alert id, rule id) of open-event alerts awaiting NVML's confirmation
@@ -185,7 +186,22 @@ class Guard:
             if self.metrics is not None:
                 self.metrics.rule_reload_failed()
             return False
-        self.config = replace(config, mode=self.config.mode, sensor=self.config.sensor)
+        # what was fixed at start (command-line overrides, open files, the
+        # sensor) stays; rules, attribution, protection and web config apply
+        current = self.config
+        self.config = replace(
+            config,
+            mode=current.mode,
+            sensor=current.sensor,
+            alerts_file=current.alerts_file,
+            run_dir=current.run_dir,
+            state_dir=current.state_dir,
+        )
+        if self.metrics_server is not None:
+            try:
+                self.metrics_server.reload(self.config.metrics.web_config_file)
+            except (OSError, ValueError, SourceError) as exc:
+                log.error("metrics web config not reloaded, keeping the old one: %s", exc)
         self._install_rules(ruleset)
         log.info("reloaded: %d rules from %d files", len(ruleset), len(ruleset.sources))
         return True
@@ -765,6 +781,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     guard = Guard(
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
+    guard.metrics_server = server
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
     signal.signal(signal.SIGHUP, guard.request_reload)

@@ -18,14 +18,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 from bench.ebpf_storm import HOST, build_load, run_load
-from bench.load import percentile
+from bench.load import percentile, spawn_to_journal_ms
+from tests.fixtures.daemon import Daemon
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -49,69 +48,6 @@ def status(run_dir: str) -> dict:
         return json.load(f)
 
 
-def start_daemon(work: str) -> subprocess.Popen:
-    log = open(os.path.join(work, "daemon.log"), "w")  # noqa: SIM115 (lives as long as the daemon)
-    config = os.path.join(work, "config.yaml")
-    with open(config, "w") as f:
-        f.write("rules: []\n")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rome_guard",
-            "run",
-            "--config",
-            config,
-            "--sensor",
-            "ebpf",
-            "--alerts-file",
-            os.path.join(work, "alerts.jsonl"),
-            "--run-dir",
-            os.path.join(work, "run"),
-            "--metrics-addr",
-            "",
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with open(log.name) as f:
-            if "rome-guard running" in f.read():
-                return proc
-        if proc.poll() is not None:
-            with open(log.name) as f:
-                raise SystemExit(f"daemon exited: {f.read()}")
-        time.sleep(0.1)
-    raise SystemExit("daemon did not start")
-
-
-def exec_to_alert(work: str, count: int) -> list[float]:
-    """Milliseconds from spawning a miner-named program to its journal line."""
-    miner = os.path.join(work, "xmrig")
-    shutil.copy("/bin/true", miner)
-    journal = os.path.join(work, "alerts.jsonl")
-    latencies = []
-    with open(journal) as f:
-        f.seek(0, os.SEEK_END)
-        for _ in range(count):
-            started = time.perf_counter()
-            proc = subprocess.Popen([miner])
-            deadline = started + 5
-            found = False
-            while not found and time.perf_counter() < deadline:
-                for line in f.readlines():
-                    if f'"pid":{proc.pid},' in line and '"miner-known-binary"' in line:
-                        found = True
-                if not found:
-                    time.sleep(0.0002)
-            proc.wait()
-            if found:
-                latencies.append((time.perf_counter() - started) * 1000)
-            time.sleep(0.02)
-    return latencies
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--execs", type=int, default=10_000)
@@ -125,23 +61,27 @@ def main() -> None:
     connect_args = ["connect", str(args.connects), "2", HOST]
     base_exec = run_load(binary, *exec_args)
     base_connect = run_load(binary, *connect_args)
-    daemon = start_daemon(work)
+    daemon = Daemon(config_text="rules: []\n")
+    daemon.wait_ready()
+    miner = os.path.join(work, "xmrig")
+    shutil.copy("/bin/true", miner)
     try:
         time.sleep(2)
-        cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+        cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
         time.sleep(args.idle_s)
-        idle_pct = (cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - t0) * 100
-        rss_idle = rss_mib(daemon.pid)
-        lost0 = sum(status(os.path.join(work, "run"))["events_lost"].values())
+        idle_pct = (cpu_seconds(daemon.proc.pid) - cpu0) / (time.monotonic() - t0) * 100
+        rss_idle = rss_mib(daemon.proc.pid)
+        lost0 = sum(status(daemon.run_dir)["events_lost"].values())
         guarded_exec = run_load(binary, *exec_args)
         guarded_connect = run_load(binary, *connect_args)
         time.sleep(6)  # the status file is rewritten every 5 s
-        lost = sum(status(os.path.join(work, "run"))["events_lost"].values()) - lost0
-        latencies = exec_to_alert(work, args.alerts)
-        rss_after = rss_mib(daemon.pid)
+        lost = sum(status(daemon.run_dir)["events_lost"].values()) - lost0
+        latencies = spawn_to_journal_ms(
+            daemon.alerts, lambda: subprocess.Popen([miner]), "miner-known-binary", args.alerts
+        )
+        rss_after = rss_mib(daemon.proc.pid)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
+        daemon.stop()
     e0, e1 = base_exec[0] / base_exec[1], guarded_exec[0] / guarded_exec[1]
     c0, c1 = base_connect[0] / base_connect[1], guarded_connect[0] / guarded_connect[1]
     print(f"daemon benchmark ({os.cpu_count()} CPUs), monitor mode, eBPF sensor, shipped rules")

@@ -77,3 +77,32 @@ def loopback_ok(host: str) -> bool:
 
 
 assert loopback_ok("127.0.200.1") and socket  # keep the import honest
+
+
+def spawn_to_journal_ms(
+    journal: str, spawn, rule: str, count: int, gap_s: float = 0.02
+) -> list[float]:
+    """Milliseconds from spawn() (returns a Popen) to the journal line of an
+    alert of `rule` for that pid, for `count` spawns; misses are left out."""
+    import subprocess  # noqa: F401 (spawn returns a Popen)
+    import time
+
+    latencies = []
+    with open(journal) as f:
+        f.seek(0, 2)
+        for _ in range(count):
+            started = time.perf_counter()
+            proc = spawn()
+            deadline, found = started + 10, False
+            while not found and time.perf_counter() < deadline:
+                found = any(
+                    f'"pid":{proc.pid},' in line and f'"{rule}"' in line for line in f.readlines()
+                )
+                if not found:
+                    time.sleep(0.0002)
+            proc.kill()
+            proc.wait()
+            if found:
+                latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(gap_s)
+    return latencies

@@ -159,7 +159,14 @@ class Guard:
         self.alerts_raised = 0
         self.events_seen = 0
         self.lost: dict[str, int] = {}
-        self.on_alert: Callable[[dict], None] | None = None  # test hook
+        # event type -> (metrics source, handler)
+        self._routes: dict[type, tuple[str, Callable[[Any], None]]] = {
+            ExecEvent: ("exec", self.on_exec),
+            ConnectEvent: ("connect", self.on_connect),
+            ForkEvent: ("fork", self.on_fork),
+            ExitEvent: ("exit", self.on_exit),
+            GpuOpenEvent: ("gpu_open", self.on_gpu_open),
+        }
         self._install_rules(ruleset)
 
     # --- rules --------------------------------------------------------------
@@ -241,21 +248,11 @@ class Guard:
         self._dispatch(event)
 
     def _dispatch(self, event: Any) -> None:
-        if isinstance(event, ExecEvent):
-            self._count("exec")
-            self.on_exec(event)
-        elif isinstance(event, ConnectEvent):
-            self._count("connect")
-            self.on_connect(event)
-        elif isinstance(event, ForkEvent):
-            self._count("fork")
-            self.on_fork(event)
-        elif isinstance(event, ExitEvent):
-            self._count("exit")
-            self.on_exit(event)
-        elif isinstance(event, GpuOpenEvent):
-            self._count("gpu_open")
-            self.on_gpu_open(event)
+        route = self._routes.get(type(event))
+        if route is not None:
+            source, handler = route
+            self._count(source)
+            handler(event)
 
     def _count(self, source: str) -> None:
         if self.metrics is not None:
@@ -578,8 +575,6 @@ class Guard:
             command_line(finding.process.cmdline or (finding.process.comm,), 160),
             one_line(finding.reason, 200),
         )
-        if self.on_alert is not None:
-            self.on_alert(record)
         if enforce:
             self.respond(finding, record)
         return record

@@ -286,40 +286,33 @@ def _b_in_container(c: Compiler, value: Any, loc: Location) -> Predicate:
     )
 
 
-def _b_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
-    wanted = frozenset(x.lower() for x in c.strings(value, loc, "arg"))
+def _argument_predicate(tokens: Callable[[Subject], Any], test: Callable[[str], bool]) -> Predicate:
+    """The first argument (from tokens(subject)) that passes test."""
 
     def predicate(s: Subject) -> str | None:
-        for token in s.argv[1:]:
-            if token.lower() in wanted:
+        for token in tokens(s):
+            if test(token):
                 return f"argument {_short(token)}"
         return None
 
     return predicate
+
+
+def _b_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
+    wanted = frozenset(x.lower() for x in c.strings(value, loc, "arg"))
+    return _argument_predicate(lambda s: s.argv[1:], lambda t: t.lower() in wanted)
 
 
 def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
     prefixes = tuple(x.lower() for x in c.strings(value, loc, "arg_prefix"))
-
-    def predicate(s: Subject) -> str | None:
-        for token in s.argument_values:
-            if token.lower().startswith(prefixes):
-                return f"argument {_short(token)}"
-        return None
-
-    return predicate
+    return _argument_predicate(
+        lambda s: s.argument_values, lambda t: t.lower().startswith(prefixes)
+    )
 
 
 def _b_arg_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
     pattern = c.regex(value, loc, "arg_regex")
-
-    def predicate(s: Subject) -> str | None:
-        for token in s.argument_values:
-            if pattern.search(token):
-                return f"argument {_short(token)}"
-        return None
-
-    return predicate
+    return _argument_predicate(lambda s: s.argument_values, lambda t: pattern.search(t) is not None)
 
 
 def _b_cmdline_regex(c: Compiler, value: Any, loc: Location) -> Predicate:

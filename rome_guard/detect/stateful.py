@@ -14,7 +14,7 @@ Memory is bounded: per-actor history is cut to the window and capped.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from rome_guard.detect.rules import Rule
@@ -31,10 +31,61 @@ MAX_ATTEMPTS_PER_ACTOR = 20000
 MAX_ACTORS = 4096
 
 
+def _top(weights: Counter) -> float:
+    return max(weights) if weights else 0.0
+
+
 @dataclass
 class _History:
+    """One actor's attempts in the window, with running scores kept up to
+    date as attempts enter and leave: scoring is O(1) per event, whatever
+    the window holds (a connect storm must not make the daemon quadratic).
+
+    A destination port counts with the worst (highest) weight of its
+    attempts; a destination with the worst weight of its ports."""
+
     attempts: deque = field(default_factory=deque)  # (t, daddr, dport, weight)
+    port_weights: dict = field(default_factory=dict)  # (daddr, dport) -> Counter{weight: n}
+    port_maxima: dict = field(default_factory=dict)  # daddr -> Counter{port max weight: ports}
+    port_score: dict = field(default_factory=dict)  # daddr -> sum of its ports' max weights
+    destination_score: float = 0.0  # sum over destinations of their max weight
     fired: bool = False
+
+    def add(self, now: float, daddr: str, dport: int, weight: float) -> None:
+        self.attempts.append((now, daddr, dport, weight))
+        self._change(daddr, dport, weight, +1)
+
+    def expire(self, now: float, window: float, cap: int) -> None:
+        attempts = self.attempts
+        while attempts and (now - attempts[0][0] > window or len(attempts) > cap):
+            _t, daddr, dport, weight = attempts.popleft()
+            self._change(daddr, dport, weight, -1)
+
+    def _change(self, daddr: str, dport: int, weight: float, delta: int) -> None:
+        key = (daddr, dport)
+        weights = self.port_weights.setdefault(key, Counter())
+        old_port_max = _top(weights)
+        weights[weight] += delta
+        if weights[weight] <= 0:
+            del weights[weight]
+        new_port_max = _top(weights)
+        if not weights:
+            del self.port_weights[key]
+        if new_port_max == old_port_max:
+            return
+        maxima = self.port_maxima.setdefault(daddr, Counter())
+        old_destination_max = _top(maxima)
+        if old_port_max:
+            maxima[old_port_max] -= 1
+            if maxima[old_port_max] <= 0:
+                del maxima[old_port_max]
+        if new_port_max:
+            maxima[new_port_max] += 1
+        self.port_score[daddr] = self.port_score.get(daddr, 0.0) + new_port_max - old_port_max
+        self.destination_score += _top(maxima) - old_destination_max
+        if not maxima:
+            del self.port_maxima[daddr]
+            self.port_score.pop(daddr, None)
 
 
 @dataclass(frozen=True)
@@ -118,49 +169,34 @@ class FanoutDetector:
                 if len(self._actors) >= MAX_ACTORS:
                     self._actors.pop(next(iter(self._actors)))
             history = self._actors[key] = _History()
-        attempts = history.attempts
-        while attempts and now - attempts[0][0] > self.window:
-            attempts.popleft()
-        if not attempts:
+        history.expire(now, self.window, MAX_ATTEMPTS_PER_ACTOR)
+        if not history.attempts:
             history.fired = False  # a quiet window: the actor may fire again
-        attempts.append((now, daddr, dport, weight))
-        if len(attempts) > MAX_ATTEMPTS_PER_ACTOR:
-            attempts.popleft()
+        history.add(now, daddr, dport, weight)
         if history.fired:
             return None
-        verdict = self._score(attempts)
+        verdict = self._score(history, daddr)
         if verdict is not None:
             history.fired = True
         return verdict
 
-    def _score(self, attempts: deque) -> FanoutVerdict | None:
-        per_destination: dict[str, float] = {}  # daddr -> max weight
-        ports: dict[str, dict[int, float]] = {}  # daddr -> port -> max weight
-        for _t, daddr, dport, weight in attempts:
-            if weight > per_destination.get(daddr, 0.0):
-                per_destination[daddr] = weight
-            seen = ports.setdefault(daddr, {})
-            if weight > seen.get(dport, 0.0):
-                seen[dport] = weight
-        destinations = sum(per_destination.values())
-        worst, worst_score = "", 0.0
-        for daddr, by_port in ports.items():
-            score = sum(by_port.values())
-            if score > worst_score:
-                worst, worst_score = daddr, score
+    def _score(self, history: _History, daddr: str) -> FanoutVerdict | None:
+        destinations = history.destination_score
+        ports = history.port_score.get(daddr, 0.0)
         if destinations >= self.max_destinations:
             reason = (
-                f"{len(per_destination)} destinations in {self.window:g}s "
+                f"{len(history.port_maxima)} destinations in {self.window:g}s "
                 f"(weighted {destinations:.0f} >= {self.max_destinations:g})"
             )
-        elif worst_score >= self.max_ports:
+        elif ports >= self.max_ports:
+            count = sum(history.port_maxima.get(daddr, Counter()).values())
             reason = (
-                f"{len(ports[worst])} ports on {worst} in {self.window:g}s "
-                f"(weighted {worst_score:.0f} >= {self.max_ports:g})"
+                f"{count} ports on {daddr} in {self.window:g}s "
+                f"(weighted {ports:.0f} >= {self.max_ports:g})"
             )
         else:
             return None
-        return FanoutVerdict(self.rule, reason, destinations, worst, worst_score)
+        return FanoutVerdict(self.rule, reason, destinations, daddr, ports)
 
     def _expire(self, now: float) -> None:
         for key in [

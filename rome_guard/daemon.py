@@ -141,6 +141,7 @@ class Guard:
         self.killer = killer
         self.gpu = gpu  # GpuWatch, or None
         self.metrics_server: Any = None  # MetricsServer, reloaded on SIGHUP
+        self._loopback_ignored: set[int] = set()  # cgroup ids the sensor drops loopback for
         self.prevention = prevention  # Prevention (enforce mode only), or None
         self.policy: KernelPolicy | None = None
         # key -> (alert id, rule id) of open-event alerts awaiting NVML's confirmation
@@ -459,8 +460,37 @@ class Guard:
             }
         )
 
+    def sync_loopback_filter(self) -> None:
+        """Registered jobs in cgroups of their own (a container, pod or Slurm
+        job) make thousands of loopback connects (rendezvous, NCCL
+        bootstrap) that no rule needs: the kernel drops those, and only
+        those, for their cgroups (config sensor_filter.ignore_registered_loopback)."""
+        setter = getattr(self.sensor, "set_loopback_ignore_cgroups", None)
+        if (
+            setter is None
+            or self.gpu is None
+            or not self.config.sensor_filter.ignore_registered_loopback
+        ):
+            return
+        from rome_guard.respond.prevent import PreventionError, cgroup_id
+
+        ids = set()
+        for registration in self.gpu.registry.registrations():
+            info = self.table.get(registration.key)
+            att = info.attribution if info is not None else None
+            if att is None or not (att.container_id or att.pod_uid or att.slurm_job):
+                continue  # a shared cgroup (a user session, a system service): keep everything
+            try:
+                ids.add(cgroup_id(info.cgroup))
+            except (OSError, PreventionError):
+                continue
+        if ids != self._loopback_ignored:
+            setter(ids)
+            self._loopback_ignored = ids
+
     def on_gpu_snapshot(self, snapshot: Any) -> None:
-        self.gpu.registry.refresh()
+        if self.gpu.registry.refresh():
+            self.sync_loopback_filter()
         if self.metrics is not None:
             self.metrics.event("nvml", len(snapshot.processes))
         allowed: set[tuple[int, str, int]] = set()

@@ -333,3 +333,23 @@ def test_without_ebpf_auto_falls_back_loudly_and_ebpf_refuses() -> None:
     assert "--sensor ebpf:" in strict.log
     assert "CAP_BPF" in strict.log
     strict.stop()
+
+
+def test_monitor_mode_alerts_but_never_kills_or_blocks(guard: Daemon, tmp_path: Path) -> None:
+    miner = tmp_path / "xmrig"
+    shutil.copy("/bin/sleep", miner)
+    proc = subprocess.Popen([str(miner), "30"])
+    try:
+        alert = guard.wait_alert(by_pid(proc.pid, "miner-known-binary"))
+        assert alert["action"] == "alert" and alert["mode"] == "monitor"
+        guard.settle(0.5)
+        assert proc.poll() is None  # still running
+        assert not [r for r in guard.records() if r.get("event") in ("response", "prevention")]
+        out = run(["bpftool", "prog", "show", "--json"]).stdout
+        loaded = json.loads(out.strip() or "[]")
+        # nothing that blocks or kills is loaded: no prevention program at all
+        assert [p["name"] for p in loaded if p.get("name", "").startswith("rgp_")] == []
+        assert "in-kernel prevention" not in guard.log
+    finally:
+        proc.kill()
+        proc.wait()

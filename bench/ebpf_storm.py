@@ -136,7 +136,9 @@ def main() -> None:
         binary = build_load(tmp)
         bare_exec = [run_load(binary, *exec_args)]
         bare_connect = [run_load(binary, *connect_args)]
-        with EbpfSensor() as sensor, bpf_run_time_stats():
+        # tcp_repeat_ns=0: every connect of the storm is reported, so this
+        # measures the pipeline's raw capacity (the daemon suppresses repeats)
+        with EbpfSensor(tcp_repeat_ns=0) as sensor, bpf_run_time_stats():
             want_exec = {"exec": opts.execs}
             want_conn = {CONNECT_ATTEMPT: opts.connects, CONNECT_ESTABLISHED: opts.connects}
             exec_result = storm(sensor, binary, exec_args, want_exec)

@@ -23,6 +23,10 @@
  * A datagram destination is reported once per process (pid + fork/exec
  * generation) and destination per sensor_config.datagram_repeat_ns.
  *
+ * A TCP connect repeating one a process made to the same destination within
+ * sensor_config.tcp_repeat_ns is reported only when its outcome differs from
+ * the last one reported (tcp_repeat_check).
+ *
  * Loopback-to-loopback traffic of cgroups in loopback_ignore_cgroups (and
  * their descendants) is not reported: registered jobs' rendezvous.
  */
@@ -100,6 +104,43 @@ static __always_inline int emit_tcp(const struct tcp_sock_view *v, const struct 
 	return 0;
 }
 
+/* A process reconnecting to the same destination (a client pool, a retry
+ * loop, a connect storm) adds nothing a rule needs: rules look at distinct
+ * destinations and the worst outcome of each. Within tcp_repeat_ns of a
+ * reported connect, a repeat is not reported unless its outcome differs
+ * from the last one reported for that process and destination. */
+static __always_inline void tcp_repeat_check(const struct tcp_sock_view *v,
+					     struct tcp_attempt *attempt)
+{
+	__u32 zero = 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct sensor_config *config = sensor_config.lookup(&zero);
+	struct tcp_seen fresh = {};
+	struct tcp_seen *seen;
+	struct proc_state *ps;
+	__u64 now = bpf_ktime_get_boot_ns();
+
+	if (!config || !config->tcp_repeat_ns)
+		return;
+	ps = procs.lookup(&tgid);
+	attempt->seen_key.generation_ns = ps ? ps->generation_ns : 0;
+	attempt->seen_key.pid = tgid;
+	attempt->seen_key.family = v->family;
+	attempt->seen_key.protocol = IPPROTO_TCP;
+	attempt->seen_key.dport = v->dport;
+	__builtin_memcpy(attempt->seen_key.daddr, v->daddr, 16);
+	attempt->tracked = 1;
+	seen = tcp_seen.lookup(&attempt->seen_key);
+	if (seen && now - seen->last_ns < config->tcp_repeat_ns) {
+		attempt->quiet = 1;
+		attempt->seen_outcome = seen->outcome;
+		return;
+	}
+	fresh.last_ns = now;
+	fresh.outcome = OUTCOME_ATTEMPT; /* no outcome reported yet */
+	tcp_seen.update(&attempt->seen_key, &fresh);
+}
+
 static __always_inline int tcp_syn_sent(const struct tcp_sock_view *v)
 {
 	__u64 sk = v->sk;
@@ -115,8 +156,11 @@ static __always_inline int tcp_syn_sent(const struct tcp_sock_view *v)
 		return 0;
 
 	fill_header(&attempt.hdr, RECORD_CONNECT);
+	tcp_repeat_check(v, &attempt);
 	if (tcp_connecting.update(&sk, &attempt) < 0)
 		count_lost(LOST_NETWORK); /* its outcome cannot be reported */
+	if (attempt.quiet)
+		return 0;
 	return emit_tcp(v, &attempt.hdr, OUTCOME_ATTEMPT);
 }
 
@@ -135,6 +179,16 @@ static __always_inline int tcp_left_syn_sent(const struct tcp_sock_view *v, int 
 		outcome = a->reset ? OUTCOME_REFUSED : OUTCOME_FAILED;
 	else
 		return 0; /* simultaneous open: SYN_RECV, then ESTABLISHED */
+	if (a->quiet && outcome == a->seen_outcome) {
+		tcp_connecting.delete(&sk);
+		return 0; /* the same outcome as last time, to the same place */
+	}
+	if (a->tracked) {
+		struct tcp_seen *seen = tcp_seen.lookup(&a->seen_key);
+
+		if (seen)
+			seen->outcome = outcome;
+	}
 	__builtin_memcpy(&who, &a->hdr, sizeof(who));
 	tcp_connecting.delete(&sk);
 	return emit_tcp(v, &who, outcome);

@@ -55,12 +55,6 @@ struct proc_state {
 	__u64 generation_ns; /* time of its fork or last exec */
 };
 
-struct tcp_attempt {
-	struct record_header hdr; /* the task that sent the SYN */
-	__u32 reset; /* an RST arrived while in SYN_SENT */
-	__u32 _pad;
-};
-
 struct datagram_dest {
 	__u8 family;
 	__u8 source;
@@ -75,6 +69,24 @@ struct datagram_key {
 	__u8 protocol;
 	__u16 dport;
 	__u8 daddr[16];
+};
+
+struct tcp_attempt {
+	struct record_header hdr; /* the task that sent the SYN */
+	__u32 reset; /* an RST arrived while in SYN_SENT */
+	__u8 tracked; /* seen_key is set: repeats of this destination are tracked */
+	__u8 quiet; /* a repeat within tcp_repeat_ns: report only a new outcome */
+	__u8 seen_outcome; /* the outcome last reported for this destination */
+	__u8 _pad;
+	struct datagram_key seen_key; /* this process (and exec generation) + destination */
+};
+
+/* tcp_seen: when a process last had a connect to a destination reported,
+ * and with which outcome */
+struct tcp_seen {
+	__u64 last_ns;
+	__u32 outcome;
+	__u32 _pad;
 };
 
 struct gpu_pending {
@@ -107,6 +119,7 @@ BPF_HASH(tcp_connecting, __u64, struct tcp_attempt, 65536);
 BPF_HASH(connect_pending, __u32, struct datagram_dest, 16384);
 BPF_HASH(send_pending, __u32, struct datagram_dest, 16384);
 BPF_TABLE("lru_hash", struct datagram_key, __u64, datagram_seen, 65536);
+BPF_TABLE("lru_hash", struct datagram_key, struct tcp_seen, tcp_seen, 65536);
 
 /* gpu.c */
 BPF_HASH(gpu_pending, __u32, struct gpu_pending, 4096);

@@ -128,6 +128,8 @@ struct gpu_open_record {
 /* sensor_config[0], written by user space */
 struct sensor_config {
 	__u64 datagram_repeat_ns; /* report one datagram destination once per this */
+	__u64 tcp_repeat_ns; /* a repeated TCP connect to one destination: report a
+				new outcome only, within this long (0: report all) */
 };
 
 #endif /* ROME_GUARD_SENSOR_H */

@@ -56,6 +56,9 @@ DEFAULT_NETWORK_RING_PAGES = 2048  # 8 MiB
 # One datagram destination is reported once per process per this interval:
 # a UDP flood must not blind the sensor to TCP connects in the same buffer.
 DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
+# a repeated TCP connect (same process, destination and outcome) is reported
+# once per this long; rules look at distinct destinations and worst outcomes
+DEFAULT_TCP_REPEAT_NS = 1_000_000_000
 
 _CAP_SYS_ADMIN = 21
 _CAP_PERFMON = 38
@@ -303,6 +306,7 @@ class EbpfSensor:
         process_ring_pages: int = DEFAULT_PROCESS_RING_PAGES,
         network_ring_pages: int = DEFAULT_NETWORK_RING_PAGES,
         datagram_repeat_ns: int = DEFAULT_DATAGRAM_REPEAT_NS,
+        tcp_repeat_ns: int = DEFAULT_TCP_REPEAT_NS,
         disable_features: Iterable[str] = (),
     ):
         self._ignore_pids = set(ignore_pids)
@@ -310,6 +314,7 @@ class EbpfSensor:
         self._process_ring_pages = process_ring_pages
         self._network_ring_pages = network_ring_pages
         self._datagram_repeat_ns = datagram_repeat_ns
+        self._tcp_repeat_ns = tcp_repeat_ns
         # optional tracepoints not to use (HAVE_* names), as on older kernels
         self._disable_features = set(disable_features)
         self._bpf: Any = None
@@ -393,7 +398,9 @@ class EbpfSensor:
 
     def _write_config(self) -> None:
         table = self._bpf[b"sensor_config"]
-        table[ct.c_int(0)] = SensorConfig(datagram_repeat_ns=self._datagram_repeat_ns)
+        table[ct.c_int(0)] = SensorConfig(
+            datagram_repeat_ns=self._datagram_repeat_ns, tcp_repeat_ns=self._tcp_repeat_ns
+        )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
         table = self._bpf[table_name.encode()]

@@ -160,7 +160,7 @@ class GpuOpenRecord(ct.Structure):
 
 
 class SensorConfig(ct.Structure):
-    _fields_ = [("datagram_repeat_ns", ct.c_uint64)]
+    _fields_ = [("datagram_repeat_ns", ct.c_uint64), ("tcp_repeat_ns", ct.c_uint64)]
 
 
 class BpfProgInfoHead(ct.Structure):

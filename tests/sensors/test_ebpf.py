@@ -283,6 +283,23 @@ def test_tcp_connect_refused(rec):
     assert not rec.matching(_connect(os.getpid(), CONNECT_ESTABLISHED, closed_port))
 
 
+def test_repeated_tcp_connects_report_each_new_outcome_once(rec, listener):
+    port = listener.getsockname()[1]
+    for _ in range(30):  # a client pool reconnecting: nothing new after the first
+        with socket.create_connection(("127.0.0.7", port)):
+            listener.accept()[0].close()
+    listener.close()  # now the same destination refuses: a new outcome
+    for _ in range(30):
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.7", port))
+    me = os.getpid()
+    rec.wait_for(_connect(me, CONNECT_REFUSED, port), "the new outcome")
+    rec.events.extend(rec.sensor.poll(300))  # whatever else the storm left
+    assert len(rec.matching(_connect(me, CONNECT_ESTABLISHED, port))) == 1
+    assert len(rec.matching(_connect(me, CONNECT_REFUSED, port))) == 1
+    assert len(rec.matching(_connect(me, CONNECT_ATTEMPT, port))) == 1
+
+
 def test_tcp_connect_ipv6(rec):
     with socket.socket(socket.AF_INET6) as server:
         server.bind(("::1", 0))

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
+from rome_guard.attribution import attribute
 from rome_guard.config import Config, load_config
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import Rule, RuleSet, rules_for
@@ -286,22 +287,62 @@ class Guard:
         return info
 
     def on_exec(self, event: ExecEvent) -> None:
-        info = procfs.read_process(event.pid, self.config.attribution.env_keys)
         truncated = getattr(event, "argv_truncated", False)
-        if info is not None:
-            info = self._same_identity(info)
-            if event.argv and not truncated and info.cmdline != event.argv:
-                # the kernel's argv is what was executed; /proc may already
-                # show a rewritten title or a later exec
-                info = replace(info, cmdline=event.argv)
-        else:
-            info = self._from_event(event)
+        info = self._exec_of_known_fork(event, truncated)
+        if info is None:
+            info = self._exec_from_proc(event, truncated)
         self._fork_ticks.pop(event.pid, None)
         self.table.add(info)
         self._connections.pop(info.key, None)
         subject = Subject(info, self.table.lineage(info), [], self._stdio_of(info.pid))
         for finding in self.engine.evaluate(subject):
             self.raise_alert(finding)
+
+    def _exec_of_known_fork(self, event: ExecEvent, truncated: bool) -> ProcessInfo | None:
+        """The fast path (an exec storm must not make the daemon read all of
+        /proc/PID per exec): a child we saw forked keeps its identity, cwd
+        and user across exec; only the new image (exe link, from the
+        kernel's argv) and the cgroup (runtimes move a child before they
+        exec it) are read. None when a full read is needed."""
+        forked = self.table.by_pid(event.pid)
+        if (
+            forked is None
+            or event.pid not in self._fork_ticks
+            or truncated
+            or not event.argv
+            or self.config.attribution.env_keys  # the environment changes at exec
+        ):
+            return None
+        image = procfs.read_image(event.pid)
+        if image is None:
+            return None  # gone already: the slow path reconstructs it
+        exe, cgroup = image
+        exe = exe or event.filename  # unreadable link: the path the kernel executed
+        attribution = forked.attribution
+        if cgroup != forked.cgroup:
+            attribution = attribute(cgroup)
+        uid = event.uid if event.uid >= 0 else forked.uid
+        return replace(
+            forked,
+            exe=exe,
+            cmdline=event.argv,
+            comm=event.comm or forked.comm,
+            cgroup=cgroup,
+            attribution=attribution,
+            uid=uid,
+            user=procfs.user_name(uid) if uid != forked.uid else forked.user,
+        )
+
+    def _exec_from_proc(self, event: ExecEvent, truncated: bool) -> ProcessInfo:
+        info = procfs.read_process(event.pid, self.config.attribution.env_keys)
+        if info is not None:
+            info = self._same_identity(info)
+            if event.argv and not truncated and info.cmdline != event.argv:
+                # the kernel's argv is what was executed; /proc may already
+                # show a rewritten title or a later exec
+                info = replace(info, cmdline=event.argv)
+            return info
+        return self._from_event(event)
 
     def _from_event(self, event: ExecEvent) -> ProcessInfo:
         """The process exited before /proc could be read: what the kernel

@@ -192,6 +192,22 @@ def read_process(
     )
 
 
+def read_image(pid: int, proc: str = PROC) -> tuple[str, str] | None:
+    """(exe, cgroup v2 path) of pid: what an exec changes that its fork did
+    not already tell. None if the process is gone."""
+    try:
+        dir_fd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        cgroup = _cgroup_v2_path(_read_at(dir_fd, "cgroup"))
+        return _readlink_at(dir_fd, "exe"), cgroup
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
+
+
 def iter_processes(
     env_keys: Iterable[str] = (), proc: str = PROC, pre_existing: bool = False
 ) -> Iterator[ProcessInfo]:

@@ -294,7 +294,9 @@ class Guard:
         self._fork_ticks.pop(event.pid, None)
         self.table.add(info)
         self._connections.pop(info.key, None)
-        subject = Subject(info, self.table.lineage(info), [], self._stdio_of(info.pid))
+        subject = Subject(
+            info, lambda: self.table.lineage(info), [], lambda: self._stdio_of(info.pid)
+        )
         for finding in self.engine.evaluate(subject):
             self.raise_alert(finding)
 
@@ -415,7 +417,7 @@ class Guard:
             peers = self._connections.setdefault(info.key, deque(maxlen=CONNECTIONS_PER_PROCESS))
             if all((p.daddr, p.dport) != (ep.daddr, ep.dport) for p in peers):
                 peers.append(ep)
-                subject = Subject(info, self.table.lineage(info), list(peers))
+                subject = Subject(info, lambda: self.table.lineage(info), list(peers))
                 for finding in self.engine.evaluate(subject, trigger=ep, network_only=True):
                     self.raise_alert(finding)
         if self.fanout:

@@ -8,7 +8,6 @@ that many conditions share. The same Subject type is built by `scan`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
@@ -20,15 +19,36 @@ def _no_names(_address: str) -> frozenset[str]:
     return frozenset()
 
 
-@dataclass
 class Subject:
-    process: ProcessInfo
-    lineage: list[ProcessInfo] = field(default_factory=list)  # nearest first
-    connections: list[Endpoint] = field(default_factory=list)  # remote peers
-    stdio: dict[int, Endpoint] = field(default_factory=dict)  # fd -> inet socket
-    # Names known for an address (from resolved rule hostnames); the daemon
-    # supplies a resolver cache, scan a static one.
-    names_for: Callable[[str], frozenset[str]] = _no_names
+    """``lineage`` and ``stdio`` may be given as zero-argument callables:
+    they are then computed only if a rule asks (most execs never need
+    them, and the daemon sees thousands of execs a second)."""
+
+    def __init__(
+        self,
+        process: ProcessInfo,
+        lineage: list[ProcessInfo] | Callable[[], list[ProcessInfo]] = (),
+        connections: list[Endpoint] = (),
+        stdio: dict[int, Endpoint] | Callable[[], dict[int, Endpoint]] | None = None,
+        names_for: Callable[[str], frozenset[str]] = _no_names,
+    ):
+        self.process = process
+        self.connections = list(connections)
+        self.names_for = names_for  # names known for an address (resolved rule hosts)
+        self._lineage = lineage
+        self._stdio = stdio
+
+    @cached_property
+    def lineage(self) -> list[ProcessInfo]:
+        """Ancestors, nearest first."""
+        value = self._lineage
+        return list(value() if callable(value) else value)
+
+    @cached_property
+    def stdio(self) -> dict[int, Endpoint]:
+        """fd (0, 1, 2) -> the inet socket it is."""
+        value = self._stdio
+        return dict((value() if callable(value) else value) or {})
 
     @cached_property
     def argv(self) -> tuple[str, ...]:

@@ -35,11 +35,11 @@ def is_peer(ep: Endpoint) -> bool:
 
 
 def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
-    """Processes first, then sockets, then the inode join: a socket that
+    """Processes and connected sockets, then the inode join: a socket that
     appears in between simply has no owner in this snapshot."""
     table = ProcessTable()
     table.extend(procfs.iter_processes(env_keys, pre_existing=True))
-    sockets = sockdiag.list_sockets(owned_only=True)
+    sockets = sockdiag.list_sockets(owned_only=True, connected_only=True)
     by_inode = sockdiag.by_inode(sockets)
     snapshot = Snapshot(table, sockets)
     for info in table:
@@ -67,7 +67,7 @@ def subject_for(snapshot: Snapshot, info: ProcessInfo) -> Subject:
     connections, stdio = snapshot.sockets_of.get(info.pid, ([], {}))
     return Subject(
         process=info,
-        lineage=snapshot.table.lineage(info),
+        lineage=lambda: snapshot.table.lineage(info),
         connections=connections,
         stdio=stdio,
     )

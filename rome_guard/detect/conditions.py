@@ -452,7 +452,7 @@ def _b_parent(c: Compiler, value: Any, loc: Location) -> Predicate:
     def predicate(s: Subject) -> str | None:
         if not s.lineage:
             return None
-        reason = inner(Subject(s.lineage[0], s.lineage[1:], names_for=s.names_for))
+        reason = inner(Subject(s.lineage[0], s.lineage[1:]))
         return f"parent {s.lineage[0].pid}: {reason}" if reason else None
 
     return predicate
@@ -463,7 +463,7 @@ def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Predicate:
 
     def predicate(s: Subject) -> str | None:
         for depth, ancestor in enumerate(s.lineage):
-            reason = inner(Subject(ancestor, s.lineage[depth + 1 :], names_for=s.names_for))
+            reason = inner(Subject(ancestor, s.lineage[depth + 1 :]))
             if reason:
                 return f"ancestor {ancestor.pid}: {reason}"
         return None
@@ -494,10 +494,8 @@ def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
     ports = c.ports(value, loc)
 
     def predicate(s: Subject) -> str | None:
-        for ep in s.connections:
-            if ep.dport in ports:
-                return f"connects to port {ep.dport}"
-        return None
+        hit = s.peer_ports.keys() & ports
+        return f"connects to port {min(hit)}" if hit else None
 
     return predicate
 
@@ -506,8 +504,8 @@ def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
     ranges = _address_ranges(c.networks(value, loc))
 
     def predicate(s: Subject) -> str | None:
-        for ep in s.connections:
-            number = _address_number(ep.daddr)
+        for daddr, ep in s.peer_addresses.items():
+            number = _address_number(daddr)
             if number is not None and any(lo <= number <= hi for lo, hi in ranges):
                 return f"connects to {ep.daddr}:{ep.dport}"
         return None
@@ -539,19 +537,6 @@ def _address_number(address: str) -> int | None:
         return None
 
 
-def _b_remote_host(c: Compiler, value: Any, loc: Location) -> Predicate:
-    suffixes = c.strings(value, loc, "remote_host")
-
-    def predicate(s: Subject) -> str | None:
-        for ep in s.connections:
-            for name in s.names_for(ep.daddr):
-                if any(argvlib.domain_matches(name, x) for x in suffixes):
-                    return f"connects to {name} ({ep.daddr}:{ep.dport})"
-        return None
-
-    return predicate
-
-
 _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "all": _b_all,
     "any": _b_any,
@@ -577,11 +562,10 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "stdio_socket": _b_stdio_socket,
     "remote_port": _b_remote_port,
     "remote_cidr": _b_remote_cidr,
-    "remote_host": _b_remote_host,
 }
 
 # Conditions that need network knowledge: rules using them are re-checked
 # when a process gains a connection.
-NETWORK_KEYS = frozenset({"remote_port", "remote_cidr", "remote_host"})
+NETWORK_KEYS = frozenset({"remote_port", "remote_cidr"})
 STDIO_KEYS = frozenset({"stdio_socket"})
 CONDITION_KEYS = frozenset(_BUILDERS)

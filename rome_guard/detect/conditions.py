@@ -170,6 +170,19 @@ class Compiler:
         return [self.condition(item, node.where(i)) for i, item in enumerate(node)]
 
 
+def required_names(predicate: Predicate) -> frozenset[str] | None:
+    """Names (lower-case) of which a subject must go by at least one for
+    predicate to hold, or None when any subject might match. The engine
+    indexes rules by these, so an exec is checked only against the rules
+    that can concern it."""
+    return getattr(predicate, "required_names", None)
+
+
+def _requiring(predicate: Predicate, names: frozenset[str] | None) -> Predicate:
+    predicate.required_names = names  # type: ignore[attr-defined]
+    return predicate
+
+
 def _all(parts: list[Predicate]) -> Predicate:
     def predicate(subject: Subject) -> str | None:
         reasons = []
@@ -180,7 +193,9 @@ def _all(parts: list[Predicate]) -> Predicate:
             reasons.append(reason)
         return "; ".join(reasons)
 
-    return predicate
+    # every part must hold: the narrowest requirement of any part applies
+    needs = [n for n in map(required_names, parts) if n is not None]
+    return _requiring(predicate, min(needs, key=len) if needs else None)
 
 
 def _any(parts: list[Predicate]) -> Predicate:
@@ -191,7 +206,10 @@ def _any(parts: list[Predicate]) -> Predicate:
                 return reason
         return None
 
-    return predicate
+    # one part is enough: a requirement only if every part has one
+    needs = [required_names(part) for part in parts]
+    union = frozenset().union(*needs) if all(n is not None for n in needs) else None
+    return _requiring(predicate, union)
 
 
 def _host_in(value: str, suffixes: list[str]) -> bool:
@@ -247,7 +265,10 @@ def _b_name(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"name {name}"
         return None
 
-    return predicate
+    if any(ch in p for p in patterns for ch in "*?["):
+        return _requiring(predicate, None)  # globs cannot be indexed
+    exact = frozenset(p.lower() for p in patterns)
+    return _requiring(predicate, exact | frozenset(n[:15] for n in exact))
 
 
 def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Predicate:

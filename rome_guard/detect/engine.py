@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from rome_guard.detect.conditions import required_names
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
@@ -21,8 +22,8 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
-        self._match_rules = ruleset.match_rules
-        self._network_rules = [r for r in self._match_rules if r.needs_network]
+        self._match_rules = RuleIndex(ruleset.match_rules)
+        self._network_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_network])
 
     def evaluate(
         self, subject: Subject, trigger: Endpoint | None = None, network_only: bool = False
@@ -32,9 +33,9 @@ class Engine:
         on a process whose other facts were already evaluated)."""
         if subject.process.kernel_thread:
             return []
-        rules = self._network_rules if network_only else self._match_rules
+        index = self._network_rules if network_only else self._match_rules
         findings = []
-        for rule in rules:
+        for rule in index.candidates(subject.names):
             try:
                 reason = rule.evaluate(subject)
             except Exception:  # a rule must never take the engine down
@@ -51,6 +52,35 @@ class Engine:
                     )
                 )
         return findings
+
+
+class RuleIndex:
+    """Rules by the names a subject must go by for them to match (see
+    conditions.required_names): most rules concern one family of programs,
+    and most execs are of none of them."""
+
+    def __init__(self, rules: list[Rule]):
+        self._order = {id(rule): n for n, rule in enumerate(rules)}
+        self._always: list[Rule] = []
+        self._by_name: dict[str, list[Rule]] = {}
+        for rule in rules:
+            names = required_names(rule.match)
+            if names is None:
+                self._always.append(rule)
+            else:
+                for name in names:
+                    self._by_name.setdefault(name, []).append(rule)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def candidates(self, names: frozenset[str]) -> list[Rule]:
+        """The rules that may match a subject going by these names, in rule order."""
+        picked = [rule for name in names for rule in self._by_name.get(name, ())]
+        if not picked:
+            return self._always
+        unique = {id(rule): rule for rule in self._always + picked}
+        return sorted(unique.values(), key=lambda rule: self._order[id(rule)])
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:

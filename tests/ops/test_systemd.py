@@ -281,9 +281,10 @@ def test_the_units_sandbox_under_a_real_systemd(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     # ProtectHome= and PrivateTmp= hide /root, /home and /tmp from the
-    # service: the probe runs on the system Python, from the checkout
-    for path in (REPO, site):
-        require(not path.startswith(("/root", "/home", "/tmp")), f"{path} hidden by the sandbox")
+    # service, and a checkout may live there (CI clones anywhere): inside the
+    # booted namespace the checkout and the venv's site-packages are bound
+    # under a private tmpfs on /mnt, which the sandbox leaves visible
+    mapped_repo, mapped_site = "/mnt/rg-repo", "/mnt/rg-site"
 
     tag = f"rg-sdprobe-{os.getpid()}"
     with open("/proc/mounts") as mounts:
@@ -297,11 +298,11 @@ def test_the_units_sandbox_under_a_real_systemd(tmp_path):
     (units / "rgvictim.service").write_text(
         "[Unit]\nDefaultDependencies=no\n[Service]\nDynamicUser=yes\nExecStart=/bin/sleep 600\n"
     )
-    probe = os.path.join(HERE, "cap_probe.py")
+    probe = os.path.join(mapped_repo, os.path.relpath(HERE, REPO), "cap_probe.py")
     (units / "rgprobe.service").write_text(
         "[Unit]\nDefaultDependencies=no\nRequires=rgvictim.service\nAfter=rgvictim.service\n"
         "[Service]\nType=oneshot\n"
-        f"Environment=PYTHONPATH={site}\n"
+        f"Environment=PYTHONPATH={mapped_site}\n"
         # the TC filter goes on the lo of a network namespace of its own
         "PrivateNetwork=yes\n"
         "ExecStart=/bin/sh -c 'while ! pgrep -x sleep >/dev/null; do sleep 0.1; done; "
@@ -319,6 +320,8 @@ def test_the_units_sandbox_under_a_real_systemd(tmp_path):
             ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--cgroup", "--uts",
              "--ipc", "--propagation", "private", "sh", "-c",
              f"mount --bind {units} /etc/systemd/system && mount -t proc proc /proc && "
+             f"mount -t tmpfs rg-test /mnt && mkdir {mapped_repo} {mapped_site} && "
+             f"mount --bind {REPO} {mapped_repo} && mount --bind {site} {mapped_site} && "
              f"exec {SYSTEMD} --system --unit=rgtest.target --show-status=no"
              " --log-target=console"],
             env={"container": "rome-guard-test", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},

@@ -9,8 +9,6 @@ value says how much was cut.
 
 from __future__ import annotations
 
-import os
-
 # Longest single value kept in the journal and JSON output.
 JSON_VALUE_LIMIT = 8192
 # Longest single value shown in a log line or table cell.
@@ -63,7 +61,3 @@ def one_line(value: str, limit: int = LOG_VALUE_LIMIT) -> str:
 def command_line(argv: tuple[str, ...] | list[str], limit: int = LOG_VALUE_LIMIT) -> str:
     """argv as one readable, bounded line."""
     return one_line(" ".join(argv), limit)
-
-
-def path_bytes(path: str) -> bytes:
-    return os.fsencode(path)

@@ -110,9 +110,6 @@ class Rule:
                 return None
         return reason
 
-    def excepted(self, subject) -> bool:
-        return any(exception(subject) is not None for exception in self.exceptions)
-
 
 @dataclass
 class RuleSet:

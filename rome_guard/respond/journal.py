@@ -39,9 +39,3 @@ class Journal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def read_journal(path: str) -> list[dict[str, Any]]:
-    """Every record in a journal file (for tests and tools)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -108,14 +108,6 @@ def _cgroup_v2_path(raw: bytes) -> str:
     return fallback
 
 
-def read_environ(pid: int, proc: str = PROC) -> dict[str, str]:
-    try:
-        raw = _read(f"{proc}/{pid}/environ")
-    except OSError:
-        return {}
-    return {from_bytes(k): from_bytes(v) for k, v in parse_environ(raw).items()}
-
-
 def _read_at(dir_fd: int, name: str) -> bytes:
     fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
     try:

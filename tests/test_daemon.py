@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, by_pid, daemon
-from tests.fixtures.network import dev_tcp_shell, listener, sshd, wait_until, write_fake_miner
+from tests.fixtures.network import listener, reverse_shell, sshd, write_fake_miner
 
 WALLET = "4" + "8" * 94
 
@@ -100,21 +100,9 @@ def test_ssh_remote_forward_and_autossh(guard: Daemon) -> None:
 
 
 def test_dev_tcp_reverse_shell(guard: Daemon) -> None:
-    with listener("127.0.6.6", 0) as attacker:
-        shell = dev_tcp_shell("127.0.6.6", attacker.port)
-        try:
-            wait_until(lambda: attacker.accepted)
-            guard.wait_alert(by_pid(shell.pid, "shell-dev-tcp-redirect"))
-            stdio = guard.wait_alert(
-                lambda r: (
-                    r["rule"] == "shell-stdio-socket"
-                    and r.get("network", {}).get("daddr") == "127.0.6.6"
-                )
-            )
-            assert stdio["network"]["dport"] == attacker.port
-        finally:
-            os.killpg(shell.pid, signal.SIGKILL)  # the shell and everything it ran
-            shell.wait()
+    with listener("127.0.6.6", 0) as attacker, reverse_shell(attacker) as shell:
+        stdio = guard.wait_reverse_shell_alerts(shell.pid, "127.0.6.6")
+        assert stdio["network"]["dport"] == attacker.port
 
 
 SCANNER = r"""

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, by_pid, daemon
-from tests.fixtures.network import dev_tcp_shell, listener, wait_until, write_fake_miner
+from tests.fixtures.network import listener, reverse_shell, wait_until, write_fake_miner
 
 BLOCKED_PORT = 47999
 SITE_RULES = f"""
@@ -82,18 +82,16 @@ def test_detected_miner_is_killed_after_the_alert_is_journaled(
 
 
 def test_reverse_shell_tree_is_killed(enforcing: Daemon) -> None:
-    with listener("127.0.6.7", 0) as attacker:
-        shell = dev_tcp_shell("127.0.6.7", attacker.port, then="sleep 30")
-        try:
-            assert shell.wait(20) == -signal.SIGKILL
-            wait_until(
-                lambda: (
-                    subprocess.run(["pgrep", "-s", str(shell.pid)], capture_output=True).returncode
-                    == 1
-                )
+    with (
+        listener("127.0.6.7", 0) as attacker,
+        reverse_shell(attacker, then="sleep 30") as shell,
+    ):
+        assert shell.wait(20) == -signal.SIGKILL
+        wait_until(
+            lambda: (
+                subprocess.run(["pgrep", "-s", str(shell.pid)], capture_output=True).returncode == 1
             )
-        finally:
-            subprocess.run(["pkill", "-9", "-s", str(shell.pid)], check=False)
+        )  # the whole tree is gone, not just the shell
     killed = [
         r
         for r in enforcing.records()

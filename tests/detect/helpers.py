@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from rome_guard.detect.subject import Subject
-from rome_guard.events import Attribution, Endpoint, ProcessInfo, ProcessKey
+from rome_guard.events import Attribution, Endpoint, ProcessInfo
+from tests.fixtures.processes import process_info
 
 _PATHS = {
     "ssh": "/usr/bin/ssh",
@@ -22,11 +23,8 @@ def process(
     cwd: str = "/home/agent",
 ) -> ProcessInfo:
     name = argv[0].rsplit("/", 1)[-1]
-    return ProcessInfo(
-        key=ProcessKey(pid, 1000),
-        ppid=1,
-        uid=1000,
-        user="agent",
+    return process_info(
+        pid,
         comm=(comm or name)[:15],
         exe=exe or _PATHS.get(name, f"/usr/bin/{name}"),
         cmdline=tuple(argv),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rome_guard.events import GpuProcess, ProcessInfo, ProcessKey
+from rome_guard.events import GpuProcess, ProcessInfo
 from rome_guard.gpu.consumers import (
     NOT_GRANTED,
     PROCESS_NOT_VISIBLE,
@@ -10,21 +10,21 @@ from rome_guard.gpu.consumers import (
     judge_consumer,
 )
 from rome_guard.gpu.registry import GpuRegistry, Registration, parse_allow
+from tests.fixtures.processes import process_info
 
 UUID0 = "GPU-00000000-1111-2222-3333-444444444444"
 
 
 def proc(pid: int, ppid: int = 1, start: int = 1000, comm: str = "python3", **kw) -> ProcessInfo:
-    return ProcessInfo(
-        key=ProcessKey(pid, start),
+    return process_info(
+        pid,
+        start,
         ppid=ppid,
         uid=0,
         user="root",
         comm=comm,
         exe="/usr/bin/python3",
         cmdline=(comm,),
-        cwd="/",
-        cgroup="/",
         **kw,
     )
 
@@ -80,16 +80,14 @@ def test_registered_job_on_a_gpu_it_was_not_granted(tmp_path):
 
 def test_allowlisted_consumer_and_invisible_pid(tmp_path):
     registry = registry_with(tmp_path, allow=[{"name": "dcgm", "exe": "/usr/bin/nv-hostengine"}])
-    hostengine = ProcessInfo(
-        key=ProcessKey(300, 10),
-        ppid=1,
+    hostengine = process_info(
+        300,
+        10,
         uid=0,
         user="root",
         comm="nv-hostengine",
         exe="/usr/bin/nv-hostengine",
         cmdline=("nv-hostengine",),
-        cwd="/",
-        cgroup="/",
     )
     assert judge_consumer(on_gpu(300), hostengine, [], registry).coverage.name == "dcgm"
     verdict = judge_consumer(on_gpu(301), None, [], registry)

@@ -31,6 +31,7 @@ from rome_guard.gpu.report import proc_lineage
 from rome_guard.sensors.procfs import read_process
 from rome_guard.yamlsrc import SourceError
 from tests.conftest import require_root
+from tests.fixtures.processes import process_info
 
 GPU0 = GpuRef(0, "GPU-00000000-1111-2222-3333-444444444444")
 GPU1 = GpuRef(1, "GPU-11111111-1111-2222-3333-444444444444")
@@ -227,19 +228,14 @@ def test_gpu_grants_parse_and_match():
 
 def process(**overrides) -> ProcessInfo:
     values = dict(
-        key=ProcessKey(4242, 1000),
-        ppid=1,
-        uid=1000,
         user="alice",
-        comm="python3",
         exe="/opt/conda/bin/python3.11",
         cmdline=("python3", "train.py", "--config", "sft.yaml"),
         cwd="/home/alice",
         cgroup="/system.slice/dcgm.service",
-        attribution=Attribution(),
     )
     values.update(overrides)
-    return ProcessInfo(**values)
+    return process_info(**values)
 
 
 def write_config(tmp_path, body: str) -> str:

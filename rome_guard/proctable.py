@@ -77,7 +77,9 @@ class ProcessTable:
         return chain
 
     def children(self, info: ProcessInfo) -> list[ProcessInfo]:
-        return [p for p in self if self.parent(p) is not None and self.parent(p).key == info.key]
+        return [
+            p for p in self if (parent := self.parent(p)) is not None and parent.key == info.key
+        ]
 
     def descendants(self, info: ProcessInfo) -> list[ProcessInfo]:
         result, frontier = [], [info]

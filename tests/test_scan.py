@@ -12,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import require_root
+from tests.conftest import require, require_root
 from tests.fixtures.network import listener, reverse_shell, sshd, wait_until, write_fake_miner
 
 WALLET = "4" + "8" * 94
@@ -151,8 +149,7 @@ def test_ordinary_client_connected_to_8080_is_clean() -> None:
 
 def test_exit_status_clean_in_an_empty_pid_namespace() -> None:
     require_root()
-    if not shutil.which("unshare"):
-        pytest.skip("unshare missing")
+    require(shutil.which("unshare") is not None, "unshare missing")
     result = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "rome_guard", "scan"],
         capture_output=True,

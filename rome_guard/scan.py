@@ -16,10 +16,9 @@ from rome_guard.detect.rules import RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint, ProcessInfo
 from rome_guard.findings import Finding
-from rome_guard.proctable import ProcessTable
+from rome_guard.linux import has_peer
 from rome_guard.sensors import procfs, sockdiag
-
-_NOT_A_PEER = ("LISTEN", "UNCONNECTED", "CLOSE")
+from rome_guard.state.table import ProcessTable
 
 
 @dataclass
@@ -28,10 +27,6 @@ class Snapshot:
     sockets: list[Endpoint]
     # pid -> (connections with a remote peer, fd -> inet socket for 0/1/2)
     sockets_of: dict[int, tuple[list[Endpoint], dict[int, Endpoint]]] = field(default_factory=dict)
-
-
-def is_peer(ep: Endpoint) -> bool:
-    return ep.state not in _NOT_A_PEER and ep.dport != 0
 
 
 def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
@@ -54,7 +49,7 @@ def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
             ep = by_inode.get(inode)
             if ep is None:
                 continue
-            if is_peer(ep):
+            if has_peer(ep):
                 connections.append(ep)
             for fd in fds:
                 if fd <= 2:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.subject import Subject
-from rome_guard.events import Endpoint
+from rome_guard.linux import has_peer
 from rome_guard.yamlsrc import LineDict, LineList, Location, where
 
 Predicate = Callable[[Subject], "str | None"]
@@ -496,7 +496,7 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
     want = c.boolean(value, loc, "stdio_socket")
 
     def predicate(s: Subject) -> str | None:
-        connected = sorted(fd for fd, ep in s.stdio.items() if _has_peer(ep))
+        connected = sorted(fd for fd, ep in s.stdio.items() if has_peer(ep))
         if bool(connected) != want:
             return None
         if not connected:
@@ -505,10 +505,6 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
         return f"fd {','.join(map(str, connected))} is a {ep.proto} socket to {ep.daddr}:{ep.dport}"
 
     return predicate
-
-
-def _has_peer(ep: Endpoint) -> bool:
-    return ep.dport != 0 and ep.daddr not in ("0.0.0.0", "::", "")
 
 
 def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:

@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -357,6 +357,61 @@ class GuardMetrics:
 
 
 # --- the endpoint ----------------------------------------------------------------
+
+
+class MetricsSink(Protocol):
+    """What the daemon records; GuardMetrics, or NullMetrics when no
+    metrics are served."""
+
+    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
+    def rule_reload_failed(self) -> None: ...
+    def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
+    def event(self, source: str, count: int = 1) -> None: ...
+    def set_lost(self, buffer: str, total: int) -> None: ...
+    def lost(self, buffer: str, count: int = 1) -> None: ...
+    def set_sensor(self, mode: str) -> None: ...
+    def set_processes_tracked(self, count: int) -> None: ...
+    def kill(self, result: str) -> None: ...
+    def blocked_connection(self, count: int = 1) -> None: ...
+    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
+
+
+class NullMetrics:
+    """Records nothing: callers record unconditionally instead of asking
+    whether metrics are on."""
+
+    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None:
+        pass
+
+    def rule_reload_failed(self) -> None:
+        pass
+
+    def alert(self, rule: str, category: str, severity: str, action: str) -> None:
+        pass
+
+    def event(self, source: str, count: int = 1) -> None:
+        pass
+
+    def set_lost(self, buffer: str, total: int) -> None:
+        pass
+
+    def lost(self, buffer: str, count: int = 1) -> None:
+        pass
+
+    def set_sensor(self, mode: str) -> None:
+        pass
+
+    def set_processes_tracked(self, count: int) -> None:
+        pass
+
+    def kill(self, result: str) -> None:
+        pass
+
+    def blocked_connection(self, count: int = 1) -> None:
+        pass
+
+    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None:
+        pass
 
 
 def parse_listen_addr(addr: str) -> tuple[str, int] | None:

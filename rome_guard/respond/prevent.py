@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from rome_guard.events import CONNECT_BLOCKED, ConnectEvent, Endpoint
+from rome_guard.linux import NoCgroup2, cgroup2_root, mounts_of_type
 from rome_guard.sensors.procfs import start_time
 from rome_guard.textsafe import from_bytes
 
@@ -208,52 +209,8 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
-# --- mounts -----------------------------------------------------------------
-
-
-def _unescape_mount_field(field: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def _mounts_of_type(fstype: str, mounts: str = "/proc/mounts") -> list[str]:
-    with open(mounts) as f:
-        lines = f.read().splitlines()
-    found = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == fstype:
-            found.append(_unescape_mount_field(parts[1]))
-    return found
-
-
-def cgroup2_root(mounts: str = "/proc/mounts") -> str:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup or, in the
-    hybrid layout, /sys/fs/cgroup/unified)."""
-    found = _mounts_of_type("cgroup2", mounts)
-    if not found:
-        raise PreventionError("no cgroup2 mount in /proc/mounts: connects cannot be denied")
-    return found[0]
-
-
-def cgroup_id(cgroup: str, root: str | None = None) -> int:
-    """The cgroup v2 id of a cgroup path as in /proc/PID/cgroup ("0::/a/b"):
-    the inode number of its directory, what bpf_get_current_cgroup_id()
-    returns."""
-    base = root if root is not None else cgroup2_root()
-    return os.stat(os.path.join(base, cgroup.lstrip("/"))).st_ino
-
-
 def _ensure_bpffs() -> None:
-    if BPFFS in _mounts_of_type("bpf"):
+    if BPFFS in mounts_of_type("bpf"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     os.makedirs(BPFFS, exist_ok=True)
@@ -406,7 +363,7 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
     is every program not named rgp_*."""
     try:
         root = cgroup_root if cgroup_root is not None else cgroup2_root()
-    except PreventionError:
+    except NoCgroup2:
         root = None
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY) if root else None
     removed: list[str] = []
@@ -522,7 +479,7 @@ class Prevention:
         if self._connect_hooks:
             try:
                 root = self._cgroup_root or cgroup2_root()
-            except PreventionError as exc:
+            except NoCgroup2 as exc:
                 self.degraded.append(f"{exc}; kill destinations are killed at SYN_SENT instead")
         try:
             _ensure_bpffs()

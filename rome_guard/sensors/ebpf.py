@@ -35,6 +35,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+from rome_guard.linux import can_load_bpf
 from rome_guard.sensors.ebpf_layout import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
@@ -60,10 +61,6 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # a repeated TCP connect (same process, destination and outcome) is reported
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
-
-_CAP_SYS_ADMIN = 21
-_CAP_PERFMON = 38
-_CAP_BPF = 39
 
 
 class EbpfUnavailable(Exception):
@@ -186,24 +183,6 @@ def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
 # --- checks that need no compile -----------------------------------------------
 
 
-def _effective_capabilities() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
-def _has_bpf_capabilities() -> bool:
-    caps = _effective_capabilities()
-    if caps & (1 << _CAP_SYS_ADMIN):
-        return True
-    return bool(caps & (1 << _CAP_BPF)) and bool(caps & (1 << _CAP_PERFMON))
-
-
 def find_tracefs() -> str | None:
     for path in TRACEFS_MOUNTS:
         if os.path.isdir(os.path.join(path, "events")):
@@ -227,7 +206,7 @@ def _tracefs_supported() -> bool:
 def probe_ebpf() -> str | None:
     """None when the eBPF sensor can start here, else why not. Cheap: no
     compile, no import of bcc, nothing changed on the host."""
-    if not _has_bpf_capabilities():
+    if not can_load_bpf():
         return (
             "not root: loading BPF programs needs root, or CAP_BPF and CAP_PERFMON "
             "(and CAP_SYS_ADMIN on kernels before 5.8)"
@@ -273,12 +252,6 @@ def mount_tracefs() -> str:
     if found is None:
         raise EbpfUnavailable(f"tracefs mounted at {TRACEFS_MOUNT_POINT} shows no events/")
     return found
-
-
-def cgroup_id(cgroup_dir: str) -> int:
-    """The cgroup v2 id of a directory under the cgroup2 mount, as the kernel
-    reports it (bpf_get_current_cgroup_id): its inode number."""
-    return os.stat(cgroup_dir).st_ino
 
 
 def _raise_memlock() -> None:
@@ -476,7 +449,7 @@ class EbpfSensor:
         self._ignore_pids = new
 
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
-        """cgroup v2 ids (see cgroup_id()) whose loopback-to-loopback traffic
+        """cgroup v2 ids (see rome_guard.linux.cgroup_id()) whose loopback-to-loopback traffic
         is not reported, for them and every cgroup below them."""
         new = set(cgroup_ids)
         if self._bpf is not None:

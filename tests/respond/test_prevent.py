@@ -25,6 +25,7 @@ import time
 import pytest
 
 from rome_guard.events import CONNECT_BLOCKED
+from rome_guard.linux import cgroup2_root, cgroup_id
 from rome_guard.respond.prevent import (
     ACT_BLOCK,
     ACT_KILL,
@@ -37,8 +38,6 @@ from rome_guard.respond.prevent import (
     Prevention,
     RawEvent,
     attached_programs,
-    cgroup2_root,
-    cgroup_id,
     cleanup_stale,
     comm_key,
     decode_event,

@@ -32,13 +32,13 @@ from rome_guard.events import (
     ForkEvent,
     GpuOpenEvent,
 )
+from rome_guard.linux import cgroup_dir_id as cgroup_id
 from rome_guard.sensors.ebpf import (
     ATTACHMENTS,
     GROUP_DEAD_FEATURE,
     PROGRAM_PREFIX,
     EbpfSensor,
     EbpfUnavailable,
-    cgroup_id,
     probe_ebpf,
 )
 from rome_guard.sensors.ebpf_layout import ARG_MAX_LEN

@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("rome_guard")
 
 STATUS_EVERY_S = 5.0
+# The sensor wakes the loop at once for what rules name; everything else
+# (forks, exits, execs of unnamed programs) waits at most this long, in
+# batches: one wakeup per batch instead of one per event.
+DRAIN_EVERY_MS = 10
 SHUTDOWN_BUDGET_S = 2.0
 
 
@@ -141,6 +145,8 @@ class Guard:
         if self.prevention is not None and rules.policy is not None:
             apply_policy(self.prevention, rules.policy, old.policy if old else None)
         self.ctx.rules = rules
+        if self.ctx.sensor is not None:
+            self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
 
     def reload(self) -> bool:
@@ -177,6 +183,7 @@ class Guard:
 
     def attach(self, sensor: Sensor, mode: str) -> None:
         self.ctx.sensor = sensor
+        sensor.set_wake_names(self.ctx.rules.engine.exec_names)
         self.sensor_mode = mode
         self.ctx.metrics.set_sensor(mode)
 
@@ -248,7 +255,7 @@ class Guard:
         assert sensor is not None
         next_watchdog = next_status = time.monotonic()
         while not self._stop.is_set():
-            for event in sensor.poll(100):
+            for event in sensor.poll(DRAIN_EVERY_MS):
                 self.handle(event)
             if self.prevention is not None:
                 for event in self.prevention.poll(0):

@@ -13,7 +13,7 @@ venv="$repo/.venv"
 log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 packages=(
-  python3-bpfcc bpfcc-tools bpftool iproute2 libcap2-bin procps
+  python3-bpfcc bpfcc-tools bpftool bpftrace iproute2 libcap2-bin procps
   openssh-server openssh-client autossh socat ncat
   prometheus gcc make git ca-certificates systemd
 )
@@ -27,7 +27,7 @@ install_packages() {
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
   # The Debian prometheus package starts a server on :9090 when systemd is
   # present; the tests start their own, so make sure no stray one is left.

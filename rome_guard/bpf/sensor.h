@@ -130,6 +130,17 @@ struct sensor_config {
 	__u64 datagram_repeat_ns; /* report one datagram destination once per this */
 	__u64 tcp_repeat_ns; /* a repeated TCP connect to one destination: report a
 				new outcome only, within this long (0: report all) */
+	__u32 quiet_lifecycle; /* 1: fork, exit and the execs of programs not in
+				  wake_names do not wake user space (it drains
+				  them on its own schedule); 0: every record wakes */
+	__u32 _pad;
+};
+
+/* wake_names key (LPM trie over the exec'd task's comm): an exact name is
+ * stored with its NUL ((len + 1) * 8 bits), a name prefix without it */
+struct wake_name {
+	__u32 prefixlen;
+	char name[TASK_COMM_LEN];
 };
 
 #endif /* ROME_GUARD_SENSOR_H */

@@ -9,8 +9,9 @@ never acts: responders decide what a Finding leads to.
 from __future__ import annotations
 
 import logging
+import re
 
-from rome_guard.detect.conditions import required_names
+from rome_guard.detect.conditions import required_names, required_text
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
@@ -18,12 +19,22 @@ from rome_guard.findings import Finding
 
 log = logging.getLogger(__name__)
 
+# Longer command lines skip the required-text test: on a 16 KiB argv, one
+# regex search per rule costs more than evaluating the rules themselves.
+TEXT_TEST_MAX = 1024
+
 
 class Engine:
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
         self._match_rules = RuleIndex(ruleset.match_rules)
         self._network_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_network])
+
+    @property
+    def exec_names(self) -> frozenset[str]:
+        """Names (and "prefix*"es) of programs whose exec some indexed rule
+        may alert on at once: the sensor wakes the daemon for those."""
+        return self._match_rules.indexed_names
 
     def evaluate(
         self, subject: Subject, trigger: Endpoint | None = None, network_only: bool = False
@@ -35,7 +46,7 @@ class Engine:
             return []
         index = self._network_rules if network_only else self._match_rules
         findings = []
-        for rule in index.candidates(subject.names):
+        for rule in index.candidates(subject):
             try:
                 reason = rule.evaluate(subject)
             except Exception:  # a rule must never take the engine down
@@ -61,26 +72,57 @@ class RuleIndex:
 
     def __init__(self, rules: list[Rule]):
         self._order = {id(rule): n for n, rule in enumerate(rules)}
-        self._always: list[Rule] = []
+        # rules no name narrows, each with what its command line must contain
+        self._always: list[tuple[Rule, re.Pattern[str] | None]] = []
         self._by_name: dict[str, list[Rule]] = {}
+        self._by_prefix: dict[str, list[Rule]] = {}
         for rule in rules:
             names = required_names(rule.match)
             if names is None:
-                self._always.append(rule)
-            else:
-                for name in names:
+                self._always.append((rule, _text_test(required_text(rule.match))))
+                continue
+            for name in names:
+                if name.endswith("*"):
+                    self._by_prefix.setdefault(name[:-1], []).append(rule)
+                else:
                     self._by_name.setdefault(name, []).append(rule)
+        self._prefixes = tuple(self._by_prefix.items())
 
     def __len__(self) -> int:
         return len(self._order)
 
-    def candidates(self, names: frozenset[str]) -> list[Rule]:
-        """The rules that may match a subject going by these names, in rule order."""
+    @property
+    def indexed_names(self) -> frozenset[str]:
+        """Every name (and "prefix*") some indexed rule requires."""
+        return frozenset(self._by_name) | {prefix + "*" for prefix in self._by_prefix}
+
+    def candidates(self, subject: Subject) -> list[Rule]:
+        """The rules that may match subject, in rule order: those indexed
+        under a name it goes by, and those no name narrows whose required
+        text its command line contains."""
+        names = subject.names
         picked = [rule for name in names for rule in self._by_name.get(name, ())]
-        if not picked:
-            return self._always
-        unique = {id(rule): rule for rule in self._always + picked}
+        for prefix, rules in self._prefixes:
+            if any(name.startswith(prefix) for name in names):
+                picked += rules
+        if self._always:
+            text = subject.command_line
+            if len(text) > TEXT_TEST_MAX:  # searching costs more than the rules
+                picked += [rule for rule, _test in self._always]
+            else:
+                text = text.lower()
+                picked += [rule for rule, test in self._always if test is None or test.search(text)]
+        if len(picked) < 2:
+            return picked
+        unique = {id(rule): rule for rule in picked}
         return sorted(unique.values(), key=lambda rule: self._order[id(rule)])
+
+
+def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
+    """One search for any of needles; None: no test, always a candidate."""
+    if needles is None:
+        return None
+    return re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:

@@ -42,7 +42,9 @@ from rome_guard.sensors.ebpf_layout import (
     MalformedRecord,
     SensorConfig,
     SensorEvent,
+    WakeName,
     decode_record,
+    wake_key,
 )
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -297,6 +299,7 @@ class EbpfSensor:
     ):
         self._ignore_pids = set(ignore_pids)
         self._loopback_ignore_cgroups: set[int] = set()
+        self._wake_names: frozenset[str] | None = None  # None: every record wakes
         self._process_ring_pages = process_ring_pages
         self._network_ring_pages = network_ring_pages
         self._datagram_repeat_ns = datagram_repeat_ns
@@ -360,6 +363,8 @@ class EbpfSensor:
             self._sync_set(
                 "loopback_ignore_cgroups", ct.c_uint64, set(), self._loopback_ignore_cgroups
             )
+            if self._wake_names is not None:
+                self._sync_wake_names(frozenset(), self._wake_names)
             # consume() drains rings in this order: process last, so an exec
             # is never returned after a connect it preceded.
             self._open_ring("network_events", "network")
@@ -385,7 +390,9 @@ class EbpfSensor:
     def _write_config(self) -> None:
         table = self._bpf[b"sensor_config"]
         table[ct.c_int(0)] = SensorConfig(
-            datagram_repeat_ns=self._datagram_repeat_ns, tcp_repeat_ns=self._tcp_repeat_ns
+            datagram_repeat_ns=self._datagram_repeat_ns,
+            tcp_repeat_ns=self._tcp_repeat_ns,
+            quiet_lifecycle=int(self._wake_names is not None),
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
@@ -457,6 +464,31 @@ class EbpfSensor:
                 "loopback_ignore_cgroups", ct.c_uint64, self._loopback_ignore_cgroups, new
             )
         self._loopback_ignore_cgroups = new
+
+    def set_wake_names(self, names: Iterable[str] | None) -> None:
+        """Quiet lifecycle: forks, exits and the execs of programs whose comm
+        is not one of names (a name ending in "*" is a prefix) stay in the
+        ring buffer until the next poll() instead of waking the caller, who
+        then must poll() with a short timeout: that timeout bounds their
+        delay. None: every record wakes (the default)."""
+        new = None if names is None else frozenset(names)
+        if self._bpf is not None:
+            self._sync_wake_names(self._wake_names or frozenset(), new or frozenset())
+            self._wake_names = new
+            self._write_config()
+        self._wake_names = new
+
+    def _sync_wake_names(self, old: frozenset[str], new: frozenset[str]) -> None:
+        table = self._bpf[b"wake_names"]
+
+        def key(name: str) -> WakeName:
+            return wake_key(name.removesuffix("*"), prefix=name.endswith("*"))
+
+        for name in old - new:
+            with contextlib.suppress(KeyError):
+                del table[key(name)]
+        for name in new - old:
+            table[key(name)] = ct.c_uint8(1)
 
     def close(self) -> None:
         """Detach every tracepoint and free every map; idempotent."""

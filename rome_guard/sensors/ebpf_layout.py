@@ -160,7 +160,26 @@ class GpuOpenRecord(ct.Structure):
 
 
 class SensorConfig(ct.Structure):
-    _fields_ = [("datagram_repeat_ns", ct.c_uint64), ("tcp_repeat_ns", ct.c_uint64)]
+    _fields_ = [
+        ("datagram_repeat_ns", ct.c_uint64),
+        ("tcp_repeat_ns", ct.c_uint64),
+        ("quiet_lifecycle", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class WakeName(ct.Structure):
+    """struct wake_name: a key of the wake_names LPM trie."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("name", ct.c_char * TASK_COMM_LEN)]
+
+
+def wake_key(name: str, prefix: bool) -> WakeName:
+    """The trie key matching a comm equal to name (cut to what comm can
+    hold), or, with prefix, every comm starting with it."""
+    raw = name.encode()[: TASK_COMM_LEN - 1]
+    bits = len(raw) * 8 if prefix else (len(raw) + 1) * 8
+    return WakeName(prefixlen=bits, name=raw)
 
 
 class BpfProgInfoHead(ct.Structure):
@@ -186,6 +205,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "connect_record": ConnectRecord,
     "gpu_open_record": GpuOpenRecord,
     "sensor_config": SensorConfig,
+    "wake_name": WakeName,
 }
 
 EXEC_DATA_OFFSET = ExecRecord.data.offset

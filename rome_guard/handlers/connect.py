@@ -49,7 +49,7 @@ def retry_parked(ctx: Context) -> None:
     for _ in range(len(ctx.parked)):
         parked = ctx.parked.popleft()
         pid = parked.event.pid
-        if ctx.processes.table.by_pid(pid) is not None:
+        if ctx.processes.known(pid) is not None:
             on_connect(ctx, parked.event)
         elif parked.until > now:
             ctx.parked.append(parked)

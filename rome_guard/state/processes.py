@@ -48,8 +48,11 @@ class ProcessModel:
 
     def __init__(self, env_keys: Iterable[str] = ()):
         self.env_keys = tuple(env_keys)  # attribution keys read from environ
-        self.table = ProcessTable()
+        self.table = ProcessTable(missing=self._materialize)
         self._fork_ticks: dict[int, int] = {}  # child pid -> start ticks from fork
+        # child pid -> parent pid, for children forked but not yet exec'd:
+        # most exec at once, so their record is built once, at exec
+        self._forked: dict[int, int] = {}
         self._peers: dict[ProcessKey, deque[Endpoint]] = {}
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         # cgroup v2 id -> path: an exec in the cgroup its fork was in reads no cgroup file
@@ -83,13 +86,28 @@ class ProcessModel:
 
     def forked(self, event: ForkEvent) -> None:
         """Until it execs, a child is its parent's image under a new identity
-        (a subshell in a probe loop connects without ever exec'ing)."""
-        ticks = event.child_start_ticks
-        self._fork_ticks[event.child_pid] = ticks
-        parent = self.table.by_pid(event.parent_pid)
-        if parent is not None:
-            key = ProcessKey(event.child_pid, ticks)
-            self.table.add(replace(parent, key=key, ppid=parent.pid, pre_existing=False))
+        (a subshell in a probe loop connects without ever exec'ing); that
+        record is built only when asked for (known(), lineage)."""
+        self._fork_ticks[event.child_pid] = event.child_start_ticks
+        self._forked[event.child_pid] = event.parent_pid
+
+    def _materialize(self, pid: int) -> ProcessInfo | None:
+        """The record of a child known only from its fork, now in the table."""
+        parent_pid = self._forked.pop(pid, None)
+        parent = self.table.by_pid(parent_pid) if parent_pid is not None else None
+        if parent is None:
+            return None
+        key = ProcessKey(pid, self._fork_ticks[pid])
+        info = replace(parent, key=key, ppid=parent.pid, pre_existing=False)
+        self.table.add(info)
+        return info
+
+    def known(self, pid: int) -> ProcessInfo | None:
+        """The model's process for pid, without reading /proc."""
+        info = self.table.by_pid(pid)
+        if info is None and pid in self._forked:
+            info = self._materialize(pid)
+        return info
 
     def execed(self, event: ExecEvent) -> ProcessInfo:
         """The process as it is after this exec, now in the table."""
@@ -97,12 +115,14 @@ class ProcessModel:
         if info is None:
             info = self._exec_from_proc(event)
         self._fork_ticks.pop(event.pid, None)
+        self._forked.pop(event.pid, None)
         self.table.add(info)
         self._peers.pop(info.key, None)
         return info
 
     def exited(self, pid: int) -> ProcessInfo | None:
         self._fork_ticks.pop(pid, None)
+        self._forked.pop(pid, None)
         info = self.table.exit(pid)
         if info is not None:
             self._peers.pop(info.key, None)
@@ -110,38 +130,44 @@ class ProcessModel:
 
     def _exec_of_known_fork(self, event: ExecEvent) -> ProcessInfo | None:
         """The fast path (an exec storm must not make the daemon read all of
-        /proc/PID per exec): a child we saw forked keeps its identity, cwd
-        and user across exec; only the new image (exe link, argv from the
+        /proc/PID per exec): a child we saw forked keeps its parent's cwd
+        and context across exec; only the new image (exe link, argv from the
         kernel) and the cgroup (runtimes move a child before they exec it;
         the kernel's cgroup id says whether it did) are new. None when a
         full read is needed."""
-        forked = self.table.by_pid(event.pid)
-        if (
-            forked is None
-            or event.pid not in self._fork_ticks
-            or event.argv_truncated
-            or not event.argv
-            or self.env_keys  # the environment changes at exec
-        ):
+        pid = event.pid
+        ticks = self._fork_ticks.get(pid)
+        if ticks is None or event.argv_truncated or not event.argv or self.env_keys:
+            return None  # the environment changes at exec: env_keys need /proc
+        parent_pid = self._forked.get(pid)
+        if parent_pid is not None:
+            base = self.table.by_pid(parent_pid)  # not exec'd before: the parent's copy
+            ppid = parent_pid
+        else:
+            base = self.table.by_pid(pid)  # materialized, or an exec after an exec
+            ppid = base.ppid if base is not None else 0
+        if base is None:
             return None
-        exe = procfs.read_exe(event.pid) or event.filename  # unreadable: what the kernel ran
-        cgroup = self._cgroup_path(event.pid, event.cgroup_id, forked)
+        exe = procfs.read_exe(pid) or event.filename  # unreadable: what the kernel ran
+        cgroup = self._cgroup_path(pid, event.cgroup_id)
         if cgroup is None:
             return None  # gone already: the slow path reconstructs it
-        attribution = forked.attribution if cgroup == forked.cgroup else attribute(cgroup)
-        uid = event.uid if event.uid >= 0 else forked.uid
-        return replace(
-            forked,
-            exe=exe,
-            cmdline=event.argv,
-            comm=event.comm or forked.comm,
-            cgroup=cgroup,
-            attribution=attribution,
-            uid=uid,
-            user=procfs.user_name(uid) if uid != forked.uid else forked.user,
+        attribution = base.attribution if cgroup == base.cgroup else attribute(cgroup)
+        uid = event.uid if event.uid >= 0 else base.uid
+        return ProcessInfo(
+            ProcessKey(pid, ticks) if parent_pid is not None else base.key,
+            ppid,
+            uid,
+            procfs.user_name(uid) if uid != base.uid else base.user,
+            event.comm or base.comm,
+            exe,
+            event.argv,
+            base.cwd,
+            cgroup,
+            attribution,
         )
 
-    def _cgroup_path(self, pid: int, cgroup_id: int, forked: ProcessInfo) -> str | None:
+    def _cgroup_path(self, pid: int, cgroup_id: int) -> str | None:
         """The cgroup path of pid, from the kernel's cgroup id where it was
         seen before; None if the process is gone."""
         if cgroup_id:
@@ -173,7 +199,7 @@ class ProcessModel:
     def _same_identity(self, info: ProcessInfo) -> ProcessInfo:
         """/proc's start time for a process first known from its fork event
         may differ from the fork timestamp's by one clock tick: same process."""
-        known = self.table.by_pid(info.pid)
+        known = self.known(info.pid)
         if (
             known is not None
             and known.key != info.key
@@ -189,7 +215,7 @@ class ProcessModel:
     def _from_event(self, event: ExecEvent) -> ProcessInfo:
         """The process exited before /proc could be read: what the kernel
         told us, plus what its parent tells about its context."""
-        parent = self.table.by_pid(event.ppid) if event.ppid else None
+        parent = self.known(event.ppid) if event.ppid else None
         uid = event.uid if event.uid >= 0 else (parent.uid if parent else -1)
         return ProcessInfo(
             key=ProcessKey(event.pid, self._start_ticks(event.pid, event.timestamp_ns)),
@@ -208,7 +234,7 @@ class ProcessModel:
 
     def resolve(self, pid: int) -> ProcessInfo | None:
         """The model's process for pid, else read it from /proc now."""
-        info = self.table.by_pid(pid)
+        info = self.known(pid)
         if info is not None:
             return info
         info = procfs.read_process(pid, self.env_keys)
@@ -285,3 +311,4 @@ class ProcessModel:
         self.table.expire()
         if len(self._fork_ticks) > TRACKING_LIMIT:
             self._fork_ticks.clear()
+            self._forked.clear()

@@ -185,6 +185,17 @@ def _requiring(predicate: Predicate, names: frozenset[str] | None) -> Predicate:
     return predicate
 
 
+def requires_connection(predicate: Predicate) -> bool:
+    """True when predicate can hold only for a subject with connections
+    (remote_port, remote_cidr): an exec, which has none yet, skips it."""
+    return getattr(predicate, "requires_connection", False)
+
+
+def _connecting(predicate: Predicate, required: bool = True) -> Predicate:
+    predicate.requires_connection = required  # type: ignore[attr-defined]
+    return predicate
+
+
 def required_text(predicate: Predicate) -> frozenset[str] | None:
     """Lower-case strings of which the lower-cased command line must contain
     at least one for predicate to hold, or None when nothing is known. A
@@ -213,6 +224,7 @@ def _all(parts: list[Predicate]) -> Predicate:
     needs = [n for n in map(required_names, parts) if n is not None]
     texts = [t for t in map(required_text, parts) if t is not None]
     _needing(predicate, min(texts, key=len) if texts else None)
+    _connecting(predicate, any(map(requires_connection, parts)))
     return _requiring(predicate, min(needs, key=len) if needs else None)
 
 
@@ -229,6 +241,7 @@ def _any(parts: list[Predicate]) -> Predicate:
     union = frozenset().union(*needs) if all(n is not None for n in needs) else None
     texts = [required_text(part) for part in parts]
     _needing(predicate, frozenset().union(*texts) if all(t is not None for t in texts) else None)
+    _connecting(predicate, all(map(requires_connection, parts)))
     return _requiring(predicate, union)
 
 
@@ -552,7 +565,7 @@ def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
         hit = s.peer_ports.keys() & ports
         return f"connects to port {min(hit)}" if hit else None
 
-    return predicate
+    return _connecting(predicate)
 
 
 def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -565,7 +578,7 @@ def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"connects to {ep.daddr}:{ep.dport}"
         return None
 
-    return predicate
+    return _connecting(predicate)
 
 
 def _address_ranges(nets: tuple) -> tuple[tuple[int, int], ...]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Callable
 
-from rome_guard.detect.conditions import required_names, required_text
+from rome_guard.detect.conditions import required_names, required_text, requires_connection
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
@@ -73,13 +74,16 @@ class RuleIndex:
     def __init__(self, rules: list[Rule]):
         self._order = {id(rule): n for n, rule in enumerate(rules)}
         # rules no name narrows, each with what its command line must contain
-        self._always: list[tuple[Rule, re.Pattern[str] | None]] = []
+        # and whether it can hold only once the process has connections
+        self._always: list[tuple[Rule, re.Pattern[str] | None, bool]] = []
         self._by_name: dict[str, list[Rule]] = {}
         self._by_prefix: dict[str, list[Rule]] = {}
         for rule in rules:
             names = required_names(rule.match)
             if names is None:
-                self._always.append((rule, _text_test(required_text(rule.match))))
+                self._always.append(
+                    (rule, _text_test(required_text(rule.match)), requires_connection(rule.match))
+                )
                 continue
             for name in names:
                 if name.endswith("*"):
@@ -87,6 +91,7 @@ class RuleIndex:
                 else:
                     self._by_name.setdefault(name, []).append(rule)
         self._prefixes = tuple(self._by_prefix.items())
+        self._prefix_test = _prefix_test(self._by_prefix)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -102,20 +107,33 @@ class RuleIndex:
         text its command line contains."""
         names = subject.names
         picked = [rule for name in names for rule in self._by_name.get(name, ())]
-        for prefix, rules in self._prefixes:
-            if any(name.startswith(prefix) for name in names):
-                picked += rules
+        if self._prefix_test is not None and any(map(self._prefix_test, names)):
+            for prefix, rules in self._prefixes:
+                if any(name.startswith(prefix) for name in names):
+                    picked += rules
         if self._always:
             text = subject.command_line
+            connected = bool(subject.connections)
             if len(text) > TEXT_TEST_MAX:  # searching costs more than the rules
-                picked += [rule for rule, _test in self._always]
+                picked += [rule for rule, _, needs in self._always if connected or not needs]
             else:
                 text = text.lower()
-                picked += [rule for rule, test in self._always if test is None or test.search(text)]
+                picked += [
+                    rule
+                    for rule, test, needs in self._always
+                    if (connected or not needs) and (test is None or test.search(text))
+                ]
         if len(picked) < 2:
             return picked
         unique = {id(rule): rule for rule in picked}
         return sorted(unique.values(), key=lambda rule: self._order[id(rule)])
+
+
+def _prefix_test(by_prefix: dict[str, list[Rule]]) -> Callable[[str], object] | None:
+    """One match for "does this name start with any indexed prefix"."""
+    if not by_prefix:
+        return None
+    return re.compile("|".join(re.escape(p) for p in by_prefix)).match
 
 
 def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:

@@ -2,8 +2,8 @@
  *
  * This header is the one definition of every record layout. It is compiled
  * by BCC into the BPF programs (process.c, network.c, gpu.c) and by gcc in
- * tests/sensors/test_ebpf_layout.py, which checks the ctypes mirrors in
- * rome_guard/sensors/ebpf_layout.py against it field by field. Change both
+ * tests/test_layout.py, which checks the ctypes mirrors in
+ * rome_guard/layout/sensor.py against it field by field. Change both
  * together. Only fixed-width __u8/__u16/__u32/__u64/__s32 types, so the
  * layout is the same in both compilers.
  *

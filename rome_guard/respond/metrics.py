@@ -34,9 +34,9 @@ from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
 from rome_guard.events import GpuProcess
+from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
-from rome_guard.sensors.ebpf_layout import LOST_SLOT_NAMES
 from rome_guard.textsafe import one_line
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,17 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from rome_guard.events import CONNECT_BLOCKED, ConnectEvent, Endpoint
+from rome_guard.layout.prevent import (
+    RG_ACT_BLOCK,
+    RG_ACT_KILL,
+    RG_COMM_LEN,
+    RG_EV_BLOCKED_CONNECT,
+    RG_EV_KILLED_CONNECT,
+    RG_EV_KILLED_EXEC,
+    RG_PATH_LEN,
+    PreventRecord,
+)
+from rome_guard.layout.sensor import format_address
 from rome_guard.linux import NoCgroup2, cgroup2_root, mounts_of_type
 from rome_guard.sensors.procfs import start_time
 from rome_guard.textsafe import from_bytes
@@ -49,21 +60,18 @@ PROG_PREFIX = "rgp_"
 BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bpf", "prevent.c")
 
 # Mirrors of prevent.h.
-ACT_BLOCK = 1
-ACT_KILL = 2
-EV_BLOCKED_CONNECT = 1
-EV_KILLED_EXEC = 2
-EV_KILLED_CONNECT = 3
-COMM_LEN = 16
-PATH_LEN = 256
+ACT_BLOCK = RG_ACT_BLOCK
+ACT_KILL = RG_ACT_KILL
+COMM_LEN = RG_COMM_LEN
+PATH_LEN = RG_PATH_LEN
 
 KIND_BLOCKED_CONNECT = "blocked_connect"
 KIND_KILLED_EXEC = "killed_exec"
 KIND_KILLED_CONNECT = "killed_connect"
 _KINDS = {
-    EV_BLOCKED_CONNECT: KIND_BLOCKED_CONNECT,
-    EV_KILLED_EXEC: KIND_KILLED_EXEC,
-    EV_KILLED_CONNECT: KIND_KILLED_CONNECT,
+    RG_EV_BLOCKED_CONNECT: KIND_BLOCKED_CONNECT,
+    RG_EV_KILLED_EXEC: KIND_KILLED_EXEC,
+    RG_EV_KILLED_CONNECT: KIND_KILLED_CONNECT,
 }
 
 # uapi/linux/bpf.h
@@ -84,31 +92,12 @@ _CONNECT_PROGRAMS = {
 }
 _PIN_ATTACH_TYPES = {pin: attach for attach, pin in _CONNECT_PROGRAMS.values()}
 _PINNED_MAPS = ("block_ports", "block_v4", "block_v6", "exempt_cgroups", "deny_comm", "deny_path")
+_IP_VERSIONS = {socket.AF_INET: 4, socket.AF_INET6: 6}  # record family -> Endpoint.family
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 
 
 class PreventionError(Exception):
     """Prevention cannot run here; the message names the missing capability."""
-
-
-class RawEvent(ctypes.Structure):
-    """ctypes mirror of ``struct rg_event`` in prevent.h."""
-
-    _fields_ = [
-        ("timestamp_ns", ctypes.c_uint64),
-        ("cgroup_id", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("tgid", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
-        ("kind", ctypes.c_uint16),
-        ("family", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("action", ctypes.c_uint8),
-        ("protocol", ctypes.c_uint8),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("comm", ctypes.c_char * COMM_LEN),
-        ("filename", ctypes.c_char * PATH_LEN),
-    ]
 
 
 @dataclass(frozen=True)
@@ -160,26 +149,23 @@ class PreventionEvent:
 
 def decode_event(raw: bytes) -> PreventionEvent:
     """One ring buffer record -> PreventionEvent (pure)."""
-    if len(raw) < ctypes.sizeof(RawEvent):
+    if len(raw) < ctypes.sizeof(PreventRecord):
         raise ValueError(f"short prevention event: {len(raw)} bytes")
-    ev = RawEvent.from_buffer_copy(raw[: ctypes.sizeof(RawEvent)])
+    ev = PreventRecord.from_buffer_copy(raw[: ctypes.sizeof(PreventRecord)])
     kind = _KINDS.get(ev.kind, f"unknown-{ev.kind}")
-    daddr = ""
-    if ev.family == 4:
-        daddr = socket.inet_ntop(socket.AF_INET, bytes(ev.daddr[:4]))
-    elif ev.family == 6:
-        daddr = socket.inet_ntop(socket.AF_INET6, bytes(ev.daddr))
+    version = _IP_VERSIONS.get(ev.family, 0)
+    daddr = format_address(ev.family, bytes(ev.daddr)) if version else ""
     protocol = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}.get(ev.protocol, "")
     return PreventionEvent(
         kind=kind,
-        pid=ev.tgid,
-        tid=ev.pid,
+        pid=ev.pid,
+        tid=ev.tid,
         uid=ev.uid,
         comm=from_bytes(ev.comm),
         cgroup_id=ev.cgroup_id,
         timestamp_ns=ev.timestamp_ns,
-        family=ev.family,
-        protocol=protocol if ev.family else "",
+        family=version,
+        protocol=protocol if version else "",
         daddr=daddr,
         dport=ev.dport,
         filename=from_bytes(ev.filename),

@@ -35,8 +35,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-from rome_guard.linux import can_load_bpf
-from rome_guard.sensors.ebpf_layout import (
+from rome_guard.layout.sensor import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
     MalformedRecord,
@@ -46,6 +45,7 @@ from rome_guard.sensors.ebpf_layout import (
     decode_record,
     wake_key,
 )
+from rome_guard.linux import can_load_bpf
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SENSOR_SOURCE = BPF_DIR / "sensor.c"

@@ -32,6 +32,7 @@ from rome_guard.events import (
     ForkEvent,
     GpuOpenEvent,
 )
+from rome_guard.layout.sensor import ARG_MAX_LEN
 from rome_guard.linux import cgroup_dir_id as cgroup_id
 from rome_guard.sensors.ebpf import (
     ATTACHMENTS,
@@ -41,7 +42,6 @@ from rome_guard.sensors.ebpf import (
     EbpfUnavailable,
     probe_ebpf,
 )
-from rome_guard.sensors.ebpf_layout import ARG_MAX_LEN
 from rome_guard.textsafe import from_bytes
 from tests.conftest import require
 

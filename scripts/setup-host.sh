@@ -89,7 +89,7 @@ build_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing Python dependencies into $venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -e "$repo[test]"
+    "$venv/bin/python" -m pip install -q -e "$repo[test,bench]"
     echo "$want" > "$stamp"
   fi
   "$venv/bin/python" -c 'import bcc' || { log "ERROR: import bcc fails in $venv"; return 1; }

@@ -55,22 +55,19 @@ EVENT_SOURCES = (
     "exit",
     "connect",  # eBPF connect attempts and outcomes
     "gpu_open",  # eBPF opens of /dev/nvidia*
-    "payload",  # TC egress payloads (stratum, DNS)
     "nvml",  # NVML compute-process polls
     "procfs",  # /proc snapshots (seeding, poll mode, scan)
-    "sockdiag",  # sock_diag socket snapshots
 )
 # Where events can be lost: the sensor's kernel ring buffers, prevention's,
-# and the daemon's own queues.
+# and the daemon's parking of events for pids not known yet.
 LOST_BUFFERS = (
     *LOST_SLOT_NAMES,  # "process", "network"
     "prevention",  # the prevention programs' ring buffer
     "parked",  # events for not-yet-known pids dropped after park_unknown_ms
-    "queue",  # user-space queue between sensors and the engine
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ACTIONS = ("alert", "kill", "block")  # what was done about an alert
+ALERT_ACTIONS = ("alert", "kill", "block")  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 # The categories the alerting rules and dashboard know (dashboards/alerts.yml).
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
@@ -247,7 +244,7 @@ class GuardMetrics:
         for rule_id, category, severity in rules:
             labels = self._alert_labels(rule_id, category, severity, only_loaded=False)
             loaded.append(rule_id)
-            for action in ACTIONS:
+            for action in ALERT_ACTIONS:
                 self.alerts.labels(*labels, action)
         with self._lock:
             self._loaded_rules = frozenset(loaded)
@@ -270,7 +267,7 @@ class GuardMetrics:
     def alert(self, rule: str, category: str, severity: str, action: str) -> None:
         """One alert of a loaded rule; action is what was done: alert (recorded
         only), kill or block."""
-        _member(action, ACTIONS, "action")
+        _member(action, ALERT_ACTIONS, "action")
         self.alerts.labels(*self._alert_labels(rule, category, severity), action).inc()
 
     # sensors

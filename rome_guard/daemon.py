@@ -313,10 +313,10 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     """The killer and the kernel prevention, in enforce mode only. Stale
     attachments of a crashed daemon are removed in every mode: a crash must
     never leave the host unable to connect."""
-    from rome_guard.respond import prevent
+    from rome_guard.respond import prevent, stale
 
     try:
-        for removed in prevent.cleanup_stale():
+        for removed in stale.cleanup_stale():
             log.warning("removed a stale attachment left by a crashed rome-guard: %s", removed)
     except OSError as exc:  # no BPF syscalls here (container, no privileges)
         log.warning("cannot look for stale attachments: %s", exc)

@@ -8,8 +8,9 @@ in-kernel kill comes back as a ``PreventionEvent`` from ``poll()``.
 
 cgroup attachments outlive the process that made them, so each running
 ``Prevention`` pins its programs under ``/sys/fs/bpf/rome-guard/<pid>-<start
-time>/``; ``cleanup_stale()`` (run by ``start()``) detaches what a dead owner
-left behind, and any ``rgp_*`` program on the root that no live owner pins.
+time>/``; ``stale.cleanup_stale()`` (run by ``start()``) detaches what a dead
+owner left behind, and any ``rgp_*`` program on the root that no live owner
+pins. The bpf(2) calls libbcc lacks are in ``bpfsys``.
 
 This module must never: load anything in monitor mode; block by default
 (every list starts empty and the programs allow whatever is not listed, so
@@ -23,14 +24,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import errno
 import ipaddress
 import logging
 import os
-import platform
 import resource
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -46,17 +44,20 @@ from rome_guard.layout.prevent import (
     PreventRecord,
 )
 from rome_guard.layout.sensor import format_address
-from rome_guard.linux import NoCgroup2, cgroup2_root, mounts_of_type
-from rome_guard.sensors.procfs import start_time
+from rome_guard.linux import NoCgroup2, cgroup2_root
+from rome_guard.respond.bpfsys import (
+    BPF_F_ALLOW_MULTI,
+    ensure_bpffs,
+    obj_pin,
+    prog_attach,
+    prog_detach,
+    prog_id_and_name,
+)
+from rome_guard.respond.stale import CONNECT_PROGRAMS, PIN_ROOT, cleanup_stale, owner_name
 from rome_guard.textsafe import from_bytes
 
 log = logging.getLogger(__name__)
 
-PIN_ROOT = "/sys/fs/bpf/rome-guard"
-BPFFS = "/sys/fs/bpf"
-# Every cgroup program of ours is named rgp_*: cleanup_stale() finds
-# leftovers by this prefix and never touches anything else.
-PROG_PREFIX = "rgp_"
 BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bpf", "prevent.c")
 
 # Mirrors of prevent.h.
@@ -74,26 +75,8 @@ _KINDS = {
     RG_EV_KILLED_CONNECT: KIND_KILLED_CONNECT,
 }
 
-# uapi/linux/bpf.h
-_BPF_OBJ_PIN = 6
-_BPF_OBJ_GET = 7
-_BPF_PROG_ATTACH = 8
-_BPF_PROG_DETACH = 9
-_BPF_PROG_GET_FD_BY_ID = 13
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_BPF_PROG_QUERY = 16
-_BPF_F_ALLOW_MULTI = 2
-ATTACH_INET4_CONNECT = 10
-ATTACH_INET6_CONNECT = 11
-# program function in prevent.c -> (attach type, pin name)
-_CONNECT_PROGRAMS = {
-    "rgp_connect4": (ATTACH_INET4_CONNECT, "connect4"),
-    "rgp_connect6": (ATTACH_INET6_CONNECT, "connect6"),
-}
-_PIN_ATTACH_TYPES = {pin: attach for attach, pin in _CONNECT_PROGRAMS.values()}
 _PINNED_MAPS = ("block_ports", "block_v4", "block_v6", "exempt_cgroups", "deny_comm", "deny_path")
 _IP_VERSIONS = {socket.AF_INET: 4, socket.AF_INET6: 6}  # record family -> Endpoint.family
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 
 
 class PreventionError(Exception):
@@ -195,219 +178,6 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
-def _ensure_bpffs() -> None:
-    if BPFFS in mounts_of_type("bpf"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    os.makedirs(BPFFS, exist_ok=True)
-    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount bpffs on {BPFFS}: {os.strerror(err)}")
-
-
-# --- the bpf(2) calls libbcc does not expose ---------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    number = _SYS_BPF.get(platform.machine())
-    if number is None:
-        raise PreventionError(f"bpf(2) syscall number unknown on {platform.machine()}")
-    ret = _libc.syscall(ctypes.c_long(number), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ret)
-
-
-def _attr() -> ctypes.Array:
-    return ctypes.create_string_buffer(128)
-
-
-def _obj_pin(fd: int, path: str) -> None:
-    attr, name = _attr(), ctypes.create_string_buffer(os.fsencode(path))
-    struct.pack_into("=QI", attr, 0, ctypes.addressof(name), fd)
-    _bpf(_BPF_OBJ_PIN, attr)
-
-
-def _obj_get(path: str) -> int:
-    attr, name = _attr(), ctypes.create_string_buffer(os.fsencode(path))
-    struct.pack_into("=QI", attr, 0, ctypes.addressof(name), 0)
-    return _bpf(_BPF_OBJ_GET, attr)
-
-
-def _prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
-    attr = _attr()
-    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
-    _bpf(_BPF_PROG_ATTACH, attr)
-
-
-def _prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
-    attr = _attr()
-    struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
-    _bpf(_BPF_PROG_DETACH, attr)
-
-
-def _prog_query(target_fd: int, attach_type: int) -> list[int]:
-    capacity = 64
-    while True:
-        ids = (ctypes.c_uint32 * capacity)()
-        attr = _attr()
-        struct.pack_into(
-            "=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), capacity
-        )
-        try:
-            _bpf(_BPF_PROG_QUERY, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC and capacity < 65536:
-                capacity *= 8
-                continue
-            raise
-        count = struct.unpack_from("=I", attr, 24)[0]
-        return list(ids[:count])
-
-
-def _prog_fd_by_id(prog_id: int) -> int:
-    attr = _attr()
-    struct.pack_into("=I", attr, 0, prog_id)
-    return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
-
-
-def _prog_id_and_name(fd: int) -> tuple[int, str]:
-    # struct bpf_prog_info: id at 4, name[16] at 64
-    info = ctypes.create_string_buffer(80)
-    attr = _attr()
-    struct.pack_into("=IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-    prog_id = struct.unpack_from("=I", info, 4)[0]
-    name = info.raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
-    return prog_id, name
-
-
-# --- stale attachments --------------------------------------------------------
-
-
-def _owner_name() -> str:
-    pid = os.getpid()
-    return f"{pid}-{start_time(pid)}"  # bpffs refuses names with dots
-
-
-def _owner_alive(name: str) -> bool:
-    pid_text, _, start_text = name.partition("-")
-    if not (pid_text.isdigit() and start_text.isdigit()):
-        return False
-    return start_time(int(pid_text)) == int(start_text)
-
-
-def _pinned_prog_ids(owner_dir: str) -> set[int]:
-    ids = set()
-    for pin in _PIN_ATTACH_TYPES:
-        try:
-            fd = _obj_get(os.path.join(owner_dir, pin))
-        except OSError:
-            continue
-        try:
-            ids.add(_prog_id_and_name(fd)[0])
-        finally:
-            os.close(fd)
-    return ids
-
-
-def _remove_owner_dir(owner_dir: str, root_fd: int | None) -> list[str]:
-    """Detach a dead owner's pinned programs and delete its pins."""
-    removed = []
-    for entry in sorted(os.listdir(owner_dir)):
-        path = os.path.join(owner_dir, entry)
-        attach_type = _PIN_ATTACH_TYPES.get(entry)
-        if attach_type is not None and root_fd is not None:
-            try:
-                fd = _obj_get(path)
-            except OSError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    prog_id, name = _prog_id_and_name(fd)
-                    _prog_detach(root_fd, fd, attach_type)
-                    removed.append(f"detached stale {name} (prog id {prog_id}) pinned at {path}")
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.EINVAL):
-                        raise
-                finally:
-                    os.close(fd)
-        os.unlink(path)
-    os.rmdir(owner_dir)
-    removed.append(f"removed stale pins {owner_dir}")
-    return removed
-
-
-def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> list[str]:
-    """Detach and unpin what a rome-guard that died without close() left
-    behind; returns one line per thing removed. Programs pinned by a live
-    rome-guard (its pid and start time still match) are left alone, and so
-    is every program not named rgp_*."""
-    try:
-        root = cgroup_root if cgroup_root is not None else cgroup2_root()
-    except NoCgroup2:
-        root = None
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY) if root else None
-    removed: list[str] = []
-    live_ids: set[int] = set()
-    try:
-        if os.path.isdir(pin_root):
-            for name in sorted(os.listdir(pin_root)):
-                owner_dir = os.path.join(pin_root, name)
-                if _owner_alive(name):
-                    live_ids |= _pinned_prog_ids(owner_dir)
-                elif os.path.isdir(owner_dir):
-                    removed += _remove_owner_dir(owner_dir, root_fd)
-        if root_fd is None:
-            return removed
-        for attach_type in _PIN_ATTACH_TYPES.values():
-            for prog_id in _prog_query(root_fd, attach_type):
-                if prog_id in live_ids:
-                    continue
-                try:
-                    fd = _prog_fd_by_id(prog_id)
-                except OSError:
-                    continue  # detached and freed meanwhile
-                try:
-                    name = _prog_id_and_name(fd)[1]
-                    if name.startswith(PROG_PREFIX):
-                        _prog_detach(root_fd, fd, attach_type)
-                        removed.append(f"detached stale {name} (prog id {prog_id}) from {root}")
-                finally:
-                    os.close(fd)
-        return removed
-    finally:
-        if root_fd is not None:
-            os.close(root_fd)
-
-
-def attached_programs(cgroup_root: str | None = None) -> list[tuple[int, str]]:
-    """(prog id, name) of every rgp_* connect program on the cgroup2 root."""
-    root = cgroup_root if cgroup_root is not None else cgroup2_root()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    found = []
-    try:
-        for attach_type in _PIN_ATTACH_TYPES.values():
-            for prog_id in _prog_query(fd, attach_type):
-                try:
-                    prog_fd = _prog_fd_by_id(prog_id)
-                except OSError:
-                    continue
-                try:
-                    name = _prog_id_and_name(prog_fd)[1]
-                finally:
-                    os.close(prog_fd)
-                if name.startswith(PROG_PREFIX):
-                    found.append((prog_id, name))
-    finally:
-        os.close(fd)
-    return found
-
-
 # --- the live programs ----------------------------------------------------------
 
 
@@ -468,7 +238,7 @@ class Prevention:
             except NoCgroup2 as exc:
                 self.degraded.append(f"{exc}; kill destinations are killed at SYN_SENT instead")
         try:
-            _ensure_bpffs()
+            ensure_bpffs()
         except OSError as exc:
             self.degraded.append(f"{exc}: a crash would leave attachments unpinned")
         stale = cleanup_stale(root, self._pin_root)
@@ -494,21 +264,21 @@ class Prevention:
 
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            owner_dir = os.path.join(self._pin_root, _owner_name())
+            owner_dir = os.path.join(self._pin_root, owner_name())
             os.makedirs(owner_dir, exist_ok=True)
             self._owner_dir = owner_dir
         except OSError as exc:
             self.degraded.append(f"cannot pin under {self._pin_root}: {exc}")
-        for func, (attach_type, pin) in _CONNECT_PROGRAMS.items():
+        for func, (attach_type, pin) in CONNECT_PROGRAMS.items():
             fn = self._bpf.load_func(func.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
             if self._owner_dir:
-                _obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
+                obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
             # ALLOW_MULTI: never replace another program on the root
-            _prog_attach(self._root_fd, fn.fd, attach_type, _BPF_F_ALLOW_MULTI)
+            prog_attach(self._root_fd, fn.fd, attach_type, BPF_F_ALLOW_MULTI)
             self._attached.append((fn.fd, attach_type))
         if self._owner_dir:
             for name in _PINNED_MAPS:
-                _obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
+                obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
 
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         self._received.append(decode_event(ctypes.string_at(data, size)))
@@ -530,7 +300,7 @@ class Prevention:
             return {}
         ids = {}
         for name, fn in self._bpf.funcs.items():
-            ids[os.fsdecode(name)] = _prog_id_and_name(fn.fd)[0]
+            ids[os.fsdecode(name)] = prog_id_and_name(fn.fd)[0]
         return ids
 
     def lost_events(self) -> int:
@@ -649,7 +419,7 @@ class Prevention:
         atexit.unregister(self.close)
         for prog_fd, attach_type in self._attached:
             try:
-                _prog_detach(self._root_fd, prog_fd, attach_type)
+                prog_detach(self._root_fd, prog_fd, attach_type)
             except OSError as exc:
                 log.warning("detaching rome-guard connect program failed: %s", exc)
         self._attached = []

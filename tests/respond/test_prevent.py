@@ -33,15 +33,13 @@ from rome_guard.respond.prevent import (
     KIND_BLOCKED_CONNECT,
     KIND_KILLED_CONNECT,
     KIND_KILLED_EXEC,
-    PIN_ROOT,
     Prevention,
-    attached_programs,
-    cleanup_stale,
     comm_key,
     decode_event,
     parse_network,
     path_key,
 )
+from rome_guard.respond.stale import PIN_ROOT, attached_programs, cleanup_stale
 from tests.conftest import require, require_root
 from tests.fixtures.network import free_port, listener, wait_until
 

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 
 from rome_guard.attribution import container_id
 from rome_guard.config import ProtectConfig
+from rome_guard.detect.rules import KILL_SCOPES
 from rome_guard.events import ProcessInfo, ProcessKey
 from rome_guard.linux import cgroup2_root, listening_tcp_inodes, read_cgroup, without_deleted
 from rome_guard.sensors.procfs import (
@@ -45,7 +46,6 @@ ALREADY_EXITED = "already_exited"
 KILL_FAILED = "kill_failed"
 PROTECTED = "protected"
 
-SCOPES = ("process", "tree", "cgroup", "container")
 
 # cgroups that group many unrelated workloads: killing one is never a
 # response to one offender. Any *.slice is refused as well.
@@ -222,8 +222,8 @@ class Killer:
         """SIGKILL target within scope. descendants (from the process table)
         add to those found in /proc for scope ``tree``: a daemonised
         grandchild is no longer a child of anyone we can see."""
-        if scope not in SCOPES:
-            raise ValueError(f"unknown kill scope {scope!r} (known: {', '.join(SCOPES)})")
+        if scope not in KILL_SCOPES:
+            raise ValueError(f"unknown kill scope {scope!r} (known: {', '.join(KILL_SCOPES)})")
         reason = self.is_protected(target)
         if reason:
             return KillResult(PROTECTED, f"pid {target.pid}: {reason}")

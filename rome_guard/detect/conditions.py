@@ -196,11 +196,19 @@ def _connecting(predicate: Predicate, required: bool = True) -> Predicate:
     return predicate
 
 
+# required_text markers: the needle must start an argument (or the value of
+# a --opt=value argument), or, for Go-style -long options also spelled
+# --long, start an argument or follow a dash
+AT_ARGUMENT = "\x01"
+AT_ARGUMENT_OR_DASH = "\x02"
+
+
 def required_text(predicate: Predicate) -> frozenset[str] | None:
     """Lower-case strings of which the lower-cased command line must contain
-    at least one for predicate to hold, or None when nothing is known. A
-    cheap test the engine runs before a rule no name index can narrow
-    (a pool URL, a miner-only flag under any program name)."""
+    at least one for predicate to hold, or None when nothing is known; a
+    string led by AT_ARGUMENT must start an argument there. A cheap test
+    the engine runs before a rule no name index can narrow (a pool URL, a
+    miner-only flag under any program name)."""
     return getattr(predicate, "required_text", None)
 
 
@@ -368,7 +376,7 @@ def _argument_predicate(tokens: Callable[[Subject], Any], test: Callable[[str], 
 def _b_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
     wanted = frozenset(x.lower() for x in c.strings(value, loc, "arg"))
     predicate = _argument_predicate(lambda s: s.argv[1:], lambda t: t.lower() in wanted)
-    return _needing(predicate, wanted)
+    return _needing(predicate, (AT_ARGUMENT + x for x in wanted))
 
 
 def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -376,7 +384,7 @@ def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
     predicate = _argument_predicate(
         lambda s: s.argument_values, lambda t: t.lower().startswith(prefixes)
     )
-    return _needing(predicate, prefixes)
+    return _needing(predicate, (AT_ARGUMENT + x for x in prefixes))
 
 
 def _b_arg_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -406,8 +414,8 @@ def _b_flag(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"flag {name}"
         return None
 
-    # has_flag needs a token that starts with the flag's stem
-    return _needing(predicate, (name.removesuffix("*").lower() for name in names))
+    # has_flag needs an argument that starts with the flag's stem
+    return _needing(predicate, (AT_ARGUMENT + n.removesuffix("*").lower() for n in names))
 
 
 def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -430,8 +438,14 @@ def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
                     return f"option {name} {_short(found)}"
         return None
 
-    # every spelling option_values accepts contains the name itself
-    return _needing(predicate, (name.lower() for name in names))
+    # every spelling option_values accepts starts an argument with the name
+    # (a -long name also as --long)
+    return _needing(predicate, (_option_needle(name.lower()) for name in names))
+
+
+def _option_needle(name: str) -> str:
+    single_dash_long = len(name) > 2 and not name.startswith("--")
+    return (AT_ARGUMENT_OR_DASH if single_dash_long else AT_ARGUMENT) + name
 
 
 def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:

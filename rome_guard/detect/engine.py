@@ -12,7 +12,13 @@ import logging
 import re
 from typing import Callable
 
-from rome_guard.detect.conditions import required_names, required_text, requires_connection
+from rome_guard.detect.conditions import (
+    AT_ARGUMENT,
+    AT_ARGUMENT_OR_DASH,
+    required_names,
+    required_text,
+    requires_connection,
+)
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
@@ -136,11 +142,19 @@ def _prefix_test(by_prefix: dict[str, list[Rule]]) -> Callable[[str], object] | 
     return re.compile("|".join(re.escape(p) for p in by_prefix)).match
 
 
+_ANCHORS = {AT_ARGUMENT: r"(?:^|(?<=[\s=]))", AT_ARGUMENT_OR_DASH: r"(?:^|(?<=[\s=-]))"}
+
+
 def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
-    """One search for any of needles; None: no test, always a candidate."""
+    """One search for any of needles (see conditions.required_text); None:
+    no test, always a candidate."""
     if needles is None:
         return None
-    return re.compile("|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
+    parts = []
+    for needle in sorted(needles, key=len, reverse=True):
+        anchor = _ANCHORS.get(needle[:1], "")
+        parts.append(anchor + re.escape(needle[1:] if anchor else needle))
+    return re.compile("|".join(parts))
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:

@@ -147,13 +147,18 @@ _ANCHORS = {AT_ARGUMENT: r"(?:^|(?<=[\s=]))", AT_ARGUMENT_OR_DASH: r"(?:^|(?<=[\
 
 def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
     """One search for any of needles (see conditions.required_text); None:
-    no test, always a candidate."""
+    no test, always a candidate. Anchored needles share one anchor, so most
+    positions fail on the anchor before any needle is tried."""
     if needles is None:
         return None
-    parts = []
-    for needle in sorted(needles, key=len, reverse=True):
-        anchor = _ANCHORS.get(needle[:1], "")
-        parts.append(anchor + re.escape(needle[1:] if anchor else needle))
+    groups: dict[str, list[str]] = {}
+    for needle in needles:
+        anchor = needle[:1] if needle[:1] in _ANCHORS else ""
+        groups.setdefault(anchor, []).append(re.escape(needle[len(anchor) :]))
+    parts = [
+        _ANCHORS.get(anchor, "") + "(?:" + "|".join(sorted(alts, key=len, reverse=True)) + ")"
+        for anchor, alts in sorted(groups.items())
+    ]
     return re.compile("|".join(parts))
 
 

@@ -63,6 +63,7 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # a repeated TCP connect (same process, destination and outcome) is reported
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
+WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
 
 
 class EbpfUnavailable(Exception):
@@ -470,8 +471,11 @@ class EbpfSensor:
         is not one of names (a name ending in "*" is a prefix) stay in the
         ring buffer until the next poll() instead of waking the caller, who
         then must poll() with a short timeout: that timeout bounds their
-        delay. None: every record wakes (the default)."""
+        delay. None: every record wakes (the default), as it does when
+        there are more names than the kernel's trie holds."""
         new = None if names is None else frozenset(names)
+        if new is not None and len(new) > WAKE_NAMES_MAX:
+            new = None
         if self._bpf is not None:
             self._sync_wake_names(self._wake_names or frozenset(), new or frozenset())
             self._wake_names = new

@@ -7,11 +7,13 @@ exit events become ``ProcessInfo`` records in a ``ProcessTable`` keyed by
 answered here; a process first met in a connect, a GPU open or a kernel
 prevention event is read from /proc on the spot (``resolve``). A child
 seen forked keeps its parent's context across its exec, so the common exec
-costs one readlink, not a full /proc read.
+costs one readlink, not a full /proc read; its record is built once, at
+exec (or when asked for), not copied at fork.
 
-This module never decides (rules do) and never acts (responders do); it
-never reads /proc for a process it already knows, except the exe link an
-exec changes.
+This module never decides (rules do) and never acts (responders do). For a
+process it already knows it reads from /proc only what an event cannot
+carry: the exe link an exec changes, the cgroup file for a cgroup id not
+seen before, and stdio sockets when a rule asks.
 """
 
 from __future__ import annotations

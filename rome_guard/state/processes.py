@@ -37,6 +37,7 @@ from rome_guard.events import (
 )
 from rome_guard.linux import PROC, cgroup_v2_path
 from rome_guard.sensors import procfs, sockdiag
+from rome_guard.state.snapshot import subject_for, take_snapshot
 from rome_guard.state.table import ProcessTable
 
 PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
@@ -68,8 +69,6 @@ class ProcessModel:
     def seed(self) -> list[Subject]:
         """Every live process, read after the sensor is attached so nothing
         starts unseen; returns them as subjects for a first evaluation."""
-        from rome_guard.scan import subject_for, take_snapshot
-
         snapshot = take_snapshot(self.env_keys)
         own = os.getpid()
         subjects = []

@@ -51,7 +51,7 @@ from rome_guard.events import (
     boottime_ns_to_ticks,
 )
 from rome_guard.findings import Finding, finding_record, gpu_record, rfc3339
-from rome_guard.gpu.consumers import NOT_GRANTED, UNREGISTERED, judge_consumer
+from rome_guard.gpu.consumers import ALERTING, UNREGISTERED, judge_consumer
 from rome_guard.gpu.registry import GpuRef
 from rome_guard.proctable import ProcessTable
 from rome_guard.respond.enforce import KernelPolicy, apply_policy, policy_for, rule_for
@@ -463,12 +463,13 @@ class Guard:
             if ancestor is not None:
                 job = one_line(ancestor[0].name, 64)
                 detail += f"; it descends from job {job!r}, registered without --include-children"
-            reason, verdict_info = UNREGISTERED, info
+            reason, verdict_info, decided_by = UNREGISTERED, info, None
         else:
             verdict = judge_consumer(device, info, lineage, self.gpu.registry)
-            if verdict.reason not in (UNREGISTERED, NOT_GRANTED):
+            if verdict.reason not in ALERTING:
                 return
             reason, detail, verdict_info = verdict.reason, verdict.detail, verdict.info
+            decided_by = verdict.source
         if verdict_info is None:
             return
         earlier = self._gpu_alerts.pop(verdict_info.key, None) if source == "nvml" else None
@@ -482,7 +483,11 @@ class Guard:
                 detail,
                 tuple(lineage),
                 gpu=device,
-                extra={"gpu_verdict": reason, "gpu_source": source},
+                extra={
+                    "gpu_verdict": reason,
+                    "gpu_source": source,
+                    "allocation_source": decided_by,
+                },
             )
             record = self.raise_alert(finding)
             if record is not None and source == "open":

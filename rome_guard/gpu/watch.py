@@ -3,7 +3,10 @@
 NVML calls are slow and may hang on a sick driver, so the sensor runs on a
 thread of its own and hands snapshots over a queue; the daemon's loop
 judges them against the job registry with its process table in hand.
-Without a driver the watch says so once and the daemon goes on.
+The schedulers' allocations (kubelet, Slurm) are refreshed on a thread of
+their own too (rome_guard.gpu.allocations) and read by the registry's
+verdicts. Without a driver or a scheduler the watch says so once and the
+daemon goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import queue
 import threading
 
 from rome_guard.config import Config
+from rome_guard.gpu import allocations
 from rome_guard.gpu.registry import GpuRegistry
 from rome_guard.sensors.nvml import GpuSnapshot, NvmlSensor
 
@@ -22,6 +26,8 @@ log = logging.getLogger(__name__)
 class GpuWatch:
     def __init__(self, config: Config):
         self.registry = GpuRegistry.from_config(config)
+        self.allocations = allocations.from_config(config)
+        self.registry.allocations = self.allocations
         self.sensor = NvmlSensor(config.gpu.poll_interval, config.gpu.accounting)
         self._snapshots: queue.SimpleQueue[GpuSnapshot] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -33,6 +39,7 @@ class GpuWatch:
             target=self.sensor.run, args=(self._snapshots.put, self._stop), name="nvml", daemon=True
         )
         self._thread.start()
+        self.allocations.start()
 
     def snapshots(self) -> list[GpuSnapshot]:
         taken = []
@@ -54,3 +61,4 @@ class GpuWatch:
         if self._thread is not None:
             self._thread.join(5)
         self.sensor.close()
+        self.allocations.close()

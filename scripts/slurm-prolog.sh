@@ -9,28 +9,26 @@
 # agent's tool call) stay unregistered; see docs/gpu.md.
 #
 # A prolog that fails drains the node: this one always exits 0 and logs
-# what went wrong instead (ROME_GUARD_SLURM_LOG, default syslog via logger).
+# what went wrong instead (to ROME_GUARD_SLURM_LOG, when set).
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 ROME_GUARD=${ROME_GUARD:-rome-guard}
-log=${ROME_GUARD_SLURM_LOG:-}
+log=${ROME_GUARD_SLURM_LOG:-/dev/null}
 
 case "$SLURM_JOB_ID" in
   ''|*[!0-9]*) exit 0 ;;
 esac
-gpus=
+# a job given no GPU is not registered: a registration without GPUs would
+# mean "any GPU". Indices are gres.conf order (see docs/gpu.md).
 case "${SLURM_JOB_GPUS:-}" in
-  ''|*[!0-9,]*) ;;  # no GPUs, or something this script does not understand
-  *) gpus="--gpus $SLURM_JOB_GPUS" ;;
+  ''|*[!0-9,]*) exit 0 ;;
 esac
+gpus="--gpus $SLURM_JOB_GPUS"
 
-report() {
-  if [ -n "$log" ]; then cat >> "$log"; else logger -t rome-guard-prolog 2>/dev/null || cat >/dev/null; fi
-}
-
+# --detach returns once the waiting helper is in a session of its own:
+# slurmd kills the prolog's process group when the script ends, and the job
+# starts only after that. The helper holds none of slurmd's descriptors.
 # shellcheck disable=SC2086  # $ROME_GUARD may be "python -m rome_guard"; $gpus two words
-# detached, and holding none of slurmd's descriptors: the job starts only
-# after this script (and anything keeping its output open) is done
-(setsid $ROME_GUARD gpu register --slurm-job "$SLURM_JOB_ID" --wait 300 $gpus 2>&1 | report) \
-  </dev/null >/dev/null 2>&1 &
+$ROME_GUARD gpu register --slurm-job "$SLURM_JOB_ID" --wait 300 --detach $gpus \
+  </dev/null >>"$log" 2>&1
 exit 0

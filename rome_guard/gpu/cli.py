@@ -102,6 +102,12 @@ def gpu(ctx: click.Context, config_path: str, run_dir: str | None) -> None:
     default=0.0,
     help="With --slurm-job: seconds to wait for the launcher to start (a prolog runs before it).",
 )
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Return at once and register from a process in a session of its own "
+    "(a Slurm prolog must end before the job starts, and its process group is killed).",
+)
 @click.option("--gpus", default=None, help="GPUs it may use: indices or UUIDs, comma-separated.")
 @click.option("--job", default=None, help="A job name shown in alerts and listings.")
 @click.option(
@@ -116,6 +122,7 @@ def register(
     pid: int | None,
     slurm_job: str | None,
     wait: float,
+    detach: bool,
     gpus: str | None,
     job: str | None,
     include_children: bool,
@@ -128,6 +135,8 @@ def register(
         _fail(f"--gpus: {exc}")
     if (pid is None) == (slurm_job is None):
         _fail("register needs exactly one of --pid and --slurm-job")
+    if detach:
+        _detach()
     if slurm_job is not None:
         pid = _slurm_launcher(opts, slurm_job, wait)
         job = job or f"slurm-{slurm_job}"
@@ -147,7 +156,23 @@ def register(
         click.echo(f"registered {_describe(reg)}")
 
 
+def _detach() -> None:
+    """Fork; the parent exits once the child leads a session of its own."""
+    import os
+
+    ready_r, ready_w = os.pipe()
+    if os.fork() > 0:
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        os._exit(0)
+    os.close(ready_r)
+    os.setsid()
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+
+
 def _slurm_launcher(opts: _Options, job_id: str, wait: float) -> int:
+    import contextlib
     import time
 
     from rome_guard.gpu.slurm import SlurmClient, SlurmError, find_launcher
@@ -165,16 +190,25 @@ def _slurm_launcher(opts: _Options, job_id: str, wait: float) -> int:
             return None
 
     deadline = time.monotonic() + wait
+    next_check = time.monotonic() + 2.0
     while True:
+        # until the batch step starts, slurmd does not know the job: not yet an error
         try:
-            pids = client.listpids(job_id)
+            found = find_launcher(client.listpids(job_id), job_id, ppid)
+            problem = f"Slurm job {job_id} has no launcher process on this node"
         except SlurmError as exc:
-            _fail(str(exc))
-        found = find_launcher(pids, job_id, ppid)
+            found, problem = None, str(exc)
         if found is not None:
             return found
         if time.monotonic() >= deadline:
-            _fail(f"Slurm job {job_id} has no launcher process on this node")
+            _fail(problem)
+        if time.monotonic() >= next_check:
+            # a job cancelled before its batch step ran has nothing to register
+            with contextlib.suppress(SlurmError):
+                state = client.job_state(job_id)
+                if state not in ("PENDING", "CONFIGURING", "RUNNING"):
+                    _fail(f"Slurm job {job_id} is {state or 'gone'}: nothing to register")
+            next_check = time.monotonic() + 2.0
         time.sleep(0.2)
 
 

@@ -221,6 +221,19 @@ class SlurmClient:
     def jobs(self, node: str) -> list[SlurmJob]:
         return parse_jobs(self.run("show", "job", "-d", "-o"), node)
 
+    def job_state(self, job_id: str) -> str | None:
+        """PENDING, RUNNING, COMPLETED...; None when slurmctld no longer knows it."""
+        try:
+            text = self.run("show", "job", job_id, "-o")
+        except SlurmError as exc:
+            if "invalid job id" in str(exc).lower():
+                return None
+            raise
+        for line in text.splitlines():
+            if line.startswith(f"JobId={job_id} "):
+                return dict(_FIELD.findall(line)).get("JobState")
+        return None
+
     def listpids(self, job_id: str | None = None) -> list[StepPid]:
         try:
             text = self.run("listpids", *([job_id] if job_id else []))

@@ -541,22 +541,30 @@ class Guard:
             self.sync_loopback_filter()
         if self.metrics is not None:
             self.metrics.event("nvml", len(snapshot.processes))
-        allowed: set[tuple[int, str, int]] = set()
+        verdicts: dict[tuple[int, str, int], str] = {}
         for device in snapshot.processes:
             info = self.resolve(device.pid)
             lineage = self.table.lineage(info) if info is not None else []
             verdict = judge_consumer(device, info, lineage, self.gpu.registry)
-            if verdict.allowed:
-                allowed.add((device.gpu_index, device.gpu_uuid, device.pid))
-            else:
+            verdicts[(device.gpu_index, device.gpu_uuid, device.pid)] = verdict.reason or "allowed"
+            if not verdict.allowed:
                 self._judge_gpu(device, info, source="nvml")
         if self.metrics is not None:
             gpus = [(d.index, d.uuid) for d in snapshot.devices]
+
+            def verdict_of(p: GpuProcess) -> str:
+                return verdicts[(p.gpu_index, p.gpu_uuid, p.pid)]
+
             self.metrics.set_gpu_usage(
                 gpu_usage(
-                    snapshot.processes, lambda p: (p.gpu_index, p.gpu_uuid, p.pid) in allowed, gpus
+                    snapshot.processes,
+                    lambda p: verdict_of(p) == "allowed",
+                    gpus,
+                    verdict_of,
+                    self.gpu.owner_kinds,
                 )
             )
+            self.metrics.set_allocation_sources(self.gpu.sources_live())
 
     def on_prevention(self, event: Any) -> None:
         """The kernel denied a connect or killed at exec: journal it with the
@@ -700,6 +708,7 @@ class Guard:
             "events": self.events_seen,
             "alerts": self.alerts_raised,
             "events_lost": dict(self.lost),
+            "gpu": self.gpu.status() if self.gpu is not None else None,
             "time": time.time(),
         }
 

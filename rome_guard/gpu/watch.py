@@ -17,10 +17,18 @@ import threading
 
 from rome_guard.config import Config
 from rome_guard.gpu import allocations
-from rome_guard.gpu.registry import GpuRegistry
+from rome_guard.gpu.allocations import gpu_matches
+from rome_guard.gpu.registry import GpuRef, GpuRegistry
 from rome_guard.sensors.nvml import GpuSnapshot, NvmlSensor
 
 log = logging.getLogger(__name__)
+
+
+def on_gpu(grant: str, index: int, uuid: str, migs: tuple[str, ...]) -> bool:
+    """A scheduler's device id names this GPU or one of its MIG devices."""
+    return gpu_matches(grant, GpuRef(index, uuid)) or any(
+        gpu_matches(grant, GpuRef(index, uuid, mig)) for mig in migs
+    )
 
 
 class GpuWatch:
@@ -33,6 +41,7 @@ class GpuWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.available: bool | None = None
+        self._migs: dict[str, tuple[str, ...]] = {}  # GPU UUID -> its MIG devices' UUIDs
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -54,7 +63,34 @@ class GpuWatch:
                     log.info("GPU features on: %d GPU(s) through NVML", len(snapshot.devices))
                 self.available = snapshot.available
             if snapshot.available:
+                self._migs = {
+                    d.uuid: tuple(m.uuid for m in d.mig_devices) for d in snapshot.devices
+                }
                 taken.append(snapshot)
+
+    def owner_kinds(self, index: int, uuid: str) -> list[str]:
+        """Kinds (pod, slurm_job) of the owners GPU index/uuid, or one of its
+        MIG devices, is allocated to."""
+        kinds = []
+        for snap in self.allocations.snapshots():
+            if snap.live:
+                for alloc in snap.allocations:
+                    if any(on_gpu(g, index, uuid, self._migs.get(uuid, ())) for g in alloc.gpus):
+                        kinds.append(alloc.owner.kind)
+        return kinds
+
+    def sources_live(self) -> list[tuple[str, bool]]:
+        return [(snap.source, snap.live) for snap in self.allocations.snapshots()]
+
+    def status(self) -> dict:
+        """For status.json and `rome-guard status`: which sources are live."""
+        return {
+            "nvml": self.available,
+            "allocation_sources": {
+                snap.source: "live" if snap.live else f"down: {snap.reason}"
+                for snap in self.allocations.snapshots()
+            },
+        }
 
     def close(self) -> None:
         self._stop.set()

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterable, Protocol
 
 from rome_guard.events import ProcessInfo
@@ -74,8 +75,12 @@ class AllocationSnapshot:
     pids: dict[int, str] = field(default_factory=dict)
     taken_at: float = 0.0
 
-    def by_owner(self) -> dict[str, Allocation]:
+    @cached_property
+    def _owners(self) -> dict[str, Allocation]:
         return {a.owner.id: a for a in self.allocations}
+
+    def by_owner(self) -> dict[str, Allocation]:
+        return self._owners
 
 
 class AllocationSource(Protocol):

@@ -127,7 +127,7 @@ def judge_consumer(
     coverage = registry.covering(info, lineage, ref)
     view = registry.allocations.judge(info, ref) if registry.allocations is not None else None
     if view is not None:
-        verdict = _judge_with_scheduler(process, info, lineage, registry, coverage, view, who, gpu)
+        verdict = _judge_with_scheduler(process, info, registry, coverage, view, who, gpu)
         if verdict is not None:
             return verdict
     return _judge_registration(process, info, lineage, registry, coverage, who, gpu, view)
@@ -140,7 +140,6 @@ def _holders(view: AllocationVerdict) -> str:
 def _judge_with_scheduler(
     process: GpuProcess,
     info: ProcessInfo,
-    lineage: list[ProcessInfo],
     registry: CoverageSource,
     coverage: Coverage | None,
     view: AllocationVerdict,

@@ -51,8 +51,7 @@ from rome_guard.events import (
     boottime_ns_to_ticks,
 )
 from rome_guard.findings import Finding, finding_record, gpu_record, rfc3339
-from rome_guard.gpu.consumers import ALERTING, UNREGISTERED, judge_consumer
-from rome_guard.gpu.registry import GpuRef
+from rome_guard.gpu.consumers import ALERTING, judge_consumer, judge_open
 from rome_guard.proctable import ProcessTable
 from rome_guard.respond.enforce import KernelPolicy, apply_policy, policy_for, rule_for
 from rome_guard.respond.journal import Journal
@@ -454,16 +453,10 @@ class Guard:
             return
         lineage = self.table.lineage(info) if info is not None else []
         if source == "open":
-            # no GPU is known yet: any grant on any GPU covers the process
-            covered = self.gpu.registry.covering(info, lineage, GpuRef(-1, "", None))
-            if covered is not None:
+            opened = judge_open(info, lineage, self.gpu.registry)
+            if opened is None:
                 return
-            ancestor = self.gpu.registry.registered_ancestor(lineage)
-            detail = "opened /dev/nvidia-uvm (creating a CUDA context) and is not registered"
-            if ancestor is not None:
-                job = one_line(ancestor[0].name, 64)
-                detail += f"; it descends from job {job!r}, registered without --include-children"
-            reason, verdict_info, decided_by = UNREGISTERED, info, None
+            (reason, detail, decided_by), verdict_info = opened, info
         else:
             verdict = judge_consumer(device, info, lineage, self.gpu.registry)
             if verdict.reason not in ALERTING:

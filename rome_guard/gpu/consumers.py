@@ -45,6 +45,8 @@ ALERTING = (UNREGISTERED, NOT_ALLOCATED, NOT_GRANTED)  # a process the guard can
 class AllocationView(Protocol):
     def judge(self, info: ProcessInfo, gpu: GpuRef) -> AllocationVerdict | None: ...
 
+    def owner_of(self, info: ProcessInfo) -> tuple[Owner | None, Any, bool]: ...
+
 
 class CoverageSource(Protocol):
     allocations: AllocationView | None
@@ -131,6 +133,37 @@ def judge_consumer(
         if verdict is not None:
             return verdict
     return _judge_registration(process, info, lineage, registry, coverage, who, gpu, view)
+
+
+def judge_open(
+    info: ProcessInfo, lineage: list[ProcessInfo], registry: CoverageSource
+) -> tuple[str, str, str | None] | None:
+    """The verdict on a process that opened /dev/nvidia-uvm (CUDA creating
+    a context), before NVML says which GPU: (reason, detail, who decided),
+    or None when it may be on some GPU. Without a GPU, only "its pod or job
+    was allocated none" is certain; everything else waits for NVML."""
+    what = "opened /dev/nvidia-uvm (creating a CUDA context)"
+    if registry.allocations is not None:
+        owner, alloc, _ = registry.allocations.owner_of(info)
+        if owner is not None and alloc is not None:
+            if not alloc.gpus:
+                mine = one_line(describe_owner(owner), 96)
+                return (
+                    NOT_ALLOCATED,
+                    f"{what}, but {owner.source} allocated {mine} no GPU",
+                    owner.source,
+                )
+            if registry.trust == TRUST_ALLOCATION:
+                return None
+    # no GPU is known yet: any grant on any GPU covers the process
+    if registry.covering(info, lineage, GpuRef(-1, "", None)) is not None:
+        return None
+    detail = f"{what} and is not registered"
+    ancestor = registry.registered_ancestor(lineage)
+    if ancestor is not None:
+        job = one_line(ancestor[0].name, 64)
+        detail += f"; it descends from job {job!r}, registered without --include-children"
+    return UNREGISTERED, detail, None
 
 
 def _holders(view: AllocationVerdict) -> str:

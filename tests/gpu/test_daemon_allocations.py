@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tests.fixtures import fake_nvml
 from tests.fixtures.daemon import Daemon, by_pid
 from tests.fixtures.kubelet import FakePod
 from tests.fixtures.network import wait_until
+from tests.gpu.test_daemon_gpu import OPENER
 
 GPU0, GPU1 = "GPU-00000000-0000-0000-0000-000000000000", "GPU-11111111-1111-1111-1111-111111111111"
 
@@ -42,7 +45,11 @@ def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
     trainer_cg = pod_cgroups.container(trainer_pod.uid)
     trainer = pod_cgroups.start(trainer_cg, "sleep", "1000")
     helper = pod_cgroups.start(trainer_cg, "sleep", "1001")  # not registered, same pod
-    intruder = pod_cgroups.start(pod_cgroups.container(web_pod.uid), "sleep", "1002")
+    web_cg = pod_cgroups.container(web_pod.uid)
+    intruder = pod_cgroups.start(web_cg, "sleep", "1002")
+    # no GPU here: a stand-in device node under the UVM device's name
+    fd, uvm = tempfile.mkstemp(prefix="nvidia-uvm-rgtest-", dir="/dev")
+    os.close(fd)
 
     state_file = tmp_path / "nvml.state"
     state = fake_nvml.FakeState(gpus=[fake_nvml.FakeGpu(0, GPU0), fake_nvml.FakeGpu(1, GPU1)])
@@ -63,6 +70,17 @@ def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
         from tests.gpu.test_daemon_gpu import register
 
         register(d.run_dir, "--pid", str(trainer.pid), "--gpus", GPU0, "--job", "sft")
+        # CUDA in the pod with no GPU: judged at the open, before NVML lists it
+        opener = pod_cgroups.start(web_cg, sys.executable, "-c", OPENER, uvm)
+        opened = d.wait_alert(by_pid(opener.pid, "gpu-unregistered-consumer"))
+        assert opened["gpu_source"] == "open"
+        assert opened["gpu_verdict"] == "gpu_not_allocated"
+        assert opened["allocation_source"] == "kubelet"
+        # in the trainer's pod (allocated a GPU) the open is judged on registration
+        trainer_opener = pod_cgroups.start(trainer_cg, sys.executable, "-c", OPENER, uvm)
+        opened = d.wait_alert(by_pid(trainer_opener.pid, "gpu-unregistered-consumer"))
+        assert opened["gpu_verdict"] == "unregistered"
+
         state.processes = [
             fake_nvml.FakeProcess(0, trainer.pid),
             fake_nvml.FakeProcess(0, helper.pid),
@@ -119,3 +137,4 @@ def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
         assert os.path.exists(d.run_dir)
     finally:
         d.stop()
+        os.unlink(uvm)

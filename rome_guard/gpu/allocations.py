@@ -150,6 +150,8 @@ class Allocations:
 
     def refresh(self) -> None:
         for source in self.sources:
+            if self._stop.is_set():
+                return
             try:
                 snap = source.snapshot()
             except Exception as exc:  # a source bug must not stop the others
@@ -198,10 +200,13 @@ class Allocations:
             self._stop.wait(max(0.0, MIN_REFRESH_S - (self._clock() - self._refreshed_at)))
 
     def close(self) -> None:
+        """Stop refreshing. A query in flight is not waited for (the daemon
+        has 2 s to exit): closing the sources cancels a gRPC call, and the
+        thread is a daemon thread."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(0.2)
         for source in self.sources:
             source.close()
 

@@ -46,6 +46,9 @@ class KubeletConfig:
     # the kubelet names pods namespace/name; cgroups carry UIDs. The kubelet's
     # log directories (<namespace>_<name>_<uid>) join the two.
     pod_logs_dir: str = "/var/log/pods"
+    # <pod>_<namespace>_<container>-<id>.log links: which container a
+    # process's cgroup names; verdicts per container where readable
+    container_logs_dir: str = "/var/log/containers"
     timeout: float = 5.0
     resources: list[str] = field(default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/mig-*"])
 

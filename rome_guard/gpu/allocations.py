@@ -73,6 +73,9 @@ class AllocationSnapshot:
     allocatable: tuple[str, ...] = ()  # GPUs the scheduler manages on this node
     # Slurm without cgroups: pid -> job id, from slurmd (scontrol listpids)
     pids: dict[int, str] = field(default_factory=dict)
+    # kubelet: container id -> container name, where the node tells them
+    # apart; an allocation's parts are then judged per container
+    containers: dict[str, str] = field(default_factory=dict)
     taken_at: float = 0.0
 
     @cached_property
@@ -121,6 +124,17 @@ class AllocationVerdict:
 def describe_owner(owner: Owner) -> str:
     kind = "pod" if owner.kind == OWNER_POD else "Slurm job"
     return f"{kind} {owner.name}"
+
+
+def _narrowed(alloc: Allocation, part: str | None) -> tuple[Owner, Allocation]:
+    """A pod's allocation narrowed to the container a process runs in, when
+    the kubelet listed that container: a sidecar of a GPU pod was given none."""
+    parts = dict(alloc.parts)
+    if part is None or part not in parts:
+        return alloc.owner, alloc
+    pod = alloc.owner
+    owner = Owner(pod.kind, pod.id, f"{pod.name}/{part}", pod.source)
+    return owner, Allocation(owner, parts[part], ((part, parts[part]),))
 
 
 class Allocations:
@@ -236,7 +250,7 @@ class Allocations:
             if found is None:
                 self.request_refresh()
                 return None, None, True
-            return found.owner, found, False
+            return (*_narrowed(found, snap.containers.get(att.container_id or "")), False)
         return None, None, False
 
     def allocated_to(self, gpu: GpuRef) -> tuple[Owner, ...]:
@@ -282,6 +296,7 @@ def from_config(config: object) -> Allocations:
                 gpu.kubelet.pod_logs_dir,
                 gpu.kubelet.timeout,
                 gpu.kubelet.resources,
+                gpu.kubelet.container_logs_dir,
             )
         )
     if gpu.slurm.enabled != "off":

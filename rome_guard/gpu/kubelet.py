@@ -46,6 +46,11 @@ _POD_DIR = re.compile(
     r"(?P<uid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
 
+_CONTAINER_LOG = re.compile(
+    r"^(?P<pod>[a-z0-9][-.a-z0-9]*)_(?P<ns>[a-z0-9][-a-z0-9]*)_(?P<container>[a-z0-9][-a-z0-9]*)"
+    r"-(?P<id>[0-9a-f]{64})\.log$"
+)
+
 # (message, [(field, number, type, label, message type)]); see podresources.proto
 _LABEL_OPTIONAL, _LABEL_REPEATED = 1, 3
 _TYPE_INT64, _TYPE_STRING, _TYPE_MESSAGE = 3, 9, 11
@@ -149,6 +154,18 @@ def pod_uids(pod_logs_dir: str) -> dict[tuple[str, str], str]:
     return found
 
 
+def container_names(container_logs_dir: str) -> dict[str, tuple[str, str, str]]:
+    """container id -> (namespace, pod name, container name), from the
+    kubelet's links <pod>_<namespace>_<container>-<id>.log. Names in
+    Kubernetes never contain "_", so the split is unambiguous."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for entry in os.listdir(container_logs_dir):
+        match = _CONTAINER_LOG.match(entry)
+        if match:
+            found[match["id"]] = (match["ns"], match["pod"], match["container"])
+    return found
+
+
 def _wanted(resource: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(resource, p) for p in patterns)
 
@@ -173,9 +190,11 @@ class PodResourcesSource:
         pod_logs_dir: str = "/var/log/pods",
         timeout: float = 5.0,
         resources: Iterable[str] = ("nvidia.com/gpu", "nvidia.com/mig-*"),
+        container_logs_dir: str = "/var/log/containers",
     ):
         self.socket = socket
         self.pod_logs_dir = pod_logs_dir
+        self.container_logs_dir = container_logs_dir
         self.timeout = timeout
         self.resources = tuple(resources)
         self._channel: Any = None
@@ -252,8 +271,16 @@ class PodResourcesSource:
                 "(mount the kubelet's pod log directory read-only)",
                 taken_at=now,
             )
+        try:
+            by_container = container_names(self.container_logs_dir)
+        except OSError:
+            by_container = {}  # verdicts per pod, not per container
         allocations = []
         unnamed = 0
+        pods = {(pod.namespace, pod.name) for pod in listed.pod_resources}
+        containers = {
+            cid: name for cid, (ns, pod, name) in by_container.items() if (ns, pod) in pods
+        }
         for pod in listed.pod_resources:
             uid = uids.get((pod.namespace, pod.name))
             if uid is None:
@@ -267,7 +294,13 @@ class PodResourcesSource:
             note = f"{unnamed} pod(s) without a log directory in {self.pod_logs_dir}"
             reason = f"{reason}; {note}" if reason else note
         return AllocationSnapshot(
-            self.name, True, reason, tuple(allocations), allocatable, taken_at=now
+            self.name,
+            True,
+            reason,
+            tuple(allocations),
+            allocatable,
+            containers=containers,
+            taken_at=now,
         )
 
     def close(self) -> None:

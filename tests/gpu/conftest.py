@@ -233,13 +233,14 @@ class PodCgroups:
         self.processes = processes
         self.dirs: list[str] = []
 
-    def container(self, pod_uid: str) -> str:
+    def container(self, pod_uid: str, container_id: str | None = None) -> str:
         pod = pod_uid.replace("-", "_")
+        container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
         path = os.path.join(
             self.top,
             "kubepods.slice",
             f"kubepods-pod{pod}.slice",
-            f"cri-containerd-{uuid.uuid4().hex}{uuid.uuid4().hex}.scope",
+            f"cri-containerd-{container_id}.scope",
         )
         os.makedirs(path)
         self.dirs.append(path)

@@ -114,6 +114,7 @@ def _config(tmp_path, kubelet, trust: str = "process") -> None:
         "  kubelet:\n"
         f"    socket: {kubelet.socket}\n"
         f"    pod_logs_dir: {kubelet.pod_logs_dir}\n"
+        f"    container_logs_dir: {kubelet.container_logs_dir}\n"
         "  slurm:\n"
         "    enabled: 'off'\n"
     )
@@ -188,3 +189,39 @@ def test_gpu_list_judges_pods_against_their_allocations(
     [kube] = doc["allocation_sources"]
     assert not kube["live"] and "no socket" in kube["reason"]
     assert "allocations from kubelet: down" in rome_guard(tmp_path, "list", state=state).stdout
+
+
+def test_a_sidecar_of_a_gpu_pod_is_judged_by_its_own_container(
+    tmp_path, kubelet, pod_cgroups, fake_library
+):
+    """The kubelet gives GPUs to containers: a pod's sidecar was given none,
+    even though its pod was. Where the container log links are readable the
+    verdict is per container; where not, per pod."""
+    pod = kubelet.add_pod(
+        FakePod("ml", "trainer-0", {"main": [("nvidia.com/gpu", [GPU0])], "metrics": []})
+    )
+    kubelet.start()
+    main_id, sidecar_id = "a" * 64, "b" * 64
+    kubelet.container_log(pod, "main", main_id)
+    kubelet.container_log(pod, "metrics", sidecar_id)
+    trainer = pod_cgroups.start(pod_cgroups.container(pod.uid, main_id), "sleep", "1000")
+    sidecar = pod_cgroups.start(pod_cgroups.container(pod.uid, sidecar_id), "sleep", "1001")
+    state = tmp_path / "state.txt"
+    FakeState(
+        gpus=[FakeGpu(0, GPU0)],
+        processes=[FakeProcess(0, trainer.pid), FakeProcess(0, sidecar.pid)],
+    ).write(state)
+    _config(tmp_path, kubelet, trust="allocation")
+    doc = json.loads(rome_guard(tmp_path, "list", "--json", state=state).stdout)
+    by = consumers(doc)
+    assert by[trainer.pid]["status"] == "allocated"
+    assert by[trainer.pid]["owner"]["name"] == "ml/trainer-0/main"
+    assert by[sidecar.pid]["status"] == "gpu_not_allocated"
+    assert by[sidecar.pid]["owner"]["name"] == "ml/trainer-0/metrics"
+    assert by[sidecar.pid]["owner"]["id"] == pod.uid
+
+    # without the links, the pod is the unit: both are inside its allocation
+    for link in kubelet.container_logs_dir.iterdir():
+        link.unlink()
+    doc = json.loads(rome_guard(tmp_path, "list", "--json", state=state).stdout)
+    assert {p["status"] for p in consumers(doc).values()} == {"allocated"}

@@ -119,3 +119,4 @@ def test_the_kubelet_socket_and_pod_logs_are_mounted_where_the_config_looks():
     socket_dir = os.path.dirname(kubelet.socket)
     assert found[socket_dir] == (socket_dir, True)
     assert found[kubelet.pod_logs_dir] == (kubelet.pod_logs_dir, True)
+    assert found[kubelet.container_logs_dir] == (kubelet.container_logs_dir, True)

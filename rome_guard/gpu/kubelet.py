@@ -178,6 +178,16 @@ def _gpu_ids(devices: Iterable[Any], patterns: Iterable[str]) -> tuple[str, ...]
     return tuple(dict.fromkeys(ids))
 
 
+def _grpc() -> Any:
+    """grpc, imported on first use. gRPC's own logging writes lines in a
+    format of its own to stderr (a kubelet restart, a fork while a call
+    runs): unless the operator set GRPC_VERBOSITY, only errors."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import grpc
+
+    return grpc
+
+
 class PodResourcesSource:
     """An allocation source over the kubelet socket. Each ``snapshot()``
     connects afresh if the socket was replaced (a kubelet restart)."""
@@ -201,7 +211,7 @@ class PodResourcesSource:
         self._socket_id: tuple[int, int] | None = None
 
     def _connect(self) -> Any:
-        import grpc
+        grpc = _grpc()
 
         st = os.stat(self.socket)
         if not stat.S_ISSOCK(st.st_mode):
@@ -231,7 +241,7 @@ class PodResourcesSource:
         return stub(classes[request](), timeout=self.timeout)
 
     def snapshot(self) -> AllocationSnapshot:
-        import grpc
+        grpc = _grpc()
 
         now = time.time()
         try:

@@ -11,7 +11,9 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root
@@ -33,8 +35,21 @@ def scrape(port: int) -> dict:
     }
 
 
+@pytest.fixture
+def uvm() -> Iterator[str]:
+    """No GPU here: a stand-in file under the UVM device's name, removed
+    whatever the test does."""
+    require_root()
+    fd, path = tempfile.mkstemp(prefix="nvidia-uvm-rgtest-", dir="/dev")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
 def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
-    tmp_path: Path, kubelet, pod_cgroups
+    tmp_path: Path, kubelet, pod_cgroups, uvm
 ) -> None:
     require_root()
     trainer_pod = kubelet.add_pod(
@@ -47,9 +62,6 @@ def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
     helper = pod_cgroups.start(trainer_cg, "sleep", "1001")  # not registered, same pod
     web_cg = pod_cgroups.container(web_pod.uid)
     intruder = pod_cgroups.start(web_cg, "sleep", "1002")
-    # no GPU here: a stand-in device node under the UVM device's name
-    fd, uvm = tempfile.mkstemp(prefix="nvidia-uvm-rgtest-", dir="/dev")
-    os.close(fd)
 
     state_file = tmp_path / "nvml.state"
     state = fake_nvml.FakeState(gpus=[fake_nvml.FakeGpu(0, GPU0), fake_nvml.FakeGpu(1, GPU1)])
@@ -137,4 +149,3 @@ def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
         assert os.path.exists(d.run_dir)
     finally:
         d.stop()
-        os.unlink(uvm)

@@ -159,6 +159,10 @@ class Allocations:
         self._thread: threading.Thread | None = None
         self._refreshed_at = -1e9
         self._said: dict[str, bool] = {}
+        # unknown owners that already asked for a refresh: one that the next
+        # answer does not name either (a static pod, a job on another
+        # cluster) waits for the regular interval instead of asking each poll
+        self._asked: set[str] = set()
 
     # --- refreshing -------------------------------------------------------
 
@@ -208,7 +212,8 @@ class Allocations:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.refresh()
-            self._wake.wait(self.interval)
+            if not self._wake.wait(self.interval):
+                self._asked.clear()  # the regular refresh: unknown owners may ask again
             self._wake.clear()
             # churn can come in bursts (a job array): one refresh per second at most
             self._stop.wait(max(0.0, MIN_REFRESH_S - (self._clock() - self._refreshed_at)))
@@ -248,7 +253,9 @@ class Allocations:
                 continue
             found = snap.by_owner().get(key)
             if found is None:
-                self.request_refresh()
+                if key not in self._asked:
+                    self._asked.add(key)
+                    self.request_refresh()
                 return None, None, True
             return (*_narrowed(found, snap.containers.get(att.container_id or "")), False)
         return None, None, False

@@ -157,6 +157,11 @@ def test_a_pod_too_new_for_the_snapshot_is_judged_on_registrations_and_asks_for_
     v = judge_consumer(on(50, 1, GPU1), in_pod(50, NEW_POD), [], reg)
     assert v.reason == UNREGISTERED and v.allocation is None
     assert reg.allocations._wake.is_set()
+    # the refresh did not name it either (a static pod): no refresh per poll
+    reg.allocations._wake.clear()
+    reg.allocations.refresh()
+    judge_consumer(on(50, 1, GPU1), in_pod(50, NEW_POD), [], reg)
+    assert not reg.allocations._wake.is_set()
 
 
 def test_slurm_jobs_found_by_cgroup_or_by_slurmd_pids(tmp_path):

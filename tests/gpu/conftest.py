@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -289,3 +290,17 @@ def slurm(tmp_path_factory) -> Iterator[SlurmCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def uvm() -> Iterator[str]:
+    """No GPU here: a stand-in file under the UVM device's name. Made with
+    mknod, not open: a guard running on this host sees opens of
+    /dev/nvidia-uvm*, and the test process must not be the one that opens it."""
+    require(os.geteuid() == 0, "creating a file in /dev needs root")
+    path = f"/dev/nvidia-uvm-rgtest-{uuid.uuid4().hex[:12]}"
+    os.mknod(path, 0o600 | stat.S_IFREG)
+    try:
+        yield path
+    finally:
+        os.unlink(path)

@@ -8,12 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root
@@ -33,19 +30,6 @@ def scrape(port: int) -> dict:
         for family in text_string_to_metric_families(body)
         for s in family.samples
     }
-
-
-@pytest.fixture
-def uvm() -> Iterator[str]:
-    """No GPU here: a stand-in file under the UVM device's name, removed
-    whatever the test does."""
-    require_root()
-    fd, path = tempfile.mkstemp(prefix="nvidia-uvm-rgtest-", dir="/dev")
-    os.close(fd)
-    try:
-        yield path
-    finally:
-        os.unlink(path)
 
 
 def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(

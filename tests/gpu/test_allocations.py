@@ -19,7 +19,13 @@ from rome_guard.gpu.allocations import (
     Owner,
     gpu_matches,
 )
-from rome_guard.gpu.consumers import NOT_ALLOCATED, NOT_GRANTED, UNREGISTERED, judge_consumer
+from rome_guard.gpu.consumers import (
+    NOT_ALLOCATED,
+    NOT_GRANTED,
+    UNREGISTERED,
+    judge_consumer,
+    judge_open,
+)
 from rome_guard.gpu.registry import GpuRef, GpuRegistry, Registration
 from rome_guard.yamlsrc import SourceError
 from tests.fixtures.processes import process_info
@@ -110,6 +116,33 @@ def test_inside_the_right_allocation_registration_still_decides_by_default(tmp_p
     # the allocation alone never grants a GPU the pod was not given
     v = judge_consumer(on(21, 1, GPU1), tool_call, [trainer], reg)
     assert v.reason == NOT_GRANTED
+
+
+def test_the_uvm_open_is_judged_through_the_allocations_too(tmp_path):
+    """judge_open (the CUDA context open, before NVML names a GPU): a pod
+    allocated no GPU is certain at once; inside an allocation the
+    registration decides unless gpu.trust: allocation."""
+    reg = registry(tmp_path, pod(TRAINER_POD, "ml/trainer", GPU0), pod(NOTEBOOK_POD, "ml/nb"))
+    v = judge_open(in_pod(40, NOTEBOOK_POD), [], reg)
+    assert v.reason == NOT_ALLOCATED and v.source == SOURCE_KUBELET
+    assert "ml/nb" in v.detail and "no GPU" in v.detail
+
+    trainer = in_pod(41, TRAINER_POD, start=800)
+    tool_call = in_pod(42, TRAINER_POD, start=900, ppid=41)
+    v = judge_open(tool_call, [trainer], reg)
+    assert v.reason == UNREGISTERED and v.source is None
+
+    reg._by_key = {trainer.key: [Registration(trainer.key, "trainer", (GPU0,))]}
+    v = judge_open(trainer, [], reg)
+    assert v.allowed and v.source == "registration"
+    assert judge_open(tool_call, [trainer], reg).reason == UNREGISTERED
+    assert judge_open(in_pod(43, NOTEBOOK_POD), [], reg).reason == NOT_ALLOCATED
+
+    reg.trust = "allocation"
+    v = judge_open(tool_call, [trainer], reg)
+    assert v.allowed and v.source == SOURCE_KUBELET and v.coverage.name == "ml/trainer"
+    # the trust switch never allows a pod that was given no GPU
+    assert judge_open(in_pod(44, NOTEBOOK_POD), [], reg).reason == NOT_ALLOCATED
 
 
 def test_a_registered_host_process_on_a_scheduled_gpu_stays_allowed(tmp_path):

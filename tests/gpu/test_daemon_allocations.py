@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,14 @@ def test_daemon_alerts_on_a_pod_without_gpus_and_counts_verdicts(
             return json.loads(Path(d.run_dir, "status.json").read_text())["gpu"]
 
         wait_until(lambda: status()["allocation_sources"]["kubelet"] == "live", timeout=30)
+        shown = subprocess.run(
+            [sys.executable, "-m", "rome_guard", "status", "--run-dir", d.run_dir],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        gpu_line = next(line for line in shown.stdout.splitlines() if line.startswith("gpu "))
+        assert json.loads(gpu_line[4:])["allocation_sources"]["kubelet"] == "live"
 
         # the kubelet goes away: the daemon says so and goes on
         kubelet.stop()

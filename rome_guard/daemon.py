@@ -144,6 +144,7 @@ class Guard:
         self.metrics_server: Any = None  # MetricsServer, reloaded on SIGHUP
         self._loopback_ignored: set[int] = set()  # cgroup ids the sensor drops loopback for
         self.prevention = prevention  # Prevention (enforce mode only), or None
+        self.wire: Any = None  # handlers.wire.WireHandler while the wire sensor runs
         self.policy: KernelPolicy | None = None
         # key -> (alert id, rule id) of open-event alerts awaiting NVML's confirmation
         self._gpu_alerts: dict[ProcessKey, tuple[str, str]] = {}
@@ -178,6 +179,8 @@ class Guard:
         self.engine = Engine(ruleset)
         self.fanout = [FanoutDetector(rule) for rule in ruleset.detector_rules("fanout")]
         self.gpu_rules = ruleset.detector_rules("gpu_unregistered")
+        if self.wire is not None:
+            self.wire.install(ruleset)
         if self.prevention is not None:
             policy = policy_for(ruleset)
             apply_policy(self.prevention, policy, self.policy)
@@ -704,6 +707,8 @@ class Guard:
         totals = dict(self.sensor.lost_events())
         if self.prevention is not None:
             totals["prevention"] = self.prevention.lost_events()
+        if self.wire is not None:
+            totals.update(self.wire.kernel.lost_events())
         for buffer, total in totals.items():
             previous = self.lost.get(buffer, 0)
             if total > previous:
@@ -736,6 +741,9 @@ class Guard:
             if self.prevention is not None:
                 for event in self.prevention.poll(0):
                     self.on_prevention(event)
+            if self.wire is not None:
+                for event in self.wire.kernel.poll(0):
+                    self.handle(event)
             if self.gpu is not None:
                 for snapshot in self.gpu.snapshots():
                     self.on_gpu_snapshot(snapshot)
@@ -812,6 +820,29 @@ def _responders(config: Config) -> tuple[Any, Any]:
     return killer, prevention
 
 
+def _wire_handler(config: Config, guard: Guard) -> Any:
+    """The wire sensor and its handler, routed into the guard; None (and
+    a DEGRADED line) where it cannot run."""
+    from rome_guard.events import WireEvent
+    from rome_guard.handlers.wire import WireHandler
+    from rome_guard.sensors.wire import open_wire_sensor
+
+    sensor = open_wire_sensor()
+    if sensor is None:
+        return None
+    guard.wire = WireHandler(
+        guard.resolve,
+        guard.table.lineage,
+        lambda subject, trigger: guard.engine.evaluate(subject, trigger=trigger),
+        guard.raise_alert,
+        kernel=sensor,
+        enforce=config.mode == "enforce",
+    )
+    guard._routes[WireEvent] = ("payload", guard.wire.handle)
+    guard.wire.install(guard.ruleset)
+    return guard.wire
+
+
 def _gpu_watch(config: Config) -> Any:
     from rome_guard.gpu.watch import GpuWatch
 
@@ -866,6 +897,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             getattr(sensor, "interval_s", 0.5),
         )
     guard.attach(sensor, mode)
+    wire = _wire_handler(config, guard)
     if gpu is not None:
         gpu.start()
     status_path = None
@@ -894,6 +926,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         notifier.stopping()
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         sensor.close()
+        if wire is not None:
+            wire.kernel.close()
         if prevention is not None:
             prevention.close()
         if gpu is not None:

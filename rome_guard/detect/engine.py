@@ -22,18 +22,27 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
-        self._match_rules = RuleIndex(ruleset.match_rules)
-        self._network_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_network])
+        process_rules = [r for r in ruleset.match_rules if not r.needs_wire]
+        self._match_rules = RuleIndex(process_rules)
+        self._network_rules = RuleIndex([r for r in process_rules if r.needs_network])
+        self._wire_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_wire])
 
     def evaluate(
         self, subject: Subject, trigger: Endpoint | None = None, network_only: bool = False
     ) -> list[Finding]:
         """Every match rule that subject satisfies. ``network_only``
         re-checks just the rules with network conditions (a new connect
-        on a process whose other facts were already evaluated)."""
+        on a process whose other facts were already evaluated). A subject
+        that carries wire facts (a flow's first bytes) is checked against
+        the wire rules only: those are never evaluated without them."""
         if subject.process.kernel_thread:
             return []
-        index = self._network_rules if network_only else self._match_rules
+        if subject.wire is not None:
+            index = self._wire_rules
+        elif network_only:
+            index = self._network_rules
+        else:
+            index = self._match_rules
         findings = []
         for rule in index.candidates(subject.names):
             try:
@@ -84,7 +93,7 @@ class RuleIndex:
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:
-    if trigger is not None and rule.needs_network:
+    if trigger is not None and (rule.needs_network or rule.needs_wire):
         return trigger
     if rule.needs_network and subject.connections:
         return subject.connections[0]

@@ -82,6 +82,9 @@ _CONNECT_PROGRAMS = {
     "rgp_connect6": (ATTACH_INET6_CONNECT, "connect6"),
 }
 _PIN_ATTACH_TYPES = {pin: attach for attach, pin in _CONNECT_PROGRAMS.values()}
+# the wire sensor's cgroup_skb programs (rome_guard/sensors/wire.py) pin
+# into the same owner directory: cleanup covers them too
+_PIN_ATTACH_TYPES.update({"wire_out": 1, "wire_in": 0})  # CGROUP_INET_EGRESS, _INGRESS
 _PINNED_MAPS = ("block_ports", "block_v4", "block_v6", "exempt_cgroups", "deny_comm", "deny_path")
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 

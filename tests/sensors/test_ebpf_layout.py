@@ -14,10 +14,38 @@ import pytest
 
 from rome_guard.events import CONNECT_ESTABLISHED, CONNECT_REFUSED
 from rome_guard.sensors import ebpf_layout as layout
+from rome_guard.sensors import wire
 from rome_guard.sensors.ebpf import BPF_DIR, compile_unit
 from rome_guard.textsafe import from_bytes
 
 HEADER = BPF_DIR / "sensor.h"
+WIRE_CONSTANTS = [
+    "WIRE_COMM_LEN",
+    "WIRE_CAPTURE",
+    "WIRE_SNI_MAX",
+    "WIRE_ALPN_MAX",
+    "WIRE_METHOD_SCAN",
+    "WIRE_METHOD_MAX",
+    "WIRE_QNAME_MAX",
+]
+# wire.h name -> the name of the same constant in rome_guard/sensors/wire.py
+WIRE_RENAMED = {
+    "WIRE_FIRST_PAYLOAD": "KIND_FIRST_PAYLOAD",
+    "WIRE_DNS_QUERY": "KIND_DNS_QUERY",
+    "WIRE_DNS_ANSWER": "KIND_DNS_ANSWER",
+    "WIRE_DROPPED_CONNECT": "KIND_DROPPED_CONNECT",
+    "WIRE_TLS_HELLO": "FLAG_TLS_HELLO",
+    "WIRE_DROPPED": "FLAG_DROPPED",
+    "WIRE_PID_AT_CONNECT": "FLAG_PID_AT_CONNECT",
+    "WIRE_DROP_METHOD": "DROP_METHOD",
+    "WIRE_DROP_METHOD_AGENT": "DROP_METHOD_AGENT",
+    "WIRE_DROP_SNI": "DROP_SNI",
+    "WIRE_DROP_ADDRESS": "DROP_ADDRESS",
+    "WIRE_DROP_DNS": "DROP_DNS",
+    "WIRE_SET_DROP_UNTIL": "SET_DROP_UNTIL",
+    "WIRE_SET_OWNER": "SET_OWNER",
+    "WIRE_SETTINGS": "SETTINGS",
+}
 
 CONSTANTS = [
     "TASK_COMM_LEN",
@@ -52,9 +80,9 @@ CONSTANTS = [
 ]
 
 
-def _c_structs() -> dict[str, list[str]]:
-    """struct name -> field names in order, read from sensor.h."""
-    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+def _c_structs(header=HEADER) -> dict[str, list[str]]:
+    """struct name -> field names in order, read from a header."""
+    text = re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S)
     structs = {}
     for name, body in re.findall(r"struct (\w+) \{(.*?)\};", text, flags=re.S):
         fields = []
@@ -68,11 +96,22 @@ def _c_structs() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory) -> dict[str, int]:
-    """Every sizeof/offsetof/constant, as the C compiler sees them."""
+    """Every sizeof/offsetof/constant of sensor.h, as the C compiler sees them."""
+    return _layout_facts(HEADER, layout.MIRRORS, CONSTANTS, tmp_path_factory.mktemp("layout"))
+
+
+@pytest.fixture(scope="module")
+def wire_layout(tmp_path_factory) -> dict[str, int]:
+    """The same for wire.h."""
+    names = WIRE_CONSTANTS + list(WIRE_RENAMED)
+    return _layout_facts(wire.WIRE_HEADER, wire.MIRRORS, names, tmp_path_factory.mktemp("wire"))
+
+
+def _layout_facts(header, mirrors, constants, build) -> dict[str, int]:
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to check the BPF record layouts (apt-get install gcc)")
     lines = []
-    for struct, mirror in layout.MIRRORS.items():
+    for struct, mirror in mirrors.items():
         lines.append(f'printf("sizeof %s %zu\\n", sizeof(struct {struct}));'.replace("%s", struct))
         for field, *_ in mirror._fields_:
             for what, expr in (
@@ -80,19 +119,18 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
                 ("size", f"sizeof(((struct {struct} *)0)->{field})"),
             ):
                 lines.append(f'printf("{what} {struct}.{field} %zu\\n", {expr});')
-    for name in CONSTANTS:
+    for name in constants:
         lines.append(f'printf("const {name} %lld\\n", (long long)({name}));')
     program = "\n".join(
         [
             "#include <stddef.h>",
             "#include <stdio.h>",
-            f'#include "{HEADER}"',
+            f'#include "{header}"',
             "int main(void) {",
             *lines,
             "return 0; }",
         ]
     )
-    build = tmp_path_factory.mktemp("layout")
     (build / "layout.c").write_text(program)
     subprocess.run(
         ["gcc", "-Wall", "-Werror", "-o", str(build / "layout"), str(build / "layout.c")],
@@ -127,6 +165,34 @@ def test_mirrors_have_every_c_field_in_order():
 @pytest.mark.parametrize("name", CONSTANTS)
 def test_constant_matches_header(c_layout, name):
     assert getattr(layout, name) == c_layout[f"const {name}"]
+
+
+@pytest.mark.parametrize("struct", sorted(wire.MIRRORS))
+def test_wire_mirror_matches_c_struct(wire_layout, struct):
+    mirror = wire.MIRRORS[struct]
+    assert ct.sizeof(mirror) == wire_layout[f"sizeof {struct}"]
+    for field, *_ in mirror._fields_:
+        descriptor = getattr(mirror, field)
+        assert descriptor.offset == wire_layout[f"offset {struct}.{field}"], field
+        assert descriptor.size == wire_layout[f"size {struct}.{field}"], field
+
+
+def test_wire_mirrors_have_every_c_field_in_order():
+    structs = _c_structs(wire.WIRE_HEADER)
+    assert set(structs) == set(wire.MIRRORS)
+    for struct, fields in structs.items():
+        assert [f for f, *_ in wire.MIRRORS[struct]._fields_] == fields, struct
+
+
+@pytest.mark.parametrize("name", WIRE_CONSTANTS + list(WIRE_RENAMED))
+def test_wire_constant_matches_header(wire_layout, name):
+    assert getattr(wire, WIRE_RENAMED.get(name, name)) == wire_layout[f"const {name}"]
+
+
+def test_wire_decoder_format_matches_the_mirror():
+    raw = bytes((i * 7 + 3) % 251 for i in range(ct.sizeof(wire.WireRecord)))
+    assert wire.WIRE_FORMAT.size == ct.sizeof(wire.WireRecord)
+    assert list(wire.WIRE_FORMAT.unpack(raw)) == _flatten(wire.WireRecord.from_buffer_copy(raw))
 
 
 def test_prog_info_mirror_matches_uapi(tmp_path):

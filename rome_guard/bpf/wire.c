@@ -524,11 +524,9 @@ int rgp_wire_out(struct __sk_buff *skb)
 	if (parse_packet(skb, &p) < 0)
 		return 1;
 	cookie = bpf_get_socket_cookie(skb);
-	if (drop_cookies.lookup(&cookie)) {
-		if (dropping())
-			return 0;
-		drop_cookies.delete(&cookie);
-	}
+	/* monitor mode (no deadline) never looks the cookie up */
+	if (dropping() && drop_cookies.lookup(&cookie))
+		return 0;
 	if (p.protocol == IPPROTO_UDP) {
 		if (p.dport != 53 || p.payload_len == 0 || is_owner())
 			return 1;
@@ -556,14 +554,16 @@ int rgp_wire_out(struct __sk_buff *skb)
 		if (p.payload_len == 0)
 			return 1;
 	}
-	flow = wire_flows.lookup(&cookie);
-	if (!flow)
-		return 1;
-	if (p.tcp_flags & (TCP_FIN | TCP_RST)) {
-		wire_flows.delete(&cookie);
+	/* the common packets first, with the fewest map operations: a packet
+	 * without payload (ACK, SYN-ACK) is nothing, an end forgets the flow;
+	 * a first payload that carries a FIN is still a first payload */
+	if (p.payload_len == 0 || (p.tcp_flags & TCP_RST)) {
+		if (p.tcp_flags & (TCP_FIN | TCP_RST))
+			wire_flows.delete(&cookie);
 		return 1;
 	}
-	if (p.payload_len == 0)
+	flow = wire_flows.lookup(&cookie);
+	if (!flow)
 		return 1;
 	return on_first_payload(skb, &p, cookie, flow);
 }

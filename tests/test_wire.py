@@ -148,6 +148,29 @@ def test_pool_named_only_in_dns(monitor, tls):
     assert named["network"]["daddr"] == "127.10.77.7"
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET / HTTP/1.1\r\nHost: 127.10.8.8:8080\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Protocol: chisel-v3\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b"GET /tunnel HTTP/1.1\r\nhost: relay\r\nsec-websocket-protocol: chisel-v2\r\n"
+        b"upgrade: WebSocket\r\n\r\n",
+    ],
+    ids=["chisel-v3", "lower-case-v2"],
+)
+def test_chisel_websocket_handshake(monitor, request_head):
+    server = CountingServer("127.10.8.8", 0)
+    try:
+        proc = client("send", server.host, str(server.port), request_head.hex())
+        alert = _wire_alert(monitor, proc.pid, "tunnel-chisel-websocket")
+        _done(proc)
+    finally:
+        server.close()
+    assert alert["category"] == "reverse_tunnel"
+    assert alert["wire"]["http_request"].startswith("GET /")
+
+
 def test_client_in_its_own_netns_and_container_cgroup(monitor):
     """A container-like client: its own network namespace over a veth
     pair, and a cgroup named like a Docker scope."""

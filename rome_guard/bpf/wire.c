@@ -4,13 +4,13 @@
  * on the host (containers in their own network namespaces included) passes
  * through them; offset 0 of the skb is the IP header:
  *
- * - rgp_wire_out (egress): a TCP SYN records which task connected (pid,
+ * - rgw_wire_out (egress): a TCP SYN records which task connected (pid,
  *   uid, comm, time) under the socket cookie; the flow's first payload
  *   segment is then reported once, with its first WIRE_CAPTURE bytes and,
  *   for a TLS ClientHello, the SNI and ALPN parsed here (a ClientHello may
  *   be longer than the capture). UDP datagrams to port 53 are reported
  *   (DNS questions). Nothing else is reported: one record per flow.
- * - rgp_wire_in (ingress): UDP datagrams from port 53 (DNS answers).
+ * - rgw_wire_in (ingress): UDP datagrams from port 53 (DNS answers).
  *
  * Dropping (enforce mode): only while settings[WIRE_SET_DROP_UNTIL] lies in
  * the future, a deadline the live daemon keeps pushing forward; a dead or
@@ -513,7 +513,7 @@ static __always_inline int on_first_payload(struct __sk_buff *skb, struct packet
 	return reason ? 0 : 1;
 }
 
-int rgp_wire_out(struct __sk_buff *skb)
+int rgw_wire_out(struct __sk_buff *skb)
 {
 	struct packet p = {};
 	struct wire_flow *flow;
@@ -568,7 +568,7 @@ int rgp_wire_out(struct __sk_buff *skb)
 	return on_first_payload(skb, &p, cookie, flow);
 }
 
-int rgp_wire_in(struct __sk_buff *skb)
+int rgw_wire_in(struct __sk_buff *skb)
 {
 	struct packet p = {};
 	struct wire_record *r;

@@ -9,7 +9,8 @@ in-kernel kill comes back as a ``PreventionEvent`` from ``poll()``.
 cgroup attachments outlive the process that made them, so each running
 ``Prevention`` pins its programs under ``/sys/fs/bpf/rome-guard/<pid>-<start
 time>/``; ``cleanup_stale()`` (run by ``start()``) detaches what a dead owner
-left behind, and any ``rgp_*`` program on the root that no live owner pins.
+left behind, and any ``rgp_*`` (or the wire sensor's ``rgw_*``) program on
+the root that no live owner pins.
 
 This module must never: load anything in monitor mode; block by default
 (every list starts empty and the programs allow whatever is not listed, so
@@ -45,6 +46,10 @@ BPFFS = "/sys/fs/bpf"
 # Every cgroup program of ours is named rgp_*: cleanup_stale() finds
 # leftovers by this prefix and never touches anything else.
 PROG_PREFIX = "rgp_"
+# the wire sensor's programs (rome_guard/sensors/wire.py) observe, and drop
+# only while their live owner says so: a prefix of their own, same cleanup
+WIRE_PROG_PREFIX = "rgw_"
+_CLEANED_PREFIXES = (PROG_PREFIX, WIRE_PROG_PREFIX)
 BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bpf", "prevent.c")
 
 # Mirrors of prevent.h.
@@ -406,7 +411,7 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
     """Detach and unpin what a rome-guard that died without close() left
     behind; returns one line per thing removed. Programs pinned by a live
     rome-guard (its pid and start time still match) are left alone, and so
-    is every program not named rgp_*."""
+    is every program not named rgp_* or rgw_*."""
     try:
         root = cgroup_root if cgroup_root is not None else cgroup2_root()
     except PreventionError:
@@ -434,7 +439,7 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
                     continue  # detached and freed meanwhile
                 try:
                     name = _prog_id_and_name(fd)[1]
-                    if name.startswith(PROG_PREFIX):
+                    if name.startswith(_CLEANED_PREFIXES):
                         _prog_detach(root_fd, fd, attach_type)
                         removed.append(f"detached stale {name} (prog id {prog_id}) from {root}")
                 finally:
@@ -445,8 +450,11 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
             os.close(root_fd)
 
 
-def attached_programs(cgroup_root: str | None = None) -> list[tuple[int, str]]:
-    """(prog id, name) of every rgp_* connect program on the cgroup2 root."""
+def attached_programs(
+    cgroup_root: str | None = None, prefix: str = PROG_PREFIX
+) -> list[tuple[int, str]]:
+    """(prog id, name) of every rgp_* (or prefix*) program of ours on the
+    cgroup2 root."""
     root = cgroup_root if cgroup_root is not None else cgroup2_root()
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     found = []
@@ -461,7 +469,7 @@ def attached_programs(cgroup_root: str | None = None) -> list[tuple[int, str]]:
                     name = _prog_id_and_name(prog_fd)[1]
                 finally:
                     os.close(prog_fd)
-                if name.startswith(PROG_PREFIX):
+                if name.startswith(prefix):
                     found.append((prog_id, name))
     finally:
         os.close(fd)

@@ -56,13 +56,13 @@ DEFAULT_RING_PAGES = 2048  # 8 MiB: ~10,000 records of 792 bytes
 DROP_GRACE_NS = 3_000_000_000
 HEARTBEAT_EVERY_NS = 500_000_000
 
-# program function -> (attach type, pin name); names start rgp_ so that
+# program function -> (attach type, pin name); names start rgw_ so that
 # prevent.cleanup_stale() recognises them (15 characters at most)
 ATTACH_INET_INGRESS = 0
 ATTACH_INET_EGRESS = 1
 PROGRAMS = {
-    "rgp_wire_out": (ATTACH_INET_EGRESS, "wire_out"),
-    "rgp_wire_in": (ATTACH_INET_INGRESS, "wire_in"),
+    "rgw_wire_out": (ATTACH_INET_EGRESS, "wire_out"),
+    "rgw_wire_in": (ATTACH_INET_INGRESS, "wire_in"),
 }
 
 # --- constants of wire.h (checked against the header by the layout test) ----

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
 
 def _wire_programs() -> set[int]:
-    return {pid for pid, name in prevent.attached_programs() if name.startswith("rgp_wire")}
+    return {pid for pid, _ in prevent.attached_programs(prefix=prevent.WIRE_PROG_PREFIX)}
 
 
 def test_close_detaches_and_a_killed_owner_is_cleaned_up():
@@ -48,10 +48,10 @@ def test_close_detaches_and_a_killed_owner_is_cleaned_up():
         assert owner.stdout.readline().strip() == "ready"
         assert len(_wire_programs() - before) == 2
         removed = prevent.cleanup_stale()  # the owner is alive: nothing of it goes
-        assert not any("rgp_wire" in line for line in removed)
+        assert not any("rgw_wire" in line for line in removed)
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     removed = prevent.cleanup_stale()
-    assert sum("rgp_wire" in line for line in removed) == 2
+    assert sum("rgw_wire" in line for line in removed) == 2
     assert _wire_programs() == before

@@ -10,7 +10,6 @@ import time
 import pytest
 
 from rome_guard.events import WIRE_DROPPED_CONNECT, WIRE_FIRST_PAYLOAD
-from rome_guard.respond import prevent
 from rome_guard.sensors.wire import WireSensor
 from tests.conftest import require_root
 from tests.fixtures.wire import CountingServer, client
@@ -30,10 +29,6 @@ def _events(sensor, predicate, want: int = 1, timeout: float = 10.0) -> list:
     while time.monotonic() < deadline and len(found) < want:
         found += [e for e in sensor.poll(100) if predicate(e)]
     return found
-
-
-def _wire_programs() -> set[str]:
-    return {name for _, name in prevent.attached_programs() if name.startswith("rgp_wire")}
 
 
 @pytest.mark.parametrize("host", ["127.10.20.1", "::1"])

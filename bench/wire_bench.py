@@ -107,19 +107,22 @@ def side_by_side(args: argparse.Namespace, binary: str) -> dict:
     return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in samples.items()}
 
 
-def in_kernel_cost(binary: str, flows: int) -> dict[str, float]:
-    """ns per program run while flows are made, from the kernel's stats."""
+def in_kernel_cost(binary: str, count: int) -> dict[str, float]:
+    """ns per program run, from the kernel's stats, while connections
+    without payload and then flows with a first line are made."""
+    costs = {}
     with bpf_run_time_stats(), WireSensor() as sensor:
         drain = Drain(sensor)
         drain.start()
         try:
             ids = sensor.program_ids()
-            before = {name: run_time(i) for name, i in ids.items()}
-            rate(binary, "flows", flows)
-            costs = {}
-            for name, prog_id in ids.items():
-                ns, runs = (a - b for a, b in zip(run_time(prog_id), before[name], strict=True))
-                costs[name] = ns / runs if runs else 0.0
+            for mode in ("connect", "flows"):
+                before = {name: run_time(i) for name, i in ids.items()}
+                rate(binary, mode, count)
+                for name, prog_id in ids.items():
+                    delta = zip(run_time(prog_id), before[name], strict=True)
+                    ns, runs = (a - b for a, b in delta)
+                    costs[f"{name} ({mode})"] = ns / runs if runs else 0.0
         finally:
             drain.stop()
     return costs

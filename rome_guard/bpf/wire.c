@@ -29,7 +29,7 @@
 #include "wire.h"
 
 #ifndef WIRE_RING_PAGES
-#define WIRE_RING_PAGES 2048
+#define WIRE_RING_PAGES 4096
 #endif
 
 #define FNV_OFFSET 0xcbf29ce484222325ULL

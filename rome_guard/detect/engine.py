@@ -44,7 +44,9 @@ class Engine:
         else:
             index = self._match_rules
         findings = []
-        for rule in index.candidates(subject.names):
+        # a subject's names are only worth computing when some rule needs them
+        names = subject.names if index.by_name else frozenset()
+        for rule in index.candidates(names):
             try:
                 reason = rule.evaluate(subject)
             except Exception:  # a rule must never take the engine down
@@ -82,6 +84,11 @@ class RuleIndex:
 
     def __len__(self) -> int:
         return len(self._order)
+
+    @property
+    def by_name(self) -> bool:
+        """Whether any rule is indexed by name."""
+        return bool(self._by_name)
 
     def candidates(self, names: frozenset[str]) -> list[Rule]:
         """The rules that may match a subject going by these names, in rule order."""

@@ -238,10 +238,11 @@ class WireHandler:
         info = self.process_of(event)
         subject = Subject(info, lambda: self.lineage(info), [event.endpoint], wire=facts)
         findings = self.evaluate(subject, event.endpoint)
-        record = wire_record(event, facts)
-        for finding in findings:
-            finding.extra["wire"] = record
-            self.raise_alert(finding)
+        if findings:
+            record = wire_record(event, facts)
+            for finding in findings:
+                finding.extra["wire"] = record
+                self.raise_alert(finding)
         if event.dropped and not findings:
             log.warning(
                 "kernel dropped a flow (%s) of pid %d that no rule claims: %s",

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 WIRE_SOURCE = BPF_DIR / "wire.c"
 WIRE_HEADER = BPF_DIR / "wire.h"
-DEFAULT_RING_PAGES = 2048  # 8 MiB: ~10,000 records of 792 bytes
+DEFAULT_RING_PAGES = 4096  # 16 MiB: ~21,000 records of 792 bytes, ~1 s at 20,000 flows/s
 # how long the kernel keeps dropping after the daemon's last poll
 DROP_GRACE_NS = 3_000_000_000
 HEARTBEAT_EVERY_NS = 500_000_000

@@ -303,8 +303,6 @@ class WireSensor:
             return
         from rome_guard.respond import prevent
 
-        if os.geteuid() != 0:
-            raise WireUnavailable("needs root (CAP_BPF and CAP_NET_ADMIN) to attach to cgroups")
         try:
             from bcc import BPF
         except ImportError as exc:
@@ -330,6 +328,12 @@ class WireSensor:
             self._set(SET_OWNER, self._owner_pid)
             self._open_ring()
             self._attach(bpf, root)
+        except OSError as exc:
+            self.close()
+            raise WireUnavailable(
+                f"attaching to the cgroup2 root {root} failed: {exc} "
+                "(needs CAP_BPF and CAP_NET_ADMIN)"
+            ) from exc
         except BaseException:
             self.close()
             raise

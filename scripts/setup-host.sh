@@ -16,6 +16,7 @@ packages=(
   python3-bpfcc bpfcc-tools bpftool bpftrace iproute2 libcap2-bin procps
   openssh-server openssh-client autossh socat ncat
   prometheus gcc make git ca-certificates systemd
+  openssl iperf3
 )
 
 install_packages() {
@@ -26,7 +27,7 @@ install_packages() {
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
   # The Debian prometheus package starts a server on :9090 when systemd is

@@ -34,8 +34,10 @@ TEXT_TEST_MAX = 1024
 class Engine:
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
-        self._match_rules = RuleIndex(ruleset.match_rules)
-        self._network_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_network])
+        process_rules = [r for r in ruleset.match_rules if not r.needs_wire]
+        self._match_rules = RuleIndex(process_rules)
+        self._network_rules = RuleIndex([r for r in process_rules if r.needs_network])
+        self._wire_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_wire])
 
     @property
     def exec_names(self) -> frozenset[str]:
@@ -48,10 +50,17 @@ class Engine:
     ) -> list[Finding]:
         """Every match rule that subject satisfies. ``network_only``
         re-checks just the rules with network conditions (a new connect
-        on a process whose other facts were already evaluated)."""
+        on a process whose other facts were already evaluated). A subject
+        that carries wire facts (a flow's first bytes) is checked against
+        the wire rules only: those are never evaluated without them."""
         if subject.process.kernel_thread:
             return []
-        index = self._network_rules if network_only else self._match_rules
+        if subject.wire is not None:
+            index = self._wire_rules
+        elif network_only:
+            index = self._network_rules
+        else:
+            index = self._match_rules
         findings = []
         for rule in index.candidates(subject):
             try:
@@ -111,7 +120,9 @@ class RuleIndex:
         """The rules that may match subject, in rule order: those indexed
         under a name it goes by, and those no name narrows whose required
         text its command line contains."""
-        names = subject.names
+        # a subject's names are only worth computing when some rule needs
+        # them (the wire rules name no program)
+        names = subject.names if self._by_name or self._by_prefix else frozenset()
         picked = [rule for name in names for rule in self._by_name.get(name, ())]
         if self._prefix_test is not None and any(map(self._prefix_test, names)):
             for prefix, rules in self._prefixes:
@@ -163,7 +174,7 @@ def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:
-    if trigger is not None and rule.needs_network:
+    if trigger is not None and (rule.needs_network or rule.needs_wire):
         return trigger
     if rule.needs_network and subject.connections:
         return subject.connections[0]

@@ -20,9 +20,9 @@ from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import load_rules
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
-from rome_guard.proctable import ProcessTable
 from rome_guard.scan import scan
 from rome_guard.sensors import procfs
+from rome_guard.state.table import ProcessTable
 
 
 def naive_scan(engine: Engine) -> int:

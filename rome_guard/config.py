@@ -52,7 +52,7 @@ class MetricsConfig:
 
 
 @dataclass
-class SensorConfig:
+class SensorFilterConfig:
     # Loopback connects of registered GPU jobs are dropped in the kernel:
     # distributed-training rendezvous makes thousands and no rule needs them.
     ignore_registered_loopback: bool = True
@@ -72,7 +72,7 @@ class Config:
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    sensor_filter: SensorConfig = field(default_factory=SensorConfig)
+    sensor_filter: SensorFilterConfig = field(default_factory=SensorFilterConfig)
 
     source: str = ""  # file it came from, "" for the built-in defaults
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from rome_guard.linux import is_deleted
+
 
 @dataclass(frozen=True, order=True)
 class ProcessKey:
@@ -62,7 +64,7 @@ class ProcessInfo:
 
     @property
     def exe_deleted(self) -> bool:
-        return self.exe.endswith(" (deleted)")
+        return is_deleted(self.exe)
 
     @property
     def exe_memfd(self) -> bool:

@@ -1,16 +1,21 @@
 """Findings and their one serialised form.
 
 A Finding is what the engine concludes: a rule matched a process, with the
-reason, lineage and the network or GPU context that made it match. The
-record built here is the single JSON shape used by `scan --json`, the alert
-journal and anything that reads them (docs/alerts.md). Every
+reason, lineage and the network or GPU context that made it match. Every
+record the journal holds is built here and nowhere else: the finding
+record (`scan --json`), and the daemon's alert, response, prevention and
+confirmation records that extend it (docs/alerts.md). Every
 attacker-controlled string passes through textsafe on the way out.
+
+This module never writes, sends or acts: it only builds dicts.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,3 +143,46 @@ def finding_record(
     for key, value in finding.extra.items():
         record.setdefault(key, value)
     return record
+
+
+# --- the daemon's journal records ----------------------------------------------
+
+
+def event_record(finding: Finding, event: str, action: str, mode: str, host: str) -> dict[str, Any]:
+    """An "alert" (a rule matched) or "prevention" (the kernel already
+    blocked or killed) record: the finding record with a fresh id."""
+    record = finding_record(finding, action, time.time(), host)
+    record.update(id=uuid.uuid4().hex, event=event, mode=mode)
+    return record
+
+
+def response_record(
+    alert: dict[str, Any], scope: str, outcome: str, reason: str, pids: tuple[int, ...]
+) -> dict[str, Any]:
+    """What the user-space killer did about an alert: the alert repeated,
+    with the outcome."""
+    record = dict(alert)
+    record.update(
+        event="response",
+        alert_id=alert["id"],
+        id=uuid.uuid4().hex,
+        action=outcome,
+        response={"scope": scope, "reason": reason, "pids": list(pids)},
+    )
+    return record
+
+
+def confirmation_record(
+    alert_id: str, rule_id: str, info: ProcessInfo, gpu: GpuProcess, host: str
+) -> dict[str, Any]:
+    """NVML now lists the process an earlier GPU-open alert named: which
+    GPU and how much memory, against the same alert."""
+    return {
+        "event": "confirmed",
+        "alert_id": alert_id,
+        "rule": rule_id,
+        "time": rfc3339(time.time()),
+        "host": host,
+        "process": {"pid": info.pid, "start_time": info.key.start_time},
+        "gpu": gpu_record(gpu),
+    }

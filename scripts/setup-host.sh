@@ -13,7 +13,7 @@ venv="$repo/.venv"
 log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 packages=(
-  python3-bpfcc bpfcc-tools bpftool iproute2 libcap2-bin procps
+  python3-bpfcc bpfcc-tools bpftool bpftrace iproute2 libcap2-bin procps
   openssh-server openssh-client autossh socat ncat
   prometheus gcc make git ca-certificates systemd
   openssl iperf3
@@ -90,7 +90,7 @@ build_venv() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing Python dependencies into $venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -e "$repo[test]"
+    "$venv/bin/python" -m pip install -q -e "$repo[test,bench]"
     echo "$want" > "$stamp"
   fi
   "$venv/bin/python" -c 'import bcc' || { log "ERROR: import bcc fails in $venv"; return 1; }

@@ -174,7 +174,7 @@ def test_chisel_websocket_handshake(monitor, request_head):
 def test_client_in_its_own_netns_and_container_cgroup(monitor):
     """A container-like client: its own network namespace over a veth
     pair, and a cgroup named like a Docker scope."""
-    from rome_guard.respond.prevent import cgroup2_root
+    from rome_guard.linux import cgroup2_root
 
     container = "c0ffee" * 10 + "abcd"
     cgroup = os.path.join(cgroup2_root(), "rg-wire-test.slice", f"docker-{container}.scope")

@@ -124,8 +124,8 @@ static __always_inline struct rg_event *new_event(u16 kind)
     __builtin_memset(ev, 0, sizeof(*ev));
     ev->timestamp_ns = bpf_ktime_get_boot_ns();
     ev->cgroup_id = bpf_get_current_cgroup_id();
-    ev->pid = (u32)id;
-    ev->tgid = id >> 32;
+    ev->pid = id >> 32;
+    ev->tid = (u32)id;
     ev->uid = (u32)bpf_get_current_uid_gid();
     ev->kind = kind;
     bpf_get_current_comm(ev->comm, sizeof(ev->comm));
@@ -177,7 +177,7 @@ int rgp_connect4(struct bpf_sock_addr *ctx)
     if (!action || exempt_current())
         return 1;
     __builtin_memcpy(daddr, &addr, 4);
-    deny(4, port, action, ctx->protocol, daddr);
+    deny(AF_INET, port, action, ctx->protocol, daddr);
     return 0;
 }
 
@@ -194,7 +194,7 @@ int rgp_connect6(struct bpf_sock_addr *ctx)
     action = v6_action(addr, port);
     if (!action || exempt_current())
         return 1;
-    deny(6, port, action, ctx->protocol, (const u8 *)addr);
+    deny(AF_INET6, port, action, ctx->protocol, (const u8 *)addr);
     return 0;
 }
 
@@ -235,12 +235,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         __builtin_memcpy(&addr, args->daddr, 4);
         action = v4_action(addr, args->dport);
         __builtin_memcpy(daddr, &addr, 4);
-        family = 4;
+        family = AF_INET;
     } else if (args->family == AF_INET6) {
         __builtin_memcpy(addr6, args->daddr_v6, 16);
         action = v6_action(addr6, args->dport);
         __builtin_memcpy(daddr, addr6, 16);
-        family = 6;
+        family = AF_INET6;
     } else {
         return 0;
     }

@@ -1,9 +1,15 @@
-/* Shared definitions of rome-guard's prevention programs (prevent.c) and
- * their user-space mirror (rome_guard/respond/prevent.py). Any change to a
- * struct here must be made to the ctypes mirror too: tests/respond/
- * test_prevent.py checks that both agree. */
+/* Shared definitions of rome-guard's prevention programs (prevent.c).
+ *
+ * Compiled by BCC into prevent.c and by gcc in tests/test_layout.py, which
+ * checks the ctypes mirrors in rome_guard/layout/prevent.py against it field
+ * by field (the table in rome_guard/layout/__init__.py). Change both
+ * together. Conventions shared with sensor.h: pid is the thread-group id
+ * (what user space calls a pid), tid the thread; family is AF_INET or
+ * AF_INET6. */
 #ifndef ROME_GUARD_PREVENT_H
 #define ROME_GUARD_PREVENT_H
+
+#include <linux/types.h>
 
 /* What a deny-list entry asks for (bit flags, a map value). */
 #define RG_ACT_BLOCK 1 /* connect() fails with EPERM before any packet */
@@ -40,7 +46,7 @@ struct rg_path_key {
 struct rg_pending_kill {
     __u64 timestamp_ns;
     __u64 cgroup_id;
-    __u16 family;
+    __u16 family; /* AF_INET, AF_INET6 */
     __u16 dport;
     __u32 protocol;
     __u8 daddr[16];
@@ -49,11 +55,11 @@ struct rg_pending_kill {
 struct rg_event {
     __u64 timestamp_ns; /* CLOCK_BOOTTIME */
     __u64 cgroup_id;    /* cgroup v2 id of the task (inode of its directory) */
-    __u32 pid;          /* thread id */
-    __u32 tgid;         /* process id */
+    __u32 pid;          /* thread-group id (the process) */
+    __u32 tid;          /* thread */
     __u32 uid;
     __u16 kind;         /* RG_EV_* */
-    __u16 family;       /* 4 or 6 for connects, 0 for exec */
+    __u16 family;       /* AF_INET, AF_INET6 for connects, 0 for exec */
     __u16 dport;        /* host order */
     __u8 action;        /* RG_ACT_* of the matching entry */
     __u8 protocol;      /* IPPROTO_* of the socket, 0 for exec */

@@ -210,7 +210,7 @@ int rgs_exec(struct tracepoint__sched__sched_process_exec *args)
 	size = offsetof(struct exec_record, data) + off + (__u64)n;
 	if (size > sizeof(*rec))
 		size = sizeof(*rec);
-	if (process_events.ringbuf_output(rec, size, 0) < 0)
+	if (process_events.ringbuf_output(rec, size, exec_flags(rec->hdr.comm)) < 0)
 		count_lost(LOST_PROCESS);
 	if (pending)
 		exec_pending.delete(&old_pid);
@@ -238,7 +238,7 @@ int rgs_newtask(struct tracepoint__task__task_newtask *args)
 	child.ppid = r->hdr.pid;
 	child.generation_ns = r->hdr.timestamp_ns;
 	procs.update(&child_pid, &child);
-	process_events.ringbuf_submit(r, 0);
+	process_events.ringbuf_submit(r, lifecycle_flags());
 	return 0;
 }
 
@@ -284,7 +284,7 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	code = exit_codes.lookup(&tgid);
 	r->exit_code = code ? *code : -1;
 	r->_pad = 0;
-	process_events.ringbuf_submit(r, 0);
+	process_events.ringbuf_submit(r, lifecycle_flags());
 	exit_codes.delete(&tgid);
 	return 0;
 }

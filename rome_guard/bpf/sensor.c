@@ -106,6 +106,7 @@ BPF_ARRAY(sensor_config, struct sensor_config, 1);
 /* written by user space */
 BPF_HASH(ignored_pids, __u32, __u8, 4096);
 BPF_HASH(loopback_ignore_cgroups, __u64, __u8, 4096);
+BPF_LPM_TRIE(wake_names, struct wake_name, __u8, 4096);
 
 /* process.c */
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_record, 1);
@@ -150,6 +151,30 @@ static __always_inline void count_lost(__u32 slot)
 static __always_inline __u32 current_tid(void)
 {
 	return (__u32)bpf_get_current_pid_tgid();
+}
+
+/* Ring buffer flags for a lifecycle record: in quiet mode it waits for
+ * user space's next drain instead of waking it (a wakeup costs user space
+ * more than decoding the record does). */
+static __always_inline __u64 lifecycle_flags(void)
+{
+	__u32 zero = 0;
+	struct sensor_config *config = sensor_config.lookup(&zero);
+
+	return config && config->quiet_lifecycle ? BPF_RB_NO_WAKEUP : 0;
+}
+
+/* An exec of a program some rule names wakes user space at once; in quiet
+ * mode the others wait for the next drain. */
+static __always_inline __u64 exec_flags(const char *comm)
+{
+	struct wake_name key = {};
+
+	if (!lifecycle_flags())
+		return 0;
+	key.prefixlen = TASK_COMM_LEN * 8;
+	__builtin_memcpy(key.name, comm, TASK_COMM_LEN);
+	return wake_names.lookup(&key) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline int current_is_ignored(void)

@@ -2,8 +2,8 @@
  *
  * This header is the one definition of every record layout. It is compiled
  * by BCC into the BPF programs (process.c, network.c, gpu.c) and by gcc in
- * tests/sensors/test_ebpf_layout.py, which checks the ctypes mirrors in
- * rome_guard/sensors/ebpf_layout.py against it field by field. Change both
+ * tests/test_layout.py, which checks the ctypes mirrors in
+ * rome_guard/layout/sensor.py against it field by field. Change both
  * together. Only fixed-width __u8/__u16/__u32/__u64/__s32 types, so the
  * layout is the same in both compilers.
  *
@@ -130,6 +130,17 @@ struct sensor_config {
 	__u64 datagram_repeat_ns; /* report one datagram destination once per this */
 	__u64 tcp_repeat_ns; /* a repeated TCP connect to one destination: report a
 				new outcome only, within this long (0: report all) */
+	__u32 quiet_lifecycle; /* 1: fork, exit and the execs of programs not in
+				  wake_names do not wake user space (it drains
+				  them on its own schedule); 0: every record wakes */
+	__u32 _pad;
+};
+
+/* wake_names key (LPM trie over the exec'd task's comm): an exact name is
+ * stored with its NUL ((len + 1) * 8 bits), a name prefix without it */
+struct wake_name {
+	__u32 prefixlen;
+	char name[TASK_COMM_LEN];
 };
 
 #endif /* ROME_GUARD_SENSOR_H */

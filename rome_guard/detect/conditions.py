@@ -16,11 +16,11 @@ import functools
 import ipaddress
 import re
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.subject import Subject
-from rome_guard.events import Endpoint
+from rome_guard.linux import has_peer
 from rome_guard.yamlsrc import LineDict, LineList, Location, where
 
 Predicate = Callable[[Subject], "str | None"]
@@ -172,14 +172,49 @@ class Compiler:
 
 def required_names(predicate: Predicate) -> frozenset[str] | None:
     """Names (lower-case) of which a subject must go by at least one for
-    predicate to hold, or None when any subject might match. The engine
-    indexes rules by these, so an exec is checked only against the rules
-    that can concern it."""
+    predicate to hold, or None when any subject might match; an entry
+    ending in "*" is a name prefix (from a glob such as "python3*"). The
+    engine indexes rules by these, so an exec is checked only against the
+    rules that can concern it, and the eBPF sensor wakes the daemon at once
+    for execs of these names (rome_guard/bpf/sensor.c, exec_flags)."""
     return getattr(predicate, "required_names", None)
 
 
 def _requiring(predicate: Predicate, names: frozenset[str] | None) -> Predicate:
     predicate.required_names = names  # type: ignore[attr-defined]
+    return predicate
+
+
+def requires_connection(predicate: Predicate) -> bool:
+    """True when predicate can hold only for a subject with connections
+    (remote_port, remote_cidr): an exec, which has none yet, skips it."""
+    return getattr(predicate, "requires_connection", False)
+
+
+def _connecting(predicate: Predicate, required: bool = True) -> Predicate:
+    predicate.requires_connection = required  # type: ignore[attr-defined]
+    return predicate
+
+
+# required_text markers: the needle must start an argument (or the value of
+# a --opt=value argument), or, for Go-style -long options also spelled
+# --long, start an argument or follow a dash
+AT_ARGUMENT = "\x01"
+AT_ARGUMENT_OR_DASH = "\x02"
+
+
+def required_text(predicate: Predicate) -> frozenset[str] | None:
+    """Lower-case strings of which the lower-cased command line must contain
+    at least one for predicate to hold, or None when nothing is known; a
+    string led by AT_ARGUMENT must start an argument there. A cheap test
+    the engine runs before a rule no name index can narrow (a pool URL, a
+    miner-only flag under any program name)."""
+    return getattr(predicate, "required_text", None)
+
+
+def _needing(predicate: Predicate, text: Iterable[str] | None) -> Predicate:
+    needles = None if text is None else frozenset(text)
+    predicate.required_text = None if needles is None or "" in needles else needles  # type: ignore[attr-defined]
     return predicate
 
 
@@ -195,6 +230,9 @@ def _all(parts: list[Predicate]) -> Predicate:
 
     # every part must hold: the narrowest requirement of any part applies
     needs = [n for n in map(required_names, parts) if n is not None]
+    texts = [t for t in map(required_text, parts) if t is not None]
+    _needing(predicate, min(texts, key=len) if texts else None)
+    _connecting(predicate, any(map(requires_connection, parts)))
     return _requiring(predicate, min(needs, key=len) if needs else None)
 
 
@@ -209,6 +247,9 @@ def _any(parts: list[Predicate]) -> Predicate:
     # one part is enough: a requirement only if every part has one
     needs = [required_names(part) for part in parts]
     union = frozenset().union(*needs) if all(n is not None for n in needs) else None
+    texts = [required_text(part) for part in parts]
+    _needing(predicate, frozenset().union(*texts) if all(t is not None for t in texts) else None)
+    _connecting(predicate, all(map(requires_connection, parts)))
     return _requiring(predicate, union)
 
 
@@ -265,10 +306,23 @@ def _b_name(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"name {name}"
         return None
 
-    if any(ch in p for p in patterns for ch in "*?["):
-        return _requiring(predicate, None)  # globs cannot be indexed
-    exact = frozenset(p.lower() for p in patterns)
-    return _requiring(predicate, exact | frozenset(n[:15] for n in exact))
+    exact = frozenset(p.lower() for p in patterns if not _is_glob(p))
+    prefixes = frozenset(_glob_prefix(p.lower()) for p in patterns if _is_glob(p))
+    if "" in prefixes:
+        return _requiring(predicate, None)  # a glob that starts with a wildcard
+    return _requiring(
+        predicate, exact | frozenset(n[:15] for n in exact) | {p + "*" for p in prefixes}
+    )
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _glob_prefix(pattern: str) -> str:
+    """The literal start of a glob: every name it matches starts with it."""
+    cut = min(pattern.index(ch) for ch in "*?[" if ch in pattern)
+    return pattern[:cut]
 
 
 def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -321,14 +375,16 @@ def _argument_predicate(tokens: Callable[[Subject], Any], test: Callable[[str], 
 
 def _b_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
     wanted = frozenset(x.lower() for x in c.strings(value, loc, "arg"))
-    return _argument_predicate(lambda s: s.argv[1:], lambda t: t.lower() in wanted)
+    predicate = _argument_predicate(lambda s: s.argv[1:], lambda t: t.lower() in wanted)
+    return _needing(predicate, (AT_ARGUMENT + x for x in wanted))
 
 
 def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
     prefixes = tuple(x.lower() for x in c.strings(value, loc, "arg_prefix"))
-    return _argument_predicate(
+    predicate = _argument_predicate(
         lambda s: s.argument_values, lambda t: t.lower().startswith(prefixes)
     )
+    return _needing(predicate, (AT_ARGUMENT + x for x in prefixes))
 
 
 def _b_arg_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -358,7 +414,8 @@ def _b_flag(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"flag {name}"
         return None
 
-    return predicate
+    # has_flag needs an argument that starts with the flag's stem
+    return _needing(predicate, (AT_ARGUMENT + n.removesuffix("*").lower() for n in names))
 
 
 def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -381,7 +438,14 @@ def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
                     return f"option {name} {_short(found)}"
         return None
 
-    return predicate
+    # every spelling option_values accepts starts an argument with the name
+    # (a -long name also as --long)
+    return _needing(predicate, (_option_needle(name.lower()) for name in names))
+
+
+def _option_needle(name: str) -> str:
+    single_dash_long = len(name) > 2 and not name.startswith("--")
+    return (AT_ARGUMENT_OR_DASH if single_dash_long else AT_ARGUMENT) + name
 
 
 def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -450,7 +514,8 @@ def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"host {ref.host}"
         return None
 
-    return predicate
+    # a matching host is an argument's substring that ends in the suffix
+    return _needing(predicate, (x.lower().lstrip(".") for x in suffixes))
 
 
 def _b_wallet_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -496,7 +561,7 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
     want = c.boolean(value, loc, "stdio_socket")
 
     def predicate(s: Subject) -> str | None:
-        connected = sorted(fd for fd, ep in s.stdio.items() if _has_peer(ep))
+        connected = sorted(fd for fd, ep in s.stdio.items() if has_peer(ep))
         if bool(connected) != want:
             return None
         if not connected:
@@ -507,10 +572,6 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
-def _has_peer(ep: Endpoint) -> bool:
-    return ep.dport != 0 and ep.daddr not in ("0.0.0.0", "::", "")
-
-
 def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
     ports = c.ports(value, loc)
 
@@ -518,7 +579,7 @@ def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
         hit = s.peer_ports.keys() & ports
         return f"connects to port {min(hit)}" if hit else None
 
-    return predicate
+    return _connecting(predicate)
 
 
 def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -531,7 +592,7 @@ def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"connects to {ep.daddr}:{ep.dport}"
         return None
 
-    return predicate
+    return _connecting(predicate)
 
 
 def _address_ranges(nets: tuple) -> tuple[tuple[int, int], ...]:

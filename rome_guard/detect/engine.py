@@ -9,14 +9,26 @@ never acts: responders decide what a Finding leads to.
 from __future__ import annotations
 
 import logging
+import re
+from typing import Callable
 
-from rome_guard.detect.conditions import required_names
+from rome_guard.detect.conditions import (
+    AT_ARGUMENT,
+    AT_ARGUMENT_OR_DASH,
+    required_names,
+    required_text,
+    requires_connection,
+)
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
 from rome_guard.findings import Finding
 
 log = logging.getLogger(__name__)
+
+# Longer command lines skip the required-text test: on a 16 KiB argv, one
+# regex search per rule costs more than evaluating the rules themselves.
+TEXT_TEST_MAX = 1024
 
 
 class Engine:
@@ -25,7 +37,14 @@ class Engine:
         process_rules = [r for r in ruleset.match_rules if not r.needs_wire]
         self._match_rules = RuleIndex(process_rules)
         self._network_rules = RuleIndex([r for r in process_rules if r.needs_network])
-        self._wire_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_wire])
+        # wire rules are few and no name narrows them: each wire event checks all
+        self._wire_rules = [r for r in ruleset.match_rules if r.needs_wire]
+
+    @property
+    def exec_names(self) -> frozenset[str]:
+        """Names (and "prefix*"es) of programs whose exec some indexed rule
+        may alert on at once: the sensor wakes the daemon for those."""
+        return self._match_rules.indexed_names
 
     def evaluate(
         self, subject: Subject, trigger: Endpoint | None = None, network_only: bool = False
@@ -38,15 +57,12 @@ class Engine:
         if subject.process.kernel_thread:
             return []
         if subject.wire is not None:
-            index = self._wire_rules
-        elif network_only:
-            index = self._network_rules
+            candidates = self._wire_rules
         else:
-            index = self._match_rules
+            index = self._network_rules if network_only else self._match_rules
+            candidates = index.candidates(subject)
         findings = []
-        # a subject's names are only worth computing when some rule needs them
-        names = subject.names if index.by_name else frozenset()
-        for rule in index.candidates(names):
+        for rule in candidates:
             try:
                 reason = rule.evaluate(subject)
             except Exception:  # a rule must never take the engine down
@@ -72,31 +88,87 @@ class RuleIndex:
 
     def __init__(self, rules: list[Rule]):
         self._order = {id(rule): n for n, rule in enumerate(rules)}
-        self._always: list[Rule] = []
+        # rules no name narrows, each with what its command line must contain
+        # and whether it can hold only once the process has connections
+        self._always: list[tuple[Rule, re.Pattern[str] | None, bool]] = []
         self._by_name: dict[str, list[Rule]] = {}
+        self._by_prefix: dict[str, list[Rule]] = {}
         for rule in rules:
             names = required_names(rule.match)
             if names is None:
-                self._always.append(rule)
-            else:
-                for name in names:
+                self._always.append(
+                    (rule, _text_test(required_text(rule.match)), requires_connection(rule.match))
+                )
+                continue
+            for name in names:
+                if name.endswith("*"):
+                    self._by_prefix.setdefault(name[:-1], []).append(rule)
+                else:
                     self._by_name.setdefault(name, []).append(rule)
+        self._prefixes = tuple(self._by_prefix.items())
+        self._prefix_test = _prefix_test(self._by_prefix)
 
     def __len__(self) -> int:
         return len(self._order)
 
     @property
-    def by_name(self) -> bool:
-        """Whether any rule is indexed by name."""
-        return bool(self._by_name)
+    def indexed_names(self) -> frozenset[str]:
+        """Every name (and "prefix*") some indexed rule requires."""
+        return frozenset(self._by_name) | {prefix + "*" for prefix in self._by_prefix}
 
-    def candidates(self, names: frozenset[str]) -> list[Rule]:
-        """The rules that may match a subject going by these names, in rule order."""
+    def candidates(self, subject: Subject) -> list[Rule]:
+        """The rules that may match subject, in rule order: those indexed
+        under a name it goes by, and those no name narrows whose required
+        text its command line contains."""
+        names = subject.names
         picked = [rule for name in names for rule in self._by_name.get(name, ())]
-        if not picked:
-            return self._always
-        unique = {id(rule): rule for rule in self._always + picked}
+        if self._prefix_test is not None and any(map(self._prefix_test, names)):
+            for prefix, rules in self._prefixes:
+                if any(name.startswith(prefix) for name in names):
+                    picked += rules
+        if self._always:
+            text = subject.command_line
+            connected = bool(subject.connections)
+            if len(text) > TEXT_TEST_MAX:  # searching costs more than the rules
+                picked += [rule for rule, _, needs in self._always if connected or not needs]
+            else:
+                text = text.lower()
+                picked += [
+                    rule
+                    for rule, test, needs in self._always
+                    if (connected or not needs) and (test is None or test.search(text))
+                ]
+        if len(picked) < 2:
+            return picked
+        unique = {id(rule): rule for rule in picked}
         return sorted(unique.values(), key=lambda rule: self._order[id(rule)])
+
+
+def _prefix_test(by_prefix: dict[str, list[Rule]]) -> Callable[[str], object] | None:
+    """One match for "does this name start with any indexed prefix"."""
+    if not by_prefix:
+        return None
+    return re.compile("|".join(re.escape(p) for p in by_prefix)).match
+
+
+_ANCHORS = {AT_ARGUMENT: r"(?:^|(?<=[\s=]))", AT_ARGUMENT_OR_DASH: r"(?:^|(?<=[\s=-]))"}
+
+
+def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
+    """One search for any of needles (see conditions.required_text); None:
+    no test, always a candidate. Anchored needles share one anchor, so most
+    positions fail on the anchor before any needle is tried."""
+    if needles is None:
+        return None
+    groups: dict[str, list[str]] = {}
+    for needle in needles:
+        anchor = needle[:1] if needle[:1] in _ANCHORS else ""
+        groups.setdefault(anchor, []).append(re.escape(needle[len(anchor) :]))
+    parts = [
+        _ANCHORS.get(anchor, "") + "(?:" + "|".join(sorted(alts, key=len, reverse=True)) + ")"
+        for anchor, alts in sorted(groups.items())
+    ]
+    return re.compile("|".join(parts))
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:

@@ -27,7 +27,7 @@ from rome_guard.detect.conditions import (
 from rome_guard.yamlsrc import LineDict, LineList, Location, SourceError, load_file, where
 
 SEVERITIES = ("critical", "high", "medium", "low")
-ACTIONS = ("alert", "kill")
+RULE_ACTIONS = ("alert", "kill")
 KILL_SCOPES = ("process", "tree", "cgroup", "container")
 SHIPPED_CATEGORIES = ("miner", "reverse_tunnel", "reverse_shell", "net_probe", "gpu_unregistered")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -79,7 +79,7 @@ _PREVENT_KEYS = {
 
 
 @dataclass(frozen=True)
-class Prevention:
+class PreventSpec:
     """What a rule asks the kernel to enforce before user space sees it."""
 
     deny_exec: tuple[str, ...] = ()  # basenames (comm) or absolute paths
@@ -107,7 +107,7 @@ class Rule:
     detector: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     exceptions: list[Predicate] = field(default_factory=list)
-    prevent: Prevention = Prevention()
+    prevent: PreventSpec = PreventSpec()
     tags: tuple[str, ...] = ()
     enabled: bool = True
     needs_network: bool = False
@@ -178,7 +178,7 @@ def _problem(problems: list, loc: Location, message: str) -> None:
     problems.append((loc, message))
 
 
-def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> Prevention:
+def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
     if not isinstance(raw, LineDict):
         raise RuleSyntaxError(loc, "prevent: expected a mapping")
     for key in raw:
@@ -208,7 +208,7 @@ def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> Prevention:
         kw["kill_on_connect"] = compiler.boolean(
             raw["kill_on_connect"], raw.where("kill_on_connect"), "prevent.kill_on_connect"
         )
-    return Prevention(**kw)
+    return PreventSpec(**kw)
 
 
 def _uses(node: Any, keys: frozenset[str]) -> bool:
@@ -274,8 +274,10 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler) -> Rule:
     if not isinstance(description, str) or not description.strip():
         raise field_error("description", "description must be a non-empty string")
     action = raw.get("action", "alert")
-    if action not in ACTIONS:
-        raise field_error("action", f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    if action not in RULE_ACTIONS:
+        raise field_error(
+            "action", f"action must be one of {', '.join(RULE_ACTIONS)}, got {action!r}"
+        )
     scope = raw.get("kill_scope", "process")
     if scope not in KILL_SCOPES:
         raise field_error(
@@ -308,7 +310,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler) -> Rule:
     prevent = (
         _parse_prevent(raw["prevent"], raw.where("prevent"), compiler)
         if "prevent" in raw
-        else Prevention()
+        else PreventSpec()
     )
     rule = Rule(
         id=rule_id,

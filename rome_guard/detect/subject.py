@@ -15,6 +15,7 @@ from typing import Callable
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import WireFacts
 from rome_guard.events import Endpoint, ProcessInfo
+from rome_guard.linux import without_deleted
 
 
 class Subject:
@@ -76,7 +77,7 @@ class Subject:
         names for known tools and arguments for behaviour."""
         candidates = {
             self.process.comm,
-            argvlib.basename(self.process.exe.removesuffix(" (deleted)")),
+            argvlib.basename(without_deleted(self.process.exe)),
         }
         if self.argv:
             candidates.add(argvlib.basename(self.argv[0]))

@@ -11,7 +11,7 @@ reads /proc, talks to NVML, alerts or kills.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from rome_guard.events import GpuProcess, ProcessInfo
 from rome_guard.gpu.registry import SOURCE_REGISTRATION, Coverage, GpuRef, Registration
@@ -45,17 +45,6 @@ class GpuConsumerVerdict:
     @property
     def allowed(self) -> bool:
         return self.reason is None
-
-    def gpu_fields(self) -> dict[str, Any]:
-        """The alert's ``gpu`` object."""
-        proc = self.process
-        return {
-            "index": proc.gpu_index,
-            "uuid": proc.gpu_uuid,
-            "mig": proc.mig,
-            "used_memory_bytes": proc.used_memory_bytes,
-            "sm_util": proc.sm_util,
-        }
 
 
 def gpu_ref(process: GpuProcess) -> GpuRef:
@@ -125,5 +114,30 @@ def judge_consumer(
         detail += (
             f"; it descends from registered job {one_line(reg.name, 64)!r} "
             f"(pid {reg.key.pid}), which was registered without --include-children"
+        )
+    return GpuConsumerVerdict(process, info, None, UNREGISTERED, detail, inside)
+
+
+def judge_open(
+    info: ProcessInfo, lineage: list[ProcessInfo], registry: CoverageSource
+) -> GpuConsumerVerdict:
+    """The verdict on a process that opened /dev/nvidia-uvm (CUDA creating a
+    context), seconds before NVML lists it on a GPU: no GPU is known yet,
+    so a grant on any GPU covers it."""
+    process = GpuProcess(info.pid, -1, "", None, None, None)
+    coverage = registry.covering(info, lineage, GpuRef(-1, "", None))
+    who = f"pid {info.pid} ({one_line(info.comm, 32)})"
+    if coverage is not None:
+        return GpuConsumerVerdict(
+            process, info, coverage, None, f"{who} is allowed: {one_line(coverage.name, 64)!r}"
+        )
+    detail = "opened /dev/nvidia-uvm (creating a CUDA context) and is not registered"
+    inside = None
+    ancestor = registry.registered_ancestor(lineage)
+    if ancestor is not None:
+        inside = ancestor[0].name
+        detail += (
+            f"; it descends from job {one_line(inside, 64)!r}, registered without "
+            "--include-children"
         )
     return GpuConsumerVerdict(process, info, None, UNREGISTERED, detail, inside)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rome_guard import linux
 from rome_guard.attribution import attribute
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import WireFacts, dns_payload, facts_for, parse_dns
@@ -126,10 +127,8 @@ class CgroupPaths:
             return self._cache[cgroup_id]
         found = ""
         try:
-            from rome_guard.respond.prevent import PreventionError, cgroup2_root
-
-            root = self._root or cgroup2_root()
-        except (OSError, PreventionError):
+            root = self._root or linux.cgroup2_root()
+        except (OSError, linux.NoCgroup2):
             return ""
         for directory, _dirs, _files in os.walk(root):
             try:
@@ -309,3 +308,10 @@ class WireHandler:
                 self.kernel.undrop_address(address)
             except (ValueError, OSError, KeyError) as exc:
                 log.warning("cannot stop dropping flows to %s: %s", address, exc)
+
+
+def on_wire(ctx: Any, event: WireEvent) -> None:
+    """The handler table's entry: the context's WireHandler, when the wire
+    sensor runs (it is the only producer of wire events)."""
+    if ctx.wire is not None:
+        ctx.wire.handle(event)

@@ -27,7 +27,9 @@ from typing import Iterable, Iterator
 
 from rome_guard.attribution import container_id
 from rome_guard.config import ProtectConfig
+from rome_guard.detect.rules import KILL_SCOPES
 from rome_guard.events import ProcessInfo, ProcessKey
+from rome_guard.linux import cgroup2_root, listening_tcp_inodes, read_cgroup, without_deleted
 from rome_guard.sensors.procfs import (
     PROC,
     ProcessGone,
@@ -44,7 +46,6 @@ ALREADY_EXITED = "already_exited"
 KILL_FAILED = "kill_failed"
 PROTECTED = "protected"
 
-SCOPES = ("process", "tree", "cgroup", "container")
 
 # cgroups that group many unrelated workloads: killing one is never a
 # response to one offender. Any *.slice is refused as well.
@@ -53,7 +54,6 @@ CRITICAL_CGROUP_NAMES = frozenset(
     | {"machine", "containerd", "system", "user", "libpod_parent", "podruntime", "runtime"}
 )
 SSHD_NAMES = ("sshd",)
-_TCP_LISTEN = "0A"
 _GONE = "gone"
 # A fork caught between our /proc scans can add children; each round stops
 # every member, so this bound is only reached by a pathological tree.
@@ -70,13 +70,9 @@ class KillResult:
 # --- pure decisions ---------------------------------------------------------
 
 
-def _without_deleted(exe: str) -> str:
-    return exe[: -len(" (deleted)")] if exe.endswith(" (deleted)") else exe
-
-
 def configured_protection(info: ProcessInfo, protect: ProtectConfig) -> str | None:
     """Why the operator's protect list covers info, or None."""
-    exe = _without_deleted(info.exe)
+    exe = without_deleted(info.exe)
     for pattern in protect.exe:
         if exe and fnmatchcase(exe, pattern):
             return f"protected exe {one_line(pattern)}"
@@ -117,18 +113,6 @@ def container_cgroup(path: str, cid: str) -> str | None:
 # --- /proc and cgroupfs ---------------------------------------------------------
 
 
-def _v2_cgroup(pid: int, proc: str = PROC) -> str | None:
-    try:
-        with open(f"{proc}/{pid}/cgroup", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    for line in raw.splitlines():
-        if line.startswith(b"0::"):
-            return os.fsdecode(line[3:])
-    return None
-
-
 def _cgroup_members(directory: str) -> list[int]:
     """Every pid in the cgroup at directory and its descendants."""
     pids: list[int] = []
@@ -141,21 +125,6 @@ def _cgroup_members(directory: str) -> list[int]:
         except FileNotFoundError:
             continue  # removed while we walked
     return pids
-
-
-def _listening_inodes(pid: int, proc: str) -> set[int]:
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"{proc}/{pid}/net/{table}") as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == _TCP_LISTEN:
-                inodes.add(int(fields[9]))
-    return inodes
 
 
 @dataclass
@@ -197,9 +166,9 @@ class Killer:
         return keys
 
     def _is_sshd_listener(self, info: ProcessInfo) -> bool:
-        if info.uid != 0 or posixpath.basename(_without_deleted(info.exe)) not in SSHD_NAMES:
+        if info.uid != 0 or posixpath.basename(without_deleted(info.exe)) not in SSHD_NAMES:
             return False
-        listening = _listening_inodes(info.pid, self._proc)
+        listening = listening_tcp_inodes(info.pid, self._proc)
         return any(inode in listening for inode in socket_inodes(info.pid, self._proc))
 
     def is_protected(self, info: ProcessInfo) -> str | None:
@@ -228,7 +197,7 @@ class Killer:
         if live is None or live.key != key or live.zombie:
             os.close(pidfd)
             return None, _GONE
-        if exe and _without_deleted(live.exe) != _without_deleted(exe):
+        if exe and without_deleted(live.exe) != without_deleted(exe):
             os.close(pidfd)
             return None, f"exe changed since the alert: {one_line(exe)} -> {one_line(live.exe)}"
         return _Member(key, pidfd, live), ""
@@ -253,8 +222,8 @@ class Killer:
         """SIGKILL target within scope. descendants (from the process table)
         add to those found in /proc for scope ``tree``: a daemonised
         grandchild is no longer a child of anyone we can see."""
-        if scope not in SCOPES:
-            raise ValueError(f"unknown kill scope {scope!r} (known: {', '.join(SCOPES)})")
+        if scope not in KILL_SCOPES:
+            raise ValueError(f"unknown kill scope {scope!r} (known: {', '.join(KILL_SCOPES)})")
         reason = self.is_protected(target)
         if reason:
             return KillResult(PROTECTED, f"pid {target.pid}: {reason}")
@@ -352,8 +321,6 @@ class Killer:
 
     def _root(self) -> str:
         if self._cgroup_root is None:
-            from rome_guard.respond.prevent import cgroup2_root
-
             self._cgroup_root = cgroup2_root()
         return self._cgroup_root
 
@@ -361,7 +328,7 @@ class Killer:
         with self._verified(target) as (_member, refusal):
             if refusal is not None:
                 return refusal
-            live_path = _v2_cgroup(target.pid, self._proc)
+            live_path = read_cgroup(target.pid, self._proc)
             if live_path is None or start_time(target.pid, self._proc) != target.key.start_time:
                 return KillResult(ALREADY_EXITED)
             if scope == "cgroup":

@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -34,9 +34,9 @@ from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
 from rome_guard.events import GpuProcess
+from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
-from rome_guard.sensors.ebpf_layout import LOST_SLOT_NAMES
 from rome_guard.textsafe import one_line
 
 log = logging.getLogger(__name__)
@@ -58,20 +58,18 @@ EVENT_SOURCES = (
     "payload",  # wire sensor: first bytes of new flows, DNS questions and answers
     "nvml",  # NVML compute-process polls
     "procfs",  # /proc snapshots (seeding, poll mode, scan)
-    "sockdiag",  # sock_diag socket snapshots
 )
 # Where events can be lost: the sensor's kernel ring buffers, prevention's,
-# and the daemon's own queues.
+# and the daemon's parking of events for pids not known yet.
 LOST_BUFFERS = (
     *LOST_SLOT_NAMES,  # "process", "network"
     "prevention",  # the prevention programs' ring buffer
     "wire",  # the wire sensor's ring buffer (and records it could not decode)
     "parked",  # events for not-yet-known pids dropped after park_unknown_ms
-    "queue",  # user-space queue between sensors and the engine
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ACTIONS = ("alert", "kill", "block")  # what was done about an alert
+ALERT_ACTIONS = ("alert", "kill", "block")  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 # The categories the alerting rules and dashboard know (dashboards/alerts.yml).
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
@@ -248,7 +246,7 @@ class GuardMetrics:
         for rule_id, category, severity in rules:
             labels = self._alert_labels(rule_id, category, severity, only_loaded=False)
             loaded.append(rule_id)
-            for action in ACTIONS:
+            for action in ALERT_ACTIONS:
                 self.alerts.labels(*labels, action)
         with self._lock:
             self._loaded_rules = frozenset(loaded)
@@ -271,7 +269,7 @@ class GuardMetrics:
     def alert(self, rule: str, category: str, severity: str, action: str) -> None:
         """One alert of a loaded rule; action is what was done: alert (recorded
         only), kill or block."""
-        _member(action, ACTIONS, "action")
+        _member(action, ALERT_ACTIONS, "action")
         self.alerts.labels(*self._alert_labels(rule, category, severity), action).inc()
 
     # sensors
@@ -358,6 +356,61 @@ class GuardMetrics:
 
 
 # --- the endpoint ----------------------------------------------------------------
+
+
+class MetricsSink(Protocol):
+    """What the daemon records; GuardMetrics, or NullMetrics when no
+    metrics are served."""
+
+    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
+    def rule_reload_failed(self) -> None: ...
+    def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
+    def event(self, source: str, count: int = 1) -> None: ...
+    def set_lost(self, buffer: str, total: int) -> None: ...
+    def lost(self, buffer: str, count: int = 1) -> None: ...
+    def set_sensor(self, mode: str) -> None: ...
+    def set_processes_tracked(self, count: int) -> None: ...
+    def kill(self, result: str) -> None: ...
+    def blocked_connection(self, count: int = 1) -> None: ...
+    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
+
+
+class NullMetrics:
+    """Records nothing: callers record unconditionally instead of asking
+    whether metrics are on."""
+
+    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None:
+        pass
+
+    def rule_reload_failed(self) -> None:
+        pass
+
+    def alert(self, rule: str, category: str, severity: str, action: str) -> None:
+        pass
+
+    def event(self, source: str, count: int = 1) -> None:
+        pass
+
+    def set_lost(self, buffer: str, total: int) -> None:
+        pass
+
+    def lost(self, buffer: str, count: int = 1) -> None:
+        pass
+
+    def set_sensor(self, mode: str) -> None:
+        pass
+
+    def set_processes_tracked(self, count: int) -> None:
+        pass
+
+    def kill(self, result: str) -> None:
+        pass
+
+    def blocked_connection(self, count: int = 1) -> None:
+        pass
+
+    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None:
+        pass
 
 
 def parse_listen_addr(addr: str) -> tuple[str, int] | None:

@@ -8,9 +8,9 @@ in-kernel kill comes back as a ``PreventionEvent`` from ``poll()``.
 
 cgroup attachments outlive the process that made them, so each running
 ``Prevention`` pins its programs under ``/sys/fs/bpf/rome-guard/<pid>-<start
-time>/``; ``cleanup_stale()`` (run by ``start()``) detaches what a dead owner
-left behind, and any ``rgp_*`` (or the wire sensor's ``rgw_*``) program on
-the root that no live owner pins.
+time>/``; ``stale.cleanup_stale()`` (run by ``start()``) detaches what a dead
+owner left behind, and any ``rgp_*`` program on the root that no live owner
+pins. The bpf(2) calls libbcc lacks are in ``bpfsys``.
 
 This module must never: load anything in monitor mode; block by default
 (every list starts empty and the programs allow whatever is not listed, so
@@ -24,98 +24,63 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import errno
 import ipaddress
 import logging
 import os
-import platform
 import resource
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Iterable
 
 from rome_guard.events import CONNECT_BLOCKED, ConnectEvent, Endpoint
-from rome_guard.sensors.procfs import start_time
+from rome_guard.layout.prevent import (
+    RG_ACT_BLOCK,
+    RG_ACT_KILL,
+    RG_COMM_LEN,
+    RG_EV_BLOCKED_CONNECT,
+    RG_EV_KILLED_CONNECT,
+    RG_EV_KILLED_EXEC,
+    RG_PATH_LEN,
+    PreventRecord,
+)
+from rome_guard.layout.sensor import format_address
+from rome_guard.linux import NoCgroup2, cgroup2_root
+from rome_guard.respond.bpfsys import (
+    BPF_F_ALLOW_MULTI,
+    ensure_bpffs,
+    obj_pin,
+    prog_attach,
+    prog_detach,
+    prog_id_and_name,
+)
+from rome_guard.respond.stale import CONNECT_PROGRAMS, PIN_ROOT, cleanup_stale, owner_name
 from rome_guard.textsafe import from_bytes
 
 log = logging.getLogger(__name__)
 
-PIN_ROOT = "/sys/fs/bpf/rome-guard"
-BPFFS = "/sys/fs/bpf"
-# Every cgroup program of ours is named rgp_*: cleanup_stale() finds
-# leftovers by this prefix and never touches anything else.
-PROG_PREFIX = "rgp_"
-# the wire sensor's programs (rome_guard/sensors/wire.py) observe, and drop
-# only while their live owner says so: a prefix of their own, same cleanup
-WIRE_PROG_PREFIX = "rgw_"
-_CLEANED_PREFIXES = (PROG_PREFIX, WIRE_PROG_PREFIX)
 BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bpf", "prevent.c")
 
 # Mirrors of prevent.h.
-ACT_BLOCK = 1
-ACT_KILL = 2
-EV_BLOCKED_CONNECT = 1
-EV_KILLED_EXEC = 2
-EV_KILLED_CONNECT = 3
-COMM_LEN = 16
-PATH_LEN = 256
+ACT_BLOCK = RG_ACT_BLOCK
+ACT_KILL = RG_ACT_KILL
+COMM_LEN = RG_COMM_LEN
+PATH_LEN = RG_PATH_LEN
 
 KIND_BLOCKED_CONNECT = "blocked_connect"
 KIND_KILLED_EXEC = "killed_exec"
 KIND_KILLED_CONNECT = "killed_connect"
 _KINDS = {
-    EV_BLOCKED_CONNECT: KIND_BLOCKED_CONNECT,
-    EV_KILLED_EXEC: KIND_KILLED_EXEC,
-    EV_KILLED_CONNECT: KIND_KILLED_CONNECT,
+    RG_EV_BLOCKED_CONNECT: KIND_BLOCKED_CONNECT,
+    RG_EV_KILLED_EXEC: KIND_KILLED_EXEC,
+    RG_EV_KILLED_CONNECT: KIND_KILLED_CONNECT,
 }
 
-# uapi/linux/bpf.h
-_BPF_OBJ_PIN = 6
-_BPF_OBJ_GET = 7
-_BPF_PROG_ATTACH = 8
-_BPF_PROG_DETACH = 9
-_BPF_PROG_GET_FD_BY_ID = 13
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_BPF_PROG_QUERY = 16
-_BPF_F_ALLOW_MULTI = 2
-ATTACH_INET4_CONNECT = 10
-ATTACH_INET6_CONNECT = 11
-# program function in prevent.c -> (attach type, pin name)
-_CONNECT_PROGRAMS = {
-    "rgp_connect4": (ATTACH_INET4_CONNECT, "connect4"),
-    "rgp_connect6": (ATTACH_INET6_CONNECT, "connect6"),
-}
-_PIN_ATTACH_TYPES = {pin: attach for attach, pin in _CONNECT_PROGRAMS.values()}
-# the wire sensor's cgroup_skb programs (rome_guard/sensors/wire.py) pin
-# into the same owner directory: cleanup covers them too
-_PIN_ATTACH_TYPES.update({"wire_out": 1, "wire_in": 0})  # CGROUP_INET_EGRESS, _INGRESS
 _PINNED_MAPS = ("block_ports", "block_v4", "block_v6", "exempt_cgroups", "deny_comm", "deny_path")
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
+_IP_VERSIONS = {socket.AF_INET: 4, socket.AF_INET6: 6}  # record family -> Endpoint.family
 
 
 class PreventionError(Exception):
     """Prevention cannot run here; the message names the missing capability."""
-
-
-class RawEvent(ctypes.Structure):
-    """ctypes mirror of ``struct rg_event`` in prevent.h."""
-
-    _fields_ = [
-        ("timestamp_ns", ctypes.c_uint64),
-        ("cgroup_id", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("tgid", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
-        ("kind", ctypes.c_uint16),
-        ("family", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("action", ctypes.c_uint8),
-        ("protocol", ctypes.c_uint8),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("comm", ctypes.c_char * COMM_LEN),
-        ("filename", ctypes.c_char * PATH_LEN),
-    ]
 
 
 @dataclass(frozen=True)
@@ -167,26 +132,23 @@ class PreventionEvent:
 
 def decode_event(raw: bytes) -> PreventionEvent:
     """One ring buffer record -> PreventionEvent (pure)."""
-    if len(raw) < ctypes.sizeof(RawEvent):
+    if len(raw) < ctypes.sizeof(PreventRecord):
         raise ValueError(f"short prevention event: {len(raw)} bytes")
-    ev = RawEvent.from_buffer_copy(raw[: ctypes.sizeof(RawEvent)])
+    ev = PreventRecord.from_buffer_copy(raw[: ctypes.sizeof(PreventRecord)])
     kind = _KINDS.get(ev.kind, f"unknown-{ev.kind}")
-    daddr = ""
-    if ev.family == 4:
-        daddr = socket.inet_ntop(socket.AF_INET, bytes(ev.daddr[:4]))
-    elif ev.family == 6:
-        daddr = socket.inet_ntop(socket.AF_INET6, bytes(ev.daddr))
+    version = _IP_VERSIONS.get(ev.family, 0)
+    daddr = format_address(ev.family, bytes(ev.daddr)) if version else ""
     protocol = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}.get(ev.protocol, "")
     return PreventionEvent(
         kind=kind,
-        pid=ev.tgid,
-        tid=ev.pid,
+        pid=ev.pid,
+        tid=ev.tid,
         uid=ev.uid,
         comm=from_bytes(ev.comm),
         cgroup_id=ev.cgroup_id,
         timestamp_ns=ev.timestamp_ns,
-        family=ev.family,
-        protocol=protocol if ev.family else "",
+        family=version,
+        protocol=protocol if version else "",
         daddr=daddr,
         dport=ev.dport,
         filename=from_bytes(ev.filename),
@@ -214,266 +176,6 @@ def path_key(path: str) -> bytes:
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A CIDR or a single address; host bits are allowed and dropped."""
     return ipaddress.ip_network(text.strip(), strict=False)
-
-
-# --- mounts -----------------------------------------------------------------
-
-
-def _unescape_mount_field(field: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def _mounts_of_type(fstype: str, mounts: str = "/proc/mounts") -> list[str]:
-    with open(mounts) as f:
-        lines = f.read().splitlines()
-    found = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == fstype:
-            found.append(_unescape_mount_field(parts[1]))
-    return found
-
-
-def cgroup2_root(mounts: str = "/proc/mounts") -> str:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup or, in the
-    hybrid layout, /sys/fs/cgroup/unified)."""
-    found = _mounts_of_type("cgroup2", mounts)
-    if not found:
-        raise PreventionError("no cgroup2 mount in /proc/mounts: connects cannot be denied")
-    return found[0]
-
-
-def cgroup_id(cgroup: str, root: str | None = None) -> int:
-    """The cgroup v2 id of a cgroup path as in /proc/PID/cgroup ("0::/a/b"):
-    the inode number of its directory, what bpf_get_current_cgroup_id()
-    returns."""
-    base = root if root is not None else cgroup2_root()
-    return os.stat(os.path.join(base, cgroup.lstrip("/"))).st_ino
-
-
-def _ensure_bpffs() -> None:
-    if BPFFS in _mounts_of_type("bpf"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    os.makedirs(BPFFS, exist_ok=True)
-    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount bpffs on {BPFFS}: {os.strerror(err)}")
-
-
-# --- the bpf(2) calls libbcc does not expose ---------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    number = _SYS_BPF.get(platform.machine())
-    if number is None:
-        raise PreventionError(f"bpf(2) syscall number unknown on {platform.machine()}")
-    ret = _libc.syscall(ctypes.c_long(number), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ret)
-
-
-def _attr() -> ctypes.Array:
-    return ctypes.create_string_buffer(128)
-
-
-def _obj_pin(fd: int, path: str) -> None:
-    attr, name = _attr(), ctypes.create_string_buffer(os.fsencode(path))
-    struct.pack_into("=QI", attr, 0, ctypes.addressof(name), fd)
-    _bpf(_BPF_OBJ_PIN, attr)
-
-
-def _obj_get(path: str) -> int:
-    attr, name = _attr(), ctypes.create_string_buffer(os.fsencode(path))
-    struct.pack_into("=QI", attr, 0, ctypes.addressof(name), 0)
-    return _bpf(_BPF_OBJ_GET, attr)
-
-
-def _prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
-    attr = _attr()
-    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
-    _bpf(_BPF_PROG_ATTACH, attr)
-
-
-def _prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
-    attr = _attr()
-    struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
-    _bpf(_BPF_PROG_DETACH, attr)
-
-
-def _prog_query(target_fd: int, attach_type: int) -> list[int]:
-    capacity = 64
-    while True:
-        ids = (ctypes.c_uint32 * capacity)()
-        attr = _attr()
-        struct.pack_into(
-            "=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), capacity
-        )
-        try:
-            _bpf(_BPF_PROG_QUERY, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC and capacity < 65536:
-                capacity *= 8
-                continue
-            raise
-        count = struct.unpack_from("=I", attr, 24)[0]
-        return list(ids[:count])
-
-
-def _prog_fd_by_id(prog_id: int) -> int:
-    attr = _attr()
-    struct.pack_into("=I", attr, 0, prog_id)
-    return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
-
-
-def _prog_id_and_name(fd: int) -> tuple[int, str]:
-    # struct bpf_prog_info: id at 4, name[16] at 64
-    info = ctypes.create_string_buffer(80)
-    attr = _attr()
-    struct.pack_into("=IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-    prog_id = struct.unpack_from("=I", info, 4)[0]
-    name = info.raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
-    return prog_id, name
-
-
-# --- stale attachments --------------------------------------------------------
-
-
-def _owner_name() -> str:
-    pid = os.getpid()
-    return f"{pid}-{start_time(pid)}"  # bpffs refuses names with dots
-
-
-def _owner_alive(name: str) -> bool:
-    pid_text, _, start_text = name.partition("-")
-    if not (pid_text.isdigit() and start_text.isdigit()):
-        return False
-    return start_time(int(pid_text)) == int(start_text)
-
-
-def _pinned_prog_ids(owner_dir: str) -> set[int]:
-    ids = set()
-    for pin in _PIN_ATTACH_TYPES:
-        try:
-            fd = _obj_get(os.path.join(owner_dir, pin))
-        except OSError:
-            continue
-        try:
-            ids.add(_prog_id_and_name(fd)[0])
-        finally:
-            os.close(fd)
-    return ids
-
-
-def _remove_owner_dir(owner_dir: str, root_fd: int | None) -> list[str]:
-    """Detach a dead owner's pinned programs and delete its pins."""
-    removed = []
-    for entry in sorted(os.listdir(owner_dir)):
-        path = os.path.join(owner_dir, entry)
-        attach_type = _PIN_ATTACH_TYPES.get(entry)
-        if attach_type is not None and root_fd is not None:
-            try:
-                fd = _obj_get(path)
-            except OSError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    prog_id, name = _prog_id_and_name(fd)
-                    _prog_detach(root_fd, fd, attach_type)
-                    removed.append(f"detached stale {name} (prog id {prog_id}) pinned at {path}")
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.EINVAL):
-                        raise
-                finally:
-                    os.close(fd)
-        os.unlink(path)
-    os.rmdir(owner_dir)
-    removed.append(f"removed stale pins {owner_dir}")
-    return removed
-
-
-def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> list[str]:
-    """Detach and unpin what a rome-guard that died without close() left
-    behind; returns one line per thing removed. Programs pinned by a live
-    rome-guard (its pid and start time still match) are left alone, and so
-    is every program not named rgp_* or rgw_*."""
-    try:
-        root = cgroup_root if cgroup_root is not None else cgroup2_root()
-    except PreventionError:
-        root = None
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY) if root else None
-    removed: list[str] = []
-    live_ids: set[int] = set()
-    try:
-        if os.path.isdir(pin_root):
-            for name in sorted(os.listdir(pin_root)):
-                owner_dir = os.path.join(pin_root, name)
-                if _owner_alive(name):
-                    live_ids |= _pinned_prog_ids(owner_dir)
-                elif os.path.isdir(owner_dir):
-                    removed += _remove_owner_dir(owner_dir, root_fd)
-        if root_fd is None:
-            return removed
-        for attach_type in _PIN_ATTACH_TYPES.values():
-            for prog_id in _prog_query(root_fd, attach_type):
-                if prog_id in live_ids:
-                    continue
-                try:
-                    fd = _prog_fd_by_id(prog_id)
-                except OSError:
-                    continue  # detached and freed meanwhile
-                try:
-                    name = _prog_id_and_name(fd)[1]
-                    if name.startswith(_CLEANED_PREFIXES):
-                        _prog_detach(root_fd, fd, attach_type)
-                        removed.append(f"detached stale {name} (prog id {prog_id}) from {root}")
-                finally:
-                    os.close(fd)
-        return removed
-    finally:
-        if root_fd is not None:
-            os.close(root_fd)
-
-
-def attached_programs(
-    cgroup_root: str | None = None, prefix: str = PROG_PREFIX
-) -> list[tuple[int, str]]:
-    """(prog id, name) of every rgp_* (or prefix*) program of ours on the
-    cgroup2 root."""
-    root = cgroup_root if cgroup_root is not None else cgroup2_root()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    found = []
-    try:
-        for attach_type in _PIN_ATTACH_TYPES.values():
-            for prog_id in _prog_query(fd, attach_type):
-                try:
-                    prog_fd = _prog_fd_by_id(prog_id)
-                except OSError:
-                    continue
-                try:
-                    name = _prog_id_and_name(prog_fd)[1]
-                finally:
-                    os.close(prog_fd)
-                if name.startswith(prefix):
-                    found.append((prog_id, name))
-    finally:
-        os.close(fd)
-    return found
 
 
 # --- the live programs ----------------------------------------------------------
@@ -533,10 +235,10 @@ class Prevention:
         if self._connect_hooks:
             try:
                 root = self._cgroup_root or cgroup2_root()
-            except PreventionError as exc:
+            except NoCgroup2 as exc:
                 self.degraded.append(f"{exc}; kill destinations are killed at SYN_SENT instead")
         try:
-            _ensure_bpffs()
+            ensure_bpffs()
         except OSError as exc:
             self.degraded.append(f"{exc}: a crash would leave attachments unpinned")
         stale = cleanup_stale(root, self._pin_root)
@@ -562,21 +264,21 @@ class Prevention:
 
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            owner_dir = os.path.join(self._pin_root, _owner_name())
+            owner_dir = os.path.join(self._pin_root, owner_name())
             os.makedirs(owner_dir, exist_ok=True)
             self._owner_dir = owner_dir
         except OSError as exc:
             self.degraded.append(f"cannot pin under {self._pin_root}: {exc}")
-        for func, (attach_type, pin) in _CONNECT_PROGRAMS.items():
+        for func, (attach_type, pin) in CONNECT_PROGRAMS.items():
             fn = self._bpf.load_func(func.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
             if self._owner_dir:
-                _obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
+                obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
             # ALLOW_MULTI: never replace another program on the root
-            _prog_attach(self._root_fd, fn.fd, attach_type, _BPF_F_ALLOW_MULTI)
+            prog_attach(self._root_fd, fn.fd, attach_type, BPF_F_ALLOW_MULTI)
             self._attached.append((fn.fd, attach_type))
         if self._owner_dir:
             for name in _PINNED_MAPS:
-                _obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
+                obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
 
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         self._received.append(decode_event(ctypes.string_at(data, size)))
@@ -598,7 +300,7 @@ class Prevention:
             return {}
         ids = {}
         for name, fn in self._bpf.funcs.items():
-            ids[os.fsdecode(name)] = _prog_id_and_name(fn.fd)[0]
+            ids[os.fsdecode(name)] = prog_id_and_name(fn.fd)[0]
         return ids
 
     def lost_events(self) -> int:
@@ -717,7 +419,7 @@ class Prevention:
         atexit.unregister(self.close)
         for prog_fd, attach_type in self._attached:
             try:
-                _prog_detach(self._root_fd, prog_fd, attach_type)
+                prog_detach(self._root_fd, prog_fd, attach_type)
             except OSError as exc:
                 log.warning("detaching rome-guard connect program failed: %s", exc)
         self._attached = []

@@ -35,14 +35,17 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
-from rome_guard.sensors.ebpf_layout import (
+from rome_guard.layout.sensor import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
     MalformedRecord,
     SensorConfig,
     SensorEvent,
+    WakeName,
     decode_record,
+    wake_key,
 )
+from rome_guard.linux import can_load_bpf
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SENSOR_SOURCE = BPF_DIR / "sensor.c"
@@ -60,10 +63,7 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # a repeated TCP connect (same process, destination and outcome) is reported
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
-
-_CAP_SYS_ADMIN = 21
-_CAP_PERFMON = 38
-_CAP_BPF = 39
+WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
 
 
 class EbpfUnavailable(Exception):
@@ -186,24 +186,6 @@ def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
 # --- checks that need no compile -----------------------------------------------
 
 
-def _effective_capabilities() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
-def _has_bpf_capabilities() -> bool:
-    caps = _effective_capabilities()
-    if caps & (1 << _CAP_SYS_ADMIN):
-        return True
-    return bool(caps & (1 << _CAP_BPF)) and bool(caps & (1 << _CAP_PERFMON))
-
-
 def find_tracefs() -> str | None:
     for path in TRACEFS_MOUNTS:
         if os.path.isdir(os.path.join(path, "events")):
@@ -227,7 +209,7 @@ def _tracefs_supported() -> bool:
 def probe_ebpf() -> str | None:
     """None when the eBPF sensor can start here, else why not. Cheap: no
     compile, no import of bcc, nothing changed on the host."""
-    if not _has_bpf_capabilities():
+    if not can_load_bpf():
         return (
             "not root: loading BPF programs needs root, or CAP_BPF and CAP_PERFMON "
             "(and CAP_SYS_ADMIN on kernels before 5.8)"
@@ -275,12 +257,6 @@ def mount_tracefs() -> str:
     return found
 
 
-def cgroup_id(cgroup_dir: str) -> int:
-    """The cgroup v2 id of a directory under the cgroup2 mount, as the kernel
-    reports it (bpf_get_current_cgroup_id): its inode number."""
-    return os.stat(cgroup_dir).st_ino
-
-
 def _raise_memlock() -> None:
     # Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
     with contextlib.suppress(ValueError, OSError):
@@ -324,6 +300,7 @@ class EbpfSensor:
     ):
         self._ignore_pids = set(ignore_pids)
         self._loopback_ignore_cgroups: set[int] = set()
+        self._wake_names: frozenset[str] | None = None  # None: every record wakes
         self._process_ring_pages = process_ring_pages
         self._network_ring_pages = network_ring_pages
         self._datagram_repeat_ns = datagram_repeat_ns
@@ -387,6 +364,8 @@ class EbpfSensor:
             self._sync_set(
                 "loopback_ignore_cgroups", ct.c_uint64, set(), self._loopback_ignore_cgroups
             )
+            if self._wake_names is not None:
+                self._sync_wake_names(frozenset(), self._wake_names)
             # consume() drains rings in this order: process last, so an exec
             # is never returned after a connect it preceded.
             self._open_ring("network_events", "network")
@@ -412,7 +391,9 @@ class EbpfSensor:
     def _write_config(self) -> None:
         table = self._bpf[b"sensor_config"]
         table[ct.c_int(0)] = SensorConfig(
-            datagram_repeat_ns=self._datagram_repeat_ns, tcp_repeat_ns=self._tcp_repeat_ns
+            datagram_repeat_ns=self._datagram_repeat_ns,
+            tcp_repeat_ns=self._tcp_repeat_ns,
+            quiet_lifecycle=int(self._wake_names is not None),
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
@@ -476,7 +457,7 @@ class EbpfSensor:
         self._ignore_pids = new
 
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
-        """cgroup v2 ids (see cgroup_id()) whose loopback-to-loopback traffic
+        """cgroup v2 ids (see rome_guard.linux.cgroup_id()) whose loopback-to-loopback traffic
         is not reported, for them and every cgroup below them."""
         new = set(cgroup_ids)
         if self._bpf is not None:
@@ -484,6 +465,34 @@ class EbpfSensor:
                 "loopback_ignore_cgroups", ct.c_uint64, self._loopback_ignore_cgroups, new
             )
         self._loopback_ignore_cgroups = new
+
+    def set_wake_names(self, names: Iterable[str] | None) -> None:
+        """Quiet lifecycle: forks, exits and the execs of programs whose comm
+        is not one of names (a name ending in "*" is a prefix) stay in the
+        ring buffer until the next poll() instead of waking the caller, who
+        then must poll() with a short timeout: that timeout bounds their
+        delay. None: every record wakes (the default), as it does when
+        there are more names than the kernel's trie holds."""
+        new = None if names is None else frozenset(names)
+        if new is not None and len(new) > WAKE_NAMES_MAX:
+            new = None
+        if self._bpf is not None:
+            self._sync_wake_names(self._wake_names or frozenset(), new or frozenset())
+            self._wake_names = new
+            self._write_config()
+        self._wake_names = new
+
+    def _sync_wake_names(self, old: frozenset[str], new: frozenset[str]) -> None:
+        table = self._bpf[b"wake_names"]
+
+        def key(name: str) -> WakeName:
+            return wake_key(name.removesuffix("*"), prefix=name.endswith("*"))
+
+        for name in old - new:
+            with contextlib.suppress(KeyError):
+                del table[key(name)]
+        for name in new - old:
+            table[key(name)] = ct.c_uint8(1)
 
     def close(self) -> None:
         """Detach every tracepoint and free every map; idempotent."""

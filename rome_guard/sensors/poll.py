@@ -18,7 +18,7 @@ from rome_guard.events import (
     ExecEvent,
     ExitEvent,
 )
-from rome_guard.scan import is_peer
+from rome_guard.linux import has_peer
 from rome_guard.sensors import procfs, sockdiag
 
 Event = ExecEvent | ExitEvent | ConnectEvent
@@ -41,11 +41,18 @@ class PollSensor:
             start = procfs.start_time(pid)
             if start is not None:
                 self._known[pid] = start
-        self._sockets = {s.inode for s in sockdiag.list_sockets(owned_only=True) if is_peer(s)}
+        self._sockets = {s.inode for s in sockdiag.list_sockets(owned_only=True) if has_peer(s)}
         self._next = time.monotonic() + self.interval_s
 
     def lost_events(self) -> dict[str, int]:
         return {}
+
+    def set_wake_names(self, names: Iterable[str] | None) -> None:
+        """Nothing to wake: polling reads /proc on its own schedule."""
+
+    def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
+        """Nothing to filter: polling never sees a loopback storm's connects
+        one by one (see EbpfSensor.set_loopback_ignore_cgroups)."""
 
     def poll(self, timeout_ms: int) -> list[Event]:
         wait = self._next - time.monotonic()
@@ -85,7 +92,7 @@ class PollSensor:
 
     def _connections(self) -> list[Event]:
         now = boottime_ns()
-        peers = [s for s in sockdiag.list_sockets(owned_only=True) if is_peer(s)]
+        peers = [s for s in sockdiag.list_sockets(owned_only=True) if has_peer(s)]
         fresh = [s for s in peers if s.inode not in self._sockets]
         self._sockets = {s.inode for s in peers}  # closed sockets are forgotten
         if not fresh:

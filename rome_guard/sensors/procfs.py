@@ -16,9 +16,9 @@ from typing import Iterable, Iterator, Mapping
 
 from rome_guard.attribution import attribute, parse_environ
 from rome_guard.events import ProcessInfo, ProcessKey
+from rome_guard.linux import PROC, cgroup_v2_path
 from rome_guard.textsafe import from_bytes
 
-PROC = "/proc"
 _PF_KTHREAD = 0x00200000
 
 
@@ -95,19 +95,6 @@ def _cmdline(raw: bytes) -> tuple[str, ...]:
     return tuple(from_bytes(arg) for arg in raw.split(b"\0"))
 
 
-def _cgroup_v2_path(raw: bytes) -> str:
-    """The unified hierarchy's path ("0::/..."), else the name=systemd one."""
-    fallback = ""
-    for line in raw.splitlines():
-        hierarchy, _, rest = line.partition(b":")
-        controllers, _, path = rest.partition(b":")
-        if hierarchy == b"0" and controllers == b"":
-            return from_bytes(path)
-        if controllers == b"name=systemd":
-            fallback = from_bytes(path)
-    return fallback
-
-
 def _read_at(dir_fd: int, name: str) -> bytes:
     fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
     try:
@@ -166,7 +153,7 @@ def read_process(
             environ = {from_bytes(k): from_bytes(v) for k, v in parse_environ(raw_env).items()}
     finally:
         os.close(dir_fd)
-    cgroup = _cgroup_v2_path(cgroup_raw)
+    cgroup = cgroup_v2_path(cgroup_raw)
     return ProcessInfo(
         key=ProcessKey(pid, stat.start_time),
         ppid=stat.ppid,
@@ -184,20 +171,13 @@ def read_process(
     )
 
 
-def read_image(pid: int, proc: str = PROC) -> tuple[str, str] | None:
-    """(exe, cgroup v2 path) of pid: what an exec changes that its fork did
-    not already tell. None if the process is gone."""
+def read_exe(pid: int, proc: str = PROC) -> str:
+    """The exe link of pid ("" when gone or unreadable): what an exec
+    changes that its fork did not already tell."""
     try:
-        dir_fd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+        return from_bytes(os.readlink(f"{proc}/{pid}/exe".encode()))
     except OSError:
-        return None
-    try:
-        cgroup = _cgroup_v2_path(_read_at(dir_fd, "cgroup"))
-        return _readlink_at(dir_fd, "exe"), cgroup
-    except OSError:
-        return None
-    finally:
-        os.close(dir_fd)
+        return ""
 
 
 def iter_processes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rome_guard.events import GpuProcess, ProcessInfo
+from rome_guard.findings import gpu_record
 from rome_guard.gpu.consumers import (
     NOT_GRANTED,
     PROCESS_NOT_VISIBLE,
@@ -47,7 +48,7 @@ def test_unregistered_consumer_inside_a_registered_job_names_the_job(tmp_path):
     assert verdict.reason == UNREGISTERED and not verdict.allowed
     assert verdict.inside_job == "sft-42"
     assert "xmrig" in verdict.detail and "without --include-children" in verdict.detail
-    assert verdict.gpu_fields() == {
+    assert gpu_record(verdict.process) == {
         "index": 0,
         "uuid": UUID0,
         "mig": None,

@@ -134,8 +134,8 @@ def test_lost_totals_from_a_kernel_counter_become_increments():
     assert value(metrics, "rome_guard_events_lost_total", buffer="process") == 12
     metrics.set_lost("process", 2)  # the map was recreated: a fresh count
     assert value(metrics, "rome_guard_events_lost_total", buffer="process") == 14
-    metrics.lost("queue", 3)
-    assert value(metrics, "rome_guard_events_lost_total", buffer="queue") == 3
+    metrics.lost("parked", 3)
+    assert value(metrics, "rome_guard_events_lost_total", buffer="parked") == 3
 
 
 def test_sensor_info_names_only_the_current_mode():
@@ -196,7 +196,7 @@ def _feed(metrics: GuardMetrics, infos: list) -> None:
         metrics.event("exec")
         metrics.event("procfs")
         rule, category, severity = RULES[n % len(RULES)]
-        metrics.alert(rule_ids[n % len(rule_ids)], category, severity, m.ACTIONS[n % 3])
+        metrics.alert(rule_ids[n % len(rule_ids)], category, severity, m.ALERT_ACTIONS[n % 3])
         # a careless caller passing process strings where rule ids go
         metrics.alert(info.comm, info.exe, info.user, "alert")
         metrics.alert(" ".join(info.cmdline), category, severity, "kill")

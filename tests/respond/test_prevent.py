@@ -25,26 +25,21 @@ import time
 import pytest
 
 from rome_guard.events import CONNECT_BLOCKED
+from rome_guard.layout.prevent import RG_EV_BLOCKED_CONNECT, RG_EV_KILLED_EXEC, PreventRecord
+from rome_guard.linux import cgroup2_root, cgroup_id
 from rome_guard.respond.prevent import (
     ACT_BLOCK,
     ACT_KILL,
-    EV_BLOCKED_CONNECT,
-    EV_KILLED_EXEC,
     KIND_BLOCKED_CONNECT,
     KIND_KILLED_CONNECT,
     KIND_KILLED_EXEC,
-    PIN_ROOT,
     Prevention,
-    RawEvent,
-    attached_programs,
-    cgroup2_root,
-    cgroup_id,
-    cleanup_stale,
     comm_key,
     decode_event,
     parse_network,
     path_key,
 )
+from rome_guard.respond.stale import PIN_ROOT, attached_programs, cleanup_stale
 from tests.conftest import require, require_root
 from tests.fixtures.network import free_port, listener, wait_until
 
@@ -54,14 +49,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_decode_event_reads_a_blocked_ipv4_connect() -> None:
-    raw = RawEvent(
+    raw = PreventRecord(
         timestamp_ns=5,
         cgroup_id=77,
-        pid=11,
-        tgid=10,
+        pid=10,
+        tid=11,
         uid=1000,
-        kind=EV_BLOCKED_CONNECT,
-        family=4,
+        kind=RG_EV_BLOCKED_CONNECT,
+        family=socket.AF_INET,
         dport=3333,
         action=ACT_BLOCK | ACT_KILL,
         protocol=socket.IPPROTO_TCP,
@@ -79,7 +74,7 @@ def test_decode_event_reads_a_blocked_ipv4_connect() -> None:
 
 
 def test_decode_event_reads_an_exec_kill() -> None:
-    raw = RawEvent(tgid=5, pid=5, kind=EV_KILLED_EXEC, action=ACT_KILL)
+    raw = PreventRecord(pid=5, tid=5, kind=RG_EV_KILLED_EXEC, action=ACT_KILL)
     raw.filename = b"/tmp/xmrig"
     event = decode_event(bytes(raw))
     assert event.kind == KIND_KILLED_EXEC and event.action == "killed"
@@ -223,10 +218,10 @@ def test_ctypes_mirror_matches_the_c_struct(root_bpf) -> None:
     )
     try:
         leaf = layout[b"layout"].Leaf
-        assert ctypes.sizeof(leaf) == ctypes.sizeof(RawEvent)
-        for name, _type in RawEvent._fields_:
-            assert getattr(leaf, name).offset == getattr(RawEvent, name).offset, name
-            assert getattr(leaf, name).size == getattr(RawEvent, name).size, name
+        assert ctypes.sizeof(leaf) == ctypes.sizeof(PreventRecord)
+        for name, _type in PreventRecord._fields_:
+            assert getattr(leaf, name).offset == getattr(PreventRecord, name).offset, name
+            assert getattr(leaf, name).size == getattr(PreventRecord, name).size, name
     finally:
         layout.cleanup()
 

@@ -32,16 +32,16 @@ from rome_guard.events import (
     ForkEvent,
     GpuOpenEvent,
 )
+from rome_guard.layout.sensor import ARG_MAX_LEN
+from rome_guard.linux import cgroup_dir_id as cgroup_id
 from rome_guard.sensors.ebpf import (
     ATTACHMENTS,
     GROUP_DEAD_FEATURE,
     PROGRAM_PREFIX,
     EbpfSensor,
     EbpfUnavailable,
-    cgroup_id,
     probe_ebpf,
 )
-from rome_guard.sensors.ebpf_layout import ARG_MAX_LEN
 from rome_guard.textsafe import from_bytes
 from tests.conftest import require
 
@@ -567,3 +567,25 @@ def test_poll_after_close_is_an_error():
     s.close()
     with pytest.raises(RuntimeError):
         s.poll(0)
+
+
+def test_quiet_lifecycle_delivers_every_event_on_the_next_poll(rec, sensor, tmp_path):
+    """With wake names set, forks, exits and unnamed execs do not wake the
+    poller, but none is lost: each arrives by the next poll."""
+    named = tmp_path / "rgnamed"
+    shutil.copy("/bin/true", named)
+    sensor.set_wake_names(["rgnamed", "rgpre*"])
+    try:
+        quiet = subprocess.Popen(["/bin/true", "quiet-one"])
+        quiet.wait()
+        loud = subprocess.Popen([str(named), "loud-one"])
+        loud.wait()
+        exec_quiet = rec.wait_for(_exec_of(quiet.pid), "the unnamed exec")
+        rec.wait_for(_exec_of(loud.pid), "the named exec")
+        rec.wait_for(
+            lambda e: isinstance(e, ForkEvent) and e.child_pid == quiet.pid, "the unnamed fork"
+        )
+        rec.wait_for(lambda e: isinstance(e, ExitEvent) and e.pid == quiet.pid, "its exit")
+        assert exec_quiet.argv == ("/bin/true", "quiet-one")
+    finally:
+        sensor.set_wake_names(None)

@@ -12,8 +12,8 @@ import pytest
 
 from rome_guard.events import ProcessKey
 from rome_guard.findings import process_record
-from rome_guard.proctable import ProcessTable
 from rome_guard.sensors import procfs
+from rome_guard.state.table import ProcessTable
 from rome_guard.textsafe import command_line, one_line
 
 HOSTILE = [

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from rome_guard.respond import prevent
+from rome_guard.respond import stale
 from rome_guard.sensors.wire import WireSensor
 from tests.conftest import require_root
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
 
 def _wire_programs() -> set[int]:
-    return {pid for pid, _ in prevent.attached_programs(prefix=prevent.WIRE_PROG_PREFIX)}
+    return {pid for pid, _ in stale.attached_programs(prefix=stale.WIRE_PROG_PREFIX)}
 
 
 def test_close_detaches_and_a_killed_owner_is_cleaned_up():
@@ -47,11 +47,11 @@ def test_close_detaches_and_a_killed_owner_is_cleaned_up():
     try:
         assert owner.stdout.readline().strip() == "ready"
         assert len(_wire_programs() - before) == 2
-        removed = prevent.cleanup_stale()  # the owner is alive: nothing of it goes
+        removed = stale.cleanup_stale()  # the owner is alive: nothing of it goes
         assert not any("rgw_wire" in line for line in removed)
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    removed = prevent.cleanup_stale()
+    removed = stale.cleanup_stale()
     assert sum("rgw_wire" in line for line in removed) == 2
     assert _wire_programs() == before

@@ -10,7 +10,7 @@ period so that late events and alerts can still name them.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from rome_guard.events import ProcessInfo, ProcessKey
 
@@ -18,7 +18,16 @@ LINEAGE_LIMIT = 64  # deeper trees are cut, not looped
 
 
 class ProcessTable:
-    def __init__(self, exited_grace_s: float = 30.0):
+    """``missing`` may supply a pid the table does not hold yet (the
+    process model's forked-but-not-exec'd children), so lineage walks
+    through them."""
+
+    def __init__(
+        self,
+        exited_grace_s: float = 30.0,
+        missing: Callable[[int], ProcessInfo | None] | None = None,
+    ):
+        self._missing = missing
         self._by_key: dict[ProcessKey, ProcessInfo] = {}
         self._current: dict[int, ProcessKey] = {}  # pid -> newest live key
         self._exited: dict[ProcessKey, float] = {}  # key -> monotonic exit time
@@ -61,6 +70,8 @@ class ProcessTable:
         if info.ppid <= 0:
             return None
         candidate = self.by_pid(info.ppid)
+        if candidate is None and self._missing is not None:
+            candidate = self._missing(info.ppid)
         if candidate is None or candidate.key.start_time > info.key.start_time:
             return None
         return candidate

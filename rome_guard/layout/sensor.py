@@ -3,7 +3,8 @@
 The eBPF sensor's ring buffers carry the C structs of sensor.h; this module
 turns one record's bytes into one event of rome_guard.events. It is pure:
 no BPF, no /proc, no clock, so it is tested without root. Every struct here
-is checked against the C layout by tests/sensors/test_ebpf_layout.py.
+is checked against the C layout by the table in rome_guard/layout/__init__.py
+(tests/test_layout.py).
 
 Strings from the kernel (argv, comm, paths) belong to the watched process
 and may be hostile: they are decoded with textsafe.from_bytes, never
@@ -160,7 +161,26 @@ class GpuOpenRecord(ct.Structure):
 
 
 class SensorConfig(ct.Structure):
-    _fields_ = [("datagram_repeat_ns", ct.c_uint64), ("tcp_repeat_ns", ct.c_uint64)]
+    _fields_ = [
+        ("datagram_repeat_ns", ct.c_uint64),
+        ("tcp_repeat_ns", ct.c_uint64),
+        ("quiet_lifecycle", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class WakeName(ct.Structure):
+    """struct wake_name: a key of the wake_names LPM trie."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("name", ct.c_char * TASK_COMM_LEN)]
+
+
+def wake_key(name: str, prefix: bool) -> WakeName:
+    """The trie key matching a comm equal to name (cut to what comm can
+    hold), or, with prefix, every comm starting with it."""
+    raw = name.encode()[: TASK_COMM_LEN - 1]
+    bits = len(raw) * 8 if prefix else (len(raw) + 1) * 8
+    return WakeName(prefixlen=bits, name=raw)
 
 
 class BpfProgInfoHead(ct.Structure):
@@ -177,7 +197,40 @@ class BpfProgInfoHead(ct.Structure):
     ]
 
 
-# C struct name -> mirror, for the layout test
+# constants of sensor.h this module mirrors, for the layout check
+CONSTANTS = (
+    "TASK_COMM_LEN",
+    "RECORD_EXEC",
+    "RECORD_FORK",
+    "RECORD_EXIT",
+    "RECORD_CONNECT",
+    "RECORD_GPU_OPEN",
+    "ARGV_MAX_ARGS",
+    "ARG_MAX_LEN",
+    "ARGV_LIMIT",
+    "FILENAME_MAX_LEN",
+    "EXEC_DATA_SIZE",
+    "ARGC_COUNT_MAX",
+    "EXEC_ARGV_MISSING",
+    "EXEC_ARGV_TRUNCATED",
+    "EXEC_ARGV_FAULT",
+    "EXEC_ARGC_CAPPED",
+    "EXEC_FILENAME_TRUNCATED",
+    "OUTCOME_ATTEMPT",
+    "OUTCOME_ESTABLISHED",
+    "OUTCOME_REFUSED",
+    "OUTCOME_FAILED",
+    "SOURCE_TCP_STATE",
+    "SOURCE_CONNECT",
+    "SOURCE_SEND",
+    "GPU_PATH_MAX",
+    "GPU_PATH_PREFIX_LEN",
+    "LOST_PROCESS",
+    "LOST_NETWORK",
+    "LOST_SLOTS",
+)
+
+# C struct name -> mirror, for the layout check
 MIRRORS: dict[str, type[ct.Structure]] = {
     "record_header": RecordHeader,
     "exec_record": ExecRecord,
@@ -186,6 +239,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "connect_record": ConnectRecord,
     "gpu_open_record": GpuOpenRecord,
     "sensor_config": SensorConfig,
+    "wake_name": WakeName,
 }
 
 EXEC_DATA_OFFSET = ExecRecord.data.offset

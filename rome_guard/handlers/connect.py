@@ -1,0 +1,63 @@
+"""Connect: a TCP connect (attempt and outcome) or a datagram destination.
+
+A new distinct peer of a process re-runs the rules that have network
+conditions; every connect feeds the fanout (scan) detectors. A connect of
+a pid the model does not know yet is parked until its exec or fork
+arrives (events of two ring buffers can cross), and dropped, counted, after
+sensor_filter.park_unknown_ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rome_guard.events import CONNECT_ATTEMPT, ConnectEvent
+from rome_guard.findings import Finding
+from rome_guard.handlers.context import Context, Parked
+
+log = logging.getLogger("rome_guard")
+
+
+def on_connect(ctx: Context, event: ConnectEvent) -> None:
+    processes = ctx.processes
+    info = processes.resolve(event.pid)
+    if info is None:
+        limit_s = ctx.config.sensor_filter.park_unknown_ms / 1000
+        ctx.parked.append(Parked(event, time.monotonic() + limit_s))
+        return
+    ep = event.endpoint
+    if event.outcome == CONNECT_ATTEMPT or ep.dport:
+        peers = processes.new_peer(info, ep)
+        if peers is not None:
+            subject = processes.subject(info, peers)
+            for finding in ctx.rules.engine.evaluate(subject, trigger=ep, network_only=True):
+                ctx.alerts.raise_alert(finding)
+    if ctx.rules.fanout:
+        parent = processes.parent(info)
+        for detector in ctx.rules.fanout:
+            for verdict, blamed in detector.observe(
+                info, parent, ep.daddr, ep.dport, event.outcome
+            ):
+                lineage = tuple(processes.lineage(blamed))
+                ctx.alerts.raise_alert(Finding(verdict.rule, blamed, verdict.reason, lineage, ep))
+
+
+def retry_parked(ctx: Context) -> None:
+    """Handle parked connects whose process is now known; drop the expired."""
+    now = time.monotonic()
+    for _ in range(len(ctx.parked)):
+        parked = ctx.parked.popleft()
+        pid = parked.event.pid
+        if ctx.processes.known(pid) is not None:
+            on_connect(ctx, parked.event)
+        elif parked.until > now:
+            ctx.parked.append(parked)
+        else:
+            ctx.lost["parked"] = ctx.lost.get("parked", 0) + 1
+            ctx.metrics.lost("parked")
+            log.warning(
+                "event for unknown pid %s dropped after %d ms",
+                pid,
+                ctx.config.sensor_filter.park_unknown_ms,
+            )

@@ -1,0 +1,14 @@
+"""Exec: a process becomes a new program. The model records the new
+image; every match rule that can concern a program of these names is
+evaluated, lineage and stdio sockets computed only if a rule asks."""
+
+from __future__ import annotations
+
+from rome_guard.events import ExecEvent
+from rome_guard.handlers.context import Context
+
+
+def on_exec(ctx: Context, event: ExecEvent) -> None:
+    info = ctx.processes.execed(event)
+    for finding in ctx.rules.engine.evaluate(ctx.processes.subject(info)):
+        ctx.alerts.raise_alert(finding)

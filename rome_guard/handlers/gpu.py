@@ -1,0 +1,113 @@
+"""GPU: a process opened /dev/nvidia-uvm (from the eBPF sensor), or NVML's
+periodic list of GPU processes (from the GPU watch).
+
+Both ask gpu.consumers whether the process is covered by a registered job
+or an allowlist entry; an uncovered one alerts under every
+gpu_unregistered rule. An open alerts seconds before NVML lists the
+process; when NVML then lists it, the GPU and memory are journalled as a
+confirmation of that alert, not as a second alert. A registry change also
+tells the sensor which registered jobs' cgroups to spare their loopback
+storm (sensor_filter.ignore_registered_loopback).
+"""
+
+from __future__ import annotations
+
+from rome_guard.events import GpuOpenEvent, ProcessInfo
+from rome_guard.findings import Finding
+from rome_guard.gpu.consumers import (
+    NOT_GRANTED,
+    UNREGISTERED,
+    GpuConsumerVerdict,
+    judge_consumer,
+    judge_open,
+)
+from rome_guard.handlers.context import Context
+from rome_guard.linux import cgroup_id
+from rome_guard.respond.metrics import gpu_usage
+from rome_guard.sensors.nvml import GpuSnapshot
+
+UVM_DEVICE = "/dev/nvidia-uvm"  # NVML-only tools (nvidia-smi, exporters) never open it
+
+
+def on_gpu_open(ctx: Context, event: GpuOpenEvent) -> None:
+    if ctx.gpu is None or not ctx.rules.gpu or not event.path.startswith(UVM_DEVICE):
+        return
+    info = ctx.processes.resolve(event.pid)
+    if info is None:
+        return
+    lineage = ctx.processes.lineage(info)
+    verdict = judge_open(info, lineage, ctx.gpu.registry)
+    if not verdict.allowed:
+        _alert(ctx, verdict, info, lineage, "open")
+
+
+def on_gpu_snapshot(ctx: Context, snapshot: GpuSnapshot) -> None:
+    assert ctx.gpu is not None
+    if ctx.gpu.registry.refresh():
+        sync_loopback_filter(ctx)
+    ctx.metrics.event("nvml", len(snapshot.processes))
+    allowed: set[tuple[int, str, int]] = set()
+    for device in snapshot.processes:
+        info = ctx.processes.resolve(device.pid)
+        lineage = ctx.processes.lineage(info) if info is not None else []
+        verdict = judge_consumer(device, info, lineage, ctx.gpu.registry)
+        if verdict.allowed:
+            allowed.add((device.gpu_index, device.gpu_uuid, device.pid))
+        elif ctx.rules.gpu and verdict.reason in (UNREGISTERED, NOT_GRANTED) and info is not None:
+            _alert(ctx, verdict, info, lineage, "nvml")
+    gpus = [(d.index, d.uuid) for d in snapshot.devices]
+    ctx.metrics.set_gpu_usage(
+        gpu_usage(snapshot.processes, lambda p: (p.gpu_index, p.gpu_uuid, p.pid) in allowed, gpus)
+    )
+
+
+def _alert(
+    ctx: Context,
+    verdict: GpuConsumerVerdict,
+    info: ProcessInfo,
+    lineage: list[ProcessInfo],
+    source: str,
+) -> None:
+    earlier = ctx.gpu_alerts.pop(info.key, None) if source == "nvml" else None
+    if earlier is not None:
+        ctx.alerts.confirmed(earlier[0], earlier[1], info, verdict.process)
+        return
+    for rule in ctx.rules.gpu:
+        finding = Finding(
+            rule,
+            info,
+            verdict.detail,
+            tuple(lineage),
+            gpu=verdict.process,
+            extra={"gpu_verdict": verdict.reason, "gpu_source": source},
+        )
+        record = ctx.alerts.raise_alert(finding)
+        if record is not None and source == "open":
+            ctx.gpu_alerts[info.key] = (record["id"], rule.id)
+
+
+def sync_loopback_filter(ctx: Context) -> None:
+    """Registered jobs in cgroups of their own (a container, pod or Slurm
+    job) make thousands of loopback connects (rendezvous, NCCL bootstrap)
+    that no rule needs: the kernel drops those, and only those, for their
+    cgroups. A shared cgroup (a user session, a system service) keeps
+    everything."""
+    if (
+        ctx.sensor is None
+        or ctx.gpu is None
+        or not ctx.config.sensor_filter.ignore_registered_loopback
+    ):
+        return
+    ids = set()
+    for registration in ctx.gpu.registry.registrations():
+        info = ctx.processes.get(registration.key)
+        att = info.attribution if info is not None else None
+        if att is None or not (att.container_id or att.pod_uid or att.slurm_job):
+            continue
+        try:
+            ids.add(cgroup_id(info.cgroup))
+        except OSError:
+            continue
+    if ids != ctx.loopback_ignored:
+        ctx.sensor.set_loopback_ignore_cgroups(ids)
+        ctx.loopback_ignored = ids

@@ -1,0 +1,57 @@
+"""The handler table: which module handles which event kind.
+
+A new event kind is one module in rome_guard/handlers/ with a function
+``on_<kind>(ctx, event)`` and one line below. ``source`` is the metrics
+label counted per event (rome_guard_events_total); None where the handler
+counts itself or the event is not a sensor event.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from rome_guard.events import (
+    ConnectEvent,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    GpuOpenEvent,
+    WireEvent,
+)
+from rome_guard.handlers.connect import on_connect
+from rome_guard.handlers.context import Context
+from rome_guard.handlers.exec import on_exec
+from rome_guard.handlers.exit import on_exit
+from rome_guard.handlers.fork import on_fork
+from rome_guard.handlers.gpu import on_gpu_open, on_gpu_snapshot
+from rome_guard.handlers.prevention import on_prevention
+from rome_guard.handlers.wire import on_wire
+from rome_guard.respond.prevent import PreventionEvent
+from rome_guard.sensors.nvml import GpuSnapshot
+
+
+class Handler(NamedTuple):
+    source: str | None  # metrics event source, or None
+    handle: Callable[[Context, Any], None]
+
+
+HANDLERS: dict[type, Handler] = {
+    ExecEvent: Handler("exec", on_exec),
+    ForkEvent: Handler("fork", on_fork),
+    ExitEvent: Handler("exit", on_exit),
+    ConnectEvent: Handler("connect", on_connect),
+    GpuOpenEvent: Handler("gpu_open", on_gpu_open),
+    GpuSnapshot: Handler(None, on_gpu_snapshot),  # counted per GPU process
+    PreventionEvent: Handler(None, on_prevention),
+    WireEvent: Handler("payload", on_wire),
+}
+
+
+def dispatch(ctx: Context, event: object) -> None:
+    """Hand event to its handler; an event kind without one is ignored."""
+    handler = HANDLERS.get(type(event))
+    if handler is None:
+        return
+    if handler.source is not None:
+        ctx.metrics.event(handler.source)
+    handler.handle(ctx, event)

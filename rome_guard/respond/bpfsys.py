@@ -1,0 +1,120 @@
+"""The bpf(2) calls libbcc does not expose: pin and get pinned objects,
+attach, detach and query cgroup programs, look programs up by id; and
+mounting bpffs.
+
+Thin wrappers over the syscall with the uapi attribute layouts; an error
+is an OSError with the kernel's errno. This module never decides what to
+attach or detach: rome_guard.respond.prevent and .stale do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+
+from rome_guard.linux import mounts_of_type
+
+BPFFS = "/sys/fs/bpf"
+# uapi/linux/bpf.h
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+BPF_F_ALLOW_MULTI = 2
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
+
+
+def ensure_bpffs() -> None:
+    if BPFFS in mounts_of_type("bpf"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.makedirs(BPFFS, exist_ok=True)
+    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount bpffs on {BPFFS}: {os.strerror(err)}")
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.syscall.restype = ctypes.c_long
+
+
+def bpf(cmd: int, attr: ctypes.Array) -> int:
+    number = SYS_BPF.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown on {platform.machine()}")
+    ret = LIBC.syscall(ctypes.c_long(number), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(ret)
+
+
+def new_attr() -> ctypes.Array:
+    """A zeroed union bpf_attr, large enough for every command used here."""
+    return ctypes.create_string_buffer(128)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    attr, name = new_attr(), ctypes.create_string_buffer(os.fsencode(path))
+    struct.pack_into("=QI", attr, 0, ctypes.addressof(name), fd)
+    bpf(BPF_OBJ_PIN, attr)
+
+
+def obj_get(path: str) -> int:
+    attr, name = new_attr(), ctypes.create_string_buffer(os.fsencode(path))
+    struct.pack_into("=QI", attr, 0, ctypes.addressof(name), 0)
+    return bpf(BPF_OBJ_GET, attr)
+
+
+def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
+    attr = new_attr()
+    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
+    bpf(BPF_PROG_ATTACH, attr)
+
+
+def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
+    attr = new_attr()
+    struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
+    bpf(BPF_PROG_DETACH, attr)
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    capacity = 64
+    while True:
+        ids = (ctypes.c_uint32 * capacity)()
+        attr = new_attr()
+        struct.pack_into(
+            "=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), capacity
+        )
+        try:
+            bpf(BPF_PROG_QUERY, attr)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and capacity < 65536:
+                capacity *= 8
+                continue
+            raise
+        count = struct.unpack_from("=I", attr, 24)[0]
+        return list(ids[:count])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    attr = new_attr()
+    struct.pack_into("=I", attr, 0, prog_id)
+    return bpf(BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_id_and_name(fd: int) -> tuple[int, str]:
+    # struct bpf_prog_info: id at 4, name[16] at 64
+    info = ctypes.create_string_buffer(80)
+    attr = new_attr()
+    struct.pack_into("=IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    prog_id = struct.unpack_from("=I", info, 4)[0]
+    name = info.raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
+    return prog_id, name

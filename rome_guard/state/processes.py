@@ -1,0 +1,315 @@
+"""The process model: every process fact the daemon holds, and the only
+place that fills gaps from /proc.
+
+Anchors: Tetragon's process cache and Falco's thread table. Fork, exec and
+exit events become ``ProcessInfo`` records in a ``ProcessTable`` keyed by
+(pid, start time); lineage, children and the recent peers of a process are
+answered here; a process first met in a connect, a GPU open or a kernel
+prevention event is read from /proc on the spot (``resolve``). A child
+seen forked keeps its parent's context across its exec, so the common exec
+costs one readlink, not a full /proc read; its record is built once, at
+exec (or when asked for), not copied at fork.
+
+This module never decides (rules do) and never acts (responders do). For a
+process it already knows it reads from /proc only what an event cannot
+carry: the exe link an exec changes, the cgroup file for a cgroup id not
+seen before, and stdio sockets when a rule asks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Iterable
+
+from rome_guard.attribution import attribute
+from rome_guard.detect.subject import Subject
+from rome_guard.events import (
+    Attribution,
+    Endpoint,
+    ExecEvent,
+    ForkEvent,
+    ProcessInfo,
+    ProcessKey,
+    boottime_ns_to_ticks,
+)
+from rome_guard.linux import PROC, cgroup_v2_path
+from rome_guard.sensors import procfs, sockdiag
+from rome_guard.state.snapshot import subject_for, take_snapshot
+from rome_guard.state.table import ProcessTable
+
+PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
+SOCKET_CACHE_S = 0.2  # a sock_diag dump answers stdio lookups this long
+TRACKING_LIMIT = 65536
+
+
+class ProcessModel:
+    """Processes as the kernel reports them, plus what /proc fills in.
+    Single-threaded: the daemon's loop is the only caller."""
+
+    def __init__(self, env_keys: Iterable[str] = ()):
+        self.env_keys = tuple(env_keys)  # attribution keys read from environ
+        self.table = ProcessTable(missing=self._materialize)
+        self._fork_ticks: dict[int, int] = {}  # child pid -> start ticks from fork
+        # child pid -> parent pid, for children forked but not yet exec'd:
+        # most exec at once, so their record is built once, at exec
+        self._forked: dict[int, int] = {}
+        self._peers: dict[ProcessKey, deque[Endpoint]] = {}
+        self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
+        # cgroup v2 id -> path: an exec in the cgroup its fork was in reads no cgroup file
+        self._cgroup_paths: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    # --- seeding -----------------------------------------------------------------
+
+    def seed(self) -> list[Subject]:
+        """Every live process, read after the sensor is attached so nothing
+        starts unseen; returns them as subjects for a first evaluation."""
+        snapshot = take_snapshot(self.env_keys)
+        own = os.getpid()
+        subjects = []
+        for info in snapshot.table:
+            self.table.add(info)
+        for info in snapshot.table:
+            if info.pid == own:
+                continue
+            subject = subject_for(snapshot, info)
+            if subject.connections:
+                self._peers[info.key] = deque(subject.connections[-PEERS_PER_PROCESS:])
+            subjects.append(subject)
+        return subjects
+
+    # --- lifecycle events --------------------------------------------------------
+
+    def forked(self, event: ForkEvent) -> None:
+        """Until it execs, a child is its parent's image under a new identity
+        (a subshell in a probe loop connects without ever exec'ing); that
+        record is built only when asked for (known(), lineage)."""
+        self._fork_ticks[event.child_pid] = event.child_start_ticks
+        self._forked[event.child_pid] = event.parent_pid
+
+    def _materialize(self, pid: int) -> ProcessInfo | None:
+        """The record of a child known only from its fork, now in the table."""
+        parent_pid = self._forked.pop(pid, None)
+        parent = self.table.by_pid(parent_pid) if parent_pid is not None else None
+        if parent is None:
+            return None
+        key = ProcessKey(pid, self._fork_ticks[pid])
+        info = replace(parent, key=key, ppid=parent.pid, pre_existing=False)
+        self.table.add(info)
+        return info
+
+    def known(self, pid: int) -> ProcessInfo | None:
+        """The model's process for pid, without reading /proc."""
+        info = self.table.by_pid(pid)
+        if info is None and pid in self._forked:
+            info = self._materialize(pid)
+        return info
+
+    def execed(self, event: ExecEvent) -> ProcessInfo:
+        """The process as it is after this exec, now in the table."""
+        info = self._exec_of_known_fork(event)
+        if info is None:
+            info = self._exec_from_proc(event)
+        self._fork_ticks.pop(event.pid, None)
+        self._forked.pop(event.pid, None)
+        self.table.add(info)
+        self._peers.pop(info.key, None)
+        return info
+
+    def exited(self, pid: int) -> ProcessInfo | None:
+        self._fork_ticks.pop(pid, None)
+        self._forked.pop(pid, None)
+        info = self.table.exit(pid)
+        if info is not None:
+            self._peers.pop(info.key, None)
+        return info
+
+    def _exec_of_known_fork(self, event: ExecEvent) -> ProcessInfo | None:
+        """The fast path (an exec storm must not make the daemon read all of
+        /proc/PID per exec): a child we saw forked keeps its parent's cwd
+        and context across exec; only the new image (exe link, argv from the
+        kernel) and the cgroup (runtimes move a child before they exec it;
+        the kernel's cgroup id says whether it did) are new. None when a
+        full read is needed."""
+        pid = event.pid
+        ticks = self._fork_ticks.get(pid)
+        if ticks is None or event.argv_truncated or not event.argv or self.env_keys:
+            return None  # the environment changes at exec: env_keys need /proc
+        parent_pid = self._forked.get(pid)
+        if parent_pid is not None:
+            base = self.table.by_pid(parent_pid)  # not exec'd before: the parent's copy
+            ppid = parent_pid
+        else:
+            base = self.table.by_pid(pid)  # materialized, or an exec after an exec
+            ppid = base.ppid if base is not None else 0
+        if base is None:
+            return None
+        exe = procfs.read_exe(pid) or event.filename  # unreadable: what the kernel ran
+        cgroup = self._cgroup_path(pid, event.cgroup_id)
+        if cgroup is None:
+            return None  # gone already: the slow path reconstructs it
+        attribution = base.attribution if cgroup == base.cgroup else attribute(cgroup)
+        uid = event.uid if event.uid >= 0 else base.uid
+        return ProcessInfo(
+            ProcessKey(pid, ticks) if parent_pid is not None else base.key,
+            ppid,
+            uid,
+            procfs.user_name(uid) if uid != base.uid else base.user,
+            event.comm or base.comm,
+            exe,
+            event.argv,
+            base.cwd,
+            cgroup,
+            attribution,
+        )
+
+    def _cgroup_path(self, pid: int, cgroup_id: int) -> str | None:
+        """The cgroup path of pid, from the kernel's cgroup id where it was
+        seen before; None if the process is gone."""
+        if cgroup_id:
+            known = self._cgroup_paths.get(cgroup_id)
+            if known is not None:
+                return known
+        try:
+            with open(f"{PROC}/{pid}/cgroup", "rb") as f:
+                path = cgroup_v2_path(f.read())
+        except OSError:
+            return None
+        if cgroup_id:
+            if len(self._cgroup_paths) >= TRACKING_LIMIT:
+                self._cgroup_paths.clear()
+            self._cgroup_paths[cgroup_id] = path
+        return path
+
+    def _exec_from_proc(self, event: ExecEvent) -> ProcessInfo:
+        info = procfs.read_process(event.pid, self.env_keys)
+        if info is not None:
+            info = self._same_identity(info)
+            if event.argv and not event.argv_truncated and info.cmdline != event.argv:
+                # the kernel's argv is what was executed; /proc may already
+                # show a rewritten title or a later exec
+                info = replace(info, cmdline=event.argv)
+            return info
+        return self._from_event(event)
+
+    def _same_identity(self, info: ProcessInfo) -> ProcessInfo:
+        """/proc's start time for a process first known from its fork event
+        may differ from the fork timestamp's by one clock tick: same process."""
+        known = self.known(info.pid)
+        if (
+            known is not None
+            and known.key != info.key
+            and abs(known.key.start_time - info.key.start_time) <= 1
+        ):
+            return replace(info, key=known.key)
+        return info
+
+    def _start_ticks(self, pid: int, fallback_ns: int) -> int:
+        ticks = self._fork_ticks.get(pid)
+        return ticks if ticks is not None else boottime_ns_to_ticks(fallback_ns)
+
+    def _from_event(self, event: ExecEvent) -> ProcessInfo:
+        """The process exited before /proc could be read: what the kernel
+        told us, plus what its parent tells about its context."""
+        parent = self.known(event.ppid) if event.ppid else None
+        uid = event.uid if event.uid >= 0 else (parent.uid if parent else -1)
+        return ProcessInfo(
+            key=ProcessKey(event.pid, self._start_ticks(event.pid, event.timestamp_ns)),
+            ppid=event.ppid,
+            uid=uid,
+            user=procfs.user_name(uid) if uid >= 0 else "",
+            comm=event.comm,
+            exe=event.filename,
+            cmdline=event.argv,
+            cwd=parent.cwd if parent else "",
+            cgroup=parent.cgroup if parent else "",
+            attribution=parent.attribution if parent else Attribution(),
+        )
+
+    # --- lookups -------------------------------------------------------------------
+
+    def resolve(self, pid: int) -> ProcessInfo | None:
+        """The model's process for pid, else read it from /proc now."""
+        info = self.known(pid)
+        if info is not None:
+            return info
+        info = procfs.read_process(pid, self.env_keys)
+        if info is not None:
+            self.table.add(info)
+        return info
+
+    def unattributed(self, pid: int, comm: str, timestamp_ns: int) -> ProcessInfo:
+        """A process that came and went before anything could be read
+        about it: what the event itself says."""
+        return ProcessInfo(
+            key=ProcessKey(pid, self._start_ticks(pid, timestamp_ns)),
+            ppid=0,
+            uid=-1,
+            user="",
+            comm=comm,
+            exe="",
+            cmdline=(),
+            cwd="",
+            cgroup="",
+        )
+
+    def get(self, key: ProcessKey) -> ProcessInfo | None:
+        return self.table.get(key)
+
+    def parent(self, info: ProcessInfo) -> ProcessInfo | None:
+        return self.table.parent(info)
+
+    def lineage(self, info: ProcessInfo) -> list[ProcessInfo]:
+        return self.table.lineage(info)
+
+    def descendants(self, info: ProcessInfo) -> list[ProcessInfo]:
+        return self.table.descendants(info)
+
+    def subject(self, info: ProcessInfo, connections: list[Endpoint] = ()) -> Subject:
+        """What rules look at; lineage and stdio are computed only if a rule asks."""
+        return Subject(
+            info, lambda: self.table.lineage(info), connections, lambda: self.stdio_of(info.pid)
+        )
+
+    # --- sockets -------------------------------------------------------------------
+
+    def new_peer(self, info: ProcessInfo, ep: Endpoint) -> list[Endpoint] | None:
+        """Record a destination of info; its recent peers when ep is a new
+        one (rules then look again), None when it was already known."""
+        peers = self._peers.setdefault(info.key, deque(maxlen=PEERS_PER_PROCESS))
+        if any((p.daddr, p.dport) == (ep.daddr, ep.dport) for p in peers):
+            return None
+        peers.append(ep)
+        return list(peers)
+
+    def stdio_of(self, pid: int) -> dict[int, Endpoint]:
+        """fd (0, 1, 2) -> the inet socket it is, for pid now."""
+        stdio = procfs.stdio_socket_inodes(pid)
+        if not stdio:
+            return {}
+        sockets = self._sockets_by_inode()
+        result = {fd: sockets[inode] for fd, inode in stdio.items() if inode in sockets}
+        if len(result) < len(stdio):  # a socket newer than the cached dump
+            sockets = self._sockets_by_inode(fresh=True)
+            result = {fd: sockets[inode] for fd, inode in stdio.items() if inode in sockets}
+        return result
+
+    def _sockets_by_inode(self, fresh: bool = False) -> dict[int, Endpoint]:
+        taken, cached = self._socket_cache
+        if fresh or time.monotonic() - taken > SOCKET_CACHE_S:
+            cached = sockdiag.by_inode(sockdiag.list_sockets(owned_only=True))
+            self._socket_cache = (time.monotonic(), cached)
+        return cached
+
+    # --- upkeep ----------------------------------------------------------------------
+
+    def expire(self) -> None:
+        self.table.expire()
+        if len(self._fork_ticks) > TRACKING_LIMIT:
+            self._fork_ticks.clear()
+            self._forked.clear()

@@ -1,0 +1,65 @@
+"""The whole host read once: every process from /proc and every inet socket
+from sock_diag, joined by socket inode.
+
+`rome-guard scan` evaluates it; the daemon's process model seeds itself
+from it after the sensor is attached. A process or socket that appears
+between the reads simply has no partner in this snapshot. This module
+only reads; it never decides or acts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rome_guard.detect.subject import Subject
+from rome_guard.events import Endpoint, ProcessInfo
+from rome_guard.linux import has_peer
+from rome_guard.sensors import procfs, sockdiag
+from rome_guard.state.table import ProcessTable
+
+
+@dataclass
+class Snapshot:
+    table: ProcessTable
+    sockets: list[Endpoint]
+    # pid -> (connections with a remote peer, fd -> inet socket for 0/1/2)
+    sockets_of: dict[int, tuple[list[Endpoint], dict[int, Endpoint]]] = field(default_factory=dict)
+
+
+def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
+    """Processes and connected sockets, then the inode join: a socket that
+    appears in between simply has no owner in this snapshot."""
+    table = ProcessTable()
+    table.extend(procfs.iter_processes(env_keys, pre_existing=True))
+    sockets = sockdiag.list_sockets(owned_only=True, connected_only=True)
+    by_inode = sockdiag.by_inode(sockets)
+    snapshot = Snapshot(table, sockets)
+    for info in table:
+        if info.kernel_thread:
+            continue
+        owned = procfs.socket_inodes(info.pid)
+        if not owned:
+            continue
+        connections: list[Endpoint] = []
+        stdio: dict[int, Endpoint] = {}
+        for inode, fds in owned.items():
+            ep = by_inode.get(inode)
+            if ep is None:
+                continue
+            if has_peer(ep):
+                connections.append(ep)
+            for fd in fds:
+                if fd <= 2:
+                    stdio[fd] = ep
+        snapshot.sockets_of[info.pid] = (connections, stdio)
+    return snapshot
+
+
+def subject_for(snapshot: Snapshot, info: ProcessInfo) -> Subject:
+    connections, stdio = snapshot.sockets_of.get(info.pid, ([], {}))
+    return Subject(
+        process=info,
+        lineage=lambda: snapshot.table.lineage(info),
+        connections=connections,
+        stdio=stdio,
+    )

@@ -74,3 +74,13 @@ def test_deleted_suffix():
 )
 def test_has_peer(ep, peer):
     assert has_peer(ep) is peer
+
+
+def test_cgroup_path_of_id_walks_the_hierarchy(tmp_path):
+    from rome_guard.linux import cgroup_dir_id, cgroup_path_of_id
+
+    leaf = tmp_path / "system.slice" / "x.service"
+    leaf.mkdir(parents=True)
+    assert cgroup_path_of_id(cgroup_dir_id(str(leaf)), str(tmp_path)) == "/system.slice/x.service"
+    assert cgroup_path_of_id(cgroup_dir_id(str(tmp_path)), str(tmp_path)) == "/"
+    assert cgroup_path_of_id(1, str(tmp_path)) == ""

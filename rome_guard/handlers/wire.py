@@ -11,15 +11,15 @@ is handed to the kernel, which then drops new flows to it from the SYN.
 When the process is gone or cannot be read, the finding still names the
 socket's cgroup (unit, container, pod, Slurm job) from the cgroup id.
 
-This module never prints payload bytes (WireFacts carry them; the journal
-gets them only through textsafe) and never acts itself: findings go to the
-daemon's raise_alert, which journals before any kill.
+Like every handler, it never reads /proc or other kernel interfaces itself
+(the process model and linux.py do), never prints payload bytes (WireFacts
+carry them; the journal gets them only through textsafe) and never acts
+itself: findings go to the alert sink, which journals before any kill.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -112,8 +112,8 @@ def wire_policy(ruleset: RuleSet) -> WirePolicy:
 
 
 class CgroupPaths:
-    """cgroup v2 id -> path ("/system.slice/x.service"), by walking the
-    hierarchy once per unknown id (cached; only for unattributed alerts)."""
+    """cgroup v2 id -> path, cached: the hierarchy is walked (linux.py)
+    once per unknown id, and only for alerts whose process is gone."""
 
     def __init__(self, root: str | None = None, limit: int = 4096):
         self._root = root
@@ -123,24 +123,15 @@ class CgroupPaths:
     def path_of(self, cgroup_id: int) -> str:
         if not cgroup_id:
             return ""
-        if cgroup_id in self._cache:
-            return self._cache[cgroup_id]
-        found = ""
-        try:
-            root = self._root or linux.cgroup2_root()
-        except (OSError, linux.NoCgroup2):
-            return ""
-        for directory, _dirs, _files in os.walk(root):
+        if cgroup_id not in self._cache:
             try:
-                if os.stat(directory).st_ino == cgroup_id:
-                    found = "/" + os.path.relpath(directory, root).removeprefix(".")
-                    break
-            except OSError:
-                continue
-        if len(self._cache) >= self._limit:
-            self._cache.clear()
-        self._cache[cgroup_id] = found
-        return found
+                found = linux.cgroup_path_of_id(cgroup_id, self._root)
+            except OSError:  # NoCgroup2 included
+                return ""
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            self._cache[cgroup_id] = found
+        return self._cache[cgroup_id]
 
 
 def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:

@@ -71,29 +71,26 @@ def cgroup_dir_id(directory: str) -> int:
     return os.stat(directory).st_ino
 
 
-def cgroup_path_of_id(cgroup_id: int, root: str | None = None) -> str:
-    """The cgroup v2 path ("/a/b") whose id is cgroup_id, found by walking
-    the hierarchy; "" when no cgroup has it (gone, or no hierarchy)."""
-    if not cgroup_id:
-        return ""
-    try:
-        base = root if root is not None else cgroup2_root()
-    except OSError:
-        return ""
-    for directory, _dirs, _files in os.walk(base):
-        try:
-            if cgroup_dir_id(directory) == cgroup_id:
-                return "/" + os.path.relpath(directory, base).removeprefix(".")
-        except OSError:
-            continue
-    return ""
-
-
 def cgroup_id(cgroup: str, root: str | None = None) -> int:
     """The cgroup v2 id of a cgroup path as in /proc/PID/cgroup ("/a/b").
     OSError when the cgroup is gone; NoCgroup2 when there is no hierarchy."""
     base = root if root is not None else cgroup2_root()
     return cgroup_dir_id(os.path.join(base, cgroup.lstrip("/")))
+
+
+def cgroup_path_of_id(cgroup_id: int, root: str | None = None) -> str:
+    """The cgroup v2 path ("/system.slice/x.service") whose id is cgroup_id,
+    by walking the hierarchy; "" when no cgroup has it (any more).
+    NoCgroup2 when there is no hierarchy."""
+    base = root if root is not None else cgroup2_root()
+    for directory, _dirs, _files in os.walk(base):
+        try:
+            if cgroup_dir_id(directory) == cgroup_id:
+                relative = os.path.relpath(directory, base)
+                return "/" if relative == "." else "/" + relative
+        except OSError:
+            continue  # removed while walking
+    return ""
 
 
 # --- mounts ------------------------------------------------------------------------

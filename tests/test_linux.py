@@ -87,3 +87,4 @@ def test_cgroup_path_of_id_walks_the_hierarchy(tmp_path):
     gone = (tmp_path / "gone").stat().st_ino
     (tmp_path / "gone").rmdir()
     assert cgroup_path_of_id(gone, str(tmp_path)) == ""
+    assert cgroup_path_of_id(1, str(tmp_path)) == ""

@@ -37,7 +37,8 @@ class Engine:
         process_rules = [r for r in ruleset.match_rules if not r.needs_wire]
         self._match_rules = RuleIndex(process_rules)
         self._network_rules = RuleIndex([r for r in process_rules if r.needs_network])
-        self._wire_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_wire])
+        # wire rules are few and no name narrows them: each wire event checks all
+        self._wire_rules = [r for r in ruleset.match_rules if r.needs_wire]
 
     @property
     def exec_names(self) -> frozenset[str]:
@@ -56,13 +57,12 @@ class Engine:
         if subject.process.kernel_thread:
             return []
         if subject.wire is not None:
-            index = self._wire_rules
-        elif network_only:
-            index = self._network_rules
+            candidates = self._wire_rules
         else:
-            index = self._match_rules
+            index = self._network_rules if network_only else self._match_rules
+            candidates = index.candidates(subject)
         findings = []
-        for rule in index.candidates(subject):
+        for rule in candidates:
             try:
                 reason = rule.evaluate(subject)
             except Exception:  # a rule must never take the engine down
@@ -120,9 +120,7 @@ class RuleIndex:
         """The rules that may match subject, in rule order: those indexed
         under a name it goes by, and those no name narrows whose required
         text its command line contains."""
-        # a subject's names are only worth computing when some rule needs
-        # them (the wire rules name no program)
-        names = subject.names if self._by_name or self._by_prefix else frozenset()
+        names = subject.names
         picked = [rule for name in names for rule in self._by_name.get(name, ())]
         if self._prefix_test is not None and any(map(self._prefix_test, names)):
             for prefix, rules in self._prefixes:

@@ -5,6 +5,9 @@ conditions; every connect feeds the fanout (scan) detectors. A connect of
 a pid the model does not know yet is parked until its exec or fork
 arrives (events of two ring buffers can cross), and dropped, counted, after
 sensor_filter.park_unknown_ms.
+
+Like every handler, it never reads /proc itself (ctx.processes does) and never
+writes the journal except through ctx.alerts.
 """
 
 from __future__ import annotations

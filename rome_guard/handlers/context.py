@@ -88,4 +88,5 @@ class Context:
     # key -> (alert id, rule id) of GPU-open alerts awaiting NVML's confirmation
     gpu_alerts: dict[ProcessKey, tuple[str, str]] = field(default_factory=dict)
     loopback_ignored: set[int] = field(default_factory=set)  # cgroup ids the sensor drops
+    wire: WireHandler | None = None  # the wire sensor's handler, while it runs
     lost: dict[str, int] = field(default_factory=dict)  # per buffer, as last reported

@@ -1,6 +1,10 @@
 """Exec: a process becomes a new program. The model records the new
 image; every match rule that can concern a program of these names is
-evaluated, lineage and stdio sockets computed only if a rule asks."""
+evaluated, lineage and stdio sockets computed only if a rule asks.
+
+Like every handler, it never reads /proc itself (ctx.processes does) and never
+writes the journal except through ctx.alerts.
+"""
 
 from __future__ import annotations
 

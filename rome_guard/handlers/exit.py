@@ -1,5 +1,9 @@
 """Exit: the process leaves the model (kept a grace period for late
-events) and the stateful detectors forget it."""
+events) and the stateful detectors forget it.
+
+Like every handler, it never reads /proc itself (ctx.processes does) and never
+writes the journal except through ctx.alerts.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ process; when NVML then lists it, the GPU and memory are journalled as a
 confirmation of that alert, not as a second alert. A registry change also
 tells the sensor which registered jobs' cgroups to spare their loopback
 storm (sensor_filter.ignore_registered_loopback).
+
+Like every handler, it never reads /proc itself (ctx.processes does) and never
+writes the journal except through ctx.alerts.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """Prevention: the kernel denied a connect or killed at exec on its own
 (rome_guard/bpf/prevent.c). Journal it with the rule that asked for it and
 what the kernel did; a denied connect then also runs through the connect
-handler, so network rules and fanout see the attempt."""
+handler, so network rules and fanout see the attempt.
+
+Like every handler, it never reads /proc itself (ctx.processes does) and never
+writes the journal except through ctx.alerts.
+"""
 
 from __future__ import annotations
 

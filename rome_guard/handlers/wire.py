@@ -11,10 +11,11 @@ is handed to the kernel, which then drops new flows to it from the SYN.
 When the process is gone or cannot be read, the finding still names the
 socket's cgroup (unit, container, pod, Slurm job) from the cgroup id.
 
-This module never prints payload bytes (WireFacts carry them; the journal
-gets them only through findings.wire_record's textsafe), never reads /proc
-(the process model does) and never acts itself: findings go to the alert
-sink, which journals before any kill.
+Like every handler, it never reads /proc or other kernel interfaces itself
+(the process model and linux.py do), never prints payload bytes (WireFacts
+carry them; the journal gets them only through findings.wire_record's
+textsafe) and never acts itself: findings go to the alert sink, which
+journals before any kill.
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ cgroup attachments outlive the process that made them. Each running
 Prevention pins its connect programs under PIN_ROOT/<pid>-<start time>/;
 cleanup_stale() detaches the programs of owners no longer alive (pid and
 start time no longer match) and deletes their pins, then detaches any
-rgp_* program (or the wire sensor's rgw_*, rome_guard/sensors/wire.py,
-pinned in the same owner directory) on the cgroup2 root that no live owner
-pins (pins lost with a bpffs remount). A crashed guard must never leave the
-host cut off.
+rgp_* (or the wire sensor's rgw_*) program on the cgroup2 root that no
+live owner pins (pins lost with a bpffs remount). A crashed guard must
+never leave the host cut off.
 
 This module never touches a program not named rgp_* or rgw_*, nor one
 pinned by a live rome-guard.
@@ -35,24 +34,23 @@ PROG_PREFIX = "rgp_"
 # the wire sensor's programs (rome_guard/sensors/wire.py) observe, and drop
 # only while their live owner says so: a prefix of their own, same cleanup
 WIRE_PROG_PREFIX = "rgw_"
-CLEANED_PREFIXES = (PROG_PREFIX, WIRE_PROG_PREFIX)
+_CLEANED_PREFIXES = (PROG_PREFIX, WIRE_PROG_PREFIX)
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
-ATTACH_CGROUP_INET_INGRESS = 0
-ATTACH_CGROUP_INET_EGRESS = 1
 # program function in prevent.c -> (attach type, pin name)
 CONNECT_PROGRAMS = {
     "rgp_connect4": (ATTACH_INET4_CONNECT, "connect4"),
     "rgp_connect6": (ATTACH_INET6_CONNECT, "connect6"),
 }
 PIN_ATTACH_TYPES = {pin: attach for attach, pin in CONNECT_PROGRAMS.values()}
-# the wire sensor's cgroup_skb programs (rome_guard/sensors/wire.py) pin
-# into the same owner directory: cleanup covers them too
-WIRE_PIN_ATTACH_TYPES = {
-    "wire_out": ATTACH_CGROUP_INET_EGRESS,
-    "wire_in": ATTACH_CGROUP_INET_INGRESS,
+# the wire sensor's cgroup_skb programs pin into the same owner directory
+ATTACH_INET_INGRESS = 0
+ATTACH_INET_EGRESS = 1
+WIRE_PROGRAMS = {
+    "rgw_wire_out": (ATTACH_INET_EGRESS, "wire_out"),
+    "rgw_wire_in": (ATTACH_INET_INGRESS, "wire_in"),
 }
-PIN_ATTACH_TYPES.update(WIRE_PIN_ATTACH_TYPES)
+PIN_ATTACH_TYPES.update({pin: attach for attach, pin in WIRE_PROGRAMS.values()})
 
 
 def owner_name() -> str:
@@ -140,7 +138,7 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
                     continue  # detached and freed meanwhile
                 try:
                     name = prog_id_and_name(fd)[1]
-                    if name.startswith(CLEANED_PREFIXES):
+                    if name.startswith(_CLEANED_PREFIXES):
                         prog_detach(root_fd, fd, attach_type)
                         removed.append(f"detached stale {name} (prog id {prog_id}) from {root}")
                 finally:

@@ -29,45 +29,24 @@ import ctypes as ct
 import ipaddress
 import logging
 import os
-import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from rome_guard.events import (
-    WIRE_DNS_ANSWER,
-    WIRE_DNS_QUERY,
-    WIRE_DROPPED_CONNECT,
-    WIRE_FIRST_PAYLOAD,
-    Endpoint,
-    WireEvent,
-)
-from rome_guard.layout import wire as layout
-from rome_guard.layout.sensor import format_address
+from rome_guard import linux
+from rome_guard.events import WireEvent
 from rome_guard.layout.wire import (
-    WIRE_ALPN_MAX,
-    WIRE_CAPTURE,
-    WIRE_COMM_LEN,
+    WIRE_DROP_ADDRESS,
+    WIRE_DROP_METHOD,
+    WIRE_DROP_METHOD_AGENT,
+    WIRE_DROP_SNI,
     WIRE_METHOD_MAX,
-    WIRE_SNI_MAX,
+    WIRE_SET_DROP_UNTIL,
+    WIRE_SET_OWNER,
+    MalformedWireRecord,
+    decode_wire_record,
 )
-from rome_guard.linux import NoCgroup2, cgroup2_root
-from rome_guard.respond.bpfsys import (
-    BPF_F_ALLOW_MULTI,
-    ensure_bpffs,
-    obj_pin,
-    prog_attach,
-    prog_detach,
-    prog_id_and_name,
-)
-from rome_guard.respond.stale import (
-    ATTACH_CGROUP_INET_EGRESS,
-    ATTACH_CGROUP_INET_INGRESS,
-    PIN_ROOT,
-    owner_name,
-)
-from rome_guard.textsafe import from_bytes
+from rome_guard.respond import bpfsys, stale
 
 log = logging.getLogger(__name__)
 
@@ -77,120 +56,6 @@ DEFAULT_RING_PAGES = 4096  # 16 MiB: ~21,000 records of 792 bytes, ~1 s at 20,00
 # how long the kernel keeps dropping after the daemon's last poll
 DROP_GRACE_NS = 3_000_000_000
 HEARTBEAT_EVERY_NS = 500_000_000
-
-# program function -> (attach type, pin name); names start rgw_ so that
-# stale.cleanup_stale() recognises them (15 characters at most)
-ATTACH_INET_INGRESS = ATTACH_CGROUP_INET_INGRESS
-ATTACH_INET_EGRESS = ATTACH_CGROUP_INET_EGRESS
-PROGRAMS = {
-    "rgw_wire_out": (ATTACH_INET_EGRESS, "wire_out"),
-    "rgw_wire_in": (ATTACH_INET_INGRESS, "wire_in"),
-}
-
-# --- wire.h, mirrored in rome_guard/layout/wire.py (checked by tests/test_layout.py)
-
-KIND_FIRST_PAYLOAD = layout.WIRE_FIRST_PAYLOAD
-KIND_DNS_QUERY = layout.WIRE_DNS_QUERY
-KIND_DNS_ANSWER = layout.WIRE_DNS_ANSWER
-KIND_DROPPED_CONNECT = layout.WIRE_DROPPED_CONNECT
-FLAG_TLS_HELLO = layout.WIRE_TLS_HELLO
-FLAG_DROPPED = layout.WIRE_DROPPED
-FLAG_PID_AT_CONNECT = layout.WIRE_PID_AT_CONNECT
-DROP_METHOD = layout.WIRE_DROP_METHOD
-DROP_METHOD_AGENT = layout.WIRE_DROP_METHOD_AGENT
-DROP_SNI = layout.WIRE_DROP_SNI
-DROP_ADDRESS = layout.WIRE_DROP_ADDRESS
-DROP_DNS = layout.WIRE_DROP_DNS
-SET_DROP_UNTIL = layout.WIRE_SET_DROP_UNTIL
-SET_OWNER = layout.WIRE_SET_OWNER
-SETTINGS = layout.WIRE_SETTINGS
-
-_KINDS = {
-    KIND_FIRST_PAYLOAD: WIRE_FIRST_PAYLOAD,
-    KIND_DNS_QUERY: WIRE_DNS_QUERY,
-    KIND_DNS_ANSWER: WIRE_DNS_ANSWER,
-    KIND_DROPPED_CONNECT: WIRE_DROPPED_CONNECT,
-}
-_DROP_REASONS = {
-    DROP_METHOD: "method",
-    DROP_SNI: "sni",
-    DROP_ADDRESS: "address",
-    DROP_DNS: "dns",
-}
-
-# the decoder reads with struct (same layout, checked by the layout test)
-WIRE_FORMAT = struct.Struct(
-    f"=IIIHHQQQQ{WIRE_COMM_LEN}sBBHHH16s16sIIHHI{WIRE_SNI_MAX}s{WIRE_ALPN_MAX}s{WIRE_CAPTURE}s"
-)
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_PROTOCOLS = {6: "tcp", 17: "udp"}
-
-
-class MalformedWireRecord(ValueError):
-    """A ring buffer record that does not match wire.h."""
-
-
-def decode_wire_record(raw: bytes) -> WireEvent:
-    """One ring buffer record -> one WireEvent (pure)."""
-    if len(raw) < WIRE_FORMAT.size:
-        raise MalformedWireRecord(f"wire record of {len(raw)} bytes, need {WIRE_FORMAT.size}")
-    (
-        kind,
-        pid,
-        uid,
-        flags,
-        drop_reason,
-        ts,
-        connect_ns,
-        cookie,
-        cgroup,
-        comm,
-        family,
-        protocol,
-        sport,
-        dport,
-        sni_len,
-        saddr,
-        daddr,
-        payload_len,
-        captured,
-        alpn_len,
-        _pad1,
-        _pad2,
-        sni,
-        alpn,
-        data,
-    ) = WIRE_FORMAT.unpack_from(raw)
-    if kind not in _KINDS or family not in _AF or protocol not in _PROTOCOLS:
-        raise MalformedWireRecord(f"wire record kind {kind} family {family} proto {protocol}")
-    if captured > WIRE_CAPTURE or sni_len > WIRE_SNI_MAX or alpn_len > WIRE_ALPN_MAX:
-        raise MalformedWireRecord(f"wire record sizes {captured}/{sni_len}/{alpn_len}")
-    af = socket.AF_INET if family == 4 else socket.AF_INET6
-    endpoint = Endpoint(
-        proto=_PROTOCOLS[protocol],
-        family=family,
-        saddr=format_address(af, saddr),
-        sport=sport,
-        daddr=format_address(af, daddr),
-        dport=dport,
-    )
-    return WireEvent(
-        kind=_KINDS[kind],
-        pid=pid,
-        uid=uid,
-        comm=from_bytes(comm.split(b"\0", 1)[0]),
-        cgroup_id=cgroup,
-        cookie=cookie,
-        endpoint=endpoint,
-        timestamp_ns=ts,
-        connect_ns=connect_ns,
-        payload=bytes(data[:captured]),
-        payload_len=payload_len,
-        sni=from_bytes(sni[:sni_len]),
-        alpn=from_bytes(alpn[:alpn_len]),
-        tls=bool(flags & FLAG_TLS_HELLO),
-        dropped=_DROP_REASONS.get(drop_reason, "") if flags & FLAG_DROPPED else "",
-    )
 
 
 # --- the kernel's hashes ------------------------------------------------------
@@ -274,8 +139,8 @@ class WireSensor:
         except ImportError as exc:
             raise WireUnavailable(f"bcc is not importable: {exc}") from exc
         try:
-            root = self._cgroup_root or cgroup2_root()
-        except NoCgroup2 as exc:
+            root = self._cgroup_root or linux.cgroup2_root()
+        except linux.NoCgroup2 as exc:
             raise WireUnavailable(str(exc)) from exc
         with contextlib.suppress(ValueError, OSError):
             import resource
@@ -291,7 +156,7 @@ class WireSensor:
             raise WireUnavailable(f"compiling {WIRE_SOURCE} failed: {exc}") from exc
         self._bpf = bpf
         try:
-            self._set(SET_OWNER, self._owner_pid)
+            self._set(WIRE_SET_OWNER, self._owner_pid)
             self._open_ring()
             self._attach(bpf, root)
         except OSError as exc:
@@ -308,15 +173,17 @@ class WireSensor:
         from bcc import BPF
 
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        pin_root = self._pin_root or PIN_ROOT
+        pin_root = self._pin_root or stale.PIN_ROOT
         try:
-            ensure_bpffs()
-            owner_dir = os.path.join(pin_root, owner_name())
+            bpfsys.ensure_bpffs()
+            owner_dir = os.path.join(pin_root, stale.owner_name())
             os.makedirs(owner_dir, exist_ok=True)
             self._owner_dir = owner_dir
         except OSError as exc:
             self.degraded.append(f"cannot pin under {pin_root}: {exc}")
-        for func, (attach_type, pin) in PROGRAMS.items():
+        # named rgw_* and pinned in the owner directory: stale.cleanup_stale()
+        # detaches what a dead owner left
+        for func, (attach_type, pin) in stale.WIRE_PROGRAMS.items():
             try:
                 fn = bpf.load_func(func.encode(), BPF.CGROUP_SKB)
             except Exception as exc:
@@ -325,10 +192,10 @@ class WireSensor:
                 ) from exc
             if self._owner_dir:
                 path = os.path.join(self._owner_dir, pin)
-                obj_pin(fn.fd, path)
+                bpfsys.obj_pin(fn.fd, path)
                 self._pins.append(path)
             # ALLOW_MULTI: never replace another program on the root
-            prog_attach(self._root_fd, fn.fd, attach_type, BPF_F_ALLOW_MULTI)
+            bpfsys.prog_attach(self._root_fd, fn.fd, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
             self._attached.append((fn.fd, attach_type))
 
     def _open_ring(self) -> None:
@@ -357,7 +224,7 @@ class WireSensor:
         if self._enforcing:
             now = boottime_ns()
             if now - self._heartbeat_ns >= HEARTBEAT_EVERY_NS:
-                self._set(SET_DROP_UNTIL, now + DROP_GRACE_NS)
+                self._set(WIRE_SET_DROP_UNTIL, now + DROP_GRACE_NS)
                 self._heartbeat_ns = now
         self._bpf.ring_buffer_poll(timeout_ms)
         batch, self._batch = self._batch, []
@@ -376,7 +243,7 @@ class WireSensor:
         self._enforcing = on
         self._heartbeat_ns = 0
         if self._bpf is not None and not on:
-            self._set(SET_DROP_UNTIL, 0)
+            self._set(WIRE_SET_DROP_UNTIL, 0)
 
     def set_drop_policy(self, methods: Mapping[str, bool], hosts: Iterable[str]) -> None:
         """methods: JSON-RPC method -> True when it is dropped only with an
@@ -384,7 +251,7 @@ class WireSensor:
         whose TLS SNI and DNS questions are dropped. Replaces the previous
         lists."""
         want_methods = {
-            method_key(m): (DROP_METHOD_AGENT if agent else DROP_METHOD)
+            method_key(m): (WIRE_DROP_METHOD_AGENT if agent else WIRE_DROP_METHOD)
             for m, agent in methods.items()
             if 0 < len(m.encode()) < WIRE_METHOD_MAX
         }
@@ -398,7 +265,7 @@ class WireSensor:
         for key in self._hosts - want_hosts:
             _discard(table, table.Key(key))
         for key in want_hosts - self._hosts:
-            table[table.Key(key)] = table.Leaf(DROP_SNI)
+            table[table.Key(key)] = table.Leaf(WIRE_DROP_SNI)
         self._methods, self._hosts = want_methods, want_hosts
 
     def _address_key(self, address: str) -> tuple[Any, Any]:
@@ -416,7 +283,7 @@ class WireSensor:
     def drop_address(self, address: str) -> None:
         """Drop every new TCP flow to this address from its SYN on."""
         table, key = self._address_key(address)
-        table[key] = table.Leaf(DROP_ADDRESS)
+        table[key] = table.Leaf(WIRE_DROP_ADDRESS)
         self._addresses.add(address)
 
     def undrop_address(self, address: str) -> None:
@@ -428,14 +295,15 @@ class WireSensor:
         if self._bpf is None:
             return {}
         return {
-            os.fsdecode(name): prog_id_and_name(fn.fd)[0] for name, fn in self._bpf.funcs.items()
+            os.fsdecode(name): bpfsys.prog_id_and_name(fn.fd)[0]
+            for name, fn in self._bpf.funcs.items()
         }
 
     def close(self) -> None:
         """Detach, unpin and free everything. Idempotent."""
         for prog_fd, attach_type in self._attached:
             try:
-                prog_detach(self._root_fd, prog_fd, attach_type)
+                bpfsys.prog_detach(self._root_fd, prog_fd, attach_type)
             except OSError as exc:
                 log.warning("detaching rome-guard wire program failed: %s", exc)
         self._attached = []

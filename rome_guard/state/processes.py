@@ -268,7 +268,10 @@ class ProcessModel:
         known = self._cgroup_paths.get(cgroup_id)
         if known is not None:
             return known
-        path = cgroup_path_of_id(cgroup_id)
+        try:
+            path = cgroup_path_of_id(cgroup_id)
+        except OSError:  # no cgroup2 hierarchy (NoCgroup2)
+            return ""
         if len(self._cgroup_paths) >= TRACKING_LIMIT:
             self._cgroup_paths.clear()
         if len(self._cgroup_unknown) >= TRACKING_LIMIT:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes as ct
 
+import pytest
+
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import load_rules
 from rome_guard.events import (
@@ -23,7 +25,7 @@ from rome_guard.handlers.wire import (
     WireHandler,
     wire_policy,
 )
-from rome_guard.layout import wire as wire_layout
+from rome_guard.layout import wire as layout
 from rome_guard.sensors import wire
 from rome_guard.state.processes import ProcessModel
 from tests.fixtures.processes import process_info
@@ -193,23 +195,28 @@ def test_kernel_hashes():
 
 
 def test_record_decodes():
-    rec = wire_layout.WireRecord(
-        kind=wire.KIND_FIRST_PAYLOAD, pid=7, family=6, protocol=6, dport=443
-    )
-    rec.flags = wire.FLAG_TLS_HELLO | wire.FLAG_DROPPED
-    rec.drop_reason = wire.DROP_SNI
+    rec = layout.WireRecord(kind=layout.WIRE_FIRST_PAYLOAD, pid=7, family=6, protocol=6, dport=443)
+    rec.flags = layout.WIRE_TLS_HELLO | layout.WIRE_DROPPED
+    rec.drop_reason = layout.WIRE_DROP_SNI
     rec.daddr[15] = 1
     ct.memmove(rec.sni, b"x.example", 9)
     rec.sni_len = 9
     ct.memmove(rec.data, b"\x16\x03\x01", 3)
     rec.captured = 3
-    decoded = wire.decode_wire_record(bytes(rec))
+    decoded = layout.decode_wire_record(bytes(rec))
     assert (decoded.sni, decoded.tls, decoded.dropped) == ("x.example", True, "sni")
     assert decoded.endpoint.daddr == "::1" and decoded.payload == b"\x16\x03\x01"
-    rec.captured = wire.WIRE_CAPTURE + 1
-    try:
-        wire.decode_wire_record(bytes(rec))
-    except wire.MalformedWireRecord:
-        pass
-    else:
-        raise AssertionError("an impossible size decoded")
+    rec.captured = layout.WIRE_CAPTURE + 1
+    with pytest.raises(layout.MalformedWireRecord):
+        layout.decode_wire_record(bytes(rec))
+
+
+def test_decoder_format_matches_the_mirror():
+    raw = bytes((i * 7 + 3) % 251 for i in range(ct.sizeof(layout.WireRecord)))
+    record = layout.WireRecord.from_buffer_copy(raw)
+    flat = []
+    for name, *_ in layout.WireRecord._fields_:
+        value = getattr(record, name)
+        flat.append(bytes(value) if isinstance(value, ct.Array) else value)
+    assert layout.WIRE_FORMAT.size == ct.sizeof(layout.WireRecord)
+    assert list(layout.WIRE_FORMAT.unpack(raw)) == flat

@@ -12,45 +12,8 @@ import pytest
 
 from rome_guard.events import CONNECT_ESTABLISHED, CONNECT_REFUSED
 from rome_guard.layout import sensor as layout
-from rome_guard.layout import wire as wire_layout
-from rome_guard.sensors import wire
 from rome_guard.sensors.ebpf import BPF_DIR, compile_unit
 from rome_guard.textsafe import from_bytes
-
-
-def test_wire_decoder_format_matches_the_mirror():
-    raw = bytes((i * 7 + 3) % 251 for i in range(ct.sizeof(wire_layout.WireRecord)))
-    assert wire.WIRE_FORMAT.size == ct.sizeof(wire_layout.WireRecord)
-    assert list(wire.WIRE_FORMAT.unpack(raw)) == _flatten(
-        wire_layout.WireRecord.from_buffer_copy(raw)
-    )
-
-
-# wire.h name -> the name of the same constant in rome_guard/sensors/wire.py
-WIRE_RENAMED = {
-    "WIRE_FIRST_PAYLOAD": "KIND_FIRST_PAYLOAD",
-    "WIRE_DNS_QUERY": "KIND_DNS_QUERY",
-    "WIRE_DNS_ANSWER": "KIND_DNS_ANSWER",
-    "WIRE_DROPPED_CONNECT": "KIND_DROPPED_CONNECT",
-    "WIRE_TLS_HELLO": "FLAG_TLS_HELLO",
-    "WIRE_DROPPED": "FLAG_DROPPED",
-    "WIRE_PID_AT_CONNECT": "FLAG_PID_AT_CONNECT",
-    "WIRE_DROP_METHOD": "DROP_METHOD",
-    "WIRE_DROP_METHOD_AGENT": "DROP_METHOD_AGENT",
-    "WIRE_DROP_SNI": "DROP_SNI",
-    "WIRE_DROP_ADDRESS": "DROP_ADDRESS",
-    "WIRE_DROP_DNS": "DROP_DNS",
-    "WIRE_SET_DROP_UNTIL": "SET_DROP_UNTIL",
-    "WIRE_SET_OWNER": "SET_OWNER",
-    "WIRE_SETTINGS": "SETTINGS",
-}
-
-
-@pytest.mark.parametrize("name", sorted(WIRE_RENAMED))
-def test_wire_sensor_names_are_the_headers(name):
-    # the header's values are checked against gcc in tests/test_layout.py
-    assert name in wire_layout.CONSTANTS
-    assert getattr(wire, WIRE_RENAMED[name]) == getattr(wire_layout, name)
 
 
 def test_prog_info_mirror_matches_uapi(tmp_path):

@@ -3,6 +3,9 @@
  *
  *   storm_load exec COUNT WORKERS            vfork+execve(/bin/true)+wait
  *   storm_load connect COUNT WORKERS ADDR    connect+accept+close on ADDR
+ *   storm_load flows COUNT WORKERS ADDR [RATE]
+ *                                           connect+send a first line+accept+close,
+ *                                           paced to RATE flows/s in all (0: flat out)
  *
  * Prints "<operations> <seconds>" when done. Connects stay on the loopback
  * address given; clients close with RST so no TIME_WAIT piles up.
@@ -44,16 +47,30 @@ static void exec_loop(long count)
 	}
 }
 
-static void connect_loop(long count, int listener, const struct sockaddr_in *to)
+static void connect_loop(long count, int listener, const struct sockaddr_in *to,
+			 int payload, double interval)
 {
+	static const char line[] = "GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n";
 	struct linger rst = {.l_onoff = 1, .l_linger = 0};
+	double next = now();
 
 	for (long i = 0; i < count; i++) {
 		int c = socket(AF_INET, SOCK_STREAM, 0);
 		int a;
 
+		if (interval > 0) {
+			double wait = next - now();
+
+			if (wait > 0)
+				usleep((useconds_t)(wait * 1e6));
+			next += interval;
+		}
 		if (c < 0 || connect(c, (const struct sockaddr *)to, sizeof(*to)) < 0) {
 			perror("connect");
+			exit(1);
+		}
+		if (payload && send(c, line, sizeof(line) - 1, 0) < 0) {
+			perror("send");
 			exit(1);
 		}
 		a = accept(listener, NULL, NULL);
@@ -67,19 +84,24 @@ static void connect_loop(long count, int listener, const struct sockaddr_in *to)
 int main(int argc, char **argv)
 {
 	long count, workers, per;
-	int listener = -1;
+	int listener = -1, flows;
+	double rate = 0;
 	struct sockaddr_in to = {.sin_family = AF_INET};
 	socklen_t len = sizeof(to);
 	double start;
 
-	if (argc < 4 || (strcmp(argv[1], "connect") == 0 && argc < 5)) {
-		fprintf(stderr, "usage: %s exec|connect COUNT WORKERS [ADDR]\n", argv[0]);
+	flows = strcmp(argv[1], "flows") == 0;
+	if (argc < 4 || ((strcmp(argv[1], "connect") == 0 || flows) && argc < 5)) {
+		fprintf(stderr, "usage: %s exec|connect|flows COUNT WORKERS [ADDR [RATE]]\n",
+			argv[0]);
 		return 2;
 	}
+	if (flows && argc > 5)
+		rate = atof(argv[5]);
 	count = atol(argv[2]);
 	workers = atol(argv[3]);
 	per = count / workers;
-	if (strcmp(argv[1], "connect") == 0) {
+	if (strcmp(argv[1], "connect") == 0 || flows) {
 		listener = socket(AF_INET, SOCK_STREAM, 0);
 		inet_pton(AF_INET, argv[4], &to.sin_addr);
 		if (bind(listener, (struct sockaddr *)&to, sizeof(to)) < 0 ||
@@ -93,7 +115,8 @@ int main(int argc, char **argv)
 	for (long w = 0; w < workers; w++) {
 		if (fork() == 0) {
 			if (listener >= 0)
-				connect_loop(per, listener, &to);
+				connect_loop(per, listener, &to, flows,
+					     rate > 0 ? workers / rate : 0);
 			else
 				exec_loop(per);
 			_exit(0);

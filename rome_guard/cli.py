@@ -77,6 +77,12 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
     config = config_from(config_path)
     ruleset = rules_from(config, extra_rules)
     result = run_scan(ruleset, config, exclude_pids=frozenset({os.getpid()}))
+    wire_only = sorted(r.id for r in ruleset.rules if r.needs_wire)
+    not_evaluated = (
+        f"{len(wire_only)} wire rule(s) not evaluated: a snapshot cannot see bytes already "
+        f"sent (Stratum first lines, DNS questions, TLS SNI); only `rome-guard run` can: "
+        f"{', '.join(wire_only)}"
+    )
     if as_json:
         document = {
             "version": __version__,
@@ -85,6 +91,7 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
             "duration_s": round(result.duration_s, 4),
             "rules": len(ruleset),
             "findings": [finding_record(f, "alert", result.timestamp) for f in result.findings],
+            "not_evaluated": {"rules": wire_only, "why": not_evaluated} if wire_only else None,
         }
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
@@ -95,6 +102,8 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
             f"{result.sockets} sockets, {len(ruleset)} rules, {result.duration_s:.2f}s",
             err=not result.findings,
         )
+        if wire_only:
+            click.echo(not_evaluated, err=True)
     sys.exit(EXIT_FINDINGS if result.findings else EXIT_CLEAN)
 
 

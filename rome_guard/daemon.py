@@ -3,7 +3,7 @@
 This module is wiring and the loop only. Data path, in the order an event
 travels (docs/architecture.md has the picture):
 
-    sensor (eBPF, or /proc polling), prevention, GPU watch
+    sensor (eBPF, or /proc polling), prevention, wire sensor, GPU watch
       -> handlers.table.dispatch -> handlers/<kind>.py
          -> state.processes.ProcessModel (every process fact, /proc gaps)
          -> detect (same rules as scan) -> respond.alerts.AlertSink
@@ -47,9 +47,11 @@ from rome_guard.yamlsrc import SourceError
 
 if TYPE_CHECKING:
     from rome_guard.gpu.watch import GpuWatch
+    from rome_guard.handlers.wire import WireHandler
     from rome_guard.respond.metrics import MetricsServer
     from rome_guard.respond.prevent import Prevention
     from rome_guard.sdnotify import Notifier
+    from rome_guard.sensors.wire import WireSensor
 
 log = logging.getLogger("rome_guard")
 
@@ -114,6 +116,7 @@ class Guard:
         self.prevention = prevention
         self.metrics_server: MetricsServer | None = None  # reloaded on SIGHUP
         self.sensor_mode = "none"
+        self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -145,6 +148,8 @@ class Guard:
         if self.prevention is not None and rules.policy is not None:
             apply_policy(self.prevention, rules.policy, old.policy if old else None)
         self.ctx.rules = rules
+        if self.ctx.wire is not None:
+            self.ctx.wire.install(rules.ruleset)
         if self.ctx.sensor is not None:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
@@ -186,6 +191,16 @@ class Guard:
         sensor.set_wake_names(self.ctx.rules.engine.exec_names)
         self.sensor_mode = mode
         self.ctx.metrics.set_sensor(mode)
+
+    def attach_wire(self, sensor: WireSensor) -> WireHandler:
+        """Route the wire sensor's events (handlers/wire.py); its drop
+        tables follow the rules in force from now on."""
+        from rome_guard.handlers.wire import WireHandler
+
+        self.wire_sensor = sensor
+        self.ctx.wire = WireHandler.for_context(self.ctx, sensor)
+        self.ctx.wire.install(self.ctx.rules.ruleset)
+        return self.ctx.wire
 
     def seed(self) -> int:
         """Read every live process after the sensor is attached; evaluate
@@ -231,6 +246,8 @@ class Guard:
         totals = dict(sensor.lost_events())
         if self.prevention is not None:
             totals["prevention"] = self.prevention.lost_events()
+        if self.wire_sensor is not None:
+            totals.update(self.wire_sensor.lost_events())
         lost = self.ctx.lost
         for buffer, total in totals.items():
             previous = lost.get(buffer, 0)
@@ -261,6 +278,9 @@ class Guard:
             if self.prevention is not None:
                 for event in self.prevention.poll(0):
                     dispatch(self.ctx, event)
+            if self.wire_sensor is not None:
+                for event in self.wire_sensor.poll(0):
+                    self.handle(event)
             if gpu is not None:
                 for snapshot in gpu.snapshots():
                     dispatch(self.ctx, snapshot)
@@ -338,6 +358,13 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     return killer, prevention
 
 
+def _wire_sensor() -> WireSensor | None:
+    """The wire sensor, or None (and a DEGRADED line) where it cannot run."""
+    from rome_guard.sensors.wire import open_wire_sensor
+
+    return open_wire_sensor()
+
+
 def _gpu_watch(config: Config) -> GpuWatch | None:
     from rome_guard.gpu.watch import GpuWatch
 
@@ -392,6 +419,9 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             sensor.interval_s if isinstance(sensor, PollSensor) else 0.0,
         )
     guard.attach(sensor, mode)
+    wire = _wire_sensor()
+    if wire is not None:
+        guard.attach_wire(wire)
     if gpu is not None:
         gpu.start()
     status_path = None
@@ -420,6 +450,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         notifier.stopping()
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         sensor.close()
+        if wire is not None:
+            wire.close()
         if prevention is not None:
             prevention.close()
         if gpu is not None:

@@ -142,6 +142,37 @@ class ConnectEvent:
     cgroup_id: int = 0  # cgroup v2 id of the connecting process, 0 when unknown
 
 
+# What a wire event reports (rome_guard.sensors.wire).
+WIRE_FIRST_PAYLOAD = "first_payload"  # the first payload of a TCP flow this host opened
+WIRE_DNS_QUERY = "dns_query"  # a UDP datagram to port 53
+WIRE_DNS_ANSWER = "dns_answer"  # a UDP datagram from port 53
+WIRE_DROPPED_CONNECT = "dropped_connect"  # a SYN to a pool-named address, dropped
+
+
+@dataclass(frozen=True)
+class WireEvent:
+    """What a flow said first, seen leaving (or, for DNS answers, reaching)
+    the host. ``pid`` is the task that sent the flow's SYN (its connect),
+    0 when unknown; ``connect_ns`` is when, so a reused pid can be told
+    apart. ``payload`` is attacker-controlled bytes: never print it raw."""
+
+    kind: str  # one of WIRE_*
+    pid: int
+    uid: int
+    comm: str
+    cgroup_id: int
+    cookie: int  # the kernel's socket cookie
+    endpoint: Endpoint
+    timestamp_ns: int  # CLOCK_BOOTTIME of the packet
+    connect_ns: int  # CLOCK_BOOTTIME of the SYN, 0 unknown
+    payload: bytes  # the first bytes of the payload
+    payload_len: int  # payload bytes in that packet
+    sni: str = ""  # TLS ClientHello server_name, parsed in the kernel
+    alpn: str = ""  # its first ALPN protocol
+    tls: bool = False  # the payload starts a TLS ClientHello
+    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns"
+
+
 @dataclass(frozen=True)
 class GpuOpenEvent:
     """A process opened /dev/nvidia*: it is creating a GPU context."""

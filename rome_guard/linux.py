@@ -78,6 +78,21 @@ def cgroup_id(cgroup: str, root: str | None = None) -> int:
     return cgroup_dir_id(os.path.join(base, cgroup.lstrip("/")))
 
 
+def cgroup_path_of_id(cgroup_id: int, root: str | None = None) -> str:
+    """The cgroup v2 path ("/system.slice/x.service") whose id is cgroup_id,
+    by walking the hierarchy; "" when no cgroup has it (any more).
+    NoCgroup2 when there is no hierarchy."""
+    base = root if root is not None else cgroup2_root()
+    for directory, _dirs, _files in os.walk(base):
+        try:
+            if cgroup_dir_id(directory) == cgroup_id:
+                relative = os.path.relpath(directory, base)
+                return "/" if relative == "." else "/" + relative
+        except OSError:
+            continue  # removed while walking
+    return ""
+
+
 # --- mounts ------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ packages=(
   openssh-server openssh-client autossh socat ncat
   prometheus gcc make git ca-certificates systemd
   slurmctld slurmd slurm-client munge
+  openssl iperf3
 )
 
 install_packages() {

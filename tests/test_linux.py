@@ -12,6 +12,7 @@ from rome_guard.linux import (
     NoCgroup2,
     cgroup2_root,
     cgroup_id,
+    cgroup_path_of_id,
     cgroup_v2_path,
     has_peer,
     is_deleted,
@@ -74,3 +75,16 @@ def test_deleted_suffix():
 )
 def test_has_peer(ep, peer):
     assert has_peer(ep) is peer
+
+
+def test_cgroup_path_of_id_walks_the_hierarchy(tmp_path):
+    scope = tmp_path / "system.slice" / "docker-ab.scope"
+    scope.mkdir(parents=True)
+    assert cgroup_path_of_id(scope.stat().st_ino, str(tmp_path)) == "/system.slice/docker-ab.scope"
+    assert cgroup_path_of_id(tmp_path.stat().st_ino, str(tmp_path)) == "/"
+    assert cgroup_path_of_id(0, str(tmp_path)) == ""
+    (tmp_path / "gone").mkdir()
+    gone = (tmp_path / "gone").stat().st_ino
+    (tmp_path / "gone").rmdir()
+    assert cgroup_path_of_id(gone, str(tmp_path)) == ""
+    assert cgroup_path_of_id(1, str(tmp_path)) == ""

@@ -159,6 +159,21 @@ def test_exit_status_clean_in_an_empty_pid_namespace() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 finding(s)" in result.stderr
+    # a clean scan says what it could not look at
+    assert "wire rule(s) not evaluated: a snapshot cannot see bytes" in result.stderr
+    assert "miner-stratum-method" in result.stderr
+
+
+def test_json_names_the_wire_rules_a_snapshot_cannot_evaluate(tmp_path: Path) -> None:
+    document = scan_json()
+    assert "miner-pool-sni" in document["not_evaluated"]["rules"]
+    assert "cannot see bytes" in document["not_evaluated"]["why"]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "disabled_rules: [miner-stratum-method, miner-stratum-login, miner-pool-sni,\n"
+        "  miner-pool-named-address, miner-pool-dns-query, tunnel-chisel-websocket]\n"
+    )
+    assert scan_json("--config", str(config))["not_evaluated"] is None
 
 
 def test_exit_status_error_on_bad_config(tmp_path: Path) -> None:

@@ -619,6 +619,83 @@ def _address_number(address: str) -> int | None:
         return None
 
 
+# --- wire conditions: what a new flow said first (Subject.wire) ---------------
+
+PAYLOAD_REGEX_LIMIT = 512  # characters searched: the kernel captures no more
+
+
+def _wire_names(c: Compiler, value: Any, loc: Location, what: str, facts) -> Predicate:
+    """Some name the flow showed (facts(wire) -> names) is in one of the
+    listed domains or a subdomain of one."""
+    suffixes = [s.lower().strip(".") for s in c.strings(value, loc, what)]
+
+    def predicate(s: Subject) -> str | None:
+        if s.wire is None:
+            return None
+        for name in facts(s.wire):
+            if name and any(argvlib.domain_matches(name, x) for x in suffixes):
+                return f"{what} {_short(name)}"
+        return None
+
+    return predicate
+
+
+def _b_dns_query(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return _wire_names(c, value, loc, "dns_query", lambda w: w.dns_queries)
+
+
+def _b_tls_sni(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return _wire_names(c, value, loc, "tls_sni", lambda w: (w.sni,))
+
+
+def _b_remote_name(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return _wire_names(c, value, loc, "remote_name", lambda w: (w.remote_name,))
+
+
+def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Predicate:
+    test = _glob_or_exact(c.strings(value, loc, "stratum_method"))
+
+    def predicate(s: Subject) -> str | None:
+        w = s.wire
+        if w is None or not w.jsonrpc or not w.method or not test(w.method):
+            return None
+        return f"JSON-RPC method {_short(w.method, 64)}"
+
+    return predicate
+
+
+def _b_payload_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
+    pattern = c.regex(value, loc, "payload_regex")
+
+    def predicate(s: Subject) -> str | None:
+        if s.wire is None:
+            return None
+        match = pattern.search(s.wire.text[:PAYLOAD_REGEX_LIMIT])
+        return f"payload {_short(match.group(0), 64)!r}" if match else None
+
+    return predicate
+
+
+def _b_http_header(c: Compiler, value: Any, loc: Location) -> Predicate:
+    if not isinstance(value, LineDict) or "names" not in value:
+        raise RuleSyntaxError(loc, "http_header: expected a mapping with 'names' and value tests")
+    names = [n.lower() for n in c.strings(value["names"], value.where("names"), "http_header")]
+    tests = LineDict({k: v for k, v in value.items() if k != "names"})
+    tests.location, tests.key_locations = value.location, value.key_locations
+    test, _ = c.value_test(tests, loc, "http_header")
+
+    def predicate(s: Subject) -> str | None:
+        if s.wire is None:
+            return None
+        for name in names:
+            for found in s.wire.header(name):
+                if test(found):
+                    return f"HTTP {name}: {_short(found, 64)}"
+        return None
+
+    return predicate
+
+
 _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "all": _b_all,
     "any": _b_any,
@@ -644,10 +721,21 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "stdio_socket": _b_stdio_socket,
     "remote_port": _b_remote_port,
     "remote_cidr": _b_remote_cidr,
+    "stratum_method": _b_stratum_method,
+    "payload_regex": _b_payload_regex,
+    "dns_query": _b_dns_query,
+    "tls_sni": _b_tls_sni,
+    "remote_name": _b_remote_name,
+    "http_header": _b_http_header,
 }
 
 # Conditions that need network knowledge: rules using them are re-checked
 # when a process gains a connection.
 NETWORK_KEYS = frozenset({"remote_port", "remote_cidr"})
 STDIO_KEYS = frozenset({"stdio_socket"})
+# Conditions on what a flow said (wire events): rules using them are
+# evaluated only on wire events, and a snapshot (scan) cannot see them.
+WIRE_KEYS = frozenset(
+    {"stratum_method", "payload_regex", "dns_query", "tls_sni", "remote_name", "http_header"}
+)
 CONDITION_KEYS = frozenset(_BUILDERS)

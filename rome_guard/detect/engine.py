@@ -34,8 +34,11 @@ TEXT_TEST_MAX = 1024
 class Engine:
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
-        self._match_rules = RuleIndex(ruleset.match_rules)
-        self._network_rules = RuleIndex([r for r in ruleset.match_rules if r.needs_network])
+        process_rules = [r for r in ruleset.match_rules if not r.needs_wire]
+        self._match_rules = RuleIndex(process_rules)
+        self._network_rules = RuleIndex([r for r in process_rules if r.needs_network])
+        # wire rules are few and no name narrows them: each wire event checks all
+        self._wire_rules = [r for r in ruleset.match_rules if r.needs_wire]
 
     @property
     def exec_names(self) -> frozenset[str]:
@@ -48,12 +51,18 @@ class Engine:
     ) -> list[Finding]:
         """Every match rule that subject satisfies. ``network_only``
         re-checks just the rules with network conditions (a new connect
-        on a process whose other facts were already evaluated)."""
+        on a process whose other facts were already evaluated). A subject
+        that carries wire facts (a flow's first bytes) is checked against
+        the wire rules only: those are never evaluated without them."""
         if subject.process.kernel_thread:
             return []
-        index = self._network_rules if network_only else self._match_rules
+        if subject.wire is not None:
+            candidates = self._wire_rules
+        else:
+            index = self._network_rules if network_only else self._match_rules
+            candidates = index.candidates(subject)
         findings = []
-        for rule in index.candidates(subject):
+        for rule in candidates:
             try:
                 reason = rule.evaluate(subject)
             except Exception:  # a rule must never take the engine down
@@ -163,7 +172,7 @@ def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
 
 
 def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endpoint | None:
-    if trigger is not None and rule.needs_network:
+    if trigger is not None and (rule.needs_network or rule.needs_wire):
         return trigger
     if rule.needs_network and subject.connections:
         return subject.connections[0]

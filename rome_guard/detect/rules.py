@@ -19,6 +19,7 @@ from typing import Any, Iterable
 from rome_guard.detect.conditions import (
     NETWORK_KEYS,
     STDIO_KEYS,
+    WIRE_KEYS,
     Compiler,
     Predicate,
     RuleSyntaxError,
@@ -65,7 +66,16 @@ _RULE_KEYS = {
     "tags",
     "enabled",
 }
-_PREVENT_KEYS = {"deny_exec", "block_ports", "block_cidrs", "block_hosts", "kill_on_connect"}
+_PREVENT_KEYS = {
+    "deny_exec",
+    "block_ports",
+    "block_cidrs",
+    "block_hosts",
+    "kill_on_connect",
+    "wire_methods",
+    "wire_agent_methods",
+    "wire_hosts",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,12 @@ class PreventSpec:
     block_cidrs: tuple[str, ...] = ()
     block_hosts: tuple[str, ...] = ()  # resolved to addresses by the daemon
     kill_on_connect: bool = False  # SIGKILL at SYN_SENT instead of EPERM
+    # the wire sensor drops a flow whose first JSON-RPC line calls one of
+    # these methods (agent_methods: only with an "agent" member), whose TLS
+    # SNI is in one of wire_hosts, or whose address DNS named in one of them
+    wire_methods: tuple[str, ...] = ()
+    wire_agent_methods: tuple[str, ...] = ()
+    wire_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -96,6 +112,7 @@ class Rule:
     enabled: bool = True
     needs_network: bool = False
     needs_stdio: bool = False
+    needs_wire: bool = False  # looks at what a flow said: live daemon only
     location: Location | None = None
 
     def evaluate(self, subject) -> str | None:
@@ -184,6 +201,9 @@ def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
         kw["block_hosts"] = tuple(
             compiler.strings(raw["block_hosts"], raw.where("block_hosts"), "prevent.block_hosts")
         )
+    for key in ("wire_methods", "wire_agent_methods", "wire_hosts"):
+        if key in raw:
+            kw[key] = tuple(compiler.strings(raw[key], raw.where(key), f"prevent.{key}"))
     if "kill_on_connect" in raw:
         kw["kill_on_connect"] = compiler.boolean(
             raw["kill_on_connect"], raw.where("kill_on_connect"), "prevent.kill_on_connect"
@@ -308,6 +328,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler) -> Rule:
         enabled=enabled,
         needs_network=_uses(raw.get("match"), NETWORK_KEYS),
         needs_stdio=_uses(raw.get("match"), STDIO_KEYS),
+        needs_wire=_uses(raw.get("match"), WIRE_KEYS),
         location=raw.location,
     )
     return rule

@@ -2,7 +2,8 @@
 
 A Subject bundles a ProcessInfo with its lineage, the network endpoints it
 holds or tried, and its standard fds, and caches the parsed views of argv
-that many conditions share. The same Subject type is built by `scan`
+that many conditions share. A Subject built for a wire event also carries
+the flow's WireFacts. The same Subject type is built by `scan`
 (snapshot) and by the daemon (events), so both run the same rules.
 """
 
@@ -12,6 +13,7 @@ from functools import cached_property
 from typing import Callable
 
 from rome_guard.detect import argv as argvlib
+from rome_guard.detect.payload import WireFacts
 from rome_guard.events import Endpoint, ProcessInfo
 from rome_guard.linux import without_deleted
 
@@ -27,9 +29,11 @@ class Subject:
         lineage: list[ProcessInfo] | Callable[[], list[ProcessInfo]] = (),
         connections: list[Endpoint] = (),
         stdio: dict[int, Endpoint] | Callable[[], dict[int, Endpoint]] | None = None,
+        wire: WireFacts | None = None,
     ):
         self.process = process
         self.connections = list(connections)
+        self.wire = wire  # what a new flow said first (wire events only)
         self._lineage = lineage
         self._stdio = stdio
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-from rome_guard.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuOpenEvent
+from rome_guard.events import (
+    ConnectEvent,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    GpuOpenEvent,
+    WireEvent,
+)
 from rome_guard.handlers.connect import on_connect
 from rome_guard.handlers.context import Context
 from rome_guard.handlers.exec import on_exec
@@ -18,6 +25,7 @@ from rome_guard.handlers.exit import on_exit
 from rome_guard.handlers.fork import on_fork
 from rome_guard.handlers.gpu import on_gpu_open, on_gpu_snapshot
 from rome_guard.handlers.prevention import on_prevention
+from rome_guard.handlers.wire import on_wire
 from rome_guard.respond.prevent import PreventionEvent
 from rome_guard.sensors.nvml import GpuSnapshot
 
@@ -35,6 +43,7 @@ HANDLERS: dict[type, Handler] = {
     GpuOpenEvent: Handler("gpu_open", on_gpu_open),
     GpuSnapshot: Handler(None, on_gpu_snapshot),  # counted per GPU process
     PreventionEvent: Handler(None, on_prevention),
+    WireEvent: Handler("payload", on_wire),
 }
 
 

@@ -55,6 +55,7 @@ EVENT_SOURCES = (
     "exit",
     "connect",  # eBPF connect attempts and outcomes
     "gpu_open",  # eBPF opens of /dev/nvidia*
+    "payload",  # wire sensor: first bytes of new flows, DNS questions and answers
     "nvml",  # NVML compute-process polls
     "procfs",  # /proc snapshots (seeding, poll mode, scan)
 )
@@ -63,6 +64,7 @@ EVENT_SOURCES = (
 LOST_BUFFERS = (
     *LOST_SLOT_NAMES,  # "process", "network"
     "prevention",  # the prevention programs' ring buffer
+    "wire",  # the wire sensor's ring buffer (and records it could not decode)
     "parked",  # events for not-yet-known pids dropped after park_unknown_ms
 )
 # The outcomes of rome_guard.respond.kill.

@@ -4,11 +4,12 @@ cgroup attachments outlive the process that made them. Each running
 Prevention pins its connect programs under PIN_ROOT/<pid>-<start time>/;
 cleanup_stale() detaches the programs of owners no longer alive (pid and
 start time no longer match) and deletes their pins, then detaches any
-rgp_* program on the cgroup2 root that no live owner pins (pins lost with
-a bpffs remount). A crashed guard must never leave the host cut off.
+rgp_* (or the wire sensor's rgw_*) program on the cgroup2 root that no
+live owner pins (pins lost with a bpffs remount). A crashed guard must
+never leave the host cut off.
 
-This module never touches a program not named rgp_*, nor one pinned by a
-live rome-guard.
+This module never touches a program not named rgp_* or rgw_*, nor one
+pinned by a live rome-guard.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ PIN_ROOT = "/sys/fs/bpf/rome-guard"
 # Every cgroup program of ours is named rgp_*: cleanup_stale() finds
 # leftovers by this prefix and never touches anything else.
 PROG_PREFIX = "rgp_"
+# the wire sensor's programs (rome_guard/sensors/wire.py) observe, and drop
+# only while their live owner says so: a prefix of their own, same cleanup
+WIRE_PROG_PREFIX = "rgw_"
+_CLEANED_PREFIXES = (PROG_PREFIX, WIRE_PROG_PREFIX)
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 # program function in prevent.c -> (attach type, pin name)
@@ -38,6 +43,14 @@ CONNECT_PROGRAMS = {
     "rgp_connect6": (ATTACH_INET6_CONNECT, "connect6"),
 }
 PIN_ATTACH_TYPES = {pin: attach for attach, pin in CONNECT_PROGRAMS.values()}
+# the wire sensor's cgroup_skb programs pin into the same owner directory
+ATTACH_INET_INGRESS = 0
+ATTACH_INET_EGRESS = 1
+WIRE_PROGRAMS = {
+    "rgw_wire_out": (ATTACH_INET_EGRESS, "wire_out"),
+    "rgw_wire_in": (ATTACH_INET_INGRESS, "wire_in"),
+}
+PIN_ATTACH_TYPES.update({pin: attach for attach, pin in WIRE_PROGRAMS.values()})
 
 
 def owner_name() -> str:
@@ -97,7 +110,7 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
     """Detach and unpin what a rome-guard that died without close() left
     behind; returns one line per thing removed. Programs pinned by a live
     rome-guard (its pid and start time still match) are left alone, and so
-    is every program not named rgp_*."""
+    is every program not named rgp_* or rgw_*."""
     try:
         root = cgroup_root if cgroup_root is not None else cgroup2_root()
     except NoCgroup2:
@@ -125,7 +138,7 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
                     continue  # detached and freed meanwhile
                 try:
                     name = prog_id_and_name(fd)[1]
-                    if name.startswith(PROG_PREFIX):
+                    if name.startswith(_CLEANED_PREFIXES):
                         prog_detach(root_fd, fd, attach_type)
                         removed.append(f"detached stale {name} (prog id {prog_id}) from {root}")
                 finally:
@@ -136,8 +149,11 @@ def cleanup_stale(cgroup_root: str | None = None, pin_root: str = PIN_ROOT) -> l
             os.close(root_fd)
 
 
-def attached_programs(cgroup_root: str | None = None) -> list[tuple[int, str]]:
-    """(prog id, name) of every rgp_* connect program on the cgroup2 root."""
+def attached_programs(
+    cgroup_root: str | None = None, prefix: str = PROG_PREFIX
+) -> list[tuple[int, str]]:
+    """(prog id, name) of every rgp_* (or prefix*) program of ours on the
+    cgroup2 root."""
     root = cgroup_root if cgroup_root is not None else cgroup2_root()
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     found = []
@@ -152,7 +168,7 @@ def attached_programs(cgroup_root: str | None = None) -> list[tuple[int, str]]:
                     name = prog_id_and_name(prog_fd)[1]
                 finally:
                     os.close(prog_fd)
-                if name.startswith(PROG_PREFIX):
+                if name.startswith(prefix):
                     found.append((prog_id, name))
     finally:
         os.close(fd)

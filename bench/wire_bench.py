@@ -1,0 +1,188 @@
+"""What the wire sensor costs, side by side in one run (issue 10 targets):
+
+- loopback bulk throughput with iperf3, without the wire programs and with
+  them attached (target: at most 3% slower);
+- new-connection rate (connect+accept+close) and new flows that send a
+  first line, without and with (target: at most 5% slower);
+- what the kernel measured for each program (BPF run-time statistics):
+  nanoseconds added per packet, independent of other load on the host;
+- the whole daemon at a paced 20,000 new flows/s, each with a first
+  payload: wire events lost (target: 0) and daemon CPU per new flow.
+
+Rounds alternate none/attached so drifting host load hits both alike.
+Needs root, iperf3 and gcc. Nothing leaves loopback; everything is
+detached on exit. Run: .venv/bin/python -m bench.wire_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+
+from bench.daemon_bench import cpu_seconds, status
+from bench.ebpf_storm import bpf_run_time_stats, build_load, run_load
+from bench.prevention_overhead import run_time
+from rome_guard.sensors.wire import WireSensor
+from tests.fixtures.daemon import Daemon
+from tests.fixtures.network import free_port
+
+HOST = "127.0.3.5"
+
+
+class Drain(threading.Thread):
+    """Polls and decodes the sensor's records, as the daemon's loop does."""
+
+    def __init__(self, sensor: WireSensor):
+        super().__init__(daemon=True)
+        self.sensor = sensor
+        self.records = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.records += len(self.sensor.poll(50))
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def iperf_gbps(seconds: float) -> float:
+    port = free_port(HOST)
+    server = subprocess.Popen(
+        ["iperf3", "-s", "-1", "-B", HOST, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(50):
+            out = subprocess.run(
+                ["iperf3", "-c", HOST, "-p", str(port), "-t", str(seconds), "-J"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            with contextlib.suppress(ValueError, KeyError):
+                result = json.loads(out.stdout)
+                return result["end"]["sum_received"]["bits_per_second"] / 1e9
+            time.sleep(0.1)  # the server is not listening yet
+        raise RuntimeError(f"iperf3 failed: {out.stderr or out.stdout}")
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+def rate(binary: str, mode: str, count: int) -> float:
+    ops, seconds = run_load(binary, mode, str(count), "2", HOST)
+    return ops / seconds
+
+
+def side_by_side(args: argparse.Namespace, binary: str) -> dict:
+    """Median of alternating rounds: {measure: (none, attached)}."""
+    measures = {
+        "iperf3 loopback Gbit/s": lambda: iperf_gbps(args.iperf_s),
+        "new connections/s": lambda: rate(binary, "connect", args.connects),
+        "new flows with a first line/s": lambda: rate(binary, "flows", args.connects),
+    }
+    samples: dict[str, tuple[list, list]] = {name: ([], []) for name in measures}
+    for _ in range(args.rounds):
+        for name, measure in measures.items():
+            samples[name][0].append(measure())
+        with WireSensor() as sensor:
+            drain = Drain(sensor)
+            drain.start()
+            try:
+                for name, measure in measures.items():
+                    samples[name][1].append(measure())
+            finally:
+                drain.stop()
+    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in samples.items()}
+
+
+def in_kernel_cost(binary: str, count: int) -> dict[str, float]:
+    """ns per program run, from the kernel's stats, while connections
+    without payload and then flows with a first line are made."""
+    costs = {}
+    with bpf_run_time_stats(), WireSensor() as sensor:
+        drain = Drain(sensor)
+        drain.start()
+        try:
+            ids = sensor.program_ids()
+            for mode in ("connect", "flows"):
+                before = {name: run_time(i) for name, i in ids.items()}
+                rate(binary, mode, count)
+                for name, prog_id in ids.items():
+                    delta = zip(run_time(prog_id), before[name], strict=True)
+                    ns, runs = (a - b for a, b in delta)
+                    costs[f"{name} ({mode})"] = ns / runs if runs else 0.0
+        finally:
+            drain.stop()
+    return costs
+
+
+def daemon_at_rate(binary: str, flows_per_s: int, seconds: float) -> dict:
+    """The real daemon (monitor mode) while flows arrive at a paced rate."""
+    d = Daemon(sensor="ebpf", mode="monitor")
+    try:
+        d.wait_ready()
+        time.sleep(1.0)
+        cpu0 = cpu_seconds(d.proc.pid)
+        count = int(flows_per_s * seconds)
+        ops, took = run_load(binary, "flows", str(count), "2", HOST, str(flows_per_s))
+        time.sleep(6.0)  # drain, and one status refresh (every 5 s)
+        cpu = cpu_seconds(d.proc.pid) - cpu0
+        lost = status(d.run_dir).get("events_lost", {})
+    finally:
+        d.stop()
+        shutil.rmtree(d.workdir, ignore_errors=True)
+    return {
+        "flows": ops,
+        "achieved_flows_per_s": ops / took,
+        "wire_events_lost": lost.get("wire", 0),
+        "all_events_lost": sum(lost.values()),
+        "daemon_cpu_us_per_flow": cpu / ops * 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iperf-s", type=float, default=3.0)
+    parser.add_argument("--connects", type=int, default=20_000)
+    parser.add_argument("--rate", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="rg-wire-bench-")
+    try:
+        binary = build_load(work)
+        results = side_by_side(args, binary)
+        kernel = in_kernel_cost(binary, args.connects)
+        daemon = daemon_at_rate(binary, args.rate, args.seconds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"side_by_side": results, "kernel_ns": kernel, "daemon": daemon}))
+        return
+    print(f"{'measure':34} {'none':>12} {'wire':>12} {'slowdown':>9}")
+    for name, (none, attached) in results.items():
+        print(f"{name:34} {none:12.2f} {attached:12.2f} {100 * (1 - attached / none):8.1f}%")
+    for name, ns in kernel.items():
+        print(f"in-kernel {name}: {ns:.0f} ns per packet (BPF run-time stats)")
+    print(
+        f"daemon at {daemon['achieved_flows_per_s']:.0f} new flows/s ({daemon['flows']} flows): "
+        f"{daemon['wire_events_lost']} wire events lost ({daemon['all_events_lost']} in all), "
+        f"{daemon['daemon_cpu_us_per_flow']:.1f} us daemon CPU per flow"
+    )
+
+
+if __name__ == "__main__":
+    main()

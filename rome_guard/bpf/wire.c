@@ -1,0 +1,623 @@
+/* The wire sensor: what each new flow says first, for every process.
+ *
+ * Two cgroup_skb programs attached to the cgroup v2 root, so every socket
+ * on the host (containers in their own network namespaces included) passes
+ * through them; offset 0 of the skb is the IP header:
+ *
+ * - rgw_wire_out (egress): a TCP SYN records which task connected (pid,
+ *   uid, comm, time) under the socket cookie; the flow's first payload
+ *   segment is then reported once, with its first WIRE_CAPTURE bytes and,
+ *   for a TLS ClientHello, the SNI and ALPN parsed here (a ClientHello may
+ *   be longer than the capture). UDP datagrams to port 53 are reported
+ *   (DNS questions). Nothing else is reported: one record per flow.
+ * - rgw_wire_in (ingress): UDP datagrams from port 53 (DNS answers).
+ *
+ * Dropping (enforce mode): only while settings[WIRE_SET_DROP_UNTIL] lies in
+ * the future, a deadline the live daemon keeps pushing forward; a dead or
+ * hung daemon stops every drop within seconds, and the maps that say what
+ * to drop are filled by the daemon from its rules. A flow is dropped from
+ * its first identified packet: the SYN to an address DNS named as a pool,
+ * or the first payload whose JSON-RPC method or TLS SNI is listed; its
+ * cookie then stays in drop_cookies so retransmissions are dropped too. A
+ * DNS question for a listed domain is dropped (the name never resolves).
+ *
+ * Both programs return 1 (pass) for everything else, and never read
+ * kernel structs: only packet bytes and helper results.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include "wire.h"
+
+#ifndef WIRE_RING_PAGES
+#define WIRE_RING_PAGES 4096
+#endif
+
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+/* n in [1, max] (max a power of two) in a form the verifier can see:
+ * clang turns a plain min() into branches the verifier cannot follow */
+#define BOUNDED(n, max) ((((n) - 1) & ((max) - 1)) + 1)
+/* hide what clang knows about x, so a mask that follows is kept for the
+ * verifier to see */
+#define OPAQUE(x) asm volatile("" : "+r"(x))
+
+struct in6_key {
+	__u8 addr[16];
+};
+
+BPF_RINGBUF_OUTPUT(wire_events, WIRE_RING_PAGES);
+BPF_PERCPU_ARRAY(wire_lost, __u64, 1);
+BPF_ARRAY(wire_settings, __u64, WIRE_SETTINGS);
+BPF_TABLE("lru_hash", __u64, struct wire_flow, wire_flows, 65536);
+BPF_TABLE("lru_hash", __u64, __u32, drop_cookies, 16384);
+/* written by the daemon from its rules (enforce mode only) */
+BPF_HASH(drop_methods, __u64, __u32, 1024); /* fnv1a(method) -> WIRE_DROP_METHOD* */
+BPF_HASH(drop_hosts, __u64, __u32, 4096); /* fnv1a(reversed lower-case suffix) */
+BPF_HASH(drop_v4, __u32, __u32, 16384); /* address (network order) */
+BPF_HASH(drop_v6, struct in6_key, __u32, 16384);
+
+struct packet {
+	__u32 l4; /* offset of the TCP/UDP header */
+	__u32 payload; /* offset of the payload */
+	__u32 payload_len;
+	__u8 family;
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* IPv4 without options or IPv6, then TCP: what one load of the first
+ * FAST_HEADERS bytes covers for nearly every packet a host sends */
+#define FAST_HEADERS 54
+
+static __always_inline int parse_l4(struct packet *p, const __u8 *l4, int is_tcp)
+{
+	p->sport = (l4[0] << 8) | l4[1];
+	p->dport = (l4[2] << 8) | l4[3];
+	if (is_tcp) {
+		p->tcp_flags = l4[13];
+		p->payload = p->l4 + (l4[12] >> 4) * 4;
+	} else {
+		p->payload = p->l4 + 8;
+	}
+	return 0;
+}
+
+static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
+{
+	__u8 ip[40];
+	__u8 l4[14];
+
+	if (bpf_skb_load_bytes(skb, 0, ip, 1) < 0)
+		return -1;
+	if ((ip[0] >> 4) == 4) {
+		if (bpf_skb_load_bytes(skb, 0, ip, 20) < 0)
+			return -1;
+		p->family = 4;
+		p->protocol = ip[9];
+		p->l4 = (ip[0] & 0xf) * 4;
+		__builtin_memcpy(p->saddr, &ip[12], 4);
+		__builtin_memcpy(p->daddr, &ip[16], 4);
+	} else if ((ip[0] >> 4) == 6) {
+		if (bpf_skb_load_bytes(skb, 0, ip, 40) < 0)
+			return -1;
+		p->family = 6;
+		p->protocol = ip[6]; /* extension headers are not followed */
+		p->l4 = 40;
+		__builtin_memcpy(p->saddr, &ip[8], 16);
+		__builtin_memcpy(p->daddr, &ip[24], 16);
+	} else {
+		return -1;
+	}
+	if (p->protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, p->l4, l4, 14) < 0)
+			return -1;
+		return parse_l4(p, l4, 1);
+	}
+	if (p->protocol == IPPROTO_UDP) {
+		if (bpf_skb_load_bytes(skb, p->l4, l4, 4) < 0)
+			return -1;
+		return parse_l4(p, l4, 0);
+	}
+	return -1;
+}
+
+static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
+{
+	__u8 h[FAST_HEADERS];
+	int ret = -1;
+
+	if (skb->len < FAST_HEADERS || bpf_skb_load_bytes(skb, 0, h, FAST_HEADERS) < 0) {
+		ret = parse_slow(skb, p);
+	} else if (h[0] == 0x45) { /* IPv4, no options */
+		p->family = 4;
+		p->protocol = h[9];
+		p->l4 = 20;
+		__builtin_memcpy(p->saddr, &h[12], 4);
+		__builtin_memcpy(p->daddr, &h[16], 4);
+		if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
+			ret = parse_l4(p, &h[20], p->protocol == IPPROTO_TCP);
+	} else if ((h[0] >> 4) == 6) {
+		p->family = 6;
+		p->protocol = h[6];
+		p->l4 = 40;
+		__builtin_memcpy(p->saddr, &h[8], 16);
+		__builtin_memcpy(p->daddr, &h[24], 16);
+		if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
+			ret = parse_l4(p, &h[40], p->protocol == IPPROTO_TCP);
+	} else {
+		ret = parse_slow(skb, p);
+	}
+	if (ret < 0)
+		return -1;
+	p->payload_len = skb->len > p->payload ? skb->len - p->payload : 0;
+	return 0;
+}
+
+static __always_inline int dropping(void)
+{
+	int slot = WIRE_SET_DROP_UNTIL;
+	__u64 *until = wire_settings.lookup(&slot);
+
+	return until && *until > bpf_ktime_get_boot_ns();
+}
+
+static __always_inline int is_owner(void)
+{
+	int slot = WIRE_SET_OWNER;
+	__u64 *owner = wire_settings.lookup(&slot);
+
+	return owner && *owner && *owner == (bpf_get_current_pid_tgid() >> 32);
+}
+
+static __always_inline void count_lost(void)
+{
+	int slot = 0;
+	__u64 *n = wire_lost.lookup(&slot);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline void fill(struct wire_record *r, struct __sk_buff *skb,
+				 struct packet *p, __u32 kind)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	r->kind = kind;
+	r->pid = pid_tgid >> 32;
+	r->uid = (__u32)bpf_get_current_uid_gid();
+	r->flags = 0;
+	r->drop_reason = 0;
+	r->timestamp_ns = bpf_ktime_get_boot_ns();
+	r->connect_ns = 0;
+	r->cookie = bpf_get_socket_cookie(skb);
+	r->cgroup_id = bpf_skb_cgroup_id(skb);
+	bpf_get_current_comm(r->comm, sizeof(r->comm));
+	r->family = p->family;
+	r->protocol = p->protocol;
+	r->sport = p->sport;
+	r->dport = p->dport;
+	r->sni_len = 0;
+	r->alpn_len = 0;
+	r->_pad1 = 0;
+	r->_pad2 = 0;
+	__builtin_memcpy(r->saddr, p->saddr, 16);
+	__builtin_memcpy(r->daddr, p->daddr, 16);
+	r->payload_len = p->payload_len;
+	r->captured = 0;
+}
+
+static __always_inline void capture(struct wire_record *r, struct __sk_buff *skb,
+				    struct packet *p)
+{
+	__u32 len = p->payload_len;
+
+	if (len > WIRE_CAPTURE)
+		len = WIRE_CAPTURE;
+	if (len == 0)
+		return;
+	len = BOUNDED(len, WIRE_CAPTURE);
+	if (bpf_skb_load_bytes(skb, p->payload, r->data, len) == 0)
+		r->captured = len;
+}
+
+static __always_inline __u32 be16_at(struct __sk_buff *skb, __u32 off, int *ok)
+{
+	__u8 b[2];
+
+	if (bpf_skb_load_bytes(skb, off, b, 2) < 0) {
+		*ok = 0;
+		return 0;
+	}
+	return (b[0] << 8) | b[1];
+}
+
+/* TLS ClientHello: walk to the extensions, copy server_name and the first
+ * ALPN protocol. Returns 1 when the payload is a ClientHello. */
+static __always_inline int parse_client_hello(struct wire_record *r, struct __sk_buff *skb,
+					      struct packet *p)
+{
+	__u8 head[6];
+	__u8 one;
+	__u32 off, end, limit = skb->len;
+	int ok = 1;
+
+	if (r->captured < 44 || r->data[0] != 0x16 || r->data[1] != 0x03 || r->data[5] != 0x01)
+		return 0;
+	off = p->payload + 43;
+	if (bpf_skb_load_bytes(skb, off, &one, 1) < 0)
+		return 1;
+	off += 1 + one; /* session id */
+	off += 2 + be16_at(skb, off, &ok); /* cipher suites */
+	if (bpf_skb_load_bytes(skb, off, &one, 1) < 0)
+		return 1;
+	off += 1 + one; /* compression methods */
+	end = off + 2 + be16_at(skb, off, &ok);
+	off += 2;
+	if (!ok)
+		return 1;
+	if (end > limit)
+		end = limit;
+
+	for (int i = 0; i < 24; i++) {
+		__u32 type, len;
+
+		if (off + 4 > end || bpf_skb_load_bytes(skb, off, head, 6) < 0)
+			break;
+		type = (head[0] << 8) | head[1];
+		len = (head[2] << 8) | head[3];
+		if (type == 0 && r->sni_len == 0) {
+			/* list length(2) type(1) name length(2) name */
+			__u32 n = be16_at(skb, off + 7, &ok);
+
+			if (n > WIRE_SNI_MAX)
+				n = WIRE_SNI_MAX;
+			if (ok && n > 0 &&
+			    bpf_skb_load_bytes(skb, off + 9, r->sni, BOUNDED(n, WIRE_SNI_MAX)) == 0)
+				r->sni_len = n;
+		} else if (type == 16 && r->alpn_len == 0) {
+			/* list length(2) then length-prefixed protocols */
+			__u32 n = 0;
+
+			if (bpf_skb_load_bytes(skb, off + 6, &one, 1) == 0)
+				n = one;
+			if (n > WIRE_ALPN_MAX)
+				n = WIRE_ALPN_MAX;
+			if (n > 0 &&
+			    bpf_skb_load_bytes(skb, off + 7, r->alpn, BOUNDED(n, WIRE_ALPN_MAX)) == 0)
+				r->alpn_len = n;
+		}
+		off += 4 + len;
+	}
+	return 1;
+}
+
+/* fnv1a over the SNI from its end, looked up at every label boundary:
+ * "pool.minexmr.com" tries "com", "minexmr.com" and the whole name. */
+static __always_inline __u32 sni_listed(struct wire_record *r)
+{
+	__u64 h = FNV_OFFSET;
+	__u32 n = r->sni_len;
+
+	if (n > WIRE_SNI_MAX)
+		return 0;
+	for (int i = 0; i < WIRE_SNI_MAX; i++) {
+		int idx = (int)n - 1 - i;
+		__u8 c;
+
+		if (idx < 0)
+			break;
+		c = r->sni[idx & (WIRE_SNI_MAX - 1)];
+		if (c == '.') {
+			__u32 *hit = drop_hosts.lookup(&h);
+
+			if (hit)
+				return WIRE_DROP_SNI;
+		}
+		if (c >= 'A' && c <= 'Z')
+			c += 'a' - 'A';
+		h = (h ^ c) * FNV_PRIME;
+	}
+	if (drop_hosts.lookup(&h))
+		return WIRE_DROP_SNI;
+	return 0;
+}
+
+/* the 8 bytes at data[i], compared whole: one branch per position keeps
+ * the verifier's walk of these loops short */
+static __always_inline __u64 word_at(struct wire_record *r, __u32 i)
+{
+	return *(__u64 *)&r->data[i & (WIRE_METHOD_SCAN - 1)];
+}
+
+#define AGENT_WORD 0x3a22746e65676122ULL /* "agent": */
+#define METHOD_WORD 0x22646f6874656d22ULL /* "method" */
+
+static __always_inline int has_agent(struct wire_record *r)
+{
+	__u32 n = r->captured;
+
+	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
+		if (i + 8 > n)
+			break;
+		if (word_at(r, i) == AGENT_WORD)
+			return 1;
+	}
+	return 0;
+}
+
+/* The value of the first "method" member in the first WIRE_METHOD_SCAN
+ * bytes, hashed and looked up. Escaped spellings are left to user space. */
+static __always_inline __u32 method_listed(struct wire_record *r)
+{
+	__u32 n = r->captured, at = 0;
+	__u64 h = FNV_OFFSET;
+	__u32 *verdict;
+
+	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
+		if (i + 8 > n)
+			return 0;
+		if (word_at(r, i) == METHOD_WORD) {
+			at = i + 8;
+			break;
+		}
+	}
+	if (at == 0)
+		return 0;
+	/* through memory, so the verifier walks what follows once rather
+	 * than once per position the loop above could have stopped at */
+	*(volatile __u32 *)&r->_pad2 = at;
+	at = *(volatile __u32 *)&r->_pad2;
+	r->_pad2 = 0;
+	/* whitespace, ':', whitespace, '"' */
+	for (int i = 0; i < 8; i++) {
+		__u8 c = r->data[at & (WIRE_CAPTURE - 1)];
+
+		if (at >= n)
+			return 0;
+		at++;
+		if (c == '"')
+			break;
+		if (c != ' ' && c != ':' && c != '\t' && c != '\r' && c != '\n')
+			return 0;
+	}
+	for (int i = 0; i < WIRE_METHOD_MAX; i++) {
+		__u8 c;
+
+		if (at + i >= n)
+			return 0;
+		c = r->data[(at + i) & (WIRE_CAPTURE - 1)];
+		if (c == '"')
+			break;
+		h = (h ^ c) * FNV_PRIME;
+	}
+	verdict = drop_methods.lookup(&h);
+	if (!verdict)
+		return 0;
+	if (*verdict == WIRE_DROP_METHOD_AGENT && !has_agent(r))
+		return 0;
+	return WIRE_DROP_METHOD;
+}
+
+/* A DNS question's name (labels after the 12-byte header), checked like a
+ * SNI: a forward pass marks where the length bytes are (in the record's
+ * sni[], unused by DNS records), a backward pass hashes the name from its
+ * end and looks up at every label boundary. */
+static __always_inline __u32 dns_query_listed(struct wire_record *r)
+{
+	__u64 h = FNV_OFFSET;
+	__u32 pos = 0, n = r->captured;
+	int ended = 0;
+
+	__builtin_memset(r->sni, 0, WIRE_SNI_MAX);
+	for (int k = 0; k < 64; k++) {
+		__u8 len;
+
+		if (pos >= WIRE_QNAME_MAX || 12 + pos >= n)
+			return 0;
+		OPAQUE(pos);
+		len = r->data[12 + (pos & (WIRE_QNAME_MAX - 1))];
+		if (len == 0) {
+			ended = 1;
+			break;
+		}
+		if (len > 63)
+			return 0; /* compression or garbage: not a question */
+		r->sni[pos & (WIRE_QNAME_MAX - 1)] = 1;
+		pos += len + 1;
+	}
+	if (!ended || pos == 0)
+		return 0;
+	*(volatile __u32 *)&r->_pad2 = pos; /* see method_listed */
+	pos = *(volatile __u32 *)&r->_pad2;
+	r->_pad2 = 0;
+	for (int i = 0; i < WIRE_QNAME_MAX; i++) {
+		__u32 j = pos - 1 - i;
+		__u8 c;
+
+		if (i + 1 >= pos)
+			break;
+		OPAQUE(j);
+		j &= WIRE_QNAME_MAX - 1;
+		if (r->sni[j]) {
+			if (drop_hosts.lookup(&h))
+				return WIRE_DROP_DNS;
+			h = (h ^ '.') * FNV_PRIME;
+			continue;
+		}
+		c = r->data[12 + j];
+		if (c >= 'A' && c <= 'Z')
+			c += 'a' - 'A';
+		h = (h ^ c) * FNV_PRIME;
+	}
+	if (drop_hosts.lookup(&h))
+		return WIRE_DROP_DNS;
+	return 0;
+}
+
+static __always_inline __u32 address_listed(struct packet *p)
+{
+	if (p->family == 4) {
+		__u32 addr;
+
+		__builtin_memcpy(&addr, p->daddr, 4);
+		return drop_v4.lookup(&addr) ? WIRE_DROP_ADDRESS : 0;
+	}
+	struct in6_key key = {};
+
+	__builtin_memcpy(key.addr, p->daddr, 16);
+	return drop_v6.lookup(&key) ? WIRE_DROP_ADDRESS : 0;
+}
+
+static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, __u64 cookie)
+{
+	struct wire_flow flow = {};
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct wire_record *r;
+	__u32 reason;
+
+	flow.connect_ns = bpf_ktime_get_boot_ns();
+	flow.pid = pid_tgid >> 32;
+	flow.uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(flow.comm, sizeof(flow.comm));
+	wire_flows.update(&cookie, &flow);
+	if (!dropping())
+		return 1;
+	reason = address_listed(p);
+	if (!reason)
+		return 1;
+	drop_cookies.update(&cookie, &reason);
+	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
+	if (!r) {
+		count_lost();
+		return 0;
+	}
+	fill(r, skb, p, WIRE_DROPPED_CONNECT);
+	r->connect_ns = flow.connect_ns;
+	r->flags = WIRE_DROPPED | WIRE_PID_AT_CONNECT;
+	r->drop_reason = reason;
+	wire_events.ringbuf_submit(r, 0);
+	return 0;
+}
+
+static __always_inline int on_first_payload(struct __sk_buff *skb, struct packet *p,
+					    __u64 cookie, struct wire_flow *flow)
+{
+	struct wire_record *r;
+	__u32 reason = 0;
+
+	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
+	if (!r) {
+		count_lost();
+		wire_flows.delete(&cookie);
+		return 1;
+	}
+	fill(r, skb, p, WIRE_FIRST_PAYLOAD);
+	/* the SYN was sent by connect() in the connecting task: that task is
+	 * the flow's owner even when this segment leaves from a softirq */
+	r->pid = flow->pid;
+	r->uid = flow->uid;
+	r->connect_ns = flow->connect_ns;
+	__builtin_memcpy(r->comm, flow->comm, WIRE_COMM_LEN);
+	r->flags = WIRE_PID_AT_CONNECT;
+	wire_flows.delete(&cookie);
+	capture(r, skb, p);
+	if (parse_client_hello(r, skb, p))
+		r->flags |= WIRE_TLS_HELLO;
+	if (dropping()) {
+		if (r->sni_len)
+			reason = sni_listed(r);
+		else
+			reason = method_listed(r);
+	}
+	if (reason) {
+		r->flags |= WIRE_DROPPED;
+		r->drop_reason = reason;
+		drop_cookies.update(&cookie, &reason);
+	}
+	wire_events.ringbuf_submit(r, 0);
+	return reason ? 0 : 1;
+}
+
+int rgw_wire_out(struct __sk_buff *skb)
+{
+	struct packet p = {};
+	struct wire_flow *flow;
+	struct wire_record *r;
+	__u64 cookie;
+	__u32 reason;
+
+	if (parse_packet(skb, &p) < 0)
+		return 1;
+	cookie = bpf_get_socket_cookie(skb);
+	/* monitor mode (no deadline) never looks the cookie up */
+	if (dropping() && drop_cookies.lookup(&cookie))
+		return 0;
+	if (p.protocol == IPPROTO_UDP) {
+		if (p.dport != 53 || p.payload_len == 0 || is_owner())
+			return 1;
+		r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
+		if (!r) {
+			count_lost();
+			return 1;
+		}
+		fill(r, skb, &p, WIRE_DNS_QUERY);
+		capture(r, skb, &p);
+		reason = dropping() ? dns_query_listed(r) : 0;
+		if (reason) {
+			r->flags |= WIRE_DROPPED;
+			r->drop_reason = reason;
+		}
+		wire_events.ringbuf_submit(r, 0);
+		return reason ? 0 : 1;
+	}
+	if ((p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
+		if (is_owner())
+			return 1;
+		if (!on_syn(skb, &p, cookie))
+			return 0;
+		/* TCP Fast Open: the SYN carries the first payload */
+		if (p.payload_len == 0)
+			return 1;
+	}
+	/* the common packets first, with no map operation: a packet without
+	 * payload (ACK, SYN-ACK, FIN, RST) is nothing; a first payload that
+	 * carries a FIN is still a first payload */
+	if (p.payload_len == 0 || (p.tcp_flags & TCP_RST))
+		return 1; /* a flow that ends silent ages out of the LRU map */
+	flow = wire_flows.lookup(&cookie);
+	if (!flow)
+		return 1;
+	return on_first_payload(skb, &p, cookie, flow);
+}
+
+int rgw_wire_in(struct __sk_buff *skb)
+{
+	struct packet p = {};
+	struct wire_record *r;
+
+	if (parse_packet(skb, &p) < 0 || p.protocol != IPPROTO_UDP || p.sport != 53 ||
+	    p.payload_len == 0)
+		return 1;
+	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
+	if (!r) {
+		count_lost();
+		return 1;
+	}
+	fill(r, skb, &p, WIRE_DNS_ANSWER);
+	r->pid = 0; /* softirq: whoever runs is not the receiver */
+	r->uid = 0;
+	__builtin_memset(r->comm, 0, WIRE_COMM_LEN);
+	capture(r, skb, &p);
+	wire_events.ringbuf_submit(r, 0);
+	return 1;
+}

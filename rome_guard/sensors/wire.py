@@ -1,0 +1,346 @@
+"""The wire sensor: the first bytes of every new flow, for every process.
+
+Two cgroup_skb programs (rome_guard/bpf/wire.c) on the cgroup v2 root see
+every socket on the host, containers in their own network namespaces
+included, IPv4 and IPv6. Per TCP flow this host opens, one WireEvent with
+the first payload's first bytes (and a TLS ClientHello's SNI and ALPN,
+parsed in the kernel); per UDP datagram to or from port 53, one DNS event.
+The connecting task (pid, uid, comm) is recorded at the SYN under the
+socket cookie, so the first payload is attributed to it even when it
+leaves the host from a softirq. Why cgroup_skb and not TC: see
+docs/architecture.md.
+
+In enforce mode the daemon fills the drop tables (JSON-RPC methods, pool
+domains, pool-named addresses) and the kernel drops a matching flow from
+its first identified packet. Drops happen only while the deadline the
+daemon keeps pushing forward (every poll) lies in the future: a dead or
+hung daemon drops nothing a few seconds later.
+
+This module must never: attach without pinning under the daemon's owner
+directory (so a crashed daemon's programs are found by
+stale.cleanup_stale()), leave a program attached after close(), or decode
+payload bytes as anything but bytes (they belong to the sender).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import ipaddress
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from rome_guard import linux
+from rome_guard.events import WireEvent
+from rome_guard.layout.wire import (
+    WIRE_DROP_ADDRESS,
+    WIRE_DROP_METHOD,
+    WIRE_DROP_METHOD_AGENT,
+    WIRE_DROP_SNI,
+    WIRE_METHOD_MAX,
+    WIRE_SET_DROP_UNTIL,
+    WIRE_SET_OWNER,
+    MalformedWireRecord,
+    decode_wire_record,
+)
+from rome_guard.respond import bpfsys, stale
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+WIRE_SOURCE = BPF_DIR / "wire.c"
+DEFAULT_RING_PAGES = 4096  # 16 MiB: ~21,000 records of 792 bytes, ~1 s at 20,000 flows/s
+# how long the kernel keeps dropping after the daemon's last poll
+DROP_GRACE_NS = 3_000_000_000
+HEARTBEAT_EVERY_NS = 500_000_000
+
+
+# --- the kernel's hashes ------------------------------------------------------
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = (1 << 64) - 1
+
+
+def fnv1a(data: bytes) -> int:
+    """64-bit FNV-1a, as wire.c computes it."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    return h
+
+
+def method_key(method: str) -> int:
+    """drop_methods key: the method name's bytes, as sent."""
+    return fnv1a(method.encode())
+
+
+def suffix_key(domain: str) -> int:
+    """drop_hosts key: the domain lower-cased, hashed from its last byte
+    (the kernel walks a SNI from its end, looking up at each dot)."""
+    return fnv1a(domain.strip(".").lower().encode()[::-1])
+
+
+def boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+# --- the sensor -------------------------------------------------------------------
+
+
+class WireUnavailable(Exception):
+    """The wire sensor cannot run here; the message names what is missing."""
+
+
+class WireSensor:
+    """The wire programs of one daemon, attached from start() to close()."""
+
+    def __init__(
+        self,
+        owner_pid: int | None = None,
+        ring_pages: int = DEFAULT_RING_PAGES,
+        cgroup_root: str | None = None,
+        pin_root: str | None = None,
+    ):
+        self._owner_pid = owner_pid if owner_pid is not None else os.getpid()
+        self._ring_pages = ring_pages
+        self._cgroup_root = cgroup_root
+        self._pin_root = pin_root
+        self._bpf: Any = None
+        self._root_fd: int | None = None
+        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type)
+        self._pins: list[str] = []
+        self._owner_dir: str | None = None
+        self._batch: list[WireEvent] = []
+        self._malformed = 0
+        self._callback: Any = None
+        self._enforcing = False
+        self._heartbeat_ns = 0
+        self._methods: dict[int, int] = {}
+        self._hosts: set[int] = set()
+        self._addresses: set[str] = set()
+        self.degraded: list[str] = []
+
+    def __enter__(self) -> WireSensor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._bpf is not None:
+            return
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise WireUnavailable(f"bcc is not importable: {exc}") from exc
+        try:
+            root = self._cgroup_root or linux.cgroup2_root()
+        except linux.NoCgroup2 as exc:
+            raise WireUnavailable(str(exc)) from exc
+        with contextlib.suppress(ValueError, OSError):
+            import resource
+
+            limit = resource.RLIM_INFINITY
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+        try:
+            bpf = BPF(
+                src_file=os.fsencode(WIRE_SOURCE),
+                cflags=[f"-I{BPF_DIR}", f"-DWIRE_RING_PAGES={self._ring_pages}"],
+            )
+        except Exception as exc:  # bcc raises bare Exception; details on stderr
+            raise WireUnavailable(f"compiling {WIRE_SOURCE} failed: {exc}") from exc
+        self._bpf = bpf
+        try:
+            self._set(WIRE_SET_OWNER, self._owner_pid)
+            self._open_ring()
+            self._attach(bpf, root)
+        except OSError as exc:
+            self.close()
+            raise WireUnavailable(
+                f"attaching to the cgroup2 root {root} failed: {exc} "
+                "(needs CAP_BPF and CAP_NET_ADMIN)"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, bpf: Any, root: str) -> None:
+        from bcc import BPF
+
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        pin_root = self._pin_root or stale.PIN_ROOT
+        try:
+            bpfsys.ensure_bpffs()
+            owner_dir = os.path.join(pin_root, stale.owner_name())
+            os.makedirs(owner_dir, exist_ok=True)
+            self._owner_dir = owner_dir
+        except OSError as exc:
+            self.degraded.append(f"cannot pin under {pin_root}: {exc}")
+        # named rgw_* and pinned in the owner directory: stale.cleanup_stale()
+        # detaches what a dead owner left
+        for func, (attach_type, pin) in stale.WIRE_PROGRAMS.items():
+            try:
+                fn = bpf.load_func(func.encode(), BPF.CGROUP_SKB)
+            except Exception as exc:
+                raise WireUnavailable(
+                    f"loading {func} failed (verifier log on stderr): {exc}"
+                ) from exc
+            if self._owner_dir:
+                path = os.path.join(self._owner_dir, pin)
+                bpfsys.obj_pin(fn.fd, path)
+                self._pins.append(path)
+            # ALLOW_MULTI: never replace another program on the root
+            bpfsys.prog_attach(self._root_fd, fn.fd, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+            self._attached.append((fn.fd, attach_type))
+
+    def _open_ring(self) -> None:
+        def on_record(_ctx: Any, data: int, size: int) -> int:
+            try:
+                self._batch.append(decode_wire_record(ct.string_at(data, size)))
+            except MalformedWireRecord:
+                self._malformed += 1
+            return 0
+
+        self._callback = on_record
+        self._bpf[b"wire_events"].open_ring_buffer(on_record)
+
+    def _set(self, slot: int, value: int) -> None:
+        self._bpf[b"wire_settings"][ct.c_int(slot)] = ct.c_uint64(value)
+
+    @property
+    def running(self) -> bool:
+        return self._bpf is not None
+
+    def poll(self, timeout_ms: int) -> list[WireEvent]:
+        """Records since the last poll (waits up to timeout_ms for the
+        first); in enforce mode also pushes the drop deadline forward."""
+        if self._bpf is None:
+            return []
+        if self._enforcing:
+            now = boottime_ns()
+            if now - self._heartbeat_ns >= HEARTBEAT_EVERY_NS:
+                self._set(WIRE_SET_DROP_UNTIL, now + DROP_GRACE_NS)
+                self._heartbeat_ns = now
+        self._bpf.ring_buffer_poll(timeout_ms)
+        batch, self._batch = self._batch, []
+        return batch
+
+    def lost_events(self) -> dict[str, int]:
+        if self._bpf is None:
+            return {"wire": self._malformed}
+        values = self._bpf[b"wire_lost"][ct.c_int(0)]
+        return {"wire": sum(int(getattr(v, "value", v)) for v in values) + self._malformed}
+
+    # --- enforce mode: what the kernel drops -----------------------------------
+
+    def enforce(self, on: bool) -> None:
+        """Start (or stop) dropping; the deadline is renewed by poll()."""
+        self._enforcing = on
+        self._heartbeat_ns = 0
+        if self._bpf is not None and not on:
+            self._set(WIRE_SET_DROP_UNTIL, 0)
+
+    def set_drop_policy(self, methods: Mapping[str, bool], hosts: Iterable[str]) -> None:
+        """methods: JSON-RPC method -> True when it is dropped only with an
+        "agent" member (XMRig's generic "login"); hosts: domain suffixes
+        whose TLS SNI and DNS questions are dropped. Replaces the previous
+        lists."""
+        want_methods = {
+            method_key(m): (WIRE_DROP_METHOD_AGENT if agent else WIRE_DROP_METHOD)
+            for m, agent in methods.items()
+            if 0 < len(m.encode()) < WIRE_METHOD_MAX
+        }
+        want_hosts = {suffix_key(h) for h in hosts if h.strip(".")}
+        table = self._bpf[b"drop_methods"]
+        for key in set(self._methods) - set(want_methods):
+            _discard(table, table.Key(key))
+        for key, value in want_methods.items():
+            table[table.Key(key)] = table.Leaf(value)
+        table = self._bpf[b"drop_hosts"]
+        for key in self._hosts - want_hosts:
+            _discard(table, table.Key(key))
+        for key in want_hosts - self._hosts:
+            table[table.Key(key)] = table.Leaf(WIRE_DROP_SNI)
+        self._methods, self._hosts = want_methods, want_hosts
+
+    def _address_key(self, address: str) -> tuple[Any, Any]:
+        ip = ipaddress.ip_address(address)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.version == 4:
+            table = self._bpf[b"drop_v4"]
+            return table, table.Key(int.from_bytes(ip.packed, "little"))
+        table = self._bpf[b"drop_v6"]
+        key = table.Key()
+        ct.memmove(key.addr, ip.packed, 16)
+        return table, key
+
+    def drop_address(self, address: str) -> None:
+        """Drop every new TCP flow to this address from its SYN on."""
+        table, key = self._address_key(address)
+        table[key] = table.Leaf(WIRE_DROP_ADDRESS)
+        self._addresses.add(address)
+
+    def undrop_address(self, address: str) -> None:
+        table, key = self._address_key(address)
+        _discard(table, key)
+        self._addresses.discard(address)
+
+    def program_ids(self) -> dict[str, int]:
+        if self._bpf is None:
+            return {}
+        return {
+            os.fsdecode(name): bpfsys.prog_id_and_name(fn.fd)[0]
+            for name, fn in self._bpf.funcs.items()
+        }
+
+    def close(self) -> None:
+        """Detach, unpin and free everything. Idempotent."""
+        for prog_fd, attach_type in self._attached:
+            try:
+                bpfsys.prog_detach(self._root_fd, prog_fd, attach_type)
+            except OSError as exc:
+                log.warning("detaching rome-guard wire program failed: %s", exc)
+        self._attached = []
+        for path in self._pins:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._pins = []
+        if self._owner_dir:
+            with contextlib.suppress(OSError):  # prevention may still pin there
+                os.rmdir(self._owner_dir)
+            self._owner_dir = None
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+        if self._bpf is not None:
+            bpf, self._bpf = self._bpf, None
+            bpf.cleanup()
+
+
+def _discard(table: Any, key: Any) -> None:
+    with contextlib.suppress(KeyError):
+        del table[key]
+
+
+def open_wire_sensor() -> WireSensor | None:
+    """Start the wire sensor, or log why the host runs without it."""
+    sensor = WireSensor()
+    try:
+        sensor.start()
+    except WireUnavailable as exc:
+        log.warning(
+            "DEGRADED COVERAGE: wire sensor unavailable (%s); Stratum, DNS and TLS rules "
+            "will not fire",
+            exc,
+        )
+        sensor.close()
+        return None
+    for line in sensor.degraded:
+        log.warning("wire sensor: %s", line)
+    return sensor

@@ -1,0 +1,82 @@
+"""The wire sensor against the real kernel: one record per flow, blamed on
+the task that connected; drops only while the owner keeps its deadline
+fresh. (Detaching: tests/sensors/test_wire_cleanup.py, in a process
+holding no other sensor.)"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rome_guard.events import WIRE_DROPPED_CONNECT, WIRE_FIRST_PAYLOAD
+from rome_guard.sensors.wire import WireSensor
+from tests.conftest import require_root
+from tests.fixtures.wire import CountingServer, client
+
+pytestmark = [pytest.mark.root, pytest.mark.ebpf]
+
+
+@pytest.fixture(scope="module")
+def sensor():
+    require_root()
+    with WireSensor() as s:
+        yield s
+
+
+def _events(sensor, predicate, want: int = 1, timeout: float = 10.0) -> list:
+    found, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline and len(found) < want:
+        found += [e for e in sensor.poll(100) if predicate(e)]
+    return found
+
+
+@pytest.mark.parametrize("host", ["127.10.20.1", "::1"])
+def test_one_record_per_flow_blamed_on_the_connecting_process(sensor, host):
+    server = CountingServer(host, 0)
+    try:
+        proc = client("send", host, str(server.port), (b"first\n" * 3).hex(), "0.5")
+        proc.wait(20)
+        events = _events(sensor, lambda e: e.endpoint.dport == server.port, want=2, timeout=3)
+    finally:
+        server.close()
+    assert len(events) == 1  # the segments after the first are not reported
+    (e,) = events
+    assert e.kind == WIRE_FIRST_PAYLOAD and e.pid == proc.pid
+    assert e.payload == b"first\n" * 3 and e.payload_len == 18
+    assert 0 < e.connect_ns <= e.timestamp_ns and e.cookie and e.cgroup_id
+    assert e.endpoint.family == (6 if ":" in host else 4)
+
+
+def test_drops_only_while_the_owner_keeps_its_deadline(sensor):
+    """(The sensor ignores its owner's own connects: clients are children.)"""
+    server = CountingServer("127.10.20.2", 0)
+    seen = []
+
+    def connects(poll: bool = True) -> bool:
+        proc = client("send", server.host, str(server.port), b"hi".hex(), "0")
+        while proc.poll() is None:  # the owner alive: polling, so the deadline moves
+            if poll:
+                seen.extend(sensor.poll(100))
+            else:
+                time.sleep(0.1)
+        return proc.returncode == 0
+
+    try:
+        sensor.drop_address(server.host)
+        sensor.enforce(True)
+        sensor.poll(0)  # the deadline is pushed forward by polls
+        assert not connects()
+        dropped = [e for e in seen if e.kind == WIRE_DROPPED_CONNECT]
+        assert dropped and dropped[0].dropped == "address"
+        # an owner that stops polling (hung, or dead) stops every drop
+        time.sleep(3.5)
+        assert connects(poll=False)
+        sensor.enforce(False)
+        sensor.poll(0)
+        assert connects()  # monitor mode: listed, yet never dropped
+    finally:
+        sensor.enforce(False)
+        sensor.undrop_address(server.host)
+        server.close()
+    assert server.accepted == 2

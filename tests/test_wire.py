@@ -1,0 +1,388 @@
+"""The wire end to end: a real `rome-guard run`, real clients speaking
+Stratum, DNS and TLS to fake pools on loopback and from a network
+namespace, and what the journal says about them. Monitor mode alerts;
+enforce mode drops in the kernel and kills, and the fake pool counts how
+many payload bytes ever reached it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+
+import pytest
+
+from tests.conftest import require_root
+from tests.fixtures.daemon import by_pid, daemon
+from tests.fixtures.network import XMRIG_LOGIN
+from tests.fixtures.wire import (
+    CountingServer,
+    DnsServer,
+    client,
+    fake_miner,
+    netns_pair,
+    tls_context,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.ebpf]
+
+XMRIG_LINE = json.dumps(XMRIG_LOGIN, separators=(",", ":")).encode() + b"\n"
+SUBSCRIBE_SPACED = b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n'
+AUTHORIZE_COMPACT = b'{"params":["wallet.rig1","x"],"id":2,"method":"mining.authorize"}\n'
+ETH_PROXY_LOGIN = b'{"id":1,"jsonrpc":"2.0","method":"eth_submitLogin","params":["0xabc"]}\n'
+POOL_NAME = "pool.supportxmr.com"
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    path = tempfile.mkdtemp(prefix="rg-wire-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def monitor():
+    require_root()
+    with daemon(mode="monitor") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def enforce():
+    require_root()
+    with daemon(mode="enforce") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def tls():
+    with tls_context() as context:
+        yield context
+
+
+def _done(proc, timeout: float = 20.0) -> int:
+    proc.wait(timeout)
+    return proc.returncode
+
+
+# generous: other daemons and tests share this host's two cores
+ALERT_TIMEOUT_S = 60.0
+
+
+def _wire_alert(d, pid: int, rule: str) -> dict:
+    return d.wait_alert(by_pid(pid, rule), timeout=ALERT_TIMEOUT_S)
+
+
+# --- monitor mode: alerted, attributed --------------------------------------
+
+
+def test_renamed_miner_from_config_file_is_alerted_by_its_login(monitor, workdir):
+    pool = CountingServer("127.10.3.3", 443)
+    try:
+        miner = fake_miner(workdir, f"{pool.host}:{pool.port}")
+        alert = _wire_alert(monitor, miner.pid, "miner-stratum-login")
+        _done(miner)
+    finally:
+        pool.close()
+    assert alert["category"] == "miner"
+    assert alert["process"]["comm"] == "dbus-sessiond"
+    assert not any("3.3" in arg or "stratum" in arg for arg in alert["process"]["cmdline"])
+    assert alert["wire"]["method"] == "login"
+    assert alert["network"]["daddr"] == "127.10.3.3" and alert["network"]["dport"] == 443
+    assert alert["process"]["cgroup"]  # the cgroup is named with the process
+    assert pool.received and pool.received[0].startswith(b'{"id":1')  # monitor: not dropped
+
+
+@pytest.mark.parametrize(
+    "host,line",
+    [
+        ("127.10.4.4", SUBSCRIBE_SPACED),
+        ("127.10.4.5", AUTHORIZE_COMPACT),
+        ("::1", ETH_PROXY_LOGIN),
+    ],
+    ids=["subscribe-spaced", "authorize-compact-v4", "eth-proxy-v6"],
+)
+def test_stratum_script_on_an_ordinary_port(monitor, host, line):
+    pool = CountingServer(host, 0)
+    try:
+        proc = client("send", host, str(pool.port), line.hex())
+        alert = _wire_alert(monitor, proc.pid, "miner-stratum-method")
+        _done(proc)
+    finally:
+        pool.close()
+    assert alert["category"] == "miner"
+    assert alert["wire"]["method"] in line.decode()
+    assert alert["network"]["dport"] == pool.port
+
+
+@pytest.mark.parametrize("sni", ["gulf.moneroocean.stream", "XMR-EU1.NanoPool.ORG"])
+def test_pool_named_in_tls_sni(monitor, tls, sni):
+    server = CountingServer("127.10.44.4", 443, tls=tls)
+    try:
+        proc = client("tls", server.host, str(server.port), sni, "stratum")
+        alert = _wire_alert(monitor, proc.pid, "miner-pool-sni")
+        _done(proc)
+    finally:
+        server.close()
+    assert alert["wire"]["sni"] == sni.lower()
+    assert alert["wire"]["alpn"] == "stratum"
+    assert alert["category"] == "miner"
+
+
+def test_pool_named_only_in_dns(monitor, tls):
+    resolver = DnsServer("127.10.53.53", {"supportxmr.com": "127.10.77.7"})
+    pool = CountingServer("127.10.77.7", 443, tls=tls)
+    try:
+        proc = client("resolve", resolver.host, POOL_NAME, "443")
+        query = _wire_alert(monitor, proc.pid, "miner-pool-dns-query")
+        named = _wire_alert(monitor, proc.pid, "miner-pool-named-address")
+        assert _done(proc) == 0
+    finally:
+        resolver.close()
+        pool.close()
+    assert query["wire"]["dns_query"] == [POOL_NAME]
+    assert named["wire"]["remote_name"] == POOL_NAME
+    assert "sni" not in named["wire"]  # TLS without SNI: named by the DNS answer
+    assert named["network"]["daddr"] == "127.10.77.7"
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET / HTTP/1.1\r\nHost: 127.10.8.8:8080\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Protocol: chisel-v3\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b"GET /tunnel HTTP/1.1\r\nhost: relay\r\nsec-websocket-protocol: chisel-v2\r\n"
+        b"upgrade: WebSocket\r\n\r\n",
+    ],
+    ids=["chisel-v3", "lower-case-v2"],
+)
+def test_chisel_websocket_handshake(monitor, request_head):
+    server = CountingServer("127.10.8.8", 0)
+    try:
+        proc = client("send", server.host, str(server.port), request_head.hex())
+        alert = _wire_alert(monitor, proc.pid, "tunnel-chisel-websocket")
+        _done(proc)
+    finally:
+        server.close()
+    assert alert["category"] == "reverse_tunnel"
+    assert alert["wire"]["http_request"].startswith("GET /")
+
+
+def test_client_in_its_own_netns_and_container_cgroup(monitor):
+    """A container-like client: its own network namespace over a veth
+    pair, and a cgroup named like a Docker scope."""
+    from rome_guard.linux import cgroup2_root
+
+    container = "c0ffee" * 10 + "abcd"
+    cgroup = os.path.join(cgroup2_root(), "rg-wire-test.slice", f"docker-{container}.scope")
+    os.makedirs(cgroup, exist_ok=True)
+    try:
+        with netns_pair("rgwire", "10.200.7.1", "10.200.7.2") as ns:
+            pool = CountingServer("10.200.7.1", 0)
+            try:
+                proc = client(
+                    "send",
+                    "10.200.7.1",
+                    str(pool.port),
+                    SUBSCRIBE_SPACED.hex(),
+                    netns=ns,
+                    cgroup=cgroup,
+                )
+                alert = monitor.wait_alert(
+                    lambda r: (
+                        r["rule"] == "miner-stratum-method"
+                        and r["network"]["daddr"] == "10.200.7.1"
+                    )
+                )
+                _done(proc)
+            finally:
+                pool.close()
+    finally:
+        for path in (cgroup, os.path.dirname(cgroup)):
+            os.rmdir(path)
+    assert alert["process"]["container_id"] == container
+    assert alert["process"]["comm"].startswith("python")
+
+
+def test_ordinary_traffic_stays_clean(monitor, tls):
+    """JSON-RPC that is not mining, TLS to package indexes and model hubs,
+    ordinary DNS, HTTP and WebSockets on notebook ports."""
+    resolver = DnsServer("127.10.53.54", {"pypi.org": "127.10.45.5"})
+    plain = CountingServer("127.10.45.6", 0)
+    tls_server = CountingServer("127.10.45.5", 443, tls=tls)
+    cases = [
+        (
+            "send",
+            plain.host,
+            str(plain.port),
+            b'{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":83}\n'.hex(),
+        ),
+        (
+            "send",
+            plain.host,
+            str(plain.port),
+            b"POST / HTTP/1.1\r\nHost: localhost:8545\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 64\r\n\r\n{"jsonrpc":"2.0","method":"eth_getWork","params":[],"id":1}'.hex(),
+        ),
+        (
+            "send",
+            plain.host,
+            str(plain.port),
+            b'Content-Length: 85\r\n\r\n{"jsonrpc":"2.0","id":1,"method":"initialize",'
+            b'"params":{"processId":1,"rootUri":null}}'.hex(),
+        ),
+        (
+            "send",
+            plain.host,
+            str(plain.port),
+            b'{"id":1,"jsonrpc":"2.0","method":"login","params":{"username":"admin",'
+            b'"password":"hunter2"}}\n'.hex(),
+        ),
+        (
+            "send",
+            plain.host,
+            str(plain.port),
+            b"GET /api/kernels/1/channels HTTP/1.1\r\nHost: localhost:8888\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Protocol: v1.kernel.websocket.jupyter.org\r\n\r\n".hex(),
+        ),
+        (
+            "send",
+            plain.host,
+            str(plain.port),
+            b"GET /metrics HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: curl/8.5\r\n\r\n".hex(),
+        ),
+        ("tls", tls_server.host, "443", "pypi.org", "http/1.1"),
+        ("tls", tls_server.host, "443", "huggingface.co", "h2"),
+        ("tls", tls_server.host, "443", "files.pythonhosted.org"),
+        ("resolve", resolver.host, "pypi.org", "443"),
+    ]
+    try:
+        procs = [client(*case) for case in cases]
+        codes = [_done(p) for p in procs]
+        monitor.settle(3.0)
+    finally:
+        resolver.close()
+        plain.close()
+        tls_server.close()
+    assert codes == [0] * len(cases)
+    pids = {p.pid for p in procs}
+    assert [r["rule"] for r in monitor.records() if r["process"]["pid"] in pids] == []
+
+
+def test_hostile_payload_keeps_the_journal_and_metrics_clean(monitor, workdir):
+    payload = (
+        b'{"id":1,"method":"mining.subscribe","params":["\xff\xfe\x00\x1b[2J\xc3('
+        + b"A" * 65536
+        + b'"]}\n'
+    )
+    path = os.path.join(workdir, "hostile.bin")
+    with open(path, "wb") as f:
+        f.write(payload)
+    pool = CountingServer("127.10.4.9", 0)
+    try:
+        proc = client("send", pool.host, str(pool.port), f"@{path}")
+        alert = _wire_alert(monitor, proc.pid, "miner-stratum-method")
+        _done(proc)
+    finally:
+        pool.close()
+    with open(monitor.alerts, "rb") as f:
+        for line in f:
+            json.loads(line.decode("utf-8"))  # strict UTF-8, one JSON value per line
+    first = alert["wire"]["first_bytes"]
+    assert "\\xff\\xfe" in first and "\x00" in first  # escaped or JSON-escaped, never raw
+    assert len(first) < 400
+    assert alert["wire"]["payload_bytes"] >= 512
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{monitor.metrics_port}/metrics").read()
+    assert b"AAAAAAAA" not in metrics and b"\xff" not in metrics and b"subscribe" not in metrics
+
+
+# --- enforce mode: dropped in the kernel, killed ----------------------------
+
+
+def _killed(d, pid: int, rule: str) -> dict:
+    d.wait_alert(by_pid(pid, rule), timeout=ALERT_TIMEOUT_S)
+    return d.wait_alert(
+        lambda r: r["event"] == "response" and r["process"]["pid"] == pid, timeout=ALERT_TIMEOUT_S
+    )
+
+
+def test_enforce_renamed_miner_is_stopped_before_the_pool_sees_its_login(enforce, workdir):
+    pool = CountingServer("127.10.3.4", 443)
+    try:
+        miner = fake_miner(workdir, f"{pool.host}:{pool.port}", name="kworker-helper")
+        response = _killed(enforce, miner.pid, "miner-stratum-login")
+        assert _done(miner) == -9
+        enforce.settle(1.0)
+    finally:
+        pool.close()
+    assert response["action"] == "killed"
+    assert response["wire"]["dropped"] == "method"
+    assert pool.accepted == 1  # the handshake completed...
+    assert pool.bytes_received == 0  # ...and not one payload byte arrived
+    assert pool.bytes_received < len(XMRIG_LINE)
+
+
+def test_enforce_stratum_script_is_stopped(enforce):
+    pool = CountingServer("127.10.4.6", 0)
+    try:
+        proc = client("send", pool.host, str(pool.port), AUTHORIZE_COMPACT.hex())
+        response = _killed(enforce, proc.pid, "miner-stratum-method")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        pool.close()
+    assert response["wire"]["method"] == "mining.authorize"
+    assert pool.bytes_received == 0
+
+
+def test_enforce_pool_sni_is_stopped(enforce, tls):
+    server = CountingServer("127.10.44.5", 443, tls=tls)
+    try:
+        proc = client("tls", server.host, "443", "donate.ssl.xmrig.com")
+        response = _killed(enforce, proc.pid, "miner-pool-sni")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        server.close()
+    assert response["wire"]["dropped"] == "sni"
+    assert server.bytes_received == 0  # not even the ClientHello
+
+
+def test_enforce_pool_name_never_resolves(enforce, tls):
+    resolver = DnsServer("127.10.53.55", {"supportxmr.com": "127.10.77.8"})
+    pool = CountingServer("127.10.77.8", 443, tls=tls)
+    try:
+        proc = client("resolve", resolver.host, "Pool.SupportXMR.com", "443")
+        alert = _wire_alert(enforce, proc.pid, "miner-pool-dns-query")
+        assert _done(proc) == 3  # the question was dropped: no answer
+    finally:
+        resolver.close()
+        pool.close()
+    assert alert["wire"]["dropped"] == "dns"
+    assert resolver.questions == []
+    assert pool.accepted == 0
+
+
+def test_enforce_lets_ordinary_flows_through(enforce, tls):
+    plain = CountingServer("127.10.45.7", 0)
+    tls_server = CountingServer("127.10.45.8", 443, tls=tls)
+    lines = [
+        b'{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":83}\n',
+        b'{"id":1,"jsonrpc":"2.0","method":"login","params":{"username":"admin"}}\n',
+    ]
+    try:
+        procs = [client("send", plain.host, str(plain.port), line.hex(), "1") for line in lines]
+        procs.append(client("tls", tls_server.host, "443", "huggingface.co"))
+        codes = [_done(p) for p in procs]
+    finally:
+        plain.close()
+        tls_server.close()
+    assert codes == [0, 0, 0]
+    assert sorted(plain.received) == sorted(lines)
+    assert tls_server.bytes_received > 0
+    pids = {p.pid for p in procs}
+    assert [r["rule"] for r in enforce.records() if r["process"]["pid"] in pids] == []

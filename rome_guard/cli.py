@@ -107,7 +107,7 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
 @click.option(
     "--sensor", type=click.Choice(["auto", "ebpf", "poll"]), help="Override the config's sensor."
 )
-@click.option("--alerts-file", type=click.Path(dir_okay=False), help="Alert journal (JSON lines).")
+@click.option("--alerts-file", type=click.Path(), help="Alert journal (JSON lines).")
 @click.option(
     "--metrics-addr",
     default=None,

@@ -4,7 +4,8 @@ Data path, in the order an event travels:
 
     sensor (eBPF, or /proc polling) -> Guard.handle() -> ProcessTable
       -> Engine (same rules as scan) and stateful detectors -> Guard.raise_alert()
-      -> Journal (fsync) -> metrics -> Killer (enforce mode only)
+      -> Journal (fsync; spooled in memory when the disk refuses) -> metrics
+      -> Killer (enforce mode only)
 
 Start-up misses nothing: the sensor attaches first, then the table is
 seeded from /proc (processes marked pre-existing) and evaluated, then
@@ -12,7 +13,8 @@ events are drained; an event for a pid the table does not know is resolved
 from /proc on the spot, or parked briefly until its exec/fork arrives.
 
 This module never kills by pid alone (the Killer verifies identity through
-a pidfd) and never acts before the alert is durable in the journal.
+a pidfd) and never acts before the alert has been handed to the journal
+(durable when the disk allows; a failing disk never stops a response).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Protocol
 
 from rome_guard.attribution import attribute
@@ -55,7 +57,7 @@ from rome_guard.gpu.consumers import NOT_GRANTED, UNREGISTERED, judge_consumer
 from rome_guard.gpu.registry import GpuRef
 from rome_guard.proctable import ProcessTable
 from rome_guard.respond.enforce import KernelPolicy, apply_policy, policy_for, rule_for
-from rome_guard.respond.journal import Journal
+from rome_guard.respond.journal import Journal, JournalError, open_journal
 from rome_guard.respond.metrics import gpu_usage
 from rome_guard.scan import is_peer, subject_for, take_snapshot
 from rome_guard.sensors import procfs, sockdiag
@@ -67,7 +69,7 @@ log = logging.getLogger("rome_guard")
 
 CONNECTIONS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 ALERTED_LIMIT = 100_000
-STATUS_EVERY_S = 5.0
+STATUS_EVERY_S = 1.0  # housekeeping, journal retry and the status file
 SHUTDOWN_BUDGET_S = 2.0
 
 
@@ -695,6 +697,7 @@ class Guard:
             "events": self.events_seen,
             "alerts": self.alerts_raised,
             "events_lost": dict(self.lost),
+            "journal": asdict(self.journal.state()),
             "time": time.time(),
         }
 
@@ -718,6 +721,7 @@ class Guard:
                 self.metrics.set_lost(buffer, total)
 
     def housekeeping(self) -> None:
+        self.journal.retry()
         self.retry_parked()
         self.table.expire()
         self.check_lost()
@@ -766,9 +770,12 @@ class Guard:
 
 def write_status(path: str, status: dict[str, Any]) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(status, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(status, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full /run must not stop the guard either
+        log.debug("status file not written: %s", exc)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -833,13 +840,19 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     except SourceError as exc:
         log.error("invalid rules, not starting:\n%s", exc)
         return 2
-    journal = Journal(config.alerts_file)
+    try:
+        journal = open_journal(config.alerts_file)
+    except JournalError as exc:
+        log.error("not starting: %s", exc)
+        return 2
     metrics = server = None
     addr = config.metrics.addr if metrics_addr is None else metrics_addr
     try:
         from rome_guard.respond.metrics import GuardMetrics
 
         metrics = GuardMetrics()
+        journal.set_error_hook(metrics.journal_error)
+        metrics.watch_journal_spool(lambda: journal.state().spooled)
         server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
     except OSError as exc:
         log.error("cannot serve metrics on %s: %s", addr, exc)

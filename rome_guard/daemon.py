@@ -197,6 +197,16 @@ class Guard:
             if self.metrics is not None:
                 self.metrics.rule_reload_failed()
             return False
+        except Exception as exc:  # noqa: BLE001 -- a reload must never end the guard
+            log.error(
+                "reload failed (%s: %s), keeping %d rules in force",
+                type(exc).__name__,
+                one_line(str(exc), 200),
+                len(self.ruleset),
+            )
+            if self.metrics is not None:
+                self.metrics.rule_reload_failed()
+            return False
         # what was fixed at start (command-line overrides, open files, the
         # sensor) stays; rules, attribution, protection and web config apply
         current = self.config

@@ -144,20 +144,24 @@ def run(
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Runtime state directory.")
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: str, run_dir: str | None, as_json: bool) -> None:
-    """Show a running daemon's state (exit 2 when none is running)."""
+    """Show the running daemon's live state. Exit 2 when no daemon is
+    running or its status is stale (older than 5 s: stopped or hung)."""
+    from rome_guard.status import StatusUnavailable, problem, read_status, render
+
     config = config_from(config_path)
     path = os.path.join(run_dir or config.run_dir, "status.json")
     try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        fail(f"no running daemon (no status in {path})")
+        reading = read_status(path)
+    except StatusUnavailable as exc:
+        fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(state, indent=2))
-        return
-    for key, value in state.items():
-        click.echo(f"{key:18} {value}")
+        click.echo(json.dumps(reading.as_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(render(reading))
+    trouble = problem(reading)
+    if trouble:
+        fail(trouble)
 
 
 @main.group()

@@ -20,7 +20,6 @@ a pidfd) and never acts before the alert has been handed to the journal
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Protocol
 
+from rome_guard import __version__
 from rome_guard.attribution import attribute
 from rome_guard.config import Config, load_config
 from rome_guard.detect.engine import Engine
@@ -62,6 +62,7 @@ from rome_guard.respond.metrics import gpu_usage
 from rome_guard.scan import is_peer, subject_for, take_snapshot
 from rome_guard.sensors import procfs, sockdiag
 from rome_guard.sensors.poll import PollSensor
+from rome_guard.status import WRITE_EVERY_S, write_status
 from rome_guard.textsafe import command_line, one_line
 from rome_guard.yamlsrc import SourceError
 
@@ -69,7 +70,7 @@ log = logging.getLogger("rome_guard")
 
 CONNECTIONS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 ALERTED_LIMIT = 100_000
-STATUS_EVERY_S = 1.0  # housekeeping, journal retry and the status file
+STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
 SHUTDOWN_BUDGET_S = 2.0
 
 
@@ -162,6 +163,8 @@ class Guard:
         self._reload = threading.Event()
         self.alerts_raised = 0
         self.events_seen = 0
+        self.started = time.time()
+        self._start_ticks_of_self = procfs.start_time(os.getpid())
         self.lost: dict[str, int] = {}
         # event type -> (metrics source, handler)
         self._routes: dict[type, tuple[str, Callable[[Any], None]]] = {
@@ -699,6 +702,9 @@ class Guard:
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "start_ticks": self._start_ticks_of_self,
+            "version": __version__,
+            "started": self.started,
             "host": self.host,
             "mode": self.config.mode,
             "sensor": self.sensor_mode,
@@ -776,16 +782,6 @@ class Guard:
             f"{self.config.mode} mode, {self.sensor_mode} sensor, {len(self.ruleset)} rules, "
             f"{len(self.table)} processes, {self.alerts_raised} alerts, {lost} events lost"
         )
-
-
-def write_status(path: str, status: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(status, f)
-        os.replace(tmp, path)
-    except OSError as exc:  # a full /run must not stop the guard either
-        log.debug("status file not written: %s", exc)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -4,8 +4,8 @@ times; a stale file or a dead pid is exit 2, and --json keeps its keys."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time

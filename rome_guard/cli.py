@@ -73,9 +73,13 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
     from rome_guard.findings import finding_record
     from rome_guard.report import findings_table
     from rome_guard.scan import scan as run_scan
+    from rome_guard.scan import visibility_warning
 
     config = config_from(config_path)
     ruleset = rules_from(config, extra_rules)
+    warning = visibility_warning()
+    if warning:
+        click.echo(f"rome-guard: {warning}", err=True)
     result = run_scan(ruleset, config, exclude_pids=frozenset({os.getpid()}))
     if as_json:
         document = {

@@ -20,6 +20,15 @@ from rome_guard.proctable import ProcessTable
 from rome_guard.sensors import procfs, sockdiag
 
 _NOT_A_PEER = ("LISTEN", "UNCONNECTED", "CLOSE")
+# capability -> (bits, any of which grants it; what /proc hides from a scan
+# without it: other users' processes)
+_HIDDEN_WITHOUT = {
+    "CAP_SYS_PTRACE": ((procfs.CAP_SYS_PTRACE,), "executable, working directory and fd links"),
+    "CAP_DAC_READ_SEARCH": (
+        (procfs.CAP_DAC_READ_SEARCH, procfs.CAP_DAC_OVERRIDE),
+        "open-file lists (/proc/PID/fd) and environments",
+    ),
+}
 
 
 @dataclass
@@ -32,6 +41,27 @@ class Snapshot:
 
 def is_peer(ep: Endpoint) -> bool:
     return ep.state not in _NOT_A_PEER and ep.dport != 0
+
+
+def visibility_warning(capabilities: int | None = None) -> str | None:
+    """One line naming the capabilities this scan lacks and what they hide,
+    or None when it sees every process whole (root, or both granted)."""
+    caps = procfs.effective_capabilities() if capabilities is None else capabilities
+    missing = [
+        (name, hides)
+        for name, (bits, hides) in _HIDDEN_WITHOUT.items()
+        if not any(caps >> bit & 1 for bit in bits)
+    ]
+    if not missing:
+        return None
+    names = " and ".join(name for name, _ in missing)
+    hidden = "; ".join(hides for _, hides in missing)
+    return (
+        f"warning: without {names}, other users' processes are scanned without their "
+        f"{hidden}, so sockets on their stdio (reverse shells), their connections, deleted or "
+        "memfd executables and environment attribution are missed for them; run as root "
+        "for a complete scan"
+    )
 
 
 def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:

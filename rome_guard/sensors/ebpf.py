@@ -35,6 +35,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+from rome_guard.sensors import procfs
 from rome_guard.sensors.ebpf_layout import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
@@ -186,19 +187,8 @@ def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
 # --- checks that need no compile -----------------------------------------------
 
 
-def _effective_capabilities() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
 def _has_bpf_capabilities() -> bool:
-    caps = _effective_capabilities()
+    caps = procfs.effective_capabilities()
     if caps & (1 << _CAP_SYS_ADMIN):
         return True
     return bool(caps & (1 << _CAP_BPF)) and bool(caps & (1 << _CAP_PERFMON))

@@ -79,6 +79,23 @@ def start_time(pid: int, proc: str = PROC) -> int | None:
         return None
 
 
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
+
+
+def effective_capabilities(proc: str = PROC) -> int:
+    """This process's effective capability set (CapEff) as a bit mask."""
+    try:
+        with open(os.path.join(proc, "self", "status")) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 @lru_cache(maxsize=4096)
 def user_name(uid: int) -> str:
     try:

@@ -72,6 +72,7 @@ CONNECTIONS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 ALERTED_LIMIT = 100_000
 STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
 SHUTDOWN_BUDGET_S = 2.0
+RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
 
 
 class Sensor(Protocol):
@@ -166,6 +167,9 @@ class Guard:
         self.started = time.time()
         self._start_ticks_of_self = procfs.start_time(os.getpid())
         self.lost: dict[str, int] = {}
+        self._parked_dropped = 0
+        self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
+        self._next_resync = 0.0
         # event type -> (metrics source, handler)
         self._routes: dict[type, tuple[str, Callable[[Any], None]]] = {
             ExecEvent: ("exec", self.on_exec),
@@ -238,17 +242,23 @@ class Guard:
         if self.metrics is not None:
             self.metrics.set_sensor(mode)
 
-    def seed(self) -> int:
+    def seed(self, resync: bool = False) -> int:
         """Read every live process after the sensor is attached, so nothing
         starts unseen; evaluate them like a scan (pre-existing offenders
-        are alerted on too)."""
-        snapshot = take_snapshot(self.config.attribution.env_keys)
+        are alerted on too). resync: after lost events, the same pass adds
+        only the processes the table does not know (their exec was lost)
+        and judges every process again (each (rule, process) still alerts
+        once), so a miner that started during a flood is still caught."""
+        snapshot = take_snapshot(self.config.attribution.env_keys, pre_existing=not resync)
         for info in snapshot.table:
-            self.table.add(info)
+            if not resync or self.table.get(self._same_identity(info).key) is None:
+                self.table.add(info)
         own = os.getpid()
         for info in snapshot.table:
             if info.pid == own:
                 continue
+            if resync:  # the table's identity, so that alerts stay once per process
+                info = self._same_identity(info)
             subject = subject_for(snapshot, info)
             if subject.connections:
                 self._connections[info.key] = deque(subject.connections[-CONNECTIONS_PER_PROCESS:])
@@ -618,9 +628,7 @@ class Guard:
             elif parked.until > now:
                 self._parked.append(parked)
             else:
-                self.lost["parked"] = self.lost.get("parked", 0) + 1
-                if self.metrics is not None:
-                    self.metrics.lost("parked")
+                self._parked_dropped += 1  # counted, exported and journaled by check_lost
                 log.warning(
                     "event for unknown pid %s dropped after %d ms",
                     pid,
@@ -723,11 +731,15 @@ class Guard:
         totals = dict(self.sensor.lost_events())
         if self.prevention is not None:
             totals["prevention"] = self.prevention.lost_events()
+        if self._parked_dropped:
+            totals["parked"] = self._parked_dropped
+        new: dict[str, int] = {}
         for buffer, total in totals.items():
             previous = self.lost.get(buffer, 0)
             if total > previous:
+                new[buffer] = total - previous
                 log.error(
-                    "LOST %d events in the %s ring buffer (total %d)",
+                    "LOST %d events in the %s buffer (total %d)",
                     total - previous,
                     buffer,
                     total,
@@ -735,9 +747,29 @@ class Guard:
             self.lost[buffer] = total
             if self.metrics is not None:
                 self.metrics.set_lost(buffer, total)
+        if new:
+            self._resync_due = True
+            # the gap is evidence too: an auditor reading the journal must
+            # know that events went unseen, where and how many
+            self.journal.write(
+                {
+                    "event": "events_lost",
+                    "id": uuid.uuid4().hex,
+                    "time": rfc3339(time.time()),
+                    "host": self.host,
+                    "mode": self.config.mode,
+                    "lost": new,
+                    "totals": dict(self.lost),
+                }
+            )
 
     def housekeeping(self) -> None:
         self.journal.retry()
+        if self._resync_due and time.monotonic() >= self._next_resync:
+            self._resync_due = False
+            self._next_resync = time.monotonic() + RESYNC_EVERY_S
+            judged = self.seed(resync=True)
+            log.warning("events were lost: re-read /proc and judged %d live processes", judged)
         self.retry_parked()
         self.table.expire()
         self.check_lost()
@@ -752,6 +784,8 @@ class Guard:
         next_watchdog = next_status = time.monotonic()
         while not self._stop.is_set():
             for event in self.sensor.poll(100):
+                if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
+                    break
                 self.handle(event)
             if self.prevention is not None:
                 for event in self.prevention.poll(0):

@@ -64,11 +64,13 @@ def visibility_warning(capabilities: int | None = None) -> str | None:
     )
 
 
-def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
+def take_snapshot(
+    env_keys: list[str] | tuple[str, ...] = (), pre_existing: bool = True
+) -> Snapshot:
     """Processes and connected sockets, then the inode join: a socket that
     appears in between simply has no owner in this snapshot."""
     table = ProcessTable()
-    table.extend(procfs.iter_processes(env_keys, pre_existing=True))
+    table.extend(procfs.iter_processes(env_keys, pre_existing=pre_existing))
     sockets = sockdiag.list_sockets(owned_only=True, connected_only=True)
     by_inode = sockdiag.by_inode(sockets)
     snapshot = Snapshot(table, sockets)

@@ -46,19 +46,74 @@ def fill(directory: str) -> str:
     return path
 
 
-def miner_still_caught(d: Daemon, workdir: str, host: str = "127.0.9.9") -> dict:
-    """Start a fake miner that logs in to a loopback pool: the daemon must
-    alert on it, and in enforce mode kill it. Returns the alert as the
-    journal or, when the journal's disk refuses it, the log shows it."""
+@contextlib.contextmanager
+def fake_miner(workdir: str, host: str = "127.0.9.9") -> Iterator[subprocess.Popen]:
+    """A fake miner logged in to a loopback pool, lingering 30 s; killed on leaving."""
     with listener(host, 0, stratum=True) as pool:
         miner = write_fake_miner(workdir, "kworker-fault", linger_s=30)
         proc = subprocess.Popen([miner, "-o", f"stratum+tcp://{host}:{pool.port}", "-u", "w"])
         try:
-            if d.mode == "enforce":
-                assert proc.wait(30) == -signal.SIGKILL
-            d.wait_log(f"pid={proc.pid}", timeout=30)
+            yield proc
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def assert_caught(d: Daemon, proc: subprocess.Popen) -> None:
+    """The daemon alerted on proc (its log names the pid) and, in enforce
+    mode, killed it."""
+    if d.mode == "enforce":
+        assert proc.wait(30) == -signal.SIGKILL
+    d.wait_log(f"pid={proc.pid}", timeout=30)
+
+
+def miner_still_caught(d: Daemon, workdir: str, host: str = "127.0.9.9") -> dict:
+    """Start a fake miner that logs in to a loopback pool: the daemon must
+    alert on it, and in enforce mode kill it. Returns its pid."""
+    with fake_miner(workdir, host) as proc:
+        assert_caught(d, proc)
     return {"pid": proc.pid}
+
+
+# 40 arguments of 300 bytes: each exec record carries ~12 KiB of argv, so a
+# loop of them fills the 16 MiB process ring within seconds when nobody drains it
+_EXEC_LOOP = (
+    'A=$(head -c 300 /dev/zero | tr "\\0" x); while :; do /bin/true '
+    + " ".join(["$A"] * 40)
+    + "; done"
+)
+_CONNECT_LOOP = """
+import socket, struct, sys
+host, n = sys.argv[1], 0
+linger = struct.pack("ii", 1, 0)
+while True:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    s.connect_ex((host, 20000 + n % 20000))  # refused: a new destination each time
+    s.close()
+    n += 1
+"""
+
+
+@contextlib.contextmanager
+def load(exec_loops: int = 3, connect_loops: int = 1) -> Iterator[None]:
+    """Fork/exec loops with long argv and loopback connect loops (refused
+    ports on 127.0.8.1), each in a session of its own, killed on leaving."""
+    import os
+    import sys
+
+    procs = [
+        subprocess.Popen(["bash", "-c", _EXEC_LOOP], start_new_session=True)
+        for _ in range(exec_loops)
+    ] + [
+        subprocess.Popen([sys.executable, "-c", _CONNECT_LOOP, "127.0.8.1"], start_new_session=True)
+        for _ in range(connect_loops)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

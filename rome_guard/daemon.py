@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from rome_guard import __version__
 from rome_guard.attribution import attribute
@@ -57,7 +57,7 @@ from rome_guard.gpu.consumers import NOT_GRANTED, UNREGISTERED, judge_consumer
 from rome_guard.gpu.registry import GpuRef
 from rome_guard.proctable import ProcessTable
 from rome_guard.respond.enforce import KernelPolicy, apply_policy, policy_for, rule_for
-from rome_guard.respond.journal import Journal, JournalError, open_journal
+from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import gpu_usage
 from rome_guard.scan import is_peer, subject_for, take_snapshot
 from rome_guard.sensors import procfs, sockdiag
@@ -637,6 +637,12 @@ class Guard:
 
     # --- alerts and responses ----------------------------------------------
 
+    def remember_alerts(self, keys: Iterable[tuple[str, int, int, str]]) -> None:
+        """Alerts an earlier daemon journaled, as (rule, pid, start time,
+        exe): after a restart the same process is not alerted twice."""
+        for rule_id, pid, start, exe in keys:
+            self._alerted.add((rule_id, ProcessKey(pid, start), exe))
+
     def raise_alert(self, finding: Finding) -> dict | None:
         """Journal the finding (durably), count it, then respond. Each
         (rule, process) alerts once."""
@@ -903,6 +909,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
     guard.metrics_server = server
+    guard.remember_alerts(recent_alerts(config.alerts_file, config.mode))
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
     signal.signal(signal.SIGHUP, guard.request_reload)

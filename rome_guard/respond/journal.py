@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
+RECENT_BYTES = 8 << 20  # how much of the journal's tail a restart reads back
 SPOOL_RECORDS = 10_000  # records held in memory while the disk refuses them
 ERROR_LOG_EVERY_S = 10.0  # at most one "journal failing" line per interval
 
@@ -70,6 +71,46 @@ def open_journal(path: str) -> Journal:
     except OSError as exc:
         where = exc.filename if isinstance(exc.filename, str) else path
         raise JournalError(f"cannot open alerts file {path} ({where}: {_describe(exc)})") from None
+
+
+def recent_alerts(
+    path: str, mode: str, tail_bytes: int = RECENT_BYTES
+) -> set[tuple[str, int, int, str]]:
+    """(rule, pid, start time, exe) of the alerts in the journal's last
+    tail_bytes that were fully handled in this mode: a restarted daemon does
+    not alert again on a process the previous one already reported. An
+    alert from another mode, or a kill alert with no response record (the
+    daemon died between the two), is left out so that it is judged and acted
+    on again. Unreadable or torn lines are skipped."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail_bytes))
+            data = f.read(tail_bytes)
+    except OSError:
+        return set()
+    lines = data.split(b"\n")
+    if size > tail_bytes:
+        lines = lines[1:]  # the first line is cut
+    alerts: dict[str, tuple[str, int, int, str]] = {}
+    kills: set[str] = set()
+    responded: set[str] = set()
+    for line in lines:
+        if b'"alert' not in line and b'"response"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("event") == "response":
+                responded.add(record["alert_id"])
+            elif record.get("event") == "alert" and record.get("mode") == mode:
+                process = record["process"]
+                key = (record["rule"], process["pid"], process["start_time"], process["exe"])
+                alerts[record["id"]] = key
+                if record.get("action") == "kill":
+                    kills.add(record["id"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return {key for id_, key in alerts.items() if id_ not in kills or id_ in responded}
 
 
 class Journal:

@@ -117,3 +117,27 @@ def load(exec_loops: int = 3, connect_loops: int = 1) -> Iterator[None]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def owned_bpf_programs(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds open (its fds' fdinfo): the
+    exact set of a daemon's programs on a host where other daemons run too."""
+    import os
+
+    ids = set()
+    fdinfo = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fdinfo):
+        with contextlib.suppress(OSError), open(os.path.join(fdinfo, fd)) as f:
+            for line in f:
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+    return ids
+
+
+def loaded_bpf_programs() -> set[int]:
+    import json
+
+    out = subprocess.run(
+        ["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=False
+    ).stdout
+    return {p["id"] for p in json.loads(out or "[]")}

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from rome_guard.respond import journal as journal_mod
-from rome_guard.respond.journal import Journal, JournalError, open_journal
+from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 
 
 class RefusingDisk:
@@ -93,3 +93,30 @@ def test_open_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(JournalError, match="ENOTDIR") as info:
         open_journal(str(blocker / "sub" / "alerts.jsonl"))
     assert str(blocker) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_recent_alerts_are_those_fully_handled_in_this_mode(tmp_path) -> None:
+    path = tmp_path / "alerts.jsonl"
+
+    def alert(id_: str, pid: int, mode: str = "enforce", action: str = "alert") -> dict:
+        process = {"pid": pid, "start_time": 7, "exe": "/usr/bin/x"}
+        return {"event": "alert", "id": id_, "rule": "r", "mode": mode, "action": action,
+                "process": process}  # fmt: skip
+
+    records = [
+        alert("a", 1),  # alert-only: done
+        alert("b", 2, action="kill"),
+        {"event": "response", "alert_id": "b", "action": "killed"},  # killed: done
+        alert("c", 3, action="kill"),  # no response: the daemon died before acting
+        alert("d", 4, mode="monitor"),  # another mode: judge again
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"torn": ')
+    assert recent_alerts(str(path), "enforce") == {
+        ("r", 1, 7, "/usr/bin/x"),
+        ("r", 2, 7, "/usr/bin/x"),
+    }
+    # only the tail is read, and its first (cut) line is skipped
+    assert recent_alerts(str(path), "enforce", tail_bytes=len(path.read_text()) - 5) == {
+        ("r", 2, 7, "/usr/bin/x")
+    }
+    assert recent_alerts(str(tmp_path / "absent"), "enforce") == set()

@@ -72,6 +72,7 @@ CONNECTIONS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 ALERTED_LIMIT = 100_000
 STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
 SHUTDOWN_BUDGET_S = 2.0
+PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
 
 
@@ -170,6 +171,7 @@ class Guard:
         self._parked_dropped = 0
         self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
         self._next_resync = 0.0
+        self._next_watchdog = self._next_status = 0.0  # run()'s timers
         # event type -> (metrics source, handler)
         self._routes: dict[type, tuple[str, Callable[[Any], None]]] = {
             ExecEvent: ("exec", self.on_exec),
@@ -787,12 +789,14 @@ class Guard:
     def run(self, notifier: Any, status_path: str | None = None) -> None:
         """Drain events until SIGTERM/SIGINT."""
         assert self.sensor is not None
-        next_watchdog = next_status = time.monotonic()
+        self._next_watchdog = self._next_status = time.monotonic()
         while not self._stop.is_set():
-            for event in self.sensor.poll(100):
+            for count, event in enumerate(self.sensor.poll(100), 1):
                 if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
                     break
                 self.handle(event)
+                if count % PULSE_EVERY_EVENTS == 0:  # a full ring's backlog takes seconds
+                    self.pulse(notifier, status_path)
             if self.prevention is not None:
                 for event in self.prevention.poll(0):
                     self.on_prevention(event)
@@ -804,17 +808,24 @@ class Guard:
                 notifier.reloading()
                 self.reload()
                 notifier.ready(self.status_line())
-            now = time.monotonic()
-            if self._parked or now >= next_status:
-                self.housekeeping()
-            if notifier.watchdog_interval_s and now >= next_watchdog:
-                notifier.watchdog()
-                next_watchdog = now + notifier.watchdog_interval_s
-            if now >= next_status:
-                next_status = now + STATUS_EVERY_S
-                notifier.status(self.status_line())
-                if status_path:
-                    write_status(status_path, self.status())
+            self.pulse(notifier, status_path)
+
+    def pulse(self, notifier: Any, status_path: str | None) -> None:
+        """The timers: housekeeping (journal retry, lost events and the
+        /proc re-read they trigger), the watchdog and the status file, when
+        due; also between chunks of a large batch, so that a flood neither
+        trips the watchdog nor leaves the status stale."""
+        now = time.monotonic()
+        if self._parked or now >= self._next_status:
+            self.housekeeping()
+        if notifier.watchdog_interval_s and now >= self._next_watchdog:
+            notifier.watchdog()
+            self._next_watchdog = now + notifier.watchdog_interval_s
+        if now >= self._next_status:
+            self._next_status = now + STATUS_EVERY_S
+            notifier.status(self.status_line())
+            if status_path:
+                write_status(status_path, self.status())
 
     def status_line(self) -> str:
         lost = sum(self.lost.values())

@@ -47,10 +47,12 @@ def fill(directory: str) -> str:
 
 
 @contextlib.contextmanager
-def fake_miner(workdir: str, host: str = "127.0.9.9") -> Iterator[subprocess.Popen]:
-    """A fake miner logged in to a loopback pool, lingering 30 s; killed on leaving."""
+def fake_miner(
+    workdir: str, host: str = "127.0.9.9", linger_s: float = 30
+) -> Iterator[subprocess.Popen]:
+    """A fake miner logged in to a loopback pool, lingering; killed on leaving."""
     with listener(host, 0, stratum=True) as pool:
-        miner = write_fake_miner(workdir, "kworker-fault", linger_s=30)
+        miner = write_fake_miner(workdir, "kworker-fault", linger_s=linger_s)
         proc = subprocess.Popen([miner, "-o", f"stratum+tcp://{host}:{pool.port}", "-u", "w"])
         try:
             yield proc
@@ -60,12 +62,12 @@ def fake_miner(workdir: str, host: str = "127.0.9.9") -> Iterator[subprocess.Pop
             proc.wait()
 
 
-def assert_caught(d: Daemon, proc: subprocess.Popen) -> None:
+def assert_caught(d: Daemon, proc: subprocess.Popen, timeout: float = 30) -> None:
     """The daemon alerted on proc (its log names the pid) and, in enforce
     mode, killed it."""
     if d.mode == "enforce":
-        assert proc.wait(30) == -signal.SIGKILL
-    d.wait_log(f"pid={proc.pid}", timeout=30)
+        assert proc.wait(timeout) == -signal.SIGKILL
+    d.wait_log(f"pid={proc.pid}", timeout=timeout)
 
 
 def miner_still_caught(d: Daemon, workdir: str, host: str = "127.0.9.9") -> dict:
@@ -117,27 +119,3 @@ def load(exec_loops: int = 3, connect_loops: int = 1) -> Iterator[None]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def owned_bpf_programs(pid: int) -> set[int]:
-    """Ids of the BPF programs a process holds open (its fds' fdinfo): the
-    exact set of a daemon's programs on a host where other daemons run too."""
-    import os
-
-    ids = set()
-    fdinfo = f"/proc/{pid}/fdinfo"
-    for fd in os.listdir(fdinfo):
-        with contextlib.suppress(OSError), open(os.path.join(fdinfo, fd)) as f:
-            for line in f:
-                if line.startswith("prog_id:"):
-                    ids.add(int(line.split()[1]))
-    return ids
-
-
-def loaded_bpf_programs() -> set[int]:
-    import json
-
-    out = subprocess.run(
-        ["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=False
-    ).stdout
-    return {p["id"] for p in json.loads(out or "[]")}

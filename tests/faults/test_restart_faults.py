@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 
 from tests.conftest import require_root
-from tests.faults.conftest import load, loaded_bpf_programs, miner_still_caught, owned_bpf_programs
-from tests.fixtures.daemon import Daemon, by_pid
+from tests.faults.conftest import load, miner_still_caught
+from tests.fixtures.daemon import Daemon, by_pid, loaded_bpf_programs, owned_bpf_programs
 
 MARKER_RULES = """rules:
   - id: site-restart-marker

@@ -16,6 +16,7 @@ BENCHMARKS = (
     "bench.nvml_poll",
     "bench.gpu_daemon_bench",
     "bench.metrics_overhead",
+    "bench.hostile_inputs",
 )
 
 

@@ -85,3 +85,4 @@ class Context:
     gpu_alerts: dict[ProcessKey, tuple[str, str]] = field(default_factory=dict)
     loopback_ignored: set[int] = field(default_factory=set)  # cgroup ids the sensor drops
     lost: dict[str, int] = field(default_factory=dict)  # per buffer, as last reported
+    parked_dropped: int = 0  # parked connects dropped unresolved (the "parked" buffer's total)

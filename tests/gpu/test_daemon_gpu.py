@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -140,8 +140,10 @@ def test_cuda_context_open_is_judged_before_nvml_lists_it(tmp_path: Path) -> Non
     state = fake_nvml.FakeState(gpus=[fake_nvml.FakeGpu(0, GPU0)])
     state.write(state_file)
     # no GPU here: a stand-in device node under the UVM device's name
-    fd, uvm = tempfile.mkstemp(prefix="nvidia-uvm-rgtest-", dir="/dev")
-    os.close(fd)
+    # (made by a child: an enforcing guard on the same host judges whoever
+    # opens it, and must never take the test runner for a CUDA process)
+    uvm = f"/dev/nvidia-uvm-rgtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["touch", uvm], check=True)
     d = Daemon(
         sensor="ebpf",
         env=fake_nvml.environment(state_file),

@@ -460,8 +460,13 @@ def _bpftool_prog_ids() -> set[int]:
 
 
 ATTACHER = """
-import sys, time
+import errno, sys, time
+from rome_guard.respond import prevent
 from rome_guard.respond.prevent import Prevention
+if "--no-links" in sys.argv:  # a kernel without BPF links for cgroups (< 5.7)
+    def _no_links(*_args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    prevent.link_create = _no_links
 p = Prevention("enforce")
 p.start()
 p.block_ports([int(sys.argv[1])])
@@ -470,9 +475,9 @@ sys.stdin.read()
 """
 
 
-def _start_attacher(port: int) -> subprocess.Popen:
+def _start_attacher(port: int, links: bool = True) -> subprocess.Popen:
     child = subprocess.Popen(
-        [sys.executable, "-c", ATTACHER, str(port)],
+        [sys.executable, "-c", ATTACHER, str(port), *([] if links else ["--no-links"])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -482,9 +487,37 @@ def _start_attacher(port: int) -> subprocess.Popen:
     return child
 
 
-def test_kill_9_leaves_attachments_that_the_next_start_removes(root_bpf, plain_listener) -> None:
+def test_kill_9_detaches_every_block_at_once(root_bpf, plain_listener) -> None:
+    """The crash policy: the connect hooks hang on the daemon's link fds,
+    so a dead prevention blocks nothing, with no restart needed."""
     port = plain_listener.port
     child = _start_attacher(port)
+    try:
+        theirs = _ours(_bpftool_root_programs())
+        assert len(theirs) >= 2
+        assert _connect_errno(("127.0.3.1", port)) == errno.EPERM
+    finally:
+        child.kill()
+        child.wait()
+    assert not (_ours(_bpftool_root_programs()) & theirs), "detached by the kernel"
+    assert _connect_errno(("127.0.3.1", port)) == 0
+    pins = _pins_of(child.pid)
+    assert pins  # the ownership marks stay for the next start to remove
+    removed = cleanup_stale()
+    assert [f"removed stale pins {owner}" for owner in pins] == [
+        line for line in removed if str(child.pid) in line
+    ]  # pins only: there was nothing left to detach
+
+
+def _pins_of(pid: int) -> list[str]:
+    return [os.path.join(PIN_ROOT, n) for n in os.listdir(PIN_ROOT) if n.startswith(f"{pid}-")]
+
+
+def test_without_links_kill_9_leaves_attachments_that_the_next_start_removes(
+    root_bpf, plain_listener
+) -> None:
+    port = plain_listener.port
+    child = _start_attacher(port, links=False)
     try:
         theirs = _ours(_bpftool_root_programs())
         assert len(theirs) >= 2
@@ -509,7 +542,7 @@ def test_kill_9_leaves_attachments_that_the_next_start_removes(root_bpf, plain_l
 
 
 def test_cleanup_stale_finds_unpinned_leftovers_by_name(root_bpf) -> None:
-    child = _start_attacher(free_port("127.0.3.1"))
+    child = _start_attacher(free_port("127.0.3.1"), links=False)
     owner = os.path.join(
         PIN_ROOT, next(n for n in os.listdir(PIN_ROOT) if n.startswith(f"{child.pid}-"))
     )

@@ -775,9 +775,16 @@ class Guard:
         self.journal.retry()
         if self._resync_due and time.monotonic() >= self._next_resync:
             self._resync_due = False
-            self._next_resync = time.monotonic() + RESYNC_EVERY_S
+            started = time.monotonic()
             judged = self.seed(resync=True)
-            log.warning("events were lost: re-read /proc and judged %d live processes", judged)
+            took = time.monotonic() - started
+            # a big host under a long flood: the re-read takes at most ~1/5 of the time
+            self._next_resync = time.monotonic() + max(RESYNC_EVERY_S, 4 * took)
+            log.warning(
+                "events were lost: re-read /proc and judged %d live processes in %.2fs",
+                judged,
+                took,
+            )
         self.retry_parked()
         self.table.expire()
         self.check_lost()

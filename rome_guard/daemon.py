@@ -13,8 +13,9 @@ travels (docs/architecture.md has the picture):
 Start-up misses nothing: the sensor attaches first, then the model is
 seeded from /proc (processes marked pre-existing) and evaluated, then
 events are drained. After any lost event /proc is read again (at most every
-RESYNC_EVERY_S) and every live process judged again, so a miner whose exec
-was lost is still caught; the loss itself is journaled (events_lost).
+RESYNC_EVERY_S, or four times what the last re-read took) and every live
+process judged again, so a miner whose exec was lost is still caught; the
+loss itself is journaled (events_lost).
 
 This module never reads /proc (the process model does), never builds a
 record (findings does), never kills by pid alone (the Killer verifies
@@ -289,9 +290,16 @@ class Guard:
         self.journal.retry()
         if self._resync_due and time.monotonic() >= self._next_resync:
             self._resync_due = False
-            self._next_resync = time.monotonic() + RESYNC_EVERY_S
+            started = time.monotonic()
             judged = self.seed(resync=True)
-            log.warning("events were lost: re-read /proc and judged %d live processes", judged)
+            took = time.monotonic() - started
+            # a big host under a long flood: the re-read takes at most ~1/5 of the time
+            self._next_resync = time.monotonic() + max(RESYNC_EVERY_S, 4 * took)
+            log.warning(
+                "events were lost: re-read /proc and judged %d live processes in %.2fs",
+                judged,
+                took,
+            )
         retry_parked(self.ctx)
         self.ctx.processes.expire()
         self.check_lost()

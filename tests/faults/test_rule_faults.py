@@ -34,7 +34,7 @@ ALIAS_BOMB = "\n".join(
         "",
     ]
 )
-BOMB_BACKREF = """rules:
+BACKREF_RULE = """rules:
   - id: site-backref
     category: custom
     severity: low
@@ -71,7 +71,7 @@ def test_validate_refuses_an_alias_bomb_with_its_line_and_small_memory(tmp_path:
 
 def test_validate_reports_an_unboundable_pattern_with_its_line(tmp_path: Path) -> None:
     rules = tmp_path / "backref.yaml"
-    rules.write_text(BOMB_BACKREF)
+    rules.write_text(BACKREF_RULE)
     status, err, _ = validate(rules)
     assert status == 2
     assert f"{rules}:7: arg_regex: not accepted by the linear-time regex engine" in err
@@ -89,8 +89,7 @@ def test_catastrophic_regex_costs_nothing_and_the_miner_after_it_is_caught(
             subprocess.run(["/bin/echo", "a" * 30 + "!"], stdout=subprocess.DEVNULL, check=True)
         miner_still_caught(d, str(tmp_path))
         # the rule is live, not dropped: a command line that ends in a's matches
-        hit = subprocess.run(["/bin/echo", "aaaa"], stdout=subprocess.DEVNULL, check=True)
-        del hit
+        subprocess.run(["/bin/echo", "aaaa"], stdout=subprocess.DEVNULL, check=True)
         d.wait_alert(lambda r: r["rule"] == "site-catastrophic")
         assert d.proc.poll() is None
 

@@ -46,6 +46,7 @@ from rome_guard.respond.prevent import (
     path_key,
 )
 from tests.conftest import require, require_root
+from tests.fixtures.daemon import owned_bpf_programs
 from tests.fixtures.network import free_port, listener, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,6 +130,12 @@ def _bpftool_root_programs() -> list[dict]:
 
 def _ours(programs: list[dict]) -> set[int]:
     return {p["id"] for p in programs if p.get("name", "").startswith("rgp_")}
+
+
+def _attached_by(pid: int) -> set[int]:
+    """The rgp_* programs on the root that process pid holds (other
+    rome-guards on the host have theirs)."""
+    return _ours(_bpftool_root_programs()) & owned_bpf_programs(pid)
 
 
 @pytest.fixture
@@ -498,7 +505,7 @@ def test_kill_9_detaches_every_block_at_once(root_bpf, plain_listener) -> None:
     port = plain_listener.port
     child = _start_attacher(port)
     try:
-        theirs = _ours(_bpftool_root_programs())
+        theirs = _attached_by(child.pid)
         assert len(theirs) >= 2
         assert _connect_errno(("127.0.3.1", port)) == errno.EPERM
     finally:
@@ -524,7 +531,7 @@ def test_without_links_kill_9_leaves_attachments_that_the_next_start_removes(
     port = plain_listener.port
     child = _start_attacher(port, links=False)
     try:
-        theirs = _ours(_bpftool_root_programs())
+        theirs = _attached_by(child.pid)
         assert len(theirs) >= 2
         assert cleanup_stale() == [], "a live owner's programs are not stale"
         assert _ours(_bpftool_root_programs()) == theirs
@@ -552,7 +559,7 @@ def test_cleanup_stale_finds_unpinned_leftovers_by_name(root_bpf) -> None:
         PIN_ROOT, next(n for n in os.listdir(PIN_ROOT) if n.startswith(f"{child.pid}-"))
     )
     try:
-        theirs = _ours(_bpftool_root_programs())
+        theirs = _attached_by(child.pid)
     finally:
         child.kill()
         child.wait()
@@ -567,7 +574,7 @@ def test_cleanup_stale_finds_unpinned_leftovers_by_name(root_bpf) -> None:
 
 def test_normal_exit_without_close_leaves_nothing(root_bpf) -> None:
     child = _start_attacher(free_port("127.0.3.1"))
-    theirs = _ours(_bpftool_root_programs())
+    theirs = _attached_by(child.pid)
     child.communicate("")  # stdin EOF: the interpreter exits, atexit runs
     assert child.returncode == 0
     assert not (_ours(_bpftool_root_programs()) & theirs)

@@ -155,12 +155,12 @@ def root_bpf():
 
 def _live_owners_programs() -> set[int]:
     """Programs pinned by a live rome-guard (its pid and start time match)."""
-    from rome_guard.respond import prevent
+    from rome_guard.respond import stale
 
     ids: set[int] = set()
     for name in os.listdir(PIN_ROOT) if os.path.isdir(PIN_ROOT) else ():
-        if prevent._owner_alive(name):
-            ids |= prevent._pinned_prog_ids(os.path.join(PIN_ROOT, name))
+        if stale._owner_alive(name):
+            ids |= stale._pinned_prog_ids(os.path.join(PIN_ROOT, name))
     return ids
 
 

@@ -17,6 +17,7 @@ BENCHMARKS = (
     "bench.gpu_daemon_bench",
     "bench.metrics_overhead",
     "bench.wire_bench",
+    "bench.hostile_inputs",
 )
 
 

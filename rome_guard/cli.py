@@ -73,9 +73,13 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
     from rome_guard.findings import finding_record
     from rome_guard.report import findings_table
     from rome_guard.scan import scan as run_scan
+    from rome_guard.scan import visibility_warning
 
     config = config_from(config_path)
     ruleset = rules_from(config, extra_rules)
+    warning = visibility_warning()
+    if warning:
+        click.echo(f"rome-guard: {warning}", err=True)
     result = run_scan(ruleset, config, exclude_pids=frozenset({os.getpid()}))
     wire_only = sorted(r.id for r in ruleset.rules if r.needs_wire)
     not_evaluated = (
@@ -116,7 +120,7 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
 @click.option(
     "--sensor", type=click.Choice(["auto", "ebpf", "poll"]), help="Override the config's sensor."
 )
-@click.option("--alerts-file", type=click.Path(dir_okay=False), help="Alert journal (JSON lines).")
+@click.option("--alerts-file", type=click.Path(), help="Alert journal (JSON lines).")
 @click.option(
     "--metrics-addr",
     default=None,
@@ -153,22 +157,24 @@ def run(
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Runtime state directory.")
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: str, run_dir: str | None, as_json: bool) -> None:
-    """Show a running daemon's state (exit 2 when none is running)."""
+    """Show the running daemon's live state. Exit 2 when no daemon is
+    running or its status is stale (older than 5 s: stopped or hung)."""
+    from rome_guard.status import StatusUnavailable, problem, read_status, render
+
     config = config_from(config_path)
     path = os.path.join(run_dir or config.run_dir, "status.json")
     try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        fail(f"no running daemon (no status in {path})")
+        reading = read_status(path)
+    except StatusUnavailable as exc:
+        fail(str(exc))
         return
     if as_json:
-        click.echo(json.dumps(state, indent=2))
-        return
-    for key, value in state.items():
-        if isinstance(value, dict):  # events_lost, gpu (which allocation sources are live)
-            value = json.dumps(value, sort_keys=True)
-        click.echo(f"{key:18} {value}")
+        click.echo(json.dumps(reading.as_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(render(reading))
+    trouble = problem(reading)
+    if trouble:
+        fail(trouble)
 
 
 @main.group()

@@ -7,31 +7,36 @@ travels (docs/architecture.md has the picture):
       -> handlers.table.dispatch -> handlers/<kind>.py
          -> state.processes.ProcessModel (every process fact, /proc gaps)
          -> detect (same rules as scan) -> respond.alerts.AlertSink
-            -> journal (fsync) -> metrics -> Killer (enforce mode only)
+            -> journal (fsync; spooled in memory when the disk refuses)
+            -> metrics -> Killer (enforce mode only)
 
 Start-up misses nothing: the sensor attaches first, then the model is
 seeded from /proc (processes marked pre-existing) and evaluated, then
-events are drained.
+events are drained. After any lost event /proc is read again (at most every
+RESYNC_EVERY_S, or four times what the last re-read took) and every live
+process judged again, so a miner whose exec was lost is still caught; the
+loss itself is journaled (events_lost).
 
 This module never reads /proc (the process model does), never builds a
 record (findings does), never kills by pid alone (the Killer verifies
-identity through a pidfd) and never acts before the alert is durable in
-the journal.
+identity through a pidfd) and never acts before the alert has been handed
+to the journal (durable when the disk allows; a failing disk never stops a
+response).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any, Iterable
 
+from rome_guard import __version__
 from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
@@ -39,10 +44,12 @@ from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.table import dispatch
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
-from rome_guard.respond.journal import Journal
+from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.sensors.poll import PollSensor
 from rome_guard.state.processes import ProcessModel
+from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
+from rome_guard.textsafe import one_line
 from rome_guard.yamlsrc import SourceError
 
 if TYPE_CHECKING:
@@ -55,12 +62,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rome_guard")
 
-STATUS_EVERY_S = 5.0
+STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
 # The sensor wakes the loop at once for what rules name; everything else
 # (forks, exits, execs of unnamed programs) waits at most this long, in
 # batches: one wakeup per batch instead of one per event.
 DRAIN_EVERY_MS = 10
 SHUTDOWN_BUDGET_S = 2.0
+PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
+RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
 
 
 class SensorUnavailable(Exception):
@@ -118,8 +127,13 @@ class Guard:
         self.sensor_mode = "none"
         self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
+        self.started = time.time()
+        self._start_ticks_of_self = own_start_ticks()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
+        self._next_resync = 0.0
+        self._next_watchdog = self._next_status = 0.0  # run()'s timers
         metrics = metrics if metrics is not None else NullMetrics()
         processes = ProcessModel(config.attribution.env_keys)
         alerts = AlertSink(
@@ -164,6 +178,15 @@ class Guard:
             log.error("reload rejected, keeping %d rules in force:\n%s", len(self.ruleset), exc)
             self.ctx.metrics.rule_reload_failed()
             return False
+        except Exception as exc:  # noqa: BLE001 -- a reload must never end the guard
+            log.error(
+                "reload failed (%s: %s), keeping %d rules in force",
+                type(exc).__name__,
+                one_line(str(exc), 200),
+                len(self.ruleset),
+            )
+            self.ctx.metrics.rule_reload_failed()
+            return False
         # what was fixed at start (command-line overrides, open files, the
         # sensor) stays; rules, attribution, protection and web config apply
         self.ctx.config = replace(
@@ -202,10 +225,17 @@ class Guard:
         self.ctx.wire.install(self.ctx.rules.ruleset)
         return self.ctx.wire
 
-    def seed(self) -> int:
+    def remember_alerts(self, keys: Iterable[tuple[str, int, int, str]]) -> None:
+        """Alerts the previous daemon fully handled (journal.recent_alerts):
+        a restart does not alert on the same process again."""
+        self.ctx.alerts.remember(keys)
+
+    def seed(self, resync: bool = False) -> int:
         """Read every live process after the sensor is attached; evaluate
-        them like a scan (pre-existing offenders are alerted on too)."""
-        for subject in self.ctx.processes.seed():
+        them like a scan (pre-existing offenders are alerted on too).
+        resync: the re-read after lost events (ProcessModel.seed); every
+        live process is judged again, each (rule, process) still alerts once."""
+        for subject in self.ctx.processes.seed(resync=resync):
             for finding in self.ctx.rules.engine.evaluate(subject):
                 self.ctx.alerts.raise_alert(finding)
         count = len(self.ctx.processes)
@@ -227,6 +257,9 @@ class Guard:
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "start_ticks": self._start_ticks_of_self,
+            "version": __version__,
+            "started": self.started,
             "host": self.ctx.alerts.host,
             "mode": self.config.mode,
             "sensor": self.sensor_mode,
@@ -236,6 +269,7 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "journal": asdict(self.journal.state()),
             "time": time.time(),
         }
 
@@ -248,20 +282,42 @@ class Guard:
             totals["prevention"] = self.prevention.lost_events()
         if self.wire_sensor is not None:
             totals.update(self.wire_sensor.lost_events())
+        if self.ctx.parked_dropped:
+            totals["parked"] = self.ctx.parked_dropped
         lost = self.ctx.lost
+        new: dict[str, int] = {}
         for buffer, total in totals.items():
             previous = lost.get(buffer, 0)
             if total > previous:
+                new[buffer] = total - previous
                 log.error(
-                    "LOST %d events in the %s ring buffer (total %d)",
+                    "LOST %d events in the %s buffer (total %d)",
                     total - previous,
                     buffer,
                     total,
                 )
             lost[buffer] = total
             self.ctx.metrics.set_lost(buffer, total)
+        if new:
+            self._resync_due = True
+            # the gap is evidence too: an auditor reading the journal must
+            # know that events went unseen, where and how many
+            self.ctx.alerts.events_lost(new, lost)
 
     def housekeeping(self) -> None:
+        self.journal.retry()
+        if self._resync_due and time.monotonic() >= self._next_resync:
+            self._resync_due = False
+            started = time.monotonic()
+            judged = self.seed(resync=True)
+            took = time.monotonic() - started
+            # a big host under a long flood: the re-read takes at most ~1/5 of the time
+            self._next_resync = time.monotonic() + max(RESYNC_EVERY_S, 4 * took)
+            log.warning(
+                "events were lost: re-read /proc and judged %d live processes in %.2fs",
+                judged,
+                took,
+            )
         retry_parked(self.ctx)
         self.ctx.processes.expire()
         self.check_lost()
@@ -271,10 +327,14 @@ class Guard:
         """Drain events until SIGTERM/SIGINT."""
         sensor, gpu = self.ctx.sensor, self.ctx.gpu
         assert sensor is not None
-        next_watchdog = next_status = time.monotonic()
+        self._next_watchdog = self._next_status = time.monotonic()
         while not self._stop.is_set():
-            for event in sensor.poll(DRAIN_EVERY_MS):
+            for count, event in enumerate(sensor.poll(DRAIN_EVERY_MS), 1):
+                if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
+                    break
                 self.handle(event)
+                if count % PULSE_EVERY_EVENTS == 0:  # a full ring's backlog takes seconds
+                    self.pulse(notifier, status_path)
             if self.prevention is not None:
                 for event in self.prevention.poll(0):
                     dispatch(self.ctx, event)
@@ -289,17 +349,24 @@ class Guard:
                 notifier.reloading()
                 self.reload()
                 notifier.ready(self.status_line())
-            now = time.monotonic()
-            if self.ctx.parked or now >= next_status:
-                self.housekeeping()
-            if notifier.watchdog_interval_s and now >= next_watchdog:
-                notifier.watchdog()
-                next_watchdog = now + notifier.watchdog_interval_s
-            if now >= next_status:
-                next_status = now + STATUS_EVERY_S
-                notifier.status(self.status_line())
-                if status_path:
-                    write_status(status_path, self.status())
+            self.pulse(notifier, status_path)
+
+    def pulse(self, notifier: Notifier, status_path: str | None) -> None:
+        """The timers: housekeeping (journal retry, lost events and the
+        /proc re-read they trigger), the watchdog and the status file, when
+        due; also between chunks of a large batch, so that a flood neither
+        trips the watchdog nor leaves the status stale."""
+        now = time.monotonic()
+        if self.ctx.parked or now >= self._next_status:
+            self.housekeeping()
+        if notifier.watchdog_interval_s and now >= self._next_watchdog:
+            notifier.watchdog()
+            self._next_watchdog = now + notifier.watchdog_interval_s
+        if now >= self._next_status:
+            self._next_status = now + STATUS_EVERY_S
+            notifier.status(self.status_line())
+            if status_path:
+                write_status(status_path, self.status())
 
     def status_line(self) -> str:
         lost = sum(self.ctx.lost.values())
@@ -308,13 +375,6 @@ class Guard:
             f"{len(self.ctx.processes)} processes, {self.ctx.alerts.raised} alerts, "
             f"{lost} events lost"
         )
-
-
-def write_status(path: str, status: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(status, f)
-    os.replace(tmp, path)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -386,13 +446,19 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     except SourceError as exc:
         log.error("invalid rules, not starting:\n%s", exc)
         return 2
-    journal = Journal(config.alerts_file)
+    try:
+        journal = open_journal(config.alerts_file)
+    except JournalError as exc:
+        log.error("not starting: %s", exc)
+        return 2
     metrics = server = None
     addr = config.metrics.addr if metrics_addr is None else metrics_addr
     try:
         from rome_guard.respond.metrics import GuardMetrics
 
         metrics = GuardMetrics()
+        journal.set_error_hook(metrics.journal_error)
+        metrics.watch_journal_spool(lambda: journal.state().spooled)
         server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
     except OSError as exc:
         log.error("cannot serve metrics on %s: %s", addr, exc)
@@ -403,6 +469,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
     guard.metrics_server = server
+    guard.remember_alerts(recent_alerts(config.alerts_file, config.mode))
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
     signal.signal(signal.SIGHUP, guard.request_reload)

@@ -3,8 +3,9 @@
 A Finding is what the engine concludes: a rule matched a process, with the
 reason, lineage and the network or GPU context that made it match. Every
 record the journal holds is built here and nowhere else: the finding
-record (`scan --json`), and the daemon's alert, response, prevention and
-confirmation records that extend it, with the wire object of a wire alert
+record (`scan --json`), the daemon's alert, response, prevention and
+confirmation records that extend it (with the wire object of a wire
+alert), and its events_lost records
 (docs/alerts.md). Every
 attacker-controlled string passes through textsafe on the way out.
 
@@ -216,4 +217,20 @@ def confirmation_record(
         "host": host,
         "process": {"pid": info.pid, "start_time": info.key.start_time},
         "gpu": gpu_record(gpu),
+    }
+
+
+def lost_record(
+    lost: dict[str, int], totals: dict[str, int], mode: str, host: str
+) -> dict[str, Any]:
+    """Events the daemon never saw since the last report, per ring or queue
+    (and the running totals): the gap is evidence too."""
+    return {
+        "event": "events_lost",
+        "id": uuid.uuid4().hex,
+        "time": rfc3339(time.time()),
+        "host": host,
+        "mode": mode,
+        "lost": dict(lost),
+        "totals": dict(totals),
     }

@@ -136,6 +136,9 @@ def cgroup2_root(mounts: str = MOUNTS) -> str:
 
 # --- capabilities ----------------------------------------------------------------
 
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
@@ -148,7 +151,7 @@ def effective_capabilities(proc: str = PROC) -> int:
             for line in f:
                 if line.startswith("CapEff:"):
                     return int(line.split()[1], 16)
-    except OSError:
+    except (OSError, ValueError):
         pass
     return 0
 

@@ -14,7 +14,44 @@ from rome_guard.config import Config
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import RuleSet
 from rome_guard.findings import Finding
+from rome_guard.linux import (
+    CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
+    CAP_SYS_PTRACE,
+    effective_capabilities,
+)
 from rome_guard.state.snapshot import subject_for, take_snapshot
+
+# capability -> (bits, any of which grants it; what /proc hides from a scan
+# without it: other users' processes)
+_HIDDEN_WITHOUT = {
+    "CAP_SYS_PTRACE": ((CAP_SYS_PTRACE,), "executable, working directory and fd links"),
+    "CAP_DAC_READ_SEARCH": (
+        (CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE),
+        "open-file lists (/proc/PID/fd) and environments",
+    ),
+}
+
+
+def visibility_warning(capabilities: int | None = None) -> str | None:
+    """One line naming the capabilities this scan lacks and what they hide,
+    or None when it sees every process whole (root, or both granted)."""
+    caps = effective_capabilities() if capabilities is None else capabilities
+    missing = [
+        (name, hides)
+        for name, (bits, hides) in _HIDDEN_WITHOUT.items()
+        if not any(caps >> bit & 1 for bit in bits)
+    ]
+    if not missing:
+        return None
+    names = " and ".join(name for name, _ in missing)
+    hidden = "; ".join(hides for _, hides in missing)
+    return (
+        f"warning: without {names}, other users' processes are scanned without their "
+        f"{hidden}, so sockets on their stdio (reverse shells), their connections, deleted or "
+        "memfd executables and environment attribution are missed for them; run as root "
+        "for a complete scan"
+    )
 
 
 @dataclass

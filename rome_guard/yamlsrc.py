@@ -4,6 +4,13 @@ Rule and config files are written by people; every mistake must be reported
 as ``path:line: what is wrong``. This loader returns ordinary dicts, lists
 and scalars whose mappings and sequences also know their line numbers, and
 ``SourceError`` carries the location to the user.
+
+Files are untrusted in size and shape too (a rules.d file, a SIGHUP reload):
+a file is read up to ``MAX_FILE_BYTES``, nested at most ``MAX_DEPTH`` deep,
+and may hold at most ``MAX_VALUES`` values counted *after* alias expansion,
+so a "billion laughs" alias bomb is refused, with its line, before anything
+is expanded. This module never builds more than MAX_VALUES values from one
+file, whatever the file says.
 """
 
 from __future__ import annotations
@@ -12,6 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from rome_guard.textsafe import one_line
+
+MAX_FILE_BYTES = 4 << 20  # one rule or config file
+MAX_VALUES = 200_000  # mappings, sequences and scalars, aliases expanded
+MAX_DEPTH = 64  # nesting of mappings and sequences
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,44 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SCALARS = yaml.SafeLoader("")
 
 
+def _check_size(node: yaml.Node, path: str) -> None:
+    """Count the values node stands for once its aliases are expanded,
+    visiting each distinct node once (an alias is the same node object),
+    and refuse past MAX_VALUES or MAX_DEPTH: at the line of the innermost
+    value that crosses the limit."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node, depth: int) -> int:
+        known = sizes.get(id(n))
+        if known is not None:
+            return known
+        if depth > MAX_DEPTH:
+            raise SourceError(
+                [(Location(path, n.start_mark.line + 1), f"nested deeper than {MAX_DEPTH} levels")]
+            )
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                total += size(key, depth + 1) + size(value, depth + 1)
+        elif isinstance(n, yaml.SequenceNode):
+            for item in n.value:
+                total += size(item, depth + 1)
+        if total > MAX_VALUES:
+            raise SourceError(
+                [
+                    (
+                        Location(path, n.start_mark.line + 1),
+                        f"more than {MAX_VALUES} values once aliases (*name) are expanded: "
+                        "refused (an alias bomb?)",
+                    )
+                ]
+            )
+        sizes[id(n)] = total
+        return total
+
+    size(node, 0)
+
+
 def _build(node: yaml.Node, path: str) -> Any:
     loc = Location(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -80,7 +131,10 @@ def _build(node: yaml.Node, path: str) -> Any:
         result.location = loc
         result.item_locations = [Location(path, item.start_mark.line + 1) for item in node.value]
         return result
-    return _SCALARS.construct_object(node, deep=True)
+    try:
+        return _SCALARS.construct_object(node, deep=True)
+    except (ValueError, yaml.YAMLError) as exc:  # e.g. an int of 5,000 digits, a bad timestamp
+        raise SourceError([(loc, f"invalid value: {one_line(str(exc), 120)}")]) from None
 
 
 def load_documents(text: str, path: str) -> list[Any]:
@@ -91,6 +145,13 @@ def load_documents(text: str, path: str) -> list[Any]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise SourceError([(Location(path, line), f"invalid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:  # e.g. an undecodable stream: no position
+        raise SourceError([(Location(path, 1), f"invalid YAML: {one_line(str(exc))}")]) from None
+    except RecursionError:  # the pure-Python parser on absurd nesting
+        raise SourceError([(Location(path, 1), "invalid YAML: nested too deep")]) from None
+    for node in nodes:
+        if node is not None:
+            _check_size(node, path)
     try:
         return [_build(node, path) for node in nodes if node is not None]
     finally:
@@ -100,7 +161,11 @@ def load_documents(text: str, path: str) -> list[Any]:
 def load_file(path: str) -> list[Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_FILE_BYTES + 1)
+        if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+            raise SourceError(
+                [(Location(path, 1), f"larger than {MAX_FILE_BYTES // (1 << 20)} MiB: refused")]
+            )
     except UnicodeDecodeError as exc:
         raise SourceError([(Location(path, 1), f"not UTF-8 text: {exc.reason}")]) from None
     except OSError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.fixtures.daemon import Daemon, by_pid, daemon
+from tests.fixtures.daemon import Daemon, by_pid, daemon, owned_bpf_programs
 from tests.fixtures.network import listener, reverse_shell, sshd, write_fake_miner
 
 WALLET = "4" + "8" * 94
@@ -251,11 +251,11 @@ def _sensor_program_ids() -> set[int]:
 
 def test_sigterm_detaches_everything_and_exits_zero() -> None:
     require_root()
-    before = _sensor_program_ids()
     d = Daemon(sensor="ebpf")
     try:
         d.wait_ready()
-        ours = _sensor_program_ids() - before
+        # exactly its programs (by its fds), whatever else runs on the host
+        ours = owned_bpf_programs(d.proc.pid) & _sensor_program_ids()
         assert ours, "the running daemon should hold BPF programs"
         started = time.monotonic()
         d.signal(signal.SIGTERM)

@@ -365,6 +365,7 @@ class GpuRegistry:
         # runs the sources: the daemon's GpuWatch, `gpu list`
         self.allocations: Any = None
         self.trust = "process"
+        self._unreadable_since: float | None = None  # the directory could not be read
 
     @classmethod
     def from_config(cls, config: Any) -> GpuRegistry:
@@ -390,6 +391,9 @@ class GpuRegistry:
             changed = bool(self._by_key)
             self._files, self._by_key, self._stamp = {}, {}, None
             return changed
+        except OSError as exc:
+            self._unreadable(exc)
+            return False
         stamp = (st.st_ino, st.st_mtime_ns)
         settled = self._scanned_at - st.st_mtime_ns / 1e9 > RACY_WINDOW_S
         if stamp == self._stamp and settled:
@@ -402,8 +406,9 @@ class GpuRegistry:
         try:
             names = [n for n in os.listdir(self.directory) if n.endswith(".json")]
         except OSError as exc:
-            log.warning("cannot list %s: %s", self.directory, exc)
+            self._unreadable(exc)
             return False
+        self._unreadable_since = None
         files: dict[str, tuple[tuple[int, int, int], Registration | None]] = {}
         changed = set(names) != set(self._files)
         for name in names:
@@ -426,6 +431,21 @@ class GpuRegistry:
                 by_key.setdefault(reg.key, []).append(reg)
         self._by_key = by_key
         return changed
+
+    def _unreadable(self, exc: OSError) -> None:
+        """The registrations cannot be read: keep the ones already known (a
+        registered job must not turn into a stray because a directory broke),
+        say so once, and retry at the next refresh."""
+        self._stamp = None  # rescan as soon as it is readable again
+        if self._unreadable_since is None:
+            self._unreadable_since = time.time()
+            log.error(
+                "cannot read the GPU job registry %s (%s): keeping the %d registration(s) "
+                "already known; jobs registered from now on are not seen until it is readable",
+                self.directory,
+                exc.strerror or exc,
+                sum(len(regs) for regs in self._by_key.values()),
+            )
 
     def _load(self, path: str) -> Registration | None:
         try:

@@ -57,8 +57,8 @@ def retry_parked(ctx: Context) -> None:
         elif parked.until > now:
             ctx.parked.append(parked)
         else:
-            ctx.lost["parked"] = ctx.lost.get("parked", 0) + 1
-            ctx.metrics.lost("parked")
+            # counted, exported and journaled with the rings' losses (Guard.check_lost)
+            ctx.parked_dropped += 1
             log.warning(
                 "event for unknown pid %s dropped after %d ms",
                 pid,

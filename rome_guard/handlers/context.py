@@ -90,3 +90,4 @@ class Context:
     loopback_ignored: set[int] = field(default_factory=set)  # cgroup ids the sensor drops
     wire: WireHandler | None = None  # the wire sensor's handler, while it runs
     lost: dict[str, int] = field(default_factory=dict)  # per buffer, as last reported
+    parked_dropped: int = 0  # parked connects dropped unresolved (the "parked" buffer's total)

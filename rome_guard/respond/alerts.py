@@ -1,10 +1,13 @@
 """What happens to a finding: journal it, count it, log it, then respond.
 
 ``AlertSink`` is the one path from a Finding to the outside world: the
-record (built by rome_guard.findings) is fsynced into the journal first,
-then counted, then logged as one sanitised line, and only then, in enforce
-mode for a ``kill`` rule, handed to the killer, whose outcome is journalled
-against the alert. Each (rule, process, image) alerts once.
+record (built by rome_guard.findings) goes to the journal first (fsynced
+when the disk allows; printed and spooled in memory when it refuses: a
+failing disk never stops a response), then counted, then logged as one
+sanitised line, and only then, in enforce mode for a ``kill`` rule, handed
+to the killer, whose outcome is journalled against the alert. Each (rule,
+process, image) alerts once, across a restart too (``remember``: what the
+previous daemon journaled).
 
 This module never decides whether something is bad (rules do) and never
 signals a process itself (the Killer does, by verified pidfd).
@@ -20,6 +23,7 @@ from rome_guard.findings import (
     Finding,
     confirmation_record,
     event_record,
+    lost_record,
     response_record,
 )
 from rome_guard.respond.journal import Journal
@@ -57,6 +61,12 @@ class AlertSink:
         self._alerted: set[tuple[str, ProcessKey, str]] = set()
         self.raised = 0
 
+    def remember(self, keys: Iterable[tuple[str, int, int, str]]) -> None:
+        """Alerts an earlier daemon journaled, as (rule, pid, start time,
+        exe): after a restart the same process image is not alerted twice."""
+        for rule_id, pid, start, exe in keys:
+            self._alerted.add((rule_id, ProcessKey(pid, start), exe))
+
     def raise_alert(self, finding: Finding) -> dict | None:
         """Journal the finding (durably), count it, then respond. None when
         this rule already alerted on this process image."""
@@ -72,7 +82,9 @@ class AlertSink:
         enforce = self.mode == "enforce" and rule.action == "kill" and self.killer is not None
         action = "kill" if enforce else "alert"
         record = event_record(finding, "alert", action, self.mode, self.host)
-        self.journal.write(record)  # durable before anything acts on it
+        # handed to the journal before anything acts on it: durable when the
+        # disk allows, spooled in memory when it refuses (never a reason not to act)
+        self.journal.write(record)
         self.raised += 1
         self.metrics.alert(rule.id, rule.category, rule.severity, action)
         process = finding.process
@@ -127,3 +139,7 @@ class AlertSink:
 
     def confirmed(self, alert_id: str, rule_id: str, info: ProcessInfo, gpu: GpuProcess) -> None:
         self.journal.write(confirmation_record(alert_id, rule_id, info, gpu, self.host))
+
+    def events_lost(self, lost: dict[str, int], totals: dict[str, int]) -> None:
+        """Journal that events went unseen: where and how many."""
+        self.journal.write(lost_record(lost, totals, self.mode, self.host))

@@ -1,6 +1,6 @@
 """The bpf(2) calls libbcc does not expose: pin and get pinned objects,
-attach, detach and query cgroup programs, look programs up by id; and
-mounting bpffs.
+attach (as a BPF link or a plain attachment), detach and query cgroup
+programs, look programs up by id; and mounting bpffs.
 
 Thin wrappers over the syscall with the uapi attribute layouts; an error
 is an OSError with the kernel's errno. This module never decides what to
@@ -26,6 +26,7 @@ BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
 BPF_F_ALLOW_MULTI = 2
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 
@@ -76,6 +77,15 @@ def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> N
     attr = new_attr()
     struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
     bpf(BPF_PROG_ATTACH, attr)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link attaching prog_fd to target_fd; the attachment lives as
+    long as the returned fd (and its duplicates), no longer."""
+    attr = new_attr()
+    # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags
+    struct.pack_into("=IIII", attr, 0, prog_fd, target_fd, attach_type, 0)
+    return bpf(BPF_LINK_CREATE, attr)
 
 
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:

@@ -241,6 +241,14 @@ class GuardMetrics:
             Gauge, "processes_tracked", "Live processes in the process table."
         )
         self.kills = metric(Counter, "kills", "Kill attempts by outcome.", ("result",))
+        self.journal_errors = metric(
+            Counter,
+            "journal_errors",
+            "Alert journal writes or fsyncs the disk refused (records wait in memory).",
+        )
+        self.journal_spooled = metric(
+            Gauge, "journal_spooled_records", "Records waiting in memory for the journal's disk."
+        )
         self.blocked_connections = metric(
             Counter, "blocked_connections", "Connections denied in the kernel."
         )
@@ -358,6 +366,13 @@ class GuardMetrics:
         self.processes_tracked.set(count)
 
     # responders
+
+    def journal_error(self) -> None:
+        self.journal_errors.inc()
+
+    def watch_journal_spool(self, spooled: Callable[[], int]) -> None:
+        """The spool gauge reads spooled() at each scrape."""
+        self.journal_spooled.set_function(spooled)
 
     def kill(self, result: str) -> None:
         self.kills.labels(result=_member(result, KILL_RESULTS, "kill result")).inc()

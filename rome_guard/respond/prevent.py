@@ -6,18 +6,29 @@ and its tracepoints (exec, connect exit, TCP SYN_SENT), and then holds the
 deny lists as BPF maps that the daemon updates live. Every denial and every
 in-kernel kill comes back as a ``PreventionEvent`` from ``poll()``.
 
-cgroup attachments outlive the process that made them, so each running
-``Prevention`` pins its programs under ``/sys/fs/bpf/rome-guard/<pid>-<start
-time>/``; ``stale.cleanup_stale()`` (run by ``start()``) detaches what a dead
-owner left behind, and any ``rgp_*`` (or the wire sensor's ``rgw_*``)
-program on the root that no live owner pins. The bpf(2) calls libbcc lacks
-are in ``bpfsys``.
+Crash policy: nothing this module enforces outlives the daemon. The
+connect hooks are attached through BPF links (``BPF_LINK_CREATE``) whose only
+reference is a file descriptor of the daemon, so the kernel detaches them
+the moment the daemon dies, kill -9 included: no port, CIDR or known-pool
+block stays behind to cut the host off with no guard left to record or lift
+it. The exec and SYN_SENT kills are tracepoint programs, which die with the
+daemon too. (docs/install.md says why; systemd restarts the daemon, which
+re-applies every list from the rules.)
+
+Each running ``Prevention`` still pins its programs under
+``/sys/fs/bpf/rome-guard/<pid>-<start time>/`` so that another rome-guard
+knows they have a live owner; ``stale.cleanup_stale()`` (run by ``start()``)
+removes a dead owner's pins, and detaches any ``rgp_*`` program on the root
+that no live owner pins (left by an older rome-guard, or by a kernel
+without BPF links for cgroups, where attachments fall back to
+``BPF_PROG_ATTACH`` and do outlive a crash until the next start). The bpf(2)
+calls libbcc lacks are in ``bpfsys``.
 
 This module must never: load anything in monitor mode; block by default
-(every list starts empty and the programs allow whatever is not listed, so
-a leftover copy cannot cut a host off); touch BPF programs that are not
-rome-guard's or that belong to another live rome-guard; leave a program
-attached after ``close()``.
+(every list starts empty and the programs allow whatever is not listed);
+keep a cgroup attachment alive without a live daemon where the kernel has
+BPF links; touch BPF programs that are not rome-guard's or that belong to
+another live rome-guard; leave a program attached after ``close()``.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -49,6 +61,7 @@ from rome_guard.linux import NoCgroup2, cgroup2_root
 from rome_guard.respond.bpfsys import (
     BPF_F_ALLOW_MULTI,
     ensure_bpffs,
+    link_create,
     obj_pin,
     prog_attach,
     prog_detach,
@@ -202,7 +215,8 @@ class Prevention:
         self._pin_root = pin_root
         self._bpf = None
         self._root_fd: int | None = None
-        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type)
+        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type), PROG_ATTACH only
+        self._links: list[int] = []  # BPF link fds: closing one detaches its program
         self._owner_dir: str | None = None
         self._received: list[PreventionEvent] = []
         self._closed = False
@@ -219,7 +233,13 @@ class Prevention:
     def denies_connects(self) -> bool:
         """True when the connect hooks are attached (connects get EPERM);
         otherwise kill destinations are only killed at SYN_SENT."""
-        return bool(self._attached)
+        return bool(self._attached or self._links)
+
+    @property
+    def dies_with_daemon(self) -> bool:
+        """True when every connect hook is held by a BPF link only (the
+        crash policy); False on the PROG_ATTACH fallback."""
+        return not self._attached
 
     def start(self) -> list[str]:
         """Remove stale attachments, compile once, attach. Returns what
@@ -273,13 +293,33 @@ class Prevention:
         for func, (attach_type, pin) in CONNECT_PROGRAMS.items():
             fn = self._bpf.load_func(func.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
             if self._owner_dir:
+                # marks the program as owned by a live rome-guard; pinning a
+                # program keeps no attachment alive (the link does)
                 obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
-            # ALLOW_MULTI: never replace another program on the root
-            prog_attach(self._root_fd, fn.fd, attach_type, BPF_F_ALLOW_MULTI)
-            self._attached.append((fn.fd, attach_type))
+            self._attach_one(fn.fd, attach_type)
         if self._owner_dir:
             for name in _PINNED_MAPS:
                 obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
+
+    def _attach_one(self, prog_fd: int, attach_type: int) -> None:
+        """Through a BPF link (detached by the kernel when the daemon dies),
+        or, on kernels without cgroup links (< 5.7), PROG_ATTACH with
+        ALLOW_MULTI (never replaces another program on the root), which
+        outlives a crash until cleanup_stale() at the next start."""
+        assert self._root_fd is not None
+        try:
+            self._links.append(link_create(prog_fd, self._root_fd, attach_type))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.E2BIG):
+                raise
+            if not self.degraded or "BPF links" not in self.degraded[-1]:
+                self.degraded.append(
+                    f"this kernel has no BPF links for cgroups ({exc.strerror}): after a crash "
+                    "the connect hooks stay attached until rome-guard starts again"
+                )
+        prog_attach(self._root_fd, prog_fd, attach_type, BPF_F_ALLOW_MULTI)
+        self._attached.append((prog_fd, attach_type))
 
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         self._received.append(decode_event(ctypes.string_at(data, size)))
@@ -424,6 +464,9 @@ class Prevention:
             except OSError as exc:
                 log.warning("detaching rome-guard connect program failed: %s", exc)
         self._attached = []
+        for link_fd in self._links:
+            os.close(link_fd)  # the kernel detaches the program with its last link fd
+        self._links = []
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None

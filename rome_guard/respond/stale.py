@@ -1,12 +1,16 @@
 """Find and remove what a rome-guard that died without close() left behind.
 
-cgroup attachments outlive the process that made them. Each running
-Prevention pins its connect programs under PIN_ROOT/<pid>-<start time>/;
-cleanup_stale() detaches the programs of owners no longer alive (pid and
-start time no longer match) and deletes their pins, then detaches any
-rgp_* (or the wire sensor's rgw_*) program on the cgroup2 root that no
-live owner pins (pins lost with a bpffs remount). A crashed guard must
-never leave the host cut off.
+Prevention attaches its connect programs through BPF links, which the
+kernel detaches when the daemon dies; a plain cgroup attachment (an older
+rome-guard, or a kernel without cgroup BPF links, < 5.7) outlives the
+process that made it. Each running Prevention pins its connect programs
+under PIN_ROOT/<pid>-<start time>/ as a mark of ownership;
+cleanup_stale() detaches whatever is still attached of owners no longer
+alive (pid and start time no longer match) and deletes their pins, then
+detaches any rgp_* (or the wire sensor's rgw_*) program on the cgroup2 root
+that no live owner pins
+(pins lost with a bpffs remount). A crashed guard must never leave the
+host cut off.
 
 This module never touches a program not named rgp_* or rgw_*, nor one
 pinned by a live rome-guard.

@@ -67,17 +67,25 @@ class ProcessModel:
 
     # --- seeding -----------------------------------------------------------------
 
-    def seed(self) -> list[Subject]:
+    def seed(self, resync: bool = False) -> list[Subject]:
         """Every live process, read after the sensor is attached so nothing
-        starts unseen; returns them as subjects for a first evaluation."""
-        snapshot = take_snapshot(self.env_keys)
+        starts unseen; returns them as subjects for a first evaluation.
+
+        resync: the re-read after lost events. Only the processes the model
+        does not know (their exec was lost) are added, not marked
+        pre-existing; every live process is returned under the model's
+        identity, so that judging it again still alerts once per process."""
+        snapshot = take_snapshot(self.env_keys, pre_existing=not resync)
         own = os.getpid()
         subjects = []
         for info in snapshot.table:
-            self.table.add(info)
+            if not resync or self.table.get(self._same_identity(info).key) is None:
+                self.table.add(info)
         for info in snapshot.table:
             if info.pid == own:
                 continue
+            if resync:
+                info = self._same_identity(info)
             subject = subject_for(snapshot, info)
             if subject.connections:
                 self._peers[info.key] = deque(subject.connections[-PEERS_PER_PROCESS:])

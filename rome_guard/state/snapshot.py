@@ -26,11 +26,15 @@ class Snapshot:
     sockets_of: dict[int, tuple[list[Endpoint], dict[int, Endpoint]]] = field(default_factory=dict)
 
 
-def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
+def take_snapshot(
+    env_keys: list[str] | tuple[str, ...] = (), pre_existing: bool = True
+) -> Snapshot:
     """Processes and connected sockets, then the inode join: a socket that
-    appears in between simply has no owner in this snapshot."""
+    appears in between simply has no owner in this snapshot. `pre_existing`
+    marks every process as found at start (False for a re-read after lost
+    events: those processes may be new)."""
     table = ProcessTable()
-    table.extend(procfs.iter_processes(env_keys, pre_existing=True))
+    table.extend(procfs.iter_processes(env_keys, pre_existing=pre_existing))
     sockets = sockdiag.list_sockets(owned_only=True, connected_only=True)
     by_inode = sockdiag.by_inode(sockets)
     snapshot = Snapshot(table, sockets)

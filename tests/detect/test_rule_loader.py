@@ -75,7 +75,7 @@ def test_good_extra_file_loads_and_matches(tmp_path: Path) -> None:
         (
             "rules:\n  - id: x\n    category: miner\n    severity: low\n    description: d\n    match:\n      cmdline_regex: '(unclosed'\n",
             7,
-            "invalid regular expression",
+            "not accepted by the linear-time regex engine",
         ),
         (
             "rules:\n  - id: x\n    category: miner\n    severity: low\n    description: d\n    match:\n      remote_port: [70000]\n",

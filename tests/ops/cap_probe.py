@@ -31,6 +31,7 @@ SYS_PIDFD_OPEN = 434
 SYS_PIDFD_SEND_SIGNAL = 424
 BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_GET_FD_BY_ID = 6, 7, 13
 BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 15, 16
+BPF_LINK_CREATE = 28
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -183,6 +184,10 @@ def probe_bpf(b, args, attempt, results: dict[str, str]) -> None:
                 if ok and ids:
                     attempt("prog_fd_by_id", lambda: os.close(prog_fd_by_id(ids[0])))
                 BPF.detach_func(fn, cg, connect4)
+            # the crash policy's attachment: a link that dies with its fd
+            attempt(
+                "link_cgroup_connect_filter", lambda: os.close(link_create(fn.fd, cg, connect4))
+            )
         finally:
             os.close(cg)
         pin = os.path.join(args.pin, "probe_connect")
@@ -221,6 +226,12 @@ def prog_query(target_fd: int, attach_type: int) -> list[int]:
     struct.pack_into("=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), 64)
     bpf(BPF_PROG_QUERY, attr)
     return list(ids[: struct.unpack_from("=I", attr, 24)[0]])
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("=IIII", attr, 0, prog_fd, target_fd, int(attach_type), 0)
+    return bpf(BPF_LINK_CREATE, attr)
 
 
 def prog_fd_by_id(prog_id: int) -> int:

@@ -126,3 +126,32 @@ def test_a_flow_is_blamed_on_its_connector_never_on_a_reused_pid():
     stranger = model.connected_by(me.pid, before_start, 1000, "miner", 0)
     assert stranger is not me
     assert (stranger.comm, stranger.uid, stranger.key.start_time) == ("miner", 1000, 0)
+
+
+def test_a_resync_adds_only_what_the_model_lost_and_keeps_its_identities():
+    """The /proc re-read after lost events: a process whose exec was lost
+    is added (not pre-existing); a known one keeps its record, and every
+    live process comes back under the model's identity, so judging it
+    again still alerts once."""
+    model = ProcessModel()
+    model.seed()
+    me = model.known(os.getpid())
+    parent = model.known(os.getppid())
+    assert me is not None and me.pre_existing and parent is not None
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.path.basename(os.readlink(f"/proc/{child.pid}/exe")) != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert model.known(child.pid) is None  # its exec was never seen
+        subjects = {s.process.pid: s for s in model.seed(resync=True)}
+        added = model.known(child.pid)
+        assert added is not None and not added.pre_existing
+        assert subjects[child.pid].process.key == added.key
+        assert model.known(os.getpid()) is me  # not replaced
+        assert subjects[os.getppid()].process.key == parent.key
+        assert os.getpid() not in subjects  # the guard never judges itself
+    finally:
+        child.kill()
+        child.wait()

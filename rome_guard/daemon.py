@@ -33,6 +33,13 @@ from typing import Any, Callable, Protocol
 from rome_guard.attribution import attribute
 from rome_guard.config import Config, load_config
 from rome_guard.detect.engine import Engine
+from rome_guard.detect.incidents import (
+    Filed,
+    IncidentBook,
+    kill_rule_finding,
+    primary,
+    rules_record,
+)
 from rome_guard.detect.rules import Rule, RuleSet, rules_for
 from rome_guard.detect.stateful import FanoutDetector
 from rome_guard.detect.subject import Subject
@@ -154,6 +161,7 @@ class Guard:
         self._connections: dict[ProcessKey, deque[Endpoint]] = {}
         self._fork_ticks: dict[int, int] = {}  # child pid -> start ticks from fork
         self._alerted: set[tuple[str, ProcessKey, str]] = set()
+        self.incidents = IncidentBook()
         self._parked: deque[Parked] = deque()
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         self._stop = threading.Event()
@@ -237,8 +245,7 @@ class Guard:
             subject = subject_for(snapshot, info)
             if subject.connections:
                 self._connections[info.key] = deque(subject.connections[-CONNECTIONS_PER_PROCESS:])
-            for finding in self.engine.evaluate(subject):
-                self.raise_alert(finding)
+            self.raise_alerts(self.engine.evaluate(subject))
         if self.metrics is not None:
             self.metrics.event("procfs", len(snapshot.table))
         return len(snapshot.table)
@@ -297,8 +304,7 @@ class Guard:
         subject = Subject(
             info, lambda: self.table.lineage(info), [], lambda: self._stdio_of(info.pid)
         )
-        for finding in self.engine.evaluate(subject):
-            self.raise_alert(finding)
+        self.raise_alerts(self.engine.evaluate(subject))
 
     def _exec_of_known_fork(self, event: ExecEvent, truncated: bool) -> ProcessInfo | None:
         """The fast path (an exec storm must not make the daemon read all of
@@ -418,8 +424,7 @@ class Guard:
             if all((p.daddr, p.dport) != (ep.daddr, ep.dport) for p in peers):
                 peers.append(ep)
                 subject = Subject(info, lambda: self.table.lineage(info), list(peers))
-                for finding in self.engine.evaluate(subject, trigger=ep, network_only=True):
-                    self.raise_alert(finding)
+                self.raise_alerts(self.engine.evaluate(subject, trigger=ep, network_only=True))
         if self.fanout:
             parent = self.table.parent(info)
             for detector in self.fanout:
@@ -615,41 +620,78 @@ class Guard:
     # --- alerts and responses ----------------------------------------------
 
     def raise_alert(self, finding: Finding) -> dict | None:
-        """Journal the finding (durably), count it, then respond. Each
-        (rule, process) alerts once."""
-        # once per (rule, process image): an exec into a new program under
-        # the same identity (pyenv shims, wrappers) is judged afresh
-        key = (finding.rule.id, finding.process.key, finding.process.exe)
-        if key in self._alerted:
-            return None
-        if len(self._alerted) >= ALERTED_LIMIT:
-            self._alerted.clear()
-        self._alerted.add(key)
-        rule = finding.rule
+        """One finding (see raise_alerts); the record of its incident when
+        it was new, else None."""
+        records = self.raise_alerts([finding])
+        return records[0] if records else None
+
+    def raise_alerts(self, findings: list[Finding]) -> list[dict]:
+        """Journal the findings (durably), count them, then respond. Each
+        (rule, process image) counts once; findings on one process in one
+        category within the incident window make one incident: one alert
+        record listing every rule, later rules as incident_update records,
+        one kill. Returns the incident alert record of each group filed."""
+        fresh = []
+        for finding in findings:
+            # once per (rule, process image): an exec into a new program under
+            # the same identity (pyenv shims, wrappers) is judged afresh
+            key = (finding.rule.id, finding.process.key, finding.process.exe)
+            if key in self._alerted:
+                continue
+            if len(self._alerted) >= ALERTED_LIMIT:
+                self._alerted.clear()
+            self._alerted.add(key)
+            fresh.append(finding)
+        if not fresh:
+            return []
+        records = []
+        for filed in self.incidents.file(fresh, time.monotonic()):
+            records.append(self._journal_incident(filed))
+        return records
+
+    def _journal_incident(self, filed: Filed) -> dict:
+        incident = filed.incident
+        killer = kill_rule_finding(filed.findings)
         enforce = (
-            self.config.mode == "enforce" and rule.action == "kill" and self.killer is not None
+            self.config.mode == "enforce"
+            and killer is not None
+            and self.killer is not None
+            and not incident.responded
         )
-        record = finding_record(finding, "kill" if enforce else "alert", time.time(), self.host)
-        record["id"] = uuid.uuid4().hex
-        record["event"] = "alert"
+        lead = primary(filed.findings) if filed.opened else filed.findings[0]
+        record = finding_record(lead, "kill" if enforce else "alert", time.time(), self.host)
         record["mode"] = self.config.mode
+        record["rules"] = rules_record(incident.findings)
+        if filed.opened:
+            record["id"] = incident.id
+            record["event"] = "alert"
+        else:
+            record["id"] = uuid.uuid4().hex
+            record["event"] = "incident_update"
+            record["alert_id"] = incident.id
         self.journal.write(record)  # durable before anything acts on it
-        self.alerts_raised += 1
+        if filed.opened:
+            self.alerts_raised += 1
+        action = "kill" if enforce else "alert"
         if self.metrics is not None:
-            self.metrics.alert(
-                rule.id, rule.category, rule.severity, "kill" if enforce else "alert"
-            )
+            if filed.opened:
+                self.metrics.incident(lead.rule.category, lead.rule.severity, action)
+            for finding in filed.findings:
+                rule = finding.rule
+                self.metrics.alert(rule.id, rule.category, rule.severity, action)
         log.warning(
-            "ALERT %s %s pid=%d user=%s %s: %s",
-            rule.severity,
-            rule.id,
-            finding.process.pid,
-            one_line(finding.process.user, 32),
-            command_line(finding.process.cmdline or (finding.process.comm,), 160),
-            one_line(finding.reason, 200),
+            "%s %s %s pid=%d user=%s %s: %s",
+            "ALERT" if filed.opened else "ALERT+",
+            lead.rule.severity,
+            "+".join(f.rule.id for f in filed.findings),
+            lead.process.pid,
+            one_line(lead.process.user, 32),
+            command_line(lead.process.cmdline or (lead.process.comm,), 160),
+            one_line("; ".join(f.reason for f in filed.findings), 300),
         )
         if enforce:
-            self.respond(finding, record)
+            incident.responded = True  # the kill happens once per incident
+            self.respond(killer, record)
         return record
 
     def respond(self, finding: Finding, alert: dict) -> None:

@@ -387,7 +387,7 @@ def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
 def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
     if not isinstance(value, LineDict) or not isinstance(value.get("spec"), str):
         raise RuleSyntaxError(loc, "getopt: expected a mapping with a 'spec' optstring")
-    allowed = {"spec", "interleaved_operands", "flags", "values"}
+    allowed = {"spec", "interleaved_operands", "flags", "values", "operands"}
     for key in value:
         if key not in allowed:
             raise RuleSyntaxError(value.where(key), f"getopt: unknown key {key!r}")
@@ -422,11 +422,15 @@ def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
             value_tests[letter] = c.value_test(
                 spec_tests, raw.where(letter), f"getopt.values.{letter}"
             )[0]
-    if not letters and not value_tests:
-        raise RuleSyntaxError(loc, "getopt: give 'flags' or 'values' to match")
+    operand_test = (
+        _operand_test(c, value["operands"], value.where("operands"))
+        if "operands" in value
+        else None
+    )
+    if not letters and not value_tests and operand_test is None:
+        raise RuleSyntaxError(loc, "getopt: give 'flags', 'values' or 'operands' to match")
 
-    def predicate(s: Subject) -> str | None:
-        parsed = argvlib.getopt(s.argv, spec, interleaved)
+    def option_hit(parsed: argvlib.GetoptResult) -> str | None:
         hit = sorted(parsed.flags & letters)
         if hit:
             return f"option -{hit[0]}"
@@ -436,7 +440,47 @@ def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"option -{letter} {_short(found)}"
         return None
 
+    def predicate(s: Subject) -> str | None:
+        parsed = argvlib.getopt(s.argv, spec, interleaved)
+        reason = option_hit(parsed) if letters or value_tests else None
+        if (letters or value_tests) and reason is None:
+            return None
+        if operand_test is None:
+            return reason
+        operands = operand_test(parsed.operands)
+        if operands is None:
+            return None
+        return f"{reason} with {operands}" if reason else operands
+
     return predicate
+
+
+def _operand_test(
+    c: Compiler, value: Any, loc: Location
+) -> Callable[[tuple[str, ...]], str | None]:
+    """getopt ``operands``: ``{min: N}`` (at least N operands) and/or
+    ``{regex: R}`` (an operand matching R); either one satisfies it."""
+    if not isinstance(value, LineDict) or not value or set(value) - {"min", "regex"}:
+        raise RuleSyntaxError(loc, "getopt.operands: expected {min: N} and/or {regex: R}")
+    least = value.get("min")
+    if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 1):
+        raise RuleSyntaxError(value.where("min"), "getopt.operands.min: expected a count >= 1")
+    pattern = (
+        c.regex(value["regex"], value.where("regex"), "getopt.operands.regex")
+        if "regex" in value
+        else None
+    )
+
+    def test(operands: tuple[str, ...]) -> str | None:
+        if least is not None and len(operands) >= least:
+            return f"{len(operands)} operands"
+        if pattern is not None:
+            for operand in operands:
+                if pattern.search(operand):
+                    return f"operand {_short(operand)}"
+        return None
+
+    return test
 
 
 def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Predicate:

@@ -192,8 +192,14 @@ class GuardMetrics:
         self.alerts = metric(
             Counter,
             "alerts",
-            "Alerts raised, by rule and what was done about them.",
+            "Rule hits, by rule and what was done about them (one incident may hold several).",
             ("rule", "category", "severity", "action"),
+        )
+        self.incidents = metric(
+            Counter,
+            "incidents",
+            "Incidents raised: rule hits on one process in one category, grouped.",
+            ("category", "severity", "action"),
         )
         self.events = metric(Counter, "events", "Events received from sensors.", ("source",))
         self.events_lost = metric(
@@ -272,6 +278,13 @@ class GuardMetrics:
         only), kill or block."""
         _member(action, ACTIONS, "action")
         self.alerts.labels(*self._alert_labels(rule, category, severity), action).inc()
+
+    def incident(self, category: str, severity: str, action: str) -> None:
+        """One incident opened (its rule hits are counted by alert())."""
+        _member(action, ACTIONS, "action")
+        with self._lock:
+            labels = (self._categories.admit(category), self._severities.admit(severity))
+        self.incidents.labels(*labels, action).inc()
 
     # sensors
 

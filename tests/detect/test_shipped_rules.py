@@ -195,6 +195,8 @@ POSITIVE = [
     ("nmap", ["nmap", "-sS", "10.0.0.0/24"], {"probe-scanner-binary"}),
     ("masscan", ["masscan", "-p1-65535", "10.0.0.1"], {"probe-scanner-binary"}),
     ("nc -zv", ["nc", "-zv", "10.0.0.1", "1-1024"], {"probe-netcat-zero-io"}),
+    ("nc -z port list", ["nc", "-z", "-w", "1", "10.0.0.1", "22,80,443"], {"probe-netcat-zero-io"}),
+    ("nc -z port operands", ["ncat", "-zn", "10.0.0.1", "22", "80"], {"probe-netcat-zero-io"}),
 ]
 
 NEGATIVE = [
@@ -220,6 +222,10 @@ NEGATIVE = [
     ("jupyter", ["python3", "-m", "jupyter", "notebook", "--port", "8888"]),
     ("torchrun", ["torchrun", "--nproc_per_node=8", "--rdzv_endpoint=10.0.0.1:29500", "train.py"]),
     ("plain nc client", ["nc", "10.0.0.1", "80"]),
+    # launch scripts wait for the rendezvous port with a single-port check
+    ("nc -z one port", ["nc", "-z", "10.0.0.1", "29500"]),
+    ("nc -zw one port", ["nc", "-zw", "2", "master-0", "29500"]),
+    ("nc -vz -w one port", ["nc.openbsd", "-v", "-z", "-w", "1", "10.0.0.1", "6379"]),
     ("socat unix relay", ["socat", "UNIX-LISTEN:/tmp/s", "UNIX-CONNECT:/run/x"]),
     ("python -c socket no shell", ["python3", "-c", "import socket; print(socket.gethostname())"]),
     ("awk field", ["awk", "{print $1}", "file"]),

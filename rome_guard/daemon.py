@@ -50,16 +50,19 @@ from rome_guard.events import (
     Endpoint,
     ExecEvent,
     ExitEvent,
+    FdDupEvent,
     ForkEvent,
     GpuOpenEvent,
     GpuProcess,
     ProcessInfo,
     ProcessKey,
+    RenameEvent,
     boottime_ns_to_ticks,
 )
-from rome_guard.findings import Finding, finding_record, gpu_record, rfc3339
+from rome_guard.findings import Finding, finding_record, gpu_record, network_record, rfc3339
 from rome_guard.gpu.consumers import NOT_GRANTED, UNREGISTERED, judge_consumer
 from rome_guard.gpu.registry import GpuRef
+from rome_guard.handlers import fd, rename
 from rome_guard.proctable import ProcessTable
 from rome_guard.respond.enforce import KernelPolicy, apply_policy, policy_for, rule_for
 from rome_guard.respond.journal import Journal
@@ -162,6 +165,7 @@ class Guard:
         self._fork_ticks: dict[int, int] = {}  # child pid -> start ticks from fork
         self._alerted: set[tuple[str, ProcessKey, str]] = set()
         self.incidents = IncidentBook()
+        self.socket_stdio = fd.SocketStdio()
         self._parked: deque[Parked] = deque()
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         self._stop = threading.Event()
@@ -176,6 +180,8 @@ class Guard:
             ForkEvent: ("fork", self.on_fork),
             ExitEvent: ("exit", self.on_exit),
             GpuOpenEvent: ("gpu_open", self.on_gpu_open),
+            FdDupEvent: ("fd", lambda event: fd.on_fd_dup(self, event)),
+            RenameEvent: ("rename", lambda event: rename.on_rename(self, event)),
         }
         self._install_rules(ruleset)
 
@@ -243,6 +249,7 @@ class Guard:
             if info.pid == own:
                 continue
             subject = subject_for(snapshot, info)
+            self.socket_stdio.remember(info.key, subject.stdio)
             if subject.connections:
                 self._connections[info.key] = deque(subject.connections[-CONNECTIONS_PER_PROCESS:])
             self.raise_alerts(self.engine.evaluate(subject))
@@ -302,7 +309,11 @@ class Guard:
         self.table.add(info)
         self._connections.pop(info.key, None)
         subject = Subject(
-            info, lambda: self.table.lineage(info), [], lambda: self._stdio_of(info.pid)
+            info,
+            lambda: self.table.lineage(info),
+            [],
+            lambda: self._exec_stdio(info),
+            self.socket_stdio.of,
         )
         self.raise_alerts(self.engine.evaluate(subject))
 
@@ -370,7 +381,18 @@ class Guard:
             attribution=parent.attribution if parent else Attribution(),
         )
 
-    def _stdio_of(self, pid: int) -> dict[int, Endpoint]:
+    def _exec_stdio(self, info: ProcessInfo) -> dict[int, Endpoint]:
+        """A new program's socket stdio (read only when a rule asks), kept
+        for the lineage of what it spawns."""
+        stdio = self.stdio_of_pid(info.pid)
+        self.socket_stdio.remember(info.key, stdio)
+        return stdio
+
+    def connections_of(self, info: ProcessInfo) -> tuple[Endpoint, ...]:
+        return tuple(self._connections.get(info.key, ()))
+
+    def stdio_of_pid(self, pid: int) -> dict[int, Endpoint]:
+        """fd (0, 1, 2) -> the inet socket it is, read from /proc now."""
         stdio = procfs.stdio_socket_inodes(pid)
         if not stdio:
             return {}
@@ -423,7 +445,13 @@ class Guard:
             peers = self._connections.setdefault(info.key, deque(maxlen=CONNECTIONS_PER_PROCESS))
             if all((p.daddr, p.dport) != (ep.daddr, ep.dport) for p in peers):
                 peers.append(ep)
-                subject = Subject(info, lambda: self.table.lineage(info), list(peers))
+                subject = Subject(
+                    info,
+                    lambda: self.table.lineage(info),
+                    list(peers),
+                    stdio_of=self.socket_stdio.of,
+                    exe=lambda: procfs.read_exe(info.pid),  # deleted since exec?
+                )
                 self.raise_alerts(self.engine.evaluate(subject, trigger=ep, network_only=True))
         if self.fanout:
             parent = self.table.parent(info)
@@ -439,6 +467,7 @@ class Guard:
         info = self.table.exit(event.pid)
         if info is not None:
             self._connections.pop(info.key, None)
+            self.socket_stdio.forget(info.key)
             for detector in self.fanout:
                 detector.forget(info)
 
@@ -662,6 +691,10 @@ class Guard:
         record = finding_record(lead, "kill" if enforce else "alert", time.time(), self.host)
         record["mode"] = self.config.mode
         record["rules"] = rules_record(incident.findings)
+        if "network" not in record:  # the peer another of its rules saw
+            peer = next((f.network for f in filed.findings if f.network is not None), None)
+            if peer is not None:
+                record["network"] = network_record(peer)
         if filed.opened:
             record["id"] = incident.id
             record["event"] = "alert"

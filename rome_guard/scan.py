@@ -70,6 +70,7 @@ def subject_for(snapshot: Snapshot, info: ProcessInfo) -> Subject:
         lineage=lambda: snapshot.table.lineage(info),
         connections=connections,
         stdio=stdio,
+        stdio_of=lambda other: snapshot.sockets_of.get(other.pid, ([], {}))[1],
     )
 
 

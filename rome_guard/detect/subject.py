@@ -15,10 +15,19 @@ from rome_guard.detect import argv as argvlib
 from rome_guard.events import Endpoint, ProcessInfo
 
 
+def _no_stdio(_process: ProcessInfo) -> dict[int, Endpoint]:
+    return {}
+
+
 class Subject:
     """``lineage`` and ``stdio`` may be given as zero-argument callables:
     they are then computed only if a rule asks (most execs never need
-    them, and the daemon sees thousands of execs a second)."""
+    them, and the daemon sees thousands of execs a second).
+
+    ``stdio_of`` tells the socket stdio of another process (an ancestor,
+    for lineage conditions) from what the caller already knows; ``exe``
+    (a callable) reads the executable's path at judgement time, for a
+    binary deleted or replaced after exec -- only a rule that asks pays."""
 
     def __init__(
         self,
@@ -26,11 +35,38 @@ class Subject:
         lineage: list[ProcessInfo] | Callable[[], list[ProcessInfo]] = (),
         connections: list[Endpoint] = (),
         stdio: dict[int, Endpoint] | Callable[[], dict[int, Endpoint]] | None = None,
+        stdio_of: Callable[[ProcessInfo], dict[int, Endpoint]] = _no_stdio,
+        exe: Callable[[], str] | None = None,
     ):
         self.process = process
         self.connections = list(connections)
         self._lineage = lineage
         self._stdio = stdio
+        self.stdio_of = stdio_of
+        self._exe = exe
+
+    def related(self, other: ProcessInfo, lineage: list[ProcessInfo]) -> Subject:
+        """Another process of this one's lineage, judged with what is known
+        about it (its socket stdio through stdio_of)."""
+        return Subject(other, lineage, (), lambda: self.stdio_of(other), self.stdio_of)
+
+    @cached_property
+    def exe(self) -> str:
+        """The executable's path now (" (deleted)" once removed), falling
+        back to the one known at exec when it cannot be read."""
+        if self._exe is not None:
+            current = self._exe()
+            if current:
+                return current
+        return self.process.exe
+
+    @property
+    def exe_deleted(self) -> bool:
+        return self.exe.endswith(" (deleted)")
+
+    @property
+    def exe_memfd(self) -> bool:
+        return self.exe.startswith("/memfd:")
 
     @cached_property
     def lineage(self) -> list[ProcessInfo]:
@@ -72,7 +108,8 @@ class Subject:
         names for known tools and arguments for behaviour."""
         candidates = {
             self.process.comm,
-            argvlib.basename(self.process.exe.removesuffix(" (deleted)")),
+            # a memfd's name ("/memfd:xmrig (deleted)") is the name it goes by
+            argvlib.basename(self.process.exe.removesuffix(" (deleted)")).removeprefix("memfd:"),
         }
         if self.argv:
             candidates.add(argvlib.basename(self.argv[0]))

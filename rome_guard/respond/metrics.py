@@ -55,6 +55,8 @@ EVENT_SOURCES = (
     "exit",
     "connect",  # eBPF connect attempts and outcomes
     "gpu_open",  # eBPF opens of /dev/nvidia*
+    "fd",  # eBPF: an inet socket duplicated onto stdio
+    "rename",  # eBPF: a process renamed itself after exec
     "payload",  # TC egress payloads (stratum, DNS)
     "nvml",  # NVML compute-process polls
     "procfs",  # /proc snapshots (seeding, poll mode, scan)

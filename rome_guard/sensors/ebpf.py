@@ -11,7 +11,11 @@ What it reports (details in rome_guard/bpf/*.c):
 - ConnectEvent for TCP connects (an "attempt", then "established",
   "refused" or "failed" for the same socket) and for datagram destinations
   (UDP connect()/sendto(): outcome "attempt", no source address);
-- GpuOpenEvent for successful opens of /dev/nvidia*.
+- GpuOpenEvent for successful opens of /dev/nvidia*;
+- FdDupEvent when an inet socket the process made is duplicated onto fd
+  0, 1 or 2 (dup, dup2, dup3, fcntl F_DUPFD*), checked at syscall exit;
+- RenameEvent when a process renames itself after exec (prctl
+  PR_SET_NAME, /proc/self/comm).
 
 It only observes: it never kills or blocks (rome_guard/respond does), and
 never drops what a rule could need without counting it: failed ring buffer
@@ -92,6 +96,17 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("task:task_newtask", "rgs_newtask"),
     _process("syscalls:sys_enter_exit_group", "rgs_exit_group"),
     _process("sched:sched_process_exit", "rgs_exit"),
+    _process("syscalls:sys_enter_socket", "rgs_socket"),
+    _process("syscalls:sys_exit_socket", "rgs_socket_ret"),
+    _process("syscalls:sys_enter_dup", "rgs_dup"),
+    _process("syscalls:sys_exit_dup", "rgs_dup_ret"),
+    _process("syscalls:sys_enter_dup2", "rgs_dup2", "HAVE_DUP2"),  # not on arm64
+    _process("syscalls:sys_exit_dup2", "rgs_dup2_ret", "HAVE_DUP2"),
+    _process("syscalls:sys_enter_dup3", "rgs_dup3"),
+    _process("syscalls:sys_exit_dup3", "rgs_dup3_ret"),
+    _process("syscalls:sys_enter_fcntl", "rgs_fcntl"),
+    _process("syscalls:sys_exit_fcntl", "rgs_fcntl_ret"),
+    _process("task:task_rename", "rgs_rename"),
     Attachment("sock:inet_sock_set_state", "rgs_tcp_state"),
     Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset"),
     Attachment("syscalls:sys_enter_connect", "rgs_connect"),

@@ -200,6 +200,12 @@ def read_image(pid: int, proc: str = PROC) -> tuple[str, str] | None:
         os.close(dir_fd)
 
 
+def read_exe(pid: int, proc: str = PROC) -> str:
+    """The executable's path now ("... (deleted)" once removed, "/memfd:NAME
+    (deleted)" for a memfd); "" when unreadable or gone."""
+    return _readlink(f"{proc}/{pid}/exe")
+
+
 def iter_processes(
     env_keys: Iterable[str] = (), proc: str = PROC, pre_existing: bool = False
 ) -> Iterator[ProcessInfo]:

@@ -7,7 +7,8 @@ import pytest
 
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import SHIPPED_CATEGORIES, load_rules
-from tests.detect.helpers import subject, tcp
+from rome_guard.detect.subject import Subject
+from tests.detect.helpers import process, subject, tcp
 
 XMR_WALLET = "4" + "8" * 94
 ETH_WALLET = "0x" + "ab" * 20
@@ -269,6 +270,53 @@ def test_shell_with_listening_or_unconnected_socket_is_quiet(engine: Engine) -> 
     assert fired(engine, subject("bash", "-i", stdio_peer=listener)) == set()
     # a server whose stdio is a socket (inetd style) is not a shell
     assert fired(engine, subject("/usr/sbin/in.tftpd", stdio_peer=tcp("10.0.0.1", 4444))) == set()
+
+
+def _under(parent_stdio: dict, *parent_argv: str):
+    """A shell spawned (pty.spawn) by parent_argv whose stdio is parent_stdio."""
+    parent = process(*parent_argv, pid=100)
+    known = {parent.key: parent_stdio}
+    return Subject(
+        process("/bin/sh", pid=101),
+        [parent],
+        (),
+        {},  # its own stdio is a pty
+        lambda info: known.get(info.key, {}),
+    )
+
+
+def test_shell_on_a_pty_driven_by_a_socket_stdio_process(engine: Engine) -> None:
+    peer = tcp("10.0.0.1", 4444)
+    on_socket = {0: peer, 1: peer, 2: peer}
+    assert fired(engine, _under(on_socket, "python3", "-c", "...")) == {"shell-under-socket-stdio"}
+    assert fired(engine, _under({1: peer}, "perl", "x.pl")) == {"shell-under-socket-stdio"}
+
+
+def test_shell_on_a_pty_of_a_terminal_server_is_quiet(engine: Engine) -> None:
+    # jupyter's terminal: a websocket on fd 7, the shell on a pty; stdio is a tty
+    assert fired(engine, _under({}, "python3", "-m", "jupyter", "lab")) == set()
+    # an inetd-style server whose stdio is a socket is not a shell or interpreter
+    assert fired(engine, _under({0: tcp("10.0.0.1", 22)}, "/usr/sbin/sshd", "-i")) == set()
+    listener = tcp("0.0.0.0", 0, "LISTEN")
+    assert fired(engine, _under({0: listener}, "python3", "serve.py")) == set()
+
+
+def test_memfd_named_like_a_miner_goes_by_that_name(engine: Engine) -> None:
+    memfd = subject("3", exe="/memfd:xmrig (deleted)", comm="3")
+    assert fired(engine, memfd) == {"miner-known-binary"}
+    assert fired(engine, subject("3", exe="/memfd:jit-cache (deleted)", comm="3")) == set()
+
+
+def test_exe_facts_are_read_at_judgement_time(engine: Engine) -> None:
+    """A binary deleted after exec connects to a pool port: the exe path
+    read now says so, the one cached at exec did not."""
+    info = process("/opt/svc/helper", exe="/opt/svc/helper")
+    pool = [tcp("10.0.0.9", 3333)]
+    assert fired(engine, Subject(info, [], pool)) == set()
+    now = Subject(info, [], pool, exe=lambda: "/opt/svc/helper (deleted)")
+    assert fired(engine, now) == {"miner-pool-port-supporting"}
+    upgraded = Subject(info, [], [tcp("10.0.0.9", 443)], exe=lambda: "/opt/svc/helper (deleted)")
+    assert fired(engine, upgraded) == set()  # an upgraded service, still running
 
 
 def test_pool_port_alone_never_fires(engine: Engine) -> None:

@@ -70,6 +70,7 @@ from rome_guard.respond.metrics import gpu_usage
 from rome_guard.scan import is_peer, subject_for, take_snapshot
 from rome_guard.sensors import procfs, sockdiag
 from rome_guard.sensors.poll import PollSensor
+from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.textsafe import command_line, one_line
 from rome_guard.yamlsrc import SourceError
 
@@ -166,6 +167,7 @@ class Guard:
         self._alerted: set[tuple[str, ProcessKey, str]] = set()
         self.incidents = IncidentBook()
         self.socket_stdio = fd.SocketStdio()
+        self.ssh_config = EffectiveSshConfig()
         self._parked: deque[Parked] = deque()
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         self._stop = threading.Event()
@@ -248,7 +250,7 @@ class Guard:
         for info in snapshot.table:
             if info.pid == own:
                 continue
-            subject = subject_for(snapshot, info)
+            subject = subject_for(snapshot, info, self.ssh_config)
             self.socket_stdio.remember(info.key, subject.stdio)
             if subject.connections:
                 self._connections[info.key] = deque(subject.connections[-CONNECTIONS_PER_PROCESS:])
@@ -314,6 +316,7 @@ class Guard:
             [],
             lambda: self._exec_stdio(info),
             self.socket_stdio.of,
+            ssh_forwards=self.ssh_config.forwards,
         )
         self.raise_alerts(self.engine.evaluate(subject))
 

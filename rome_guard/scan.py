@@ -18,6 +18,7 @@ from rome_guard.events import Endpoint, ProcessInfo
 from rome_guard.findings import Finding
 from rome_guard.proctable import ProcessTable
 from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors.sshconfig import EffectiveSshConfig
 
 _NOT_A_PEER = ("LISTEN", "UNCONNECTED", "CLOSE")
 
@@ -63,7 +64,9 @@ def take_snapshot(env_keys: list[str] | tuple[str, ...] = ()) -> Snapshot:
     return snapshot
 
 
-def subject_for(snapshot: Snapshot, info: ProcessInfo) -> Subject:
+def subject_for(
+    snapshot: Snapshot, info: ProcessInfo, ssh: EffectiveSshConfig | None = None
+) -> Subject:
     connections, stdio = snapshot.sockets_of.get(info.pid, ([], {}))
     return Subject(
         process=info,
@@ -71,6 +74,7 @@ def subject_for(snapshot: Snapshot, info: ProcessInfo) -> Subject:
         connections=connections,
         stdio=stdio,
         stdio_of=lambda other: snapshot.sockets_of.get(other.pid, ([], {}))[1],
+        ssh_forwards=ssh.forwards if ssh is not None else None,
     )
 
 
@@ -90,11 +94,12 @@ def scan(
     timestamp = time.time()
     snapshot = take_snapshot(config.attribution.env_keys)
     engine = Engine(ruleset)
+    ssh = EffectiveSshConfig()
     findings: list[Finding] = []
     for info in snapshot.table:
         if info.pid in exclude_pids:
             continue
-        findings.extend(engine.evaluate(subject_for(snapshot, info)))
+        findings.extend(engine.evaluate(subject_for(snapshot, info, ssh)))
     findings.sort(key=lambda f: (_SEVERITY_ORDER[f.rule.severity], f.rule.id, f.process.pid))
     return ScanResult(
         findings=findings,

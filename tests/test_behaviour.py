@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, by_pid, daemon, rule_ids
-from tests.fixtures.network import listener, write_fake_miner
+from tests.fixtures.network import free_port, listener, sshd, wait_until, write_fake_miner
 
 WALLET = "4" + "8" * 94
 
@@ -436,3 +438,122 @@ def test_memfd_of_a_jit_is_clean(guard: Daemon) -> None:
     proc.wait(30)
     guard.settle()
     assert guard.alerts_for(by_pid(proc.pid)) == []
+
+
+# --- ssh forwards that live in config files ----------------------------------
+
+SSH_HOST = """Host {alias}
+  HostName 127.0.0.1
+  Port {port}
+  User root
+  IdentityFile {key}
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  BatchMode yes
+  LogLevel ERROR
+"""
+
+
+@pytest.fixture
+def ssh_user():
+    """A throwaway user with a home of its own: its ~/.ssh/config is read
+    by ssh (and by ssh -G, run as that user), the host's root config is
+    left alone."""
+    name = f"rgssh{os.getpid() % 100000}"
+    home = tempfile.mkdtemp(prefix="rg-home-")
+    subprocess.run(["useradd", "-M", "-d", home, "-s", "/bin/sh", name], check=True)
+    try:
+        entry = pwd.getpwnam(name)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        yield entry
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+        subprocess.run(["userdel", name], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _write_as(entry, path: str, text: str, mode: int = 0o600) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    for p in (os.path.dirname(path), path):
+        os.chown(p, entry.pw_uid, entry.pw_gid)
+
+
+def _until_listening(port: int, proc: subprocess.Popen) -> None:
+    wait_until(lambda: proc.poll() is not None or _listening("127.0.0.1", port), timeout=20)
+    assert proc.poll() is None, "ssh exited"
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def test_remote_forward_in_a_config_file(guard: Daemon, tmp_path: Path) -> None:
+    """ssh -F cfg -N h1, the forward in a Match block: the forward really
+    listens, and the rule names the effective configuration."""
+    forward = free_port()
+    with sshd("127.0.0.1") as server:
+        cfg = tmp_path / "tunnels.cfg"
+        cfg.write_text(
+            SSH_HOST.format(alias="h1", port=server.port, key=server.client_key)
+            + f"Match originalhost h1\n  RemoteForward 127.0.0.1:{forward} localhost:22\n"
+        )
+        plain = tmp_path / "plain.cfg"
+        plain.write_text(SSH_HOST.format(alias="h1", port=server.port, key=server.client_key))
+        tunnel = subprocess.Popen(["ssh", "-F", str(cfg), "-N", "h1"], stderr=subprocess.DEVNULL)
+        quiet = subprocess.Popen(["ssh", "-F", str(plain), "h1", "true"])
+        try:
+            _until_listening(forward, tunnel)
+            alert = guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"))
+            assert alert["category"] == "reverse_tunnel"
+            assert "effective ssh config has remote forward" in alert["reason"]
+            assert quiet.wait(30) == 0
+            guard.settle()
+            assert guard.alerts_for(by_pid(quiet.pid)) == []
+        finally:
+            tunnel.kill()
+            tunnel.wait()
+
+
+def test_remote_forward_in_the_users_config_through_include(
+    guard: Daemon, ssh_user, tmp_path: Path
+) -> None:
+    """A host alias in ~/.ssh/config, its RemoteForward in an Included file,
+    run by an ordinary user."""
+    forward = free_port()
+    home = ssh_user.pw_dir
+    with sshd("127.0.0.1") as server:
+        key = os.path.join(home, ".ssh", "id_test")
+        with open(server.client_key) as f:
+            _write_as(ssh_user, key, f.read())
+        _write_as(ssh_user, os.path.join(home, ".ssh", "config"), "Include config.d/*.conf\n")
+        _write_as(
+            ssh_user,
+            os.path.join(home, ".ssh", "config.d", "dev.conf"),
+            SSH_HOST.format(alias="devbox", port=server.port, key=key)
+            + f"  RemoteForward 127.0.0.1:{forward} localhost:22\n"
+            + SSH_HOST.format(alias="devbox-plain", port=server.port, key=key),
+        )
+        as_user = dict(
+            user=ssh_user.pw_uid,
+            group=ssh_user.pw_gid,
+            extra_groups=[],
+            cwd=home,
+            env={"HOME": home, "PATH": "/usr/bin:/bin", "USER": ssh_user.pw_name},
+        )
+        tunnel = subprocess.Popen(["ssh", "-N", "devbox"], stderr=subprocess.DEVNULL, **as_user)
+        quiet = subprocess.Popen(["ssh", "devbox-plain", "true"], **as_user)
+        try:
+            _until_listening(forward, tunnel)
+            alert = guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"))
+            assert alert["process"]["user"] == ssh_user.pw_name
+            assert quiet.wait(30) == 0
+            guard.settle()
+            assert guard.alerts_for(by_pid(quiet.pid)) == []
+        finally:
+            tunnel.kill()
+            tunnel.wait()

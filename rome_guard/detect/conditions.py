@@ -549,6 +549,30 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
+SSH_FORWARD_KINDS = ("remote", "dynamic", "local", "tunnel")
+
+
+def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
+    kinds = c.strings(value, loc, "ssh_forwards")
+    for kind in kinds:
+        if kind not in SSH_FORWARD_KINDS:
+            raise RuleSyntaxError(
+                loc, f"ssh_forwards: {kind!r} is not one of {', '.join(SSH_FORWARD_KINDS)}"
+            )
+
+    def predicate(s: Subject) -> str | None:
+        forwards = s.ssh_forwards
+        if forwards is None:
+            return None
+        found = forwards.kinds()
+        for kind in kinds:
+            if kind in found:
+                return f"effective ssh config has {kind} forward {_short(found[kind])}"
+        return None
+
+    return predicate
+
+
 def _has_peer(ep: Endpoint) -> bool:
     return ep.dport != 0 and ep.daddr not in ("0.0.0.0", "::", "")
 
@@ -623,6 +647,7 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "parent": _b_parent,
     "ancestor": _b_ancestor,
     "stdio_socket": _b_stdio_socket,
+    "ssh_forwards": _b_ssh_forwards,
     "remote_port": _b_remote_port,
     "remote_cidr": _b_remote_cidr,
 }

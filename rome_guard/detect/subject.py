@@ -9,7 +9,7 @@ that many conditions share. The same Subject type is built by `scan`
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable
+from typing import Any, Callable
 
 from rome_guard.detect import argv as argvlib
 from rome_guard.events import Endpoint, ProcessInfo
@@ -37,6 +37,7 @@ class Subject:
         stdio: dict[int, Endpoint] | Callable[[], dict[int, Endpoint]] | None = None,
         stdio_of: Callable[[ProcessInfo], dict[int, Endpoint]] = _no_stdio,
         exe: Callable[[], str] | None = None,
+        ssh_forwards: Callable[[ProcessInfo], Any] | None = None,
     ):
         self.process = process
         self.connections = list(connections)
@@ -44,11 +45,20 @@ class Subject:
         self._stdio = stdio
         self.stdio_of = stdio_of
         self._exe = exe
+        self._ssh_forwards = ssh_forwards
 
     def related(self, other: ProcessInfo, lineage: list[ProcessInfo]) -> Subject:
         """Another process of this one's lineage, judged with what is known
         about it (its socket stdio through stdio_of)."""
         return Subject(other, lineage, (), lambda: self.stdio_of(other), self.stdio_of)
+
+    @cached_property
+    def ssh_forwards(self) -> Any:
+        """The ssh client's effective forwards (sensors.sshconfig.SshForwards),
+        or None when unknown; asked only when a rule needs it."""
+        if self._ssh_forwards is None:
+            return None
+        return self._ssh_forwards(self.process)
 
     @cached_property
     def exe(self) -> str:

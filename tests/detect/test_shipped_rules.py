@@ -357,3 +357,24 @@ def test_shipped_high_confidence_rules_kill_and_weak_evidence_alerts() -> None:
     } <= kills
     for weak in ("miner-pool-port-supporting", "probe-scanner-binary", "probe-fanout"):
         assert ruleset.get(weak).action == "alert"
+
+
+def test_forwards_of_the_effective_ssh_config(engine: Engine) -> None:
+    """ssh -G's answer for forwards that only a config file states."""
+    from rome_guard.sensors.sshconfig import SshForwards
+
+    def ssh(forwards: SshForwards | None, *argv: str) -> Subject:
+        return Subject(process("ssh", *argv), ssh_forwards=lambda _info: forwards)
+
+    remote = SshForwards(remote=("127.0.0.1:9000 localhost:22",))
+    assert fired(engine, ssh(remote, "-N", "h1")) == {"tunnel-ssh-remote-forward"}
+    assert fired(engine, ssh(SshForwards(dynamic=("1080",)), "-F", "cfg", "h1")) == {
+        "tunnel-ssh-dynamic-or-tun"
+    }
+    assert fired(engine, ssh(SshForwards(tunnel="ethernet"), "vpn")) == {
+        "tunnel-ssh-dynamic-or-tun"
+    }
+    # a config with no forwards, a local forward only, or no answer at all
+    assert fired(engine, ssh(SshForwards(), "-F", "cfg", "h1", "true")) == set()
+    assert fired(engine, ssh(SshForwards(local=("8888 localhost:8888",)), "nb")) == set()
+    assert fired(engine, ssh(None, "h1", "true")) == set()

@@ -557,3 +557,37 @@ def test_remote_forward_in_the_users_config_through_include(
         finally:
             tunnel.kill()
             tunnel.wait()
+
+
+# --- tunnels known by their syntax, not their name -------------------------------
+
+TUNNEL_CLIENT = r"""#!{python}
+import socket, sys, time
+host, port = sys.argv[-1].split("://")[-1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["client", "--keepalive", "25s", "R:socks", "{server}"],  # chisel's shape
+        ["-L", "rtcp://:2222/127.0.0.1:22", "-F", "relay+tls://{server}"],  # gost's
+    ],
+    ids=["chisel-shape", "gost-shape"],
+)
+def test_tunnel_client_renamed_is_known_by_its_arguments(
+    guard: Daemon, tmp_path: Path, arguments: list[str]
+) -> None:
+    program = tmp_path / "dbus-session-helper"
+    program.write_text(TUNNEL_CLIENT.replace("{python}", sys.executable))
+    program.chmod(0o755)
+    with listener("127.0.16.1", 0) as server:
+        argv = [a.replace("{server}", f"127.0.16.1:{server.port}") for a in arguments]
+        proc = subprocess.Popen([str(program), *argv])
+        proc.wait(30)
+        assert server.accepted  # it really connected out
+    alert = guard.wait_alert(by_pid(proc.pid, "tunnel-tool-syntax"))
+    assert alert["category"] == "reverse_tunnel"
+    assert alert["process"]["comm"] == "dbus-session-he"  # no tool name anywhere

@@ -43,10 +43,38 @@ class RuleSyntaxError(Exception):
 
 
 class Compiler:
-    """Compiles conditions against a set of named lists."""
+    """Compiles conditions against a set of named lists and named
+    conditions (macros: name -> (condition node, where it is defined))."""
 
-    def __init__(self, lists: Mapping[str, list]):
+    def __init__(
+        self, lists: Mapping[str, list], macros: Mapping[str, tuple[Any, Location]] | None = None
+    ):
         self.lists = lists
+        self.macros = macros or {}
+        self._compiled_macros: dict[str, Predicate] = {}
+        self._expanding: list[str] = []
+
+    def macro(self, name: Any, loc: Location) -> Predicate:
+        """The named condition, compiled once; a reference to an unknown or
+        self-referencing macro is an error at its place of use."""
+        if not isinstance(name, str) or name.lstrip("$") not in self.macros:
+            known = ", ".join(sorted(self.macros)) or "none defined"
+            raise RuleSyntaxError(loc, f"macro: unknown macro {name!r} (known: {known})")
+        name = name.lstrip("$")
+        compiled = self._compiled_macros.get(name)
+        if compiled is not None:
+            return compiled
+        if name in self._expanding:
+            chain = " -> ".join([*self._expanding, name])
+            raise RuleSyntaxError(loc, f"macro: {name!r} refers to itself ({chain})")
+        node, defined_at = self.macros[name]
+        self._expanding.append(name)
+        try:
+            compiled = self.condition(node, defined_at)
+        finally:
+            self._expanding.pop()
+        self._compiled_macros[name] = compiled
+        return compiled
 
     # --- values --------------------------------------------------------------
 
@@ -573,6 +601,10 @@ def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
+def _b_macro(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return c.macro(value, loc)
+
+
 def _has_peer(ep: Endpoint) -> bool:
     return ep.dport != 0 and ep.daddr not in ("0.0.0.0", "::", "")
 
@@ -648,6 +680,7 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "ancestor": _b_ancestor,
     "stdio_socket": _b_stdio_socket,
     "ssh_forwards": _b_ssh_forwards,
+    "macro": _b_macro,
     "remote_port": _b_remote_port,
     "remote_cidr": _b_remote_cidr,
 }

@@ -591,3 +591,47 @@ def test_tunnel_client_renamed_is_known_by_its_arguments(
     alert = guard.wait_alert(by_pid(proc.pid, "tunnel-tool-syntax"))
     assert alert["category"] == "reverse_tunnel"
     assert alert["process"]["comm"] == "dbus-session-he"  # no tool name anywhere
+
+
+# --- io_uring: a datagram that no send syscall carries -------------------------
+
+URING_SENDMSG = Path(__file__).resolve().parent / "fixtures" / "uring_sendmsg.c"
+
+
+def _udp_sink(host: str, port: int) -> socket.socket:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((host, port))
+    sink.settimeout(10)
+    return sink
+
+
+@pytest.mark.parametrize(
+    ("where", "port", "extra", "expected"),
+    [
+        ("tmp", 3333, [], True),  # a binary run from /tmp
+        ("var", 14444, [WALLET], True),  # a wallet in its arguments
+        ("tmp", 53, [], False),  # DNS over io_uring from /tmp: not a pool
+    ],
+    ids=["tmp-binary", "wallet-arg", "dns-clean"],
+)
+def test_io_uring_sendmsg_datagram_is_seen(
+    guard: Daemon, tmp_path: Path, where: str, port: int, extra: list[str], expected: bool
+) -> None:
+    directory = str(tmp_path) if where == "tmp" else tempfile.mkdtemp(dir="/var/lib")
+    binary = os.path.join(directory, "svc")
+    subprocess.run(["gcc", "-O1", "-o", binary, str(URING_SENDMSG)], check=True)
+    host = f"127.0.17.{port % 200 + 1}"
+    try:
+        with contextlib.closing(_udp_sink(host, port)) as sink:
+            proc = subprocess.Popen([binary, host, str(port), *extra])
+            assert sink.recv(16) == b"x"  # really sent, with IORING_OP_SENDMSG
+            assert proc.wait(30) == 0
+        if expected:
+            alert = guard.wait_alert(by_pid(proc.pid, "miner-pool-port-supporting"))
+            assert alert["network"]["proto"] == "udp" and alert["network"]["dport"] == port
+        else:
+            guard.settle()
+            assert guard.alerts_for(by_pid(proc.pid)) == []
+    finally:
+        if where != "tmp":
+            shutil.rmtree(directory, ignore_errors=True)

@@ -61,6 +61,7 @@
 #define SOURCE_TCP_STATE 1 /* sock:inet_sock_set_state */
 #define SOURCE_CONNECT 2 /* connect() on a socket that sent no SYN */
 #define SOURCE_SEND 3 /* sendto/sendmsg/sendmmsg with a destination */
+#define SOURCE_UDP_SENDMSG 4 /* cgroup udp4/udp6_sendmsg: any unconnected UDP send, io_uring's too */
 
 #define GPU_PATH_MAX 128
 #define GPU_PATH_PREFIX "/dev/nvidia"

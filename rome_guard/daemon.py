@@ -453,7 +453,7 @@ class Guard:
                     lambda: self.table.lineage(info),
                     list(peers),
                     stdio_of=self.socket_stdio.of,
-                    exe=lambda: procfs.read_exe(info.pid),  # deleted since exec?
+                    exe=lambda: rename.exe_now(info),  # deleted since exec?
                 )
                 self.raise_alerts(self.engine.evaluate(subject, trigger=ep, network_only=True))
         if self.fanout:
@@ -943,6 +943,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             degraded,
             getattr(sensor, "interval_s", 0.5),
         )
+    for line in getattr(sensor, "degraded", ()) or ():
+        log.warning("sensor: %s", line)
     guard.attach(sensor, mode)
     if gpu is not None:
         gpu.start()

@@ -6,6 +6,7 @@ training-host life that must stay clean."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -292,7 +293,7 @@ RENAMER_C = r"""
 int main(int argc, char **argv)
 {
     char host[64], *end = argv[argc - 1] + strlen(argv[argc - 1]);
-    int port = atoi(argv[2]);
+    int port = atoi(argv[2]), linger = argc > 3 ? atoi(argv[3]) : 3;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
     int s;
 
@@ -304,7 +305,7 @@ int main(int argc, char **argv)
     inet_pton(AF_INET, host, &sa.sin_addr);
     s = socket(AF_INET, SOCK_STREAM, 0);
     connect(s, (struct sockaddr *)&sa, sizeof(sa));
-    sleep(3);
+    sleep(linger);
     return 0;
 }
 """
@@ -372,7 +373,8 @@ def _private_copy(program: str) -> tuple[str, str]:
 @pytest.mark.parametrize(
     ("program", "script"),
     [
-        ("bash", "rm -f {path}; exec 3<>/dev/tcp/{host}/{port}; sleep 2"),
+        # "; true": bash would exec the last command, and a sleep is not deleted
+        ("bash", "rm -f {path}; exec 3<>/dev/tcp/{host}/{port}; sleep 2; true"),
         (
             "perl",
             "use IO::Socket::INET; unlink '{path}'; "
@@ -562,10 +564,10 @@ def test_remote_forward_in_the_users_config_through_include(
 # --- tunnels known by their syntax, not their name -------------------------------
 
 TUNNEL_CLIENT = r"""#!{python}
-import socket, sys, time
+import os, socket, sys, time
 host, port = sys.argv[-1].split("://")[-1].rsplit(":", 1)
 s = socket.create_connection((host, int(port)))
-time.sleep(1)
+time.sleep(float(os.environ.get("LINGER_S", "1")))
 """
 
 
@@ -635,3 +637,95 @@ def test_io_uring_sendmsg_datagram_is_seen(
     finally:
         if where != "tmp":
             shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- scan and run agree ---------------------------------------------------------------
+
+
+def test_scan_and_run_report_the_same_rules(guard: Daemon, tmp_path: Path) -> None:
+    """Every case above that leaves state to see (a process, its sockets,
+    its stdio), alive at once: the daemon's rule ids for each process equal
+    what `rome-guard scan` finds for it. (Probes and datagrams are events,
+    not state: scan has no history to judge them by.)"""
+    keep = "40"
+    procs: list[subprocess.Popen] = []
+    directory, bash_copy = _private_copy("bash")
+    try:
+        with (
+            listener("127.0.18.1", 0) as attacker,
+            listener("127.0.18.2", 3333, stratum=True),
+            listener("127.0.18.3", 3333),
+            listener("127.0.18.4", 0) as tunnel_server,
+            sshd("127.0.0.1") as server,
+        ):
+            shell_driver = _spawn(PTY_SPAWN, attacker, tmp_path)
+            renamer = subprocess.Popen(
+                [_build(tmp_path, RENAMER_C, "helper"), "127.0.18.2", "3333", keep]
+            )
+            deleted = subprocess.Popen(
+                [
+                    bash_copy,
+                    "-c",
+                    f"rm -f {bash_copy}; exec 3<>/dev/tcp/127.0.18.3/3333; sleep {keep}; true",
+                ]
+            )
+            memfd = subprocess.Popen(
+                [sys.executable, "-c", MEMFD_EXEC.replace('"1"', f'"{keep}"'), "xmrig", "fexecve"]
+            )
+            cfg = tmp_path / "tunnels.cfg"
+            forward = free_port()
+            cfg.write_text(
+                SSH_HOST.format(alias="h1", port=server.port, key=server.client_key)
+                + f"  RemoteForward 127.0.0.1:{forward} localhost:22\n"
+            )
+            tunnel = subprocess.Popen(
+                ["ssh", "-F", str(cfg), "-N", "h1"], stderr=subprocess.DEVNULL
+            )
+            client = tmp_path / "dbus-session-helper"
+            client.write_text(TUNNEL_CLIENT.replace("{python}", sys.executable))
+            client.chmod(0o755)
+            tool = subprocess.Popen(
+                [str(client), "client", "R:socks", f"127.0.18.4:{tunnel_server.port}"],
+                env=dict(os.environ, LINGER_S=keep),
+            )
+            procs += [shell_driver, renamer, deleted, memfd, tunnel, tool]
+            _until_listening(forward, tunnel)
+            spawned_shell = guard.wait_alert(
+                lambda r: (
+                    "shell-under-socket-stdio" in rule_ids(r)
+                    and r["lineage"][0]["pid"] == shell_driver.pid
+                )
+            )["process"]["pid"]
+            expected_rules = {
+                shell_driver.pid: "shell-stdio-socket",
+                spawned_shell: "shell-under-socket-stdio",
+                renamer.pid: "miner-known-binary",
+                deleted.pid: "miner-pool-port-supporting",
+                memfd.pid: "miner-known-binary",
+                tunnel.pid: "tunnel-ssh-remote-forward",
+                tool.pid: "tunnel-tool-syntax",
+            }
+            for pid, rule in expected_rules.items():
+                guard.wait_alert(by_pid(pid, rule))
+            guard.settle()
+            result = subprocess.run(
+                [sys.executable, "-m", "rome_guard", "scan", "--json"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 1, result.stderr
+            findings = json.loads(result.stdout)["findings"]
+            for pid in expected_rules:
+                by_daemon = {
+                    rule for r in guard.alerts_for(by_pid(pid)) for rule in rule_ids(r)
+                } - {"probe-fanout"}
+                by_scan = {f["rule"] for f in findings if f["process"]["pid"] == pid}
+                assert by_daemon == by_scan, (pid, expected_rules[pid])
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL) if proc is procs[0] else proc.kill()
+            proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)

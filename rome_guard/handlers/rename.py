@@ -34,6 +34,17 @@ def refreshed_identity(known: ProcessInfo, comm: str = "") -> ProcessInfo | None
     )
 
 
+def exe_now(info: ProcessInfo) -> str:
+    """info's executable as /proc shows it now, when it is still the same
+    file (only " (deleted)" may have been added since exec); "" when the
+    process has exec'd another program since, or is gone: the event being
+    judged belongs to the image info describes."""
+    current = procfs.read_exe(info.pid)
+    if current.removesuffix(" (deleted)") == info.exe.removesuffix(" (deleted)"):
+        return current
+    return ""
+
+
 def on_rename(guard: Any, event: RenameEvent) -> None:
     known = guard.resolve(event.pid)
     if known is None:
@@ -50,6 +61,6 @@ def on_rename(guard: Any, event: RenameEvent) -> None:
         list(guard.connections_of(info)),
         lambda: guard.stdio_of_pid(info.pid),
         guard.socket_stdio.of,
-        lambda: procfs.read_exe(info.pid),
+        lambda: exe_now(info),
     )
     guard.raise_alerts(guard.engine.evaluate(subject))

@@ -168,6 +168,7 @@ class Guard:
         self.incidents = IncidentBook()
         self.socket_stdio = fd.SocketStdio()
         self.ssh_config = EffectiveSshConfig()
+        self.externally_connected: set[ProcessKey] = set()  # first-connect identity re-read
         self._parked: deque[Parked] = deque()
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         self._stop = threading.Event()
@@ -444,6 +445,8 @@ class Guard:
             self._park(event)
             return
         ep = event.endpoint
+        if not ep.is_loopback and ep.daddr not in ("0.0.0.0", "::"):
+            info = rename.on_first_external_connect(self, info)
         if event.outcome == CONNECT_ATTEMPT or is_peer(ep) or ep.dport:
             peers = self._connections.setdefault(info.key, deque(maxlen=CONNECTIONS_PER_PROCESS))
             if all((p.daddr, p.dport) != (ep.daddr, ep.dport) for p in peers):
@@ -471,6 +474,7 @@ class Guard:
         if info is not None:
             self._connections.pop(info.key, None)
             self.socket_stdio.forget(info.key)
+            self.externally_connected.discard(info.key)
             for detector in self.fanout:
                 detector.forget(info)
 

@@ -729,3 +729,104 @@ def test_scan_and_run_report_the_same_rules(guard: Daemon, tmp_path: Path) -> No
                 os.killpg(proc.pid, signal.SIGKILL) if proc is procs[0] else proc.kill()
             proc.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- argv rewritten without a rename: seen at the first connect outside loopback ---
+
+RETITLE_C = r"""
+#include <arpa/inet.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* TITLE='w1|w2|...' retitle HOST PORT: rewrite the argv area to the words
+ * of $TITLE (NUL separated, as setproctitle-style code does; the exec'd
+ * argv says nothing), then connect and linger */
+int main(int argc, char **argv)
+{
+    char host[64], words[512] = {0}, *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    const char *title = getenv("TITLE");
+    size_t used, i;
+    int s;
+
+    strncpy(host, argv[1], sizeof(host) - 1);
+    host[sizeof(host) - 1] = 0;
+    strncpy(words, title ? title : "", sizeof(words) - 1);
+    used = strlen(words) + 1;
+    for (i = 0; i < used; i++)
+        if (words[i] == '|')
+            words[i] = 0;
+    memset(argv[0], 0, end - argv[0]);
+    memcpy(argv[0], words, used < (size_t)(end - argv[0]) ? used : (size_t)(end - argv[0]));
+    inet_pton(AF_INET, host, &sa.sin_addr);
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    connect(s, (struct sockaddr *)&sa, sizeof(sa));
+    sleep(3);
+    return 0;
+}
+"""
+
+
+@pytest.fixture
+def far_host():
+    """A 'remote' host outside loopback: 10.203.0.2 in a network namespace
+    of the test's own, behind a veth pair; nothing leaves the machine."""
+    tag = f"rg{os.getpid() % 100000}"
+    ns, near, far = f"{tag}-ns", f"{tag}a", f"{tag}b"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", near, "type", "veth", "peer", "name", far)
+        ip("link", "set", far, "netns", ns)
+        ip("addr", "add", "10.203.0.1/30", "dev", near)
+        ip("link", "set", near, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", "10.203.0.2/30", "dev", far)
+        ip("netns", "exec", ns, "ip", "link", "set", far, "up")
+        server = subprocess.Popen(
+            [
+                "ip", "netns", "exec", ns, sys.executable, "-c",
+                "import socket, time\n"
+                "s = socket.create_server(('10.203.0.2', 3333))\n"
+                "while True: s.accept()\n",
+            ]
+        )  # fmt: skip
+        try:
+            wait_until(lambda: _listening("10.203.0.2", 3333), timeout=20)
+            yield "10.203.0.2"
+        finally:
+            server.kill()
+            server.wait()
+    finally:
+        subprocess.run(["ip", "link", "del", near], check=False)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.mark.parametrize(
+    ("title", "rule"),
+    [
+        (["xmrig", "--threads", "4"], "miner-known-binary"),
+        (["kworker/2:1", "-o", "stratum+tcp://10.203.0.2:3333"], "miner-pool-url"),
+    ],
+    ids=["miner-name", "pool-url"],
+)
+def test_title_rewritten_without_rename_is_seen_at_first_external_connect(
+    guard: Daemon, far_host: str, tmp_path: Path, title: list[str], rule: str
+) -> None:
+    retitle = _build(tmp_path, RETITLE_C, "retitle")
+    # the argv area must be long enough for the title: pad the exec'd argv
+    padding = "x" * 64
+    proc = subprocess.Popen(
+        [retitle, far_host, "3333", padding], env=dict(os.environ, TITLE="|".join(title))
+    )
+    try:
+        alert = guard.wait_alert(by_pid(proc.pid, rule))
+        # read afresh at the connect (the rest of the argv area is NULs)
+        assert alert["process"]["cmdline"][: len(title)] == title
+    finally:
+        proc.kill()
+        proc.wait()

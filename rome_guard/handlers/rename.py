@@ -1,4 +1,4 @@
-"""Rename events: a process that names itself anew after exec.
+"""Identity changes after exec: renames, and a first connect outside loopback.
 
 A miner can start as ``./helper``, overwrite its argv area and call
 prctl(PR_SET_NAME, "xmrig"): judged at exec it was ``helper``. The sensor
@@ -6,8 +6,11 @@ reports the rename (task:task_rename, exec's own renames left out) and
 this handler reads the process's identity afresh -- comm, cmdline, exe --
 and judges it again as what it now says it is.
 
-Reads /proc only for the renamed process; never acts (findings go to the
-daemon's raise_alerts()).
+The same fresh read happens once per process when it first connects
+outside loopback (an argv rewritten without a rename is seen then).
+
+Reads /proc only for the renamed or newly connecting process; never acts
+(findings go to the daemon's raise_alerts()).
 """
 
 from __future__ import annotations
@@ -54,6 +57,30 @@ def on_rename(guard: Any, event: RenameEvent) -> None:
         info = replace(known, comm=event.new_comm)
     if info == known:
         return
+    _judge_again(guard, info)
+
+
+MAX_CONNECTED_REMEMBERED = 65536
+
+
+def on_first_external_connect(guard: Any, info: ProcessInfo) -> ProcessInfo:
+    """The first connect of a process outside loopback: read its identity
+    afresh and, if it changed since exec, judge it again. Returns the
+    process as now known."""
+    seen = guard.externally_connected
+    if info.key in seen:
+        return info
+    if len(seen) >= MAX_CONNECTED_REMEMBERED:
+        seen.clear()
+    seen.add(info.key)
+    fresh = refreshed_identity(info)
+    if fresh is None or fresh == info:
+        return info
+    _judge_again(guard, fresh)
+    return fresh
+
+
+def _judge_again(guard: Any, info: ProcessInfo) -> None:
     guard.table.add(info)
     subject = Subject(
         info,

@@ -257,6 +257,7 @@ class GuardMetrics:
             loaded.append(rule_id)
             for action in ACTIONS:
                 self.alerts.labels(*labels, action)
+                self.incidents.labels(labels[1], labels[2], action)
         with self._lock:
             self._loaded_rules = frozenset(loaded)
         self.rules_loaded.set(len(loaded))

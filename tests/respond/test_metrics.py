@@ -61,6 +61,7 @@ def test_exports_the_documented_metrics_in_base_units():
     names = {s.name for s in samples(metrics)}
     for name in (
         "rome_guard_alerts_total",
+        "rome_guard_incidents_total",
         "rome_guard_events_total",
         "rome_guard_events_lost_total",
         "rome_guard_sensor_info",
@@ -125,7 +126,16 @@ def test_incidents_and_rule_hits_are_counted_apart():
         metrics.alert(rule_id, category, severity, "alert")
     hits = sum(s.value for s in samples(metrics) if s.name == "rome_guard_alerts_total")
     assert hits == 3
-    assert value(metrics, "rome_guard_incidents_total", category="miner") == 1
+    assert (
+        value(
+            metrics,
+            "rome_guard_incidents_total",
+            category="miner",
+            severity="critical",
+            action="alert",
+        )
+        == 1
+    )
     metrics.incident("evil\ncategory", "critical", "kill")
     assert value(metrics, "rome_guard_incidents_total", category="invalid") == 1
 

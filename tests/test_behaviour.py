@@ -488,6 +488,13 @@ def _until_listening(port: int, proc: subprocess.Popen) -> None:
     assert proc.poll() is None, "ssh exited"
 
 
+def _connect_or_none(host: str, port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection((host, port), timeout=1)
+    except OSError:
+        return None
+
+
 def _listening(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
         return True
@@ -830,3 +837,40 @@ def test_title_rewritten_without_rename_is_seen_at_first_external_connect(
     finally:
         proc.kill()
         proc.wait()
+
+
+# a bind shell: the accepted connection is dup2'd onto stdio
+BIND_SHELL = r"""
+import os, pty, socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+conn, _ = server.accept()
+for fd in (0, 1, 2):
+    os.dup2(conn.fileno(), fd)
+pty.spawn("/bin/sh")
+"""
+
+
+def test_bind_shell_accepted_connection_on_stdio(guard: Daemon, tmp_path: Path) -> None:
+    port = free_port("127.0.19.1")
+    script = tmp_path / "bind.py"
+    script.write_text(BIND_SHELL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "127.0.19.1", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # the attacker's own connection is the one accepted (no probe first)
+        attacker = wait_until(lambda: _connect_or_none("127.0.19.1", port), timeout=20)
+        with attacker:
+            alert = guard.wait_alert(by_pid(proc.pid, "shell-stdio-socket"))
+            assert alert["category"] == "reverse_shell"
+            guard.wait_alert(
+                lambda r: (
+                    "shell-under-socket-stdio" in rule_ids(r) and r["lineage"][0]["pid"] == proc.pid
+                )
+            )
+    finally:
+        _stop(proc)

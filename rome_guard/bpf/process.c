@@ -17,7 +17,8 @@
  * last thread does (group_dead where the tracepoint has it, else when the
  * thread-group leader exits).
  *
- * fd: socket(AF_INET/AF_INET6) results are remembered per (process, fd);
+ * fd: socket(AF_INET/AF_INET6) results, and connections accepted on them,
+ * are remembered per (process, fd);
  * a dup/dup2/dup3/fcntl(F_DUPFD*) of one of them whose result is 0, 1 or 2
  * is reported (checked at syscall exit: the result is what happened, as in
  * falco PR #2076). Shell pipelines dup2 pipes onto 0-2 all day: they cost
@@ -261,7 +262,7 @@ int rgs_socket(struct tracepoint__syscalls__sys_enter_socket *args)
 	return 0;
 }
 
-int rgs_socket_ret(struct tracepoint__syscalls__sys_exit_socket *args)
+static __always_inline int remember_new_socket(long ret)
 {
 	__u32 tid = current_tid();
 	struct fd_key key = {};
@@ -270,12 +271,54 @@ int rgs_socket_ret(struct tracepoint__syscalls__sys_exit_socket *args)
 	if (!socket_pending.lookup(&tid))
 		return 0;
 	socket_pending.delete(&tid);
-	if (args->ret < 0)
+	if (ret < 0)
 		return 0;
 	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	key.fd = args->ret;
+	key.fd = ret;
 	inet_fds.update(&key, &one);
 	return 0;
+}
+
+int rgs_socket_ret(struct tracepoint__syscalls__sys_exit_socket *args)
+{
+	return remember_new_socket(args->ret);
+}
+
+/* a connection accepted on a remembered inet listener is an inet socket
+ * too: the bind shell dup2s it onto 0-2 */
+static __always_inline int accept_enter(__u64 fd)
+{
+	struct fd_key key = {};
+	__u32 tid = current_tid();
+	__u8 one = 1;
+
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = (__s32)fd;
+	if (inet_fds.lookup(&key))
+		socket_pending.update(&tid, &one);
+	return 0;
+}
+
+#ifdef HAVE_ACCEPT
+int rgs_accept(struct tracepoint__syscalls__sys_enter_accept *args)
+{
+	return accept_enter(args->fd);
+}
+
+int rgs_accept_ret(struct tracepoint__syscalls__sys_exit_accept *args)
+{
+	return remember_new_socket(args->ret);
+}
+#endif
+
+int rgs_accept4(struct tracepoint__syscalls__sys_enter_accept4 *args)
+{
+	return accept_enter(args->fd);
+}
+
+int rgs_accept4_ret(struct tracepoint__syscalls__sys_exit_accept4 *args)
+{
+	return remember_new_socket(args->ret);
 }
 
 static __always_inline int dup_enter(__u64 oldfd, __u64 newfd, __u32 via)

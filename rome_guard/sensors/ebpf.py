@@ -105,6 +105,10 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("sched:sched_process_exit", "rgs_exit"),
     _process("syscalls:sys_enter_socket", "rgs_socket"),
     _process("syscalls:sys_exit_socket", "rgs_socket_ret"),
+    _process("syscalls:sys_enter_accept", "rgs_accept", "HAVE_ACCEPT"),  # not on arm64
+    _process("syscalls:sys_exit_accept", "rgs_accept_ret", "HAVE_ACCEPT"),
+    _process("syscalls:sys_enter_accept4", "rgs_accept4"),
+    _process("syscalls:sys_exit_accept4", "rgs_accept4_ret"),
     _process("syscalls:sys_enter_dup", "rgs_dup"),
     _process("syscalls:sys_exit_dup", "rgs_dup_ret"),
     _process("syscalls:sys_enter_dup2", "rgs_dup2", "HAVE_DUP2"),  # not on arm64

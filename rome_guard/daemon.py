@@ -318,6 +318,7 @@ class Guard:
             lambda: self._exec_stdio(info),
             self.socket_stdio.of,
             ssh_forwards=self.ssh_config.forwards,
+            read_config=procfs.read_config_file,
         )
         self.raise_alerts(self.engine.evaluate(subject))
 

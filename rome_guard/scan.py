@@ -75,6 +75,7 @@ def subject_for(
         stdio=stdio,
         stdio_of=lambda other: snapshot.sockets_of.get(other.pid, ([], {}))[1],
         ssh_forwards=ssh.forwards if ssh is not None else None,
+        read_config=procfs.read_config_file,
     )
 
 

@@ -874,3 +874,27 @@ def test_bind_shell_accepted_connection_on_stdio(guard: Daemon, tmp_path: Path) 
             )
     finally:
         _stop(proc)
+
+
+def test_frp_config_under_any_name_is_known_by_its_content(guard: Daemon, tmp_path: Path) -> None:
+    program = tmp_path / "agentd"
+    program.write_text(TUNNEL_CLIENT.replace("{python}", sys.executable))
+    program.chmod(0o755)
+    (tmp_path / "client.toml").write_text(
+        'serverAddr = "127.0.16.3"\nserverPort = 7000\n[[proxies]]\nname = "ssh"\n'
+        'type = "tcp"\nlocalPort = 22\nremotePort = 6000\n'
+    )
+    (tmp_path / "train.yaml").write_text("model: tiny\nserver_addr: 127.0.16.3\nlr: 0.001\n")
+    with listener("127.0.16.3", 0) as server:
+        tunnel = subprocess.Popen(
+            [str(program), "-c", "client.toml", f"127.0.16.3:{server.port}"], cwd=tmp_path
+        )
+        trainer = subprocess.Popen(
+            [str(program), "--config", "train.yaml", f"127.0.16.3:{server.port}"], cwd=tmp_path
+        )
+        tunnel.wait(30)
+        trainer.wait(30)
+    alert = guard.wait_alert(by_pid(tunnel.pid, "tunnel-tool-syntax"))
+    assert "config client.toml" in alert["reason"]
+    guard.settle()
+    assert guard.alerts_for(by_pid(trainer.pid)) == []

@@ -601,6 +601,29 @@ def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
+def _b_config_file(c: Compiler, value: Any, loc: Location) -> Predicate:
+    """``config_file: {options: [-c, --config], all_regex: [R, ...]}``: a
+    file named by one of the options holds text matching every regex (the
+    subject's reader fetches it; this module reads nothing itself)."""
+    if not isinstance(value, LineDict) or set(value) != {"options", "all_regex"}:
+        raise RuleSyntaxError(loc, "config_file: expected {options: [...], all_regex: [...]}")
+    names = c.strings(value["options"], value.where("options"), "config_file.options")
+    raw = value["all_regex"]
+    if not isinstance(raw, list) or not raw:
+        raise RuleSyntaxError(value.where("all_regex"), "config_file.all_regex: a list of regexes")
+    patterns = [c.regex(item, value.where("all_regex"), "config_file.all_regex") for item in raw]
+
+    def predicate(s: Subject) -> str | None:
+        for name in names:
+            for path in argvlib.option_values(s.argv, name):
+                text = s.config_text(path)
+                if text and all(p.search(text) for p in patterns):
+                    return f"config {_short(path)} ({', '.join(p.pattern for p in patterns)})"
+        return None
+
+    return predicate
+
+
 def _b_macro(c: Compiler, value: Any, loc: Location) -> Predicate:
     return c.macro(value, loc)
 
@@ -681,6 +704,7 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "stdio_socket": _b_stdio_socket,
     "ssh_forwards": _b_ssh_forwards,
     "macro": _b_macro,
+    "config_file": _b_config_file,
     "remote_port": _b_remote_port,
     "remote_cidr": _b_remote_cidr,
 }

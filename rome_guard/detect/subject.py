@@ -38,6 +38,7 @@ class Subject:
         stdio_of: Callable[[ProcessInfo], dict[int, Endpoint]] = _no_stdio,
         exe: Callable[[], str] | None = None,
         ssh_forwards: Callable[[ProcessInfo], Any] | None = None,
+        read_config: Callable[[ProcessInfo, str], str] | None = None,
     ):
         self.process = process
         self.connections = list(connections)
@@ -46,6 +47,7 @@ class Subject:
         self.stdio_of = stdio_of
         self._exe = exe
         self._ssh_forwards = ssh_forwards
+        self._read_config = read_config
 
     def related(self, other: ProcessInfo, lineage: list[ProcessInfo]) -> Subject:
         """Another process of this one's lineage, judged with what is known
@@ -59,6 +61,13 @@ class Subject:
         if self._ssh_forwards is None:
             return None
         return self._ssh_forwards(self.process)
+
+    def config_text(self, path: str) -> str:
+        """The start of a file the process names in its arguments (relative
+        to its cwd), "" when there is no reader or it cannot be read."""
+        if self._read_config is None:
+            return ""
+        return self._read_config(self.process, path)
 
     @cached_property
     def exe(self) -> str:

@@ -442,3 +442,22 @@ def test_forwards_of_the_effective_ssh_config(engine: Engine) -> None:
     assert fired(engine, ssh(SshForwards(), "-F", "cfg", "h1", "true")) == set()
     assert fired(engine, ssh(SshForwards(local=("8888 localhost:8888",)), "nb")) == set()
     assert fired(engine, ssh(None, "h1", "true")) == set()
+
+
+def test_tunnel_configs_known_by_their_content(engine: Engine) -> None:
+    """frp and gost configs under innocent names, read by the subject's reader."""
+    files = {
+        "client.toml": 'serverAddr = "10.0.0.1"\nserverPort = 7000\n[[proxies]]\n'
+        'name = "ssh"\ntype = "tcp"\nlocalPort = 22\nremotePort = 6000\n',
+        "legacy.ini": "[common]\nserver_addr = 10.0.0.1\n[ssh]\nlocal_port = 22\nremote_port = 6000\n",
+        "svc.yaml": "services:\n- name: s\n  addr: :2222\n  handler:\n    type: rtcp\n",
+        "train.yaml": "model: llama\nlr: 0.0003\nserver_addr: 10.0.0.1  # the parameter server\n",
+    }
+
+    def with_config(*argv: str) -> Subject:
+        return Subject(process(*argv), read_config=lambda _info, path: files.get(path, ""))
+
+    assert fired(engine, with_config("./agentd", "-c", "client.toml")) == {"tunnel-tool-syntax"}
+    assert fired(engine, with_config("./agentd", "--config=legacy.ini")) == {"tunnel-tool-syntax"}
+    assert fired(engine, with_config("./updater", "-C", "svc.yaml")) == {"tunnel-tool-syntax"}
+    assert fired(engine, with_config("python3", "train.py", "--config", "train.yaml")) == set()

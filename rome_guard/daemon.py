@@ -528,7 +528,8 @@ class Guard:
             )
             record = self.raise_alert(finding)
             if record is not None and source == "open":
-                self._gpu_alerts[verdict_info.key] = (record["id"], rule.id)
+                # the incident's alert, also when this hit joined one as an update
+                self._gpu_alerts[verdict_info.key] = (record.get("alert_id", record["id"]), rule.id)
 
     def _confirm_gpu(self, alert: tuple[str, str], info: ProcessInfo, device: GpuProcess) -> None:
         """NVML now lists the process an open event alerted on: record

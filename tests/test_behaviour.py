@@ -469,7 +469,6 @@ def ssh_user():
         os.chown(home, entry.pw_uid, entry.pw_gid)
         yield entry
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
         subprocess.run(["userdel", name], check=False)
         shutil.rmtree(home, ignore_errors=True)
 
@@ -524,8 +523,9 @@ def test_remote_forward_in_a_config_file(guard: Daemon, tmp_path: Path) -> None:
             guard.settle()
             assert guard.alerts_for(by_pid(quiet.pid)) == []
         finally:
-            tunnel.kill()
-            tunnel.wait()
+            for proc in (tunnel, quiet):
+                proc.kill()
+                proc.wait()
 
 
 def test_remote_forward_in_the_users_config_through_include(
@@ -564,8 +564,9 @@ def test_remote_forward_in_the_users_config_through_include(
             guard.settle()
             assert guard.alerts_for(by_pid(quiet.pid)) == []
         finally:
-            tunnel.kill()
-            tunnel.wait()
+            for proc in (tunnel, quiet):
+                proc.kill()
+                proc.wait()
 
 
 # --- tunnels known by their syntax, not their name -------------------------------

@@ -8,19 +8,23 @@ process's user (whose ``~/.ssh/config`` and permissions apply), in its
 working directory (a relative ``-F``), with a minimal environment and a
 timeout, and always the system's ssh, never the watched process's binary.
 
-Costs one short ssh run per distinct (user, cwd, argv), cached. Never run
+Costs one short ssh run per distinct (user, cwd, argv), cached, within a
+budget (5 s of ssh -G per minute; a user whose config timed out is not
+asked again for 5 minutes), because the daemon's loop waits on it. Never run
 for an argv that already has ``-G`` (the guard's own run is an ssh exec
 too), never as root for another user's process, never with a shell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from rome_guard.detect.argv import getopt
@@ -29,6 +33,8 @@ from rome_guard.events import ProcessInfo
 TIMEOUT_S = 2.0
 CACHE_SIZE = 1024
 CACHE_TTL_S = 60.0
+BUDGET_S = 5.0  # ssh -G wall time per minute, all users together
+SLOW_USER_BACKOFF_S = 300.0
 SSH_BINARIES = ("/usr/bin/ssh", "/bin/ssh", "/usr/local/bin/ssh")
 # OpenSSH's getopt string (ssh.c), as in rules/reverse_tunnel.yaml
 SSH_OPTSTRING = "1246ab:c:e:fgi:kl:m:no:p:qstvxAB:CD:E:F:GI:J:KL:M:NO:P:Q:R:S:TVw:W:XYy"
@@ -87,6 +93,9 @@ class EffectiveSshConfig:
     def __init__(self, timeout_s: float = TIMEOUT_S):
         self.timeout_s = timeout_s
         self.runs = 0
+        self.skipped = 0  # not asked: over budget, or the user's config is slow
+        self._spent: deque[tuple[float, float]] = deque()  # (when, seconds) of recent runs
+        self._slow_users: dict[int, float] = {}  # uid -> monotonic time to ask again
         self._cache: OrderedDict[tuple, tuple[float, SshForwards | None]] = OrderedDict()
 
     def forwards(self, info: ProcessInfo) -> SshForwards | None:
@@ -107,6 +116,20 @@ class EffectiveSshConfig:
             self._cache.popitem(last=False)
         return result
 
+    def _over_budget(self, uid: int) -> bool:
+        """At most BUDGET_S of ssh -G per minute, and none for a user whose
+        config timed out recently: the daemon's loop waits on each run."""
+        now = time.monotonic()
+        if self._slow_users.get(uid, 0.0) > now:
+            self.skipped += 1
+            return True
+        while self._spent and now - self._spent[0][0] > 60.0:
+            self._spent.popleft()
+        if sum(cost for _t, cost in self._spent) >= BUDGET_S:
+            self.skipped += 1
+            return True
+        return False
+
     def _ask_ssh(self, info: ProcessInfo) -> SshForwards | None:
         ssh = _ssh_binary()
         if ssh is None or info.uid < 0:
@@ -122,21 +145,37 @@ class EffectiveSshConfig:
             identity = {"user": info.uid, "group": entry.pw_gid, "extra_groups": []}
         elif info.uid != os.geteuid():
             return None  # another user's config: only root may read it as them
+        if self._over_budget(info.uid):
+            return None
         self.runs += 1
+        started = time.monotonic()
         try:
-            done = subprocess.run(
+            proc = subprocess.Popen(
                 [ssh, "-G", *info.cmdline[1:]],
-                capture_output=True,
-                timeout=self.timeout_s,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 cwd=cwd,
                 env=env,
-                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                check=False,
                 **identity,
             )
         except (OSError, subprocess.SubprocessError, ValueError):
             return None
-        if done.returncode != 0:
+        try:
+            out, _ = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            # Match exec may have started children holding the pipe: the
+            # whole session goes, and this user's configs are not asked
+            # again for a while (a slow config must not stall the guard)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+            self._slow_users[info.uid] = time.monotonic() + SLOW_USER_BACKOFF_S
             return None
-        return parse_effective(done.stdout.decode("utf-8", "replace"))
+        finally:
+            self._spent.append((time.monotonic(), time.monotonic() - started))
+        if proc.returncode != 0:
+            return None
+        return parse_effective(out.decode("utf-8", "replace"))

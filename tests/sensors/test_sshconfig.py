@@ -38,3 +38,17 @@ def test_asks_the_real_ssh_with_the_process_arguments(tmp_path) -> None:
     assert config.forwards(process_info(cmdline=("ssh", "-G", "h1"), uid=os.geteuid())) is None
     unreadable = process_info(uid=os.geteuid(), cmdline=("ssh", "-F", "/nonexistent", "h1"))
     assert config.forwards(unreadable) is None
+
+
+def test_a_slow_config_costs_the_guard_one_timeout_then_nothing(tmp_path) -> None:
+    """Match exec runs a command while ssh -G evaluates the config: a slow
+    one is cut at the timeout (with everything it started) and that user
+    is not asked again for a while."""
+    cfg = tmp_path / "cfg"
+    cfg.write_text('Match exec "sleep 30"\n  DynamicForward 1080\nHost *\n  User x\n')
+    config = EffectiveSshConfig(timeout_s=0.5)
+    slow = process_info(uid=os.geteuid(), cwd=str(tmp_path), cmdline=("ssh", "-F", "cfg", "h1"))
+    assert config.forwards(slow) is None
+    other = process_info(uid=os.geteuid(), cwd=str(tmp_path), cmdline=("ssh", "-F", "cfg", "h2"))
+    assert config.forwards(other) is None
+    assert config.runs == 1 and config.skipped == 1

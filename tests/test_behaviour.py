@@ -338,7 +338,7 @@ def test_renamed_after_exec_is_judged_as_its_new_name(guard: Daemon, tmp_path: P
         )
         try:
             alert = guard.wait_alert(by_pid(c_renamer.pid, "miner-known-binary"))
-            assert alert["process"]["comm"] == "xmrig"
+            assert alert["process"]["comm"] == "xmrig" and alert["category"] == "miner"
             assert alert["process"]["cmdline"][0] == "xmrig"  # read afresh, not the exec argv
             alert = guard.wait_alert(by_pid(py_renamer.pid, "miner-known-binary"))
             assert alert["process"]["comm"] == "kdevtmpfsi"
@@ -433,6 +433,7 @@ def test_memfd_named_like_a_miner(guard: Daemon, name: str, how: str) -> None:
     proc.wait(30)
     alert = guard.wait_alert(by_pid(proc.pid, "miner-known-binary"))
     assert alert["process"]["exe"] == f"/memfd:{name} (deleted)"
+    assert alert["category"] == "miner"
 
 
 def test_memfd_of_a_jit_is_clean(guard: Daemon) -> None:
@@ -560,6 +561,7 @@ def test_remote_forward_in_the_users_config_through_include(
             _until_listening(forward, tunnel)
             alert = guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"))
             assert alert["process"]["user"] == ssh_user.pw_name
+            assert alert["category"] == "reverse_tunnel"
             assert quiet.wait(30) == 0
             guard.settle()
             assert guard.alerts_for(by_pid(quiet.pid)) == []
@@ -833,6 +835,7 @@ def test_title_rewritten_without_rename_is_seen_at_first_external_connect(
     )
     try:
         alert = guard.wait_alert(by_pid(proc.pid, rule))
+        assert alert["category"] == "miner"
         # read afresh at the connect (the rest of the argv area is NULs)
         assert alert["process"]["cmdline"][: len(title)] == title
     finally:
@@ -899,3 +902,37 @@ def test_frp_config_under_any_name_is_known_by_its_content(guard: Daemon, tmp_pa
     assert "config client.toml" in alert["reason"]
     guard.settle()
     assert guard.alerts_for(by_pid(trainer.pid)) == []
+
+
+# --- site tuning reaches the running daemon ----------------------------------------
+
+SITE_TUNING = """\
+version: 1
+macros:
+  our_benchmark: {all: [{name: [cpu-bench]}, {user: [root]}]}
+tune:
+  - rule: miner-only-flags
+    exceptions:
+      - macro: our_benchmark
+"""
+
+
+def test_rules_d_tuning_applies_to_the_daemon(tmp_path: Path) -> None:
+    """A rules.d file appends an exception to a shipped rule: the site's
+    benchmark (same flag as XMRig) is quiet, anything else with it is not."""
+    require_root()
+    site = tmp_path / "50-site.yaml"
+    site.write_text(SITE_TUNING)
+    bench = tmp_path / "cpu-bench"
+    other = tmp_path / "cpu-test"
+    for path in (bench, other):
+        shutil.copy("/bin/sleep", path)
+    with daemon("--rules", str(site)) as tuned:
+        quiet = subprocess.Popen([str(bench), "0.2", "--cpu-priority", "5"])
+        loud = subprocess.Popen([str(other), "0.2", "--cpu-priority", "5"])
+        quiet.wait()
+        loud.wait()
+        alert = tuned.wait_alert(by_pid(loud.pid, "miner-only-flags"))
+        assert alert["category"] == "miner"
+        tuned.settle()
+        assert tuned.alerts_for(by_pid(quiet.pid)) == []

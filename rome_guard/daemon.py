@@ -190,9 +190,8 @@ class Guard:
     def seed(self) -> int:
         """Read every live process after the sensor is attached; evaluate
         them like a scan (pre-existing offenders are alerted on too)."""
-        for subject in self.ctx.processes.seed():
-            for finding in self.ctx.rules.engine.evaluate(subject):
-                self.ctx.alerts.raise_alert(finding)
+        for subject in self.ctx.processes.seed(self.ctx.ssh):
+            self.ctx.alerts.raise_alerts(self.ctx.rules.engine.evaluate(subject))
         count = len(self.ctx.processes)
         self.ctx.metrics.event("procfs", count)
         return count
@@ -390,6 +389,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             degraded,
             sensor.interval_s if isinstance(sensor, PollSensor) else 0.0,
         )
+    for line in getattr(sensor, "degraded", ()) or ():
+        log.warning("sensor: %s", line)
     guard.attach(sensor, mode)
     if gpu is not None:
         gpu.start()

@@ -270,6 +270,9 @@ NEGATIVE = [
     ("apt mentions xmrig", ["apt-get", "install", "xmrig"]),
     ("ssh host cmd", ["ssh", "user@10.0.0.1", "uptime"]),
     ("ssh host cmd with -R inside", ["ssh", "h", "ls", "-R", "/tmp"]),
+    # the guard's own effective-config query: prints and exits, never connects
+    ("ssh -G with a forward", ["/usr/bin/ssh", "-G", "-R", "9000:localhost:22", "-p", "443", "h"]),
+    ("ssh -G bundled", ["/usr/bin/ssh", "-NGD", "1080", "-L", "8888:localhost:8888", "h"]),
     ("ssh -o other option", ["ssh", "-o", "StrictHostKeyChecking=no", "-p", "2222", "h", "true"]),
     ("ssh -o Tunnel=no", ["ssh", "-o", "Tunnel=no", "h"]),
     ("git over ssh", ["ssh", "-x", "git@github.com", "git-upload-pack 'org/repo.git'"]),

@@ -198,6 +198,42 @@ def rules_validate(paths: tuple[str, ...]) -> None:
     click.echo(f"ok: {len(ruleset)} rules from {len(ruleset.sources)} files")
 
 
+@rules.command("test")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
+    """Run the examples of the rules in these files (examples: match /
+    no_match). Exit 0 all pass, 1 any fails, 2 the files do not load."""
+    from rome_guard.detect.examples import run_examples
+    from rome_guard.textsafe import command_line
+
+    try:
+        ruleset = load_rules(list(paths))
+    except SourceError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_ERROR)
+    results = run_examples(ruleset, set(paths))
+    failed = [r for r in results if not r.passed]
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {"rule": r.rule, "kind": r.kind, "argv": list(r.argv), "passed": r.passed}
+                    for r in results
+                ]
+            )
+        )
+    else:
+        for r in failed:
+            said = f"matched ({r.reason})" if r.reason else "did not match"
+            click.echo(f"FAIL {r.rule} {r.kind}: {command_line(r.argv, 160)} {said}")
+        rules_with = len({r.rule for r in results})
+        click.echo(
+            f"{len(results) - len(failed)}/{len(results)} examples pass ({rules_with} rules)"
+        )
+    sys.exit(EXIT_FINDINGS if failed else EXIT_CLEAN)
+
+
 @rules.command("list")
 @config_option
 @rules_option

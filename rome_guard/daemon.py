@@ -235,9 +235,8 @@ class Guard:
         them like a scan (pre-existing offenders are alerted on too).
         resync: the re-read after lost events (ProcessModel.seed); every
         live process is judged again, each (rule, process) still alerts once."""
-        for subject in self.ctx.processes.seed(resync=resync):
-            for finding in self.ctx.rules.engine.evaluate(subject):
-                self.ctx.alerts.raise_alert(finding)
+        for subject in self.ctx.processes.seed(self.ctx.ssh, resync=resync):
+            self.ctx.alerts.raise_alerts(self.ctx.rules.engine.evaluate(subject))
         count = len(self.ctx.processes)
         self.ctx.metrics.event("procfs", count)
         return count
@@ -485,6 +484,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             degraded,
             sensor.interval_s if isinstance(sensor, PollSensor) else 0.0,
         )
+    for line in getattr(sensor, "degraded", ()) or ():
+        log.warning("sensor: %s", line)
     guard.attach(sensor, mode)
     wire = _wire_sensor()
     if wire is not None:

@@ -185,6 +185,30 @@ class GpuOpenEvent:
 
 
 @dataclass(frozen=True)
+class FdDupEvent:
+    """An inet socket the process made was duplicated onto fd 0, 1 or 2
+    (dup, dup2, dup3 or fcntl F_DUPFD*): its stdio may now be the network."""
+
+    pid: int
+    oldfd: int
+    newfd: int
+    via: str  # "dup" | "dup2" | "dup3" | "fcntl"
+    timestamp_ns: int
+    comm: str = ""
+
+
+@dataclass(frozen=True)
+class RenameEvent:
+    """A process renamed itself after exec (prctl PR_SET_NAME or a write to
+    /proc/self/comm); its argv may have been rewritten too."""
+
+    pid: int
+    old_comm: str
+    new_comm: str
+    timestamp_ns: int
+
+
+@dataclass(frozen=True)
 class GpuProcess:
     """One process holding a context on one GPU (or MIG device), from NVML."""
 

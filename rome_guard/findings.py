@@ -3,10 +3,10 @@
 A Finding is what the engine concludes: a rule matched a process, with the
 reason, lineage and the network or GPU context that made it match. Every
 record the journal holds is built here and nowhere else: the finding
-record (`scan --json`), the daemon's alert, response, prevention and
-confirmation records that extend it (with the wire object of a wire
-alert), and its events_lost records
-(docs/alerts.md). Every
+record (`scan --json`), and the daemon's alert (one per incident),
+incident update, response, prevention and confirmation records that
+extend it (with the wire object of a wire alert), and its events_lost
+records (docs/alerts.md). Every
 attacker-controlled string passes through textsafe on the way out.
 
 This module never writes, sends or acts: it only builds dicts.
@@ -185,6 +185,42 @@ def event_record(finding: Finding, event: str, action: str, mode: str, host: str
     blocked or killed) record: the finding record with a fresh id."""
     record = finding_record(finding, action, time.time(), host)
     record.update(id=uuid.uuid4().hex, event=event, mode=mode)
+    return record
+
+
+def rules_record(findings: list[Finding]) -> list[dict[str, str]]:
+    """Every rule of an incident with its reason."""
+    return [
+        {"rule": f.rule.id, "severity": f.rule.severity, "reason": for_json(f.reason, 500)}
+        for f in findings
+    ]
+
+
+def incident_record(
+    lead: Finding,
+    new: list[Finding],
+    every: list[Finding],
+    incident_id: str,
+    opened: bool,
+    action: str,
+    mode: str,
+    host: str,
+) -> dict[str, Any]:
+    """An incident's "alert" record (opened: the lead finding's record,
+    with the incident's id) or an "incident_update" (new rules joined it,
+    alert_id naming the incident's alert); ``rules`` lists every rule of
+    the incident so far with its reason (docs/alerts.md)."""
+    record = finding_record(lead, action, time.time(), host)
+    if opened:
+        record.update(id=incident_id, event="alert", mode=mode)
+    else:
+        record.update(id=uuid.uuid4().hex, event="incident_update", mode=mode)
+        record["alert_id"] = incident_id
+    record["rules"] = rules_record(every)
+    if "network" not in record:  # the peer another of its rules saw
+        peer = next((f.network for f in new if f.network is not None), None)
+        if peer is not None:
+            record["network"] = network_record(peer)
     return record
 
 

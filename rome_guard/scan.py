@@ -20,6 +20,7 @@ from rome_guard.linux import (
     CAP_SYS_PTRACE,
     effective_capabilities,
 )
+from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.snapshot import subject_for, take_snapshot
 
 # capability -> (bits, any of which grants it; what /proc hides from a scan
@@ -70,11 +71,12 @@ def scan(
     timestamp = time.time()
     snapshot = take_snapshot(config.attribution.env_keys)
     engine = Engine(ruleset)
+    ssh = EffectiveSshConfig()
     findings: list[Finding] = []
     for info in snapshot.table:
         if info.pid in exclude_pids:
             continue
-        findings.extend(engine.evaluate(subject_for(snapshot, info)))
+        findings.extend(engine.evaluate(subject_for(snapshot, info, ssh)))
     findings.sort(key=lambda f: (_SEVERITY_ORDER[f.rule.severity], f.rule.id, f.process.pid))
     return ScanResult(
         findings=findings,

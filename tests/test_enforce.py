@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.fixtures.daemon import Daemon, by_pid, daemon
+from tests.fixtures.daemon import Daemon, by_pid, daemon, rule_ids
 from tests.fixtures.network import listener, reverse_shell, wait_until, write_fake_miner
 
 BLOCKED_PORT = 47999
@@ -74,7 +74,7 @@ def test_detected_miner_is_killed_after_the_alert_is_journaled(
         proc = subprocess.Popen([miner, "-o", f"stratum+tcp://127.0.5.6:{pool.port}", "-u", "w"])
         assert proc.wait(20) == -signal.SIGKILL
     records = enforcing.alerts_for(by_pid(proc.pid))
-    alert = next(r for r in records if r["event"] == "alert" and r["rule"] == "miner-pool-url")
+    alert = next(r for r in records if r["event"] == "alert" and "miner-pool-url" in rule_ids(r))
     response = next(r for r in records if r["event"] == "response" and r["alert_id"] == alert["id"])
     assert alert["action"] == "kill" and response["action"] == "killed"
     assert records.index(alert) < records.index(response)  # durable before acting

@@ -460,3 +460,45 @@ int rgs_send_len(struct tracepoint__sock__sock_send_length *args)
 	return 0;
 }
 #endif
+
+/* cgroup/udp4_sendmsg and udp6_sendmsg on the cgroup2 root (attached through
+ * BPF links, which the kernel removes when the sensor's process goes): every
+ * unconnected UDP send on the host, whatever submitted it -- sendto(2), or
+ * io_uring's IORING_OP_SENDMSG that never enters a send syscall. Never
+ * changes or refuses the send (returns 1). */
+static __always_inline int udp_sendmsg_seen(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct datagram_dest d = {};
+	__u32 port = ctx->user_port;
+
+	if (current_is_ignored())
+		return 1;
+	d.family = family;
+	d.source = SOURCE_UDP_SENDMSG;
+	d.dport = RG_NTOHS((__u16)port);
+	if (family == RG_AF_INET) {
+		__u32 ip4 = ctx->user_ip4;
+
+		__builtin_memcpy(d.daddr, &ip4, 4);
+	} else {
+		__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
+		__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+
+		__builtin_memcpy(&d.daddr[0], &w0, 4);
+		__builtin_memcpy(&d.daddr[4], &w1, 4);
+		__builtin_memcpy(&d.daddr[8], &w2, 4);
+		__builtin_memcpy(&d.daddr[12], &w3, 4);
+	}
+	emit_datagram(&d, IPPROTO_UDP, 0);
+	return 1;
+}
+
+int rgs_udp4_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return udp_sendmsg_seen(ctx, RG_AF_INET);
+}
+
+int rgs_udp6_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return udp_sendmsg_seen(ctx, RG_AF_INET6);
+}

@@ -16,6 +16,19 @@
  * exit: sched_process_exit fires per thread; a process has exited when its
  * last thread does (group_dead where the tracepoint has it, else when the
  * thread-group leader exits).
+ *
+ * fd: socket(AF_INET/AF_INET6) results, and connections accepted on them,
+ * are remembered per (process, fd);
+ * a dup/dup2/dup3/fcntl(F_DUPFD*) of one of them whose result is 0, 1 or 2
+ * is reported (checked at syscall exit: the result is what happened, as in
+ * falco PR #2076). Shell pipelines dup2 pipes onto 0-2 all day: they cost
+ * one map lookup and no record. An fd record always wakes user space: the
+ * process is judged again at once.
+ *
+ * rename: task:task_rename for the thread-group leader, outside exec (exec
+ * renames every process to its file name; exec_pending tells them apart).
+ * Like an exec, it wakes user space when the new name is one the rules
+ * index (wake_names); else it is read at the next drain (10 ms at most).
  */
 
 static __always_inline int capture_exec_args(const char *const *argv)
@@ -242,6 +255,195 @@ int rgs_newtask(struct tracepoint__task__task_newtask *args)
 	return 0;
 }
 
+int rgs_socket(struct tracepoint__syscalls__sys_enter_socket *args)
+{
+	__u32 tid = current_tid();
+	__u8 one = 1;
+
+	if (args->family == RG_AF_INET || args->family == RG_AF_INET6)
+		socket_pending.update(&tid, &one);
+	return 0;
+}
+
+static __always_inline int remember_new_socket(long ret)
+{
+	__u32 tid = current_tid();
+	struct fd_key key = {};
+	__u8 one = 1;
+
+	if (!socket_pending.lookup(&tid))
+		return 0;
+	socket_pending.delete(&tid);
+	if (ret < 0)
+		return 0;
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = ret;
+	inet_fds.update(&key, &one);
+	return 0;
+}
+
+int rgs_socket_ret(struct tracepoint__syscalls__sys_exit_socket *args)
+{
+	return remember_new_socket(args->ret);
+}
+
+/* a connection accepted on a remembered inet listener is an inet socket
+ * too: the bind shell dup2s it onto 0-2 */
+static __always_inline int accept_enter(__u64 fd)
+{
+	struct fd_key key = {};
+	__u32 tid = current_tid();
+	__u8 one = 1;
+
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = (__s32)fd;
+	if (inet_fds.lookup(&key))
+		socket_pending.update(&tid, &one);
+	return 0;
+}
+
+#ifdef HAVE_ACCEPT
+int rgs_accept(struct tracepoint__syscalls__sys_enter_accept *args)
+{
+	return accept_enter(args->fd);
+}
+
+int rgs_accept_ret(struct tracepoint__syscalls__sys_exit_accept *args)
+{
+	return remember_new_socket(args->ret);
+}
+#endif
+
+int rgs_accept4(struct tracepoint__syscalls__sys_enter_accept4 *args)
+{
+	return accept_enter(args->fd);
+}
+
+int rgs_accept4_ret(struct tracepoint__syscalls__sys_exit_accept4 *args)
+{
+	return remember_new_socket(args->ret);
+}
+
+static __always_inline int dup_enter(__u64 oldfd, __u64 newfd, __u32 via)
+{
+	struct fd_key key = {};
+	struct dup_pending pending = {};
+	__u32 tid = current_tid();
+
+	if (newfd > 2)
+		return 0; /* dup2/dup3 onto another descriptor: not stdio */
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = (__s32)oldfd;
+	if (!inet_fds.lookup(&key))
+		return 0;
+	pending.oldfd = (__s32)oldfd;
+	pending.via = via;
+	dup_pending.update(&tid, &pending);
+	return 0;
+}
+
+static __always_inline int dup_exit(long ret)
+{
+	__u32 tid = current_tid();
+	struct dup_pending *pending = dup_pending.lookup(&tid);
+	struct fd_record *r;
+	struct fd_key key = {};
+	__u8 one = 1;
+
+	if (!pending)
+		return 0;
+	if (ret < 0 || ret > 2) {
+		dup_pending.delete(&tid);
+		return 0;
+	}
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = (__s32)ret;
+	inet_fds.update(&key, &one);
+	r = process_events.ringbuf_reserve(sizeof(*r));
+	if (!r) {
+		count_lost(LOST_PROCESS);
+		dup_pending.delete(&tid);
+		return 0;
+	}
+	fill_header(&r->hdr, RECORD_FD_DUP);
+	r->oldfd = pending->oldfd;
+	r->newfd = (__s32)ret;
+	r->via = pending->via;
+	r->_pad = 0;
+	process_events.ringbuf_submit(r, judge_now_flags());
+	dup_pending.delete(&tid);
+	return 0;
+}
+
+int rgs_dup(struct tracepoint__syscalls__sys_enter_dup *args)
+{
+	return dup_enter(args->fildes, 0, FD_VIA_DUP); /* lowest free fd: known at exit */
+}
+
+int rgs_dup_ret(struct tracepoint__syscalls__sys_exit_dup *args)
+{
+	return dup_exit(args->ret);
+}
+
+#ifdef HAVE_DUP2
+int rgs_dup2(struct tracepoint__syscalls__sys_enter_dup2 *args)
+{
+	return dup_enter(args->oldfd, args->newfd, FD_VIA_DUP2);
+}
+
+int rgs_dup2_ret(struct tracepoint__syscalls__sys_exit_dup2 *args)
+{
+	return dup_exit(args->ret);
+}
+#endif
+
+int rgs_dup3(struct tracepoint__syscalls__sys_enter_dup3 *args)
+{
+	return dup_enter(args->oldfd, args->newfd, FD_VIA_DUP3);
+}
+
+int rgs_dup3_ret(struct tracepoint__syscalls__sys_exit_dup3 *args)
+{
+	return dup_exit(args->ret);
+}
+
+int rgs_fcntl(struct tracepoint__syscalls__sys_enter_fcntl *args)
+{
+	/* F_DUPFD 0, F_DUPFD_CLOEXEC 1030: the lowest free fd >= arg */
+	if (args->cmd != 0 && args->cmd != 1030)
+		return 0;
+	return dup_enter(args->fd, args->arg, FD_VIA_FCNTL);
+}
+
+int rgs_fcntl_ret(struct tracepoint__syscalls__sys_exit_fcntl *args)
+{
+	return dup_exit(args->ret);
+}
+
+int rgs_rename(struct tracepoint__task__task_rename *args)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct rename_record *r;
+
+	if (args->pid != (pid_t)(pid_tgid >> 32) || tid != (pid_tgid >> 32))
+		return 0; /* a thread's name, or another task's */
+	if (exec_pending.lookup(&tid))
+		return 0; /* exec naming the process after its file */
+	r = process_events.ringbuf_reserve(sizeof(*r));
+	if (!r) {
+		count_lost(LOST_PROCESS);
+		return 0;
+	}
+	fill_header(&r->hdr, RECORD_RENAME);
+	__builtin_memset(r->newcomm, 0, sizeof(r->newcomm)); /* wake_names keys are zero-padded */
+	bpf_probe_read_kernel_str(r->newcomm, sizeof(r->newcomm), args->newcomm);
+	/* renamed to a name the rules know: wake user space now; any other
+	 * rename (an argv rewrite) is judged at the next drain, within 10 ms */
+	process_events.ringbuf_submit(r, exec_flags(r->newcomm));
+	return 0;
+}
+
 int rgs_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -265,6 +467,8 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	connect_pending.delete(&tid);
 	send_pending.delete(&tid);
 	gpu_pending.delete(&tid);
+	socket_pending.delete(&tid);
+	dup_pending.delete(&tid);
 
 #ifdef HAVE_GROUP_DEAD
 	if (!args->group_dead)

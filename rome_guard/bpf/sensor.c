@@ -89,6 +89,17 @@ struct tcp_seen {
 	__u32 _pad;
 };
 
+/* a descriptor of one process */
+struct fd_key {
+	__u32 tgid;
+	__s32 fd;
+};
+
+struct dup_pending {
+	__s32 oldfd;
+	__u32 via;
+};
+
 struct gpu_pending {
 	__u64 path_ptr; /* user pointer, re-read at exit when not yet readable */
 	__u32 flags;
@@ -114,6 +125,12 @@ BPF_HASH(exec_pending, __u32, struct exec_record, 512);
 BPF_HASH(exec_retry, __u32, __u64, 512); /* tid -> argv to read again */
 BPF_TABLE("lru_hash", __u32, struct proc_state, procs, 131072);
 BPF_TABLE("lru_hash", __u32, __s32, exit_codes, 16384);
+/* inet sockets made by socket(2), by process and descriptor. Entries are
+ * not removed at close (close is too hot to trace): a stale one only makes
+ * user space look at /proc/PID/fd, which says what the fd really is. */
+BPF_TABLE("lru_hash", struct fd_key, __u8, inet_fds, 65536);
+BPF_HASH(socket_pending, __u32, __u8, 4096); /* tid in socket(AF_INET*) */
+BPF_HASH(dup_pending, __u32, struct dup_pending, 4096); /* tid duplicating one */
 
 /* network.c */
 BPF_HASH(tcp_connecting, __u64, struct tcp_attempt, 65536);
@@ -175,6 +192,15 @@ static __always_inline __u64 exec_flags(const char *comm)
 	key.prefixlen = TASK_COMM_LEN * 8;
 	__builtin_memcpy(key.name, comm, TASK_COMM_LEN);
 	return wake_names.lookup(&key) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+/* A record that asks user space to judge a process again now (an inet
+ * socket dup'd onto stdio): rare, so it always wakes it. Without this, in
+ * quiet mode the ring's adaptive wakeup would be suppressed while
+ * unconsumed quiet records sit ahead of it. */
+static __always_inline __u64 judge_now_flags(void)
+{
+	return lifecycle_flags() ? BPF_RB_FORCE_WAKEUP : 0;
 }
 
 static __always_inline int current_is_ignored(void)

@@ -23,6 +23,14 @@
 #define RECORD_EXIT 3
 #define RECORD_CONNECT 4
 #define RECORD_GPU_OPEN 5
+#define RECORD_FD_DUP 6
+#define RECORD_RENAME 7
+
+/* fd_record.via: the syscall that made the new descriptor */
+#define FD_VIA_DUP 1
+#define FD_VIA_DUP2 2
+#define FD_VIA_DUP3 3
+#define FD_VIA_FCNTL 4
 
 /* argv capture: at most ARGV_MAX_ARGS arguments, each cut at ARG_MAX_LEN
  * bytes (terminating NUL included), ARGV_LIMIT bytes in all. The filename
@@ -53,6 +61,7 @@
 #define SOURCE_TCP_STATE 1 /* sock:inet_sock_set_state */
 #define SOURCE_CONNECT 2 /* connect() on a socket that sent no SYN */
 #define SOURCE_SEND 3 /* sendto/sendmsg/sendmmsg with a destination */
+#define SOURCE_UDP_SENDMSG 4 /* cgroup udp4/udp6_sendmsg: any unconnected UDP send, io_uring's too */
 
 #define GPU_PATH_MAX 128
 #define GPU_PATH_PREFIX "/dev/nvidia"
@@ -123,6 +132,23 @@ struct gpu_open_record {
 	__s32 result; /* fd returned by open */
 	__u32 flags; /* open flags */
 	char path[GPU_PATH_MAX];
+};
+
+/* An inet socket this process created was duplicated onto fd 0, 1 or 2
+ * (dup, dup2, dup3, fcntl F_DUPFD*): the reverse-shell move. */
+struct fd_record {
+	struct record_header hdr;
+	__s32 oldfd; /* the socket's descriptor */
+	__s32 newfd; /* 0, 1 or 2 */
+	__u32 via; /* FD_VIA_* */
+	__u32 _pad;
+};
+
+/* A process renamed itself after exec (prctl PR_SET_NAME, /proc/self/comm):
+ * hdr.comm is the old name. Renames done by exec itself are not reported. */
+struct rename_record {
+	struct record_header hdr;
+	char newcomm[TASK_COMM_LEN];
 };
 
 /* sensor_config[0], written by user space */

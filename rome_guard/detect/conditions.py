@@ -43,10 +43,38 @@ class RuleSyntaxError(Exception):
 
 
 class Compiler:
-    """Compiles conditions against a set of named lists."""
+    """Compiles conditions against a set of named lists and named
+    conditions (macros: name -> (condition node, where it is defined))."""
 
-    def __init__(self, lists: Mapping[str, list]):
+    def __init__(
+        self, lists: Mapping[str, list], macros: Mapping[str, tuple[Any, Location]] | None = None
+    ):
         self.lists = lists
+        self.macros = macros or {}
+        self._compiled_macros: dict[str, Predicate] = {}
+        self._expanding: list[str] = []
+
+    def macro(self, name: Any, loc: Location) -> Predicate:
+        """The named condition, compiled once; a reference to an unknown or
+        self-referencing macro is an error at its place of use."""
+        if not isinstance(name, str) or name.lstrip("$") not in self.macros:
+            known = ", ".join(sorted(self.macros)) or "none defined"
+            raise RuleSyntaxError(loc, f"macro: unknown macro {name!r} (known: {known})")
+        name = name.lstrip("$")
+        compiled = self._compiled_macros.get(name)
+        if compiled is not None:
+            return compiled
+        if name in self._expanding:
+            chain = " -> ".join([*self._expanding, name])
+            raise RuleSyntaxError(loc, f"macro: {name!r} refers to itself ({chain})")
+        node, defined_at = self.macros[name]
+        self._expanding.append(name)
+        try:
+            compiled = self.condition(node, defined_at)
+        finally:
+            self._expanding.pop()
+        self._compiled_macros[name] = compiled
+        return compiled
 
     # --- values --------------------------------------------------------------
 
@@ -327,19 +355,17 @@ def _glob_prefix(pattern: str) -> str:
 
 def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Predicate:
     test = _glob_or_exact(c.strings(value, loc, "exe_path"))
-    return lambda s: (
-        f"exe {_short(s.process.exe)}" if s.process.exe and test(s.process.exe) else None
-    )
+    return lambda s: f"exe {_short(s.exe)}" if s.exe and test(s.exe) else None
 
 
 def _b_exe_deleted(c: Compiler, value: Any, loc: Location) -> Predicate:
     want = c.boolean(value, loc, "exe_deleted")
-    return lambda s: "exe deleted" if s.process.exe_deleted == want else None
+    return lambda s: "exe deleted" if s.exe_deleted == want else None
 
 
 def _b_exe_memfd(c: Compiler, value: Any, loc: Location) -> Predicate:
     want = c.boolean(value, loc, "exe_memfd")
-    return lambda s: "exe in memfd" if s.process.exe_memfd == want else None
+    return lambda s: "exe in memfd" if s.exe_memfd == want else None
 
 
 def _b_cwd(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -451,7 +477,7 @@ def _option_needle(name: str) -> str:
 def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
     if not isinstance(value, LineDict) or not isinstance(value.get("spec"), str):
         raise RuleSyntaxError(loc, "getopt: expected a mapping with a 'spec' optstring")
-    allowed = {"spec", "interleaved_operands", "flags", "values"}
+    allowed = {"spec", "interleaved_operands", "flags", "values", "operands"}
     for key in value:
         if key not in allowed:
             raise RuleSyntaxError(value.where(key), f"getopt: unknown key {key!r}")
@@ -486,11 +512,15 @@ def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
             value_tests[letter] = c.value_test(
                 spec_tests, raw.where(letter), f"getopt.values.{letter}"
             )[0]
-    if not letters and not value_tests:
-        raise RuleSyntaxError(loc, "getopt: give 'flags' or 'values' to match")
+    operand_test = (
+        _operand_test(c, value["operands"], value.where("operands"))
+        if "operands" in value
+        else None
+    )
+    if not letters and not value_tests and operand_test is None:
+        raise RuleSyntaxError(loc, "getopt: give 'flags', 'values' or 'operands' to match")
 
-    def predicate(s: Subject) -> str | None:
-        parsed = argvlib.getopt(s.argv, spec, interleaved)
+    def option_hit(parsed: argvlib.GetoptResult) -> str | None:
         hit = sorted(parsed.flags & letters)
         if hit:
             return f"option -{hit[0]}"
@@ -500,7 +530,47 @@ def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"option -{letter} {_short(found)}"
         return None
 
+    def predicate(s: Subject) -> str | None:
+        parsed = argvlib.getopt(s.argv, spec, interleaved)
+        reason = option_hit(parsed) if letters or value_tests else None
+        if (letters or value_tests) and reason is None:
+            return None
+        if operand_test is None:
+            return reason
+        operands = operand_test(parsed.operands)
+        if operands is None:
+            return None
+        return f"{reason} with {operands}" if reason else operands
+
     return predicate
+
+
+def _operand_test(
+    c: Compiler, value: Any, loc: Location
+) -> Callable[[tuple[str, ...]], str | None]:
+    """getopt ``operands``: ``{min: N}`` (at least N operands) and/or
+    ``{regex: R}`` (an operand matching R); either one satisfies it."""
+    if not isinstance(value, LineDict) or not value or set(value) - {"min", "regex"}:
+        raise RuleSyntaxError(loc, "getopt.operands: expected {min: N} and/or {regex: R}")
+    least = value.get("min")
+    if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 1):
+        raise RuleSyntaxError(value.where("min"), "getopt.operands.min: expected a count >= 1")
+    pattern = (
+        c.regex(value["regex"], value.where("regex"), "getopt.operands.regex")
+        if "regex" in value
+        else None
+    )
+
+    def test(operands: tuple[str, ...]) -> str | None:
+        if least is not None and len(operands) >= least:
+            return f"{len(operands)} operands"
+        if pattern is not None:
+            for operand in operands:
+                if pattern.search(operand):
+                    return f"operand {_short(operand)}"
+        return None
+
+    return test
 
 
 def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -538,7 +608,7 @@ def _b_parent(c: Compiler, value: Any, loc: Location) -> Predicate:
     def predicate(s: Subject) -> str | None:
         if not s.lineage:
             return None
-        reason = inner(Subject(s.lineage[0], s.lineage[1:]))
+        reason = inner(s.related(s.lineage[0], s.lineage[1:]))
         return f"parent {s.lineage[0].pid}: {reason}" if reason else None
 
     return predicate
@@ -549,7 +619,7 @@ def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Predicate:
 
     def predicate(s: Subject) -> str | None:
         for depth, ancestor in enumerate(s.lineage):
-            reason = inner(Subject(ancestor, s.lineage[depth + 1 :]))
+            reason = inner(s.related(ancestor, s.lineage[depth + 1 :]))
             if reason:
                 return f"ancestor {ancestor.pid}: {reason}"
         return None
@@ -570,6 +640,58 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
         return f"fd {','.join(map(str, connected))} is a {ep.proto} socket to {ep.daddr}:{ep.dport}"
 
     return predicate
+
+
+SSH_FORWARD_KINDS = ("remote", "dynamic", "local", "tunnel")
+
+
+def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
+    kinds = c.strings(value, loc, "ssh_forwards")
+    for kind in kinds:
+        if kind not in SSH_FORWARD_KINDS:
+            raise RuleSyntaxError(
+                loc, f"ssh_forwards: {kind!r} is not one of {', '.join(SSH_FORWARD_KINDS)}"
+            )
+
+    def predicate(s: Subject) -> str | None:
+        forwards = s.ssh_forwards
+        if forwards is None:
+            return None
+        found = forwards.kinds()
+        for kind in kinds:
+            if kind in found:
+                return f"effective ssh config has {kind} forward {_short(found[kind])}"
+        return None
+
+    return predicate
+
+
+def _b_config_file(c: Compiler, value: Any, loc: Location) -> Predicate:
+    """``config_file: {options: [-c, --config], all_regex: [R, ...]}``: a
+    file named by one of the options holds text matching every regex (the
+    subject's reader fetches it; this module reads nothing itself)."""
+    if not isinstance(value, LineDict) or set(value) != {"options", "all_regex"}:
+        raise RuleSyntaxError(loc, "config_file: expected {options: [...], all_regex: [...]}")
+    names = c.strings(value["options"], value.where("options"), "config_file.options")
+    raw = value["all_regex"]
+    if not isinstance(raw, list) or not raw:
+        raise RuleSyntaxError(value.where("all_regex"), "config_file.all_regex: a list of regexes")
+    patterns = [c.regex(item, value.where("all_regex"), "config_file.all_regex") for item in raw]
+
+    def predicate(s: Subject) -> str | None:
+        for name in names:
+            for path in argvlib.option_values(s.argv, name):
+                text = s.config_text(path)
+                if text and all(p.search(text) for p in patterns):
+                    return f"config {_short(path)} ({', '.join(p.pattern for p in patterns)})"
+        return None
+
+    # a file is named only through one of the options (see _b_option)
+    return _needing(predicate, (_option_needle(name.lower()) for name in names))
+
+
+def _b_macro(c: Compiler, value: Any, loc: Location) -> Predicate:
+    return c.macro(value, loc)
 
 
 def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
@@ -719,6 +841,9 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "parent": _b_parent,
     "ancestor": _b_ancestor,
     "stdio_socket": _b_stdio_socket,
+    "ssh_forwards": _b_ssh_forwards,
+    "macro": _b_macro,
+    "config_file": _b_config_file,
     "remote_port": _b_remote_port,
     "remote_cidr": _b_remote_cidr,
     "stratum_method": _b_stratum_method,

@@ -51,7 +51,12 @@ DETECTORS: dict[str, dict[str, float | int | bool]] = {
     "gpu_unregistered": {"confirm_with_nvml": True},
 }
 
+# The rule file format this rome-guard reads (top-level ``version:``).
+RULES_FORMAT_VERSION = 1
+_TOP_KEYS = ("version", "lists", "macros", "rules", "tune")
+
 _RULE_KEYS = {
+    "examples",
     "id",
     "category",
     "severity",
@@ -114,6 +119,8 @@ class Rule:
     needs_stdio: bool = False
     needs_wire: bool = False  # looks at what a flow said: live daemon only
     location: Location | None = None
+    # argv lists the rule must match / must not match (`rome-guard rules test`)
+    examples: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
 
     def evaluate(self, subject) -> str | None:
         """Why subject matches this rule, or None (exceptions applied)."""
@@ -211,13 +218,41 @@ def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
     return PreventSpec(**kw)
 
 
-def _uses(node: Any, keys: frozenset[str]) -> bool:
-    """Whether a condition tree uses any of the given condition keys."""
+def _uses(node: Any, keys: frozenset[str], macros: dict | None = None, depth: int = 0) -> bool:
+    """Whether a condition tree uses any of the given condition keys
+    (through the macros it names, too)."""
+    if depth > 32:
+        return False  # a macro loop: reported by the compiler
     if isinstance(node, dict):
-        return any(k in keys or _uses(v, keys) for k, v in node.items())
+        for k, v in node.items():
+            if k in keys:
+                return True
+            if k == "macro" and macros and isinstance(v, str) and v.lstrip("$") in macros:
+                if _uses(macros[v.lstrip("$")][0], keys, macros, depth + 1):
+                    return True
+            elif _uses(v, keys, macros, depth + 1):
+                return True
+        return False
     if isinstance(node, list):
-        return any(_uses(v, keys) for v in node)
+        return any(_uses(v, keys, macros, depth + 1) for v in node)
     return False
+
+
+def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """``examples: {match: [argv, ...], no_match: [argv, ...]}``."""
+    if not isinstance(raw, LineDict) or not raw or set(raw) - {"match", "no_match"}:
+        raise RuleSyntaxError(loc, "examples: expected {match: [argv, ...], no_match: [argv, ...]}")
+    examples = {}
+    for kind, items in raw.items():
+        if not isinstance(items, list) or not all(
+            isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
+            for argv in items
+        ):
+            raise RuleSyntaxError(
+                raw.where(kind), f"examples.{kind}: expected a list of argv lists of strings"
+            )
+        examples[kind] = tuple(tuple(argv) for argv in items)
+    return examples
 
 
 def _parse_params(detector: str, raw: Any, loc: Location) -> dict[str, Any]:
@@ -326,10 +361,13 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler) -> Rule:
         prevent=prevent,
         tags=tuple(tags),
         enabled=enabled,
-        needs_network=_uses(raw.get("match"), NETWORK_KEYS),
-        needs_stdio=_uses(raw.get("match"), STDIO_KEYS),
-        needs_wire=_uses(raw.get("match"), WIRE_KEYS),
+        needs_network=_uses(raw.get("match"), NETWORK_KEYS, compiler.macros),
+        needs_stdio=_uses(raw.get("match"), STDIO_KEYS, compiler.macros),
+        needs_wire=_uses(raw.get("match"), WIRE_KEYS, compiler.macros),
         location=raw.location,
+        examples=(
+            _parse_examples(raw["examples"], raw.where("examples")) if "examples" in raw else {}
+        ),
     )
     return rule
 
@@ -354,6 +392,74 @@ def _collect_lists(doc: LineDict, lists: dict, origins: dict, problems: list) ->
         else:
             lists[name] = list(items)
             origins[name] = loc
+
+
+def _check_version(doc: LineDict, problems: list) -> None:
+    if "version" not in doc:
+        return
+    version = doc["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        _problem(
+            problems, doc.where("version"), f"version must be a positive integer, got {version!r}"
+        )
+    elif version > RULES_FORMAT_VERSION:
+        _problem(
+            problems,
+            doc.where("version"),
+            f"rule format version {version} needs a newer rome-guard "
+            f"(this one reads version {RULES_FORMAT_VERSION})",
+        )
+
+
+def _collect_macros(doc: LineDict, macros: dict, problems: list) -> None:
+    """``macros: {name: condition}``: named conditions any rule file may
+    use as ``{macro: name}`` (Falco's macros)."""
+    raw = doc.get("macros")
+    if raw is None:
+        return
+    if not isinstance(raw, LineDict):
+        _problem(problems, doc.where("macros"), "macros: expected a mapping of name -> condition")
+        return
+    for name, node in raw.items():
+        loc = raw.where(name)
+        if not _LIST_NAME.match(name):
+            _problem(problems, loc, f"macro name {name!r} must match {_LIST_NAME.pattern}")
+        elif name in macros:
+            _problem(problems, loc, f"macro {name!r} is already defined at {macros[name][1]}")
+        else:
+            macros[name] = (node, loc)
+
+
+def _apply_tuning(
+    doc: LineDict, by_id: dict[str, Rule], seen: dict, compiler: Compiler, problems: list
+) -> None:
+    """``tune: [{rule: ID, exceptions: [...]}]``: a site appends exceptions
+    to a shipped (or any) rule from rules.d without copying the rule."""
+    raw = doc.get("tune")
+    if raw is None:
+        return
+    if not isinstance(raw, LineList):
+        _problem(problems, doc.where("tune"), "tune: expected a list of {rule, exceptions}")
+        return
+    for index, entry in enumerate(raw):
+        loc = raw.where(index)
+        if not isinstance(entry, LineDict) or set(entry) != {"rule", "exceptions"}:
+            _problem(problems, loc, "tune: each entry is {rule: ID, exceptions: [conditions]}")
+            continue
+        rule_id = entry["rule"]
+        if rule_id not in seen:
+            _problem(problems, entry.where("rule"), f"tune: no rule {rule_id!r} to tune")
+            continue
+        try:
+            added = compiler.conditions(
+                entry["exceptions"], entry.where("exceptions"), "exceptions"
+            )
+        except RuleSyntaxError as exc:
+            _problem(problems, exc.location, exc.message)
+            continue
+        rule = by_id.get(rule_id)
+        if rule is not None:  # a disabled rule is tuned for nothing
+            rule.exceptions = [*rule.exceptions, *added]
 
 
 def rules_for(config) -> RuleSet:
@@ -396,12 +502,13 @@ def load_rules(
                 )
                 continue
             for key in doc:
-                if key not in ("lists", "rules"):
+                if key not in _TOP_KEYS:
                     _problem(
                         problems,
                         doc.where(key),
-                        f"unknown top-level key {key!r} (known: lists, rules)",
+                        f"unknown top-level key {key!r} (known: {', '.join(_TOP_KEYS)})",
                     )
+            _check_version(doc, problems)
             documents.append((path, doc))
 
     lists: dict[str, list] = {}
@@ -409,7 +516,10 @@ def load_rules(
     for _path, doc in documents:
         _collect_lists(doc, lists, origins, problems)
 
-    compiler = Compiler(lists)
+    macros: dict[str, tuple[Any, Location]] = {}
+    for _path, doc in documents:
+        _collect_macros(doc, macros, problems)
+    compiler = Compiler(lists, macros)
     rules: list[Rule] = []
     seen: dict[str, Location] = {}
     for _path, doc in documents:
@@ -435,6 +545,9 @@ def load_rules(
             seen[rule.id] = rule.location
             if rule.enabled:
                 rules.append(rule)
+    by_id = {rule.id: rule for rule in rules}
+    for _path, doc in documents:
+        _apply_tuning(doc, by_id, seen, compiler, problems)
     off = set(disabled)
     for rule_id in sorted(off - set(seen)):
         where_ = Location(disabled_source or "disabled_rules", 1)

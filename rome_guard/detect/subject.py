@@ -10,18 +10,27 @@ the flow's WireFacts. The same Subject type is built by `scan`
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable
+from typing import Any, Callable
 
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import WireFacts
 from rome_guard.events import Endpoint, ProcessInfo
-from rome_guard.linux import without_deleted
+from rome_guard.linux import is_deleted, without_deleted
+
+
+def _no_stdio(_process: ProcessInfo) -> dict[int, Endpoint]:
+    return {}
 
 
 class Subject:
     """``lineage`` and ``stdio`` may be given as zero-argument callables:
     they are then computed only if a rule asks (most execs never need
-    them, and the daemon sees thousands of execs a second)."""
+    them, and the daemon sees thousands of execs a second).
+
+    ``stdio_of`` tells the socket stdio of another process (an ancestor,
+    for lineage conditions) from what the caller already knows; ``exe``
+    (a callable) reads the executable's path at judgement time, for a
+    binary deleted or replaced after exec -- only a rule that asks pays."""
 
     def __init__(
         self,
@@ -29,6 +38,10 @@ class Subject:
         lineage: list[ProcessInfo] | Callable[[], list[ProcessInfo]] = (),
         connections: list[Endpoint] = (),
         stdio: dict[int, Endpoint] | Callable[[], dict[int, Endpoint]] | None = None,
+        stdio_of: Callable[[ProcessInfo], dict[int, Endpoint]] = _no_stdio,
+        exe: Callable[[], str] | None = None,
+        ssh_forwards: Callable[[ProcessInfo], Any] | None = None,
+        read_config: Callable[[ProcessInfo, str], str] | None = None,
         wire: WireFacts | None = None,
     ):
         self.process = process
@@ -36,6 +49,48 @@ class Subject:
         self.wire = wire  # what a new flow said first (wire events only)
         self._lineage = lineage
         self._stdio = stdio
+        self.stdio_of = stdio_of
+        self._exe = exe
+        self._ssh_forwards = ssh_forwards
+        self._read_config = read_config
+
+    def related(self, other: ProcessInfo, lineage: list[ProcessInfo]) -> Subject:
+        """Another process of this one's lineage, judged with what is known
+        about it (its socket stdio through stdio_of)."""
+        return Subject(other, lineage, (), lambda: self.stdio_of(other), stdio_of=self.stdio_of)
+
+    @cached_property
+    def ssh_forwards(self) -> Any:
+        """The ssh client's effective forwards (sensors.sshconfig.SshForwards),
+        or None when unknown; asked only when a rule needs it."""
+        if self._ssh_forwards is None:
+            return None
+        return self._ssh_forwards(self.process)
+
+    def config_text(self, path: str) -> str:
+        """The start of a file the process names in its arguments (relative
+        to its cwd), "" when there is no reader or it cannot be read."""
+        if self._read_config is None:
+            return ""
+        return self._read_config(self.process, path)
+
+    @cached_property
+    def exe(self) -> str:
+        """The executable's path now (" (deleted)" once removed), falling
+        back to the one known at exec when it cannot be read."""
+        if self._exe is not None:
+            current = self._exe()
+            if current:
+                return current
+        return self.process.exe
+
+    @property
+    def exe_deleted(self) -> bool:
+        return is_deleted(self.exe)
+
+    @property
+    def exe_memfd(self) -> bool:
+        return self.exe.startswith("/memfd:")
 
     @cached_property
     def lineage(self) -> list[ProcessInfo]:
@@ -77,7 +132,8 @@ class Subject:
         names for known tools and arguments for behaviour."""
         candidates = {
             self.process.comm,
-            argvlib.basename(without_deleted(self.process.exe)),
+            # a memfd's name ("/memfd:xmrig (deleted)") is the name it goes by
+            argvlib.basename(without_deleted(self.process.exe)).removeprefix("memfd:"),
         }
         if self.argv:
             candidates.add(argvlib.basename(self.argv[0]))

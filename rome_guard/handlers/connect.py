@@ -1,7 +1,10 @@
 """Connect: a TCP connect (attempt and outcome) or a datagram destination.
 
 A new distinct peer of a process re-runs the rules that have network
-conditions; every connect feeds the fanout (scan) detectors. A connect of
+conditions (exe facts read at that moment: a binary deleted since exec);
+every connect feeds the fanout (scan) detectors. The first connect of a
+process outside loopback re-reads its identity once and, if it changed
+since exec, re-judges it with every rule (handlers.rename). A connect of
 a pid the model does not know yet is parked until its exec or fork
 arrives (events of two ring buffers can cross), and dropped, counted, after
 sensor_filter.park_unknown_ms.
@@ -18,6 +21,7 @@ import time
 from rome_guard.events import CONNECT_ATTEMPT, ConnectEvent
 from rome_guard.findings import Finding
 from rome_guard.handlers.context import Context, Parked
+from rome_guard.handlers.rename import judge_again
 
 log = logging.getLogger("rome_guard")
 
@@ -30,12 +34,18 @@ def on_connect(ctx: Context, event: ConnectEvent) -> None:
         ctx.parked.append(Parked(event, time.monotonic() + limit_s))
         return
     ep = event.endpoint
+    if not ep.is_loopback and ep.daddr not in ("0.0.0.0", "::"):
+        fresh = processes.first_external_connect(info)
+        if fresh is not None:  # renamed or argv rewritten since exec
+            judge_again(ctx, fresh)
+            info = fresh
     if event.outcome == CONNECT_ATTEMPT or ep.dport:
         peers = processes.new_peer(info, ep)
         if peers is not None:
-            subject = processes.subject(info, peers)
-            for finding in ctx.rules.engine.evaluate(subject, trigger=ep, network_only=True):
-                ctx.alerts.raise_alert(finding)
+            subject = processes.subject(info, peers, exe_now=True)  # deleted since exec?
+            ctx.alerts.raise_alerts(
+                ctx.rules.engine.evaluate(subject, trigger=ep, network_only=True)
+            )
     if ctx.rules.fanout:
         parent = processes.parent(info)
         for detector in ctx.rules.fanout:

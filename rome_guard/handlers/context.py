@@ -1,6 +1,6 @@
 """What every handler works with: the process model, the rules in force,
-the alert sink, metrics, the optional GPU watch and wire collaborator, in
-one object.
+the alert sink, metrics, the ssh effective-config reader, the optional
+GPU watch and wire collaborator, in one object.
 
 Handlers receive a Context and one event; they never hold state of their
 own between events (what must persist lives here or in the process model),
@@ -21,6 +21,7 @@ from rome_guard.events import ConnectEvent, ProcessKey
 from rome_guard.respond.alerts import AlertSink
 from rome_guard.respond.enforce import KernelPolicy, policy_for
 from rome_guard.respond.metrics import MetricsSink
+from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.processes import ProcessModel
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ class Context:
     gpu: GpuWatch | None = None
     # the wire sensor's handler state (DNS names, drop policy), while it runs
     wire: WireHandler | None = None
+    # ssh clients' effective forwards (ssh -G as the process's user), cached
+    ssh: EffectiveSshConfig = field(default_factory=EffectiveSshConfig)
     parked: deque[Parked] = field(default_factory=deque)
     # key -> (alert id, rule id) of GPU-open alerts awaiting NVML's confirmation
     gpu_alerts: dict[ProcessKey, tuple[str, str]] = field(default_factory=dict)

@@ -102,7 +102,8 @@ def _alert(
         )
         record = ctx.alerts.raise_alert(finding)
         if record is not None and source == "open":
-            ctx.gpu_alerts[info.key] = (record["id"], rule.id)
+            # the incident's alert, also when this hit joined one as an update
+            ctx.gpu_alerts[info.key] = (record.get("alert_id", record["id"]), rule.id)
 
 
 def sync_loopback_filter(ctx: Context) -> None:

@@ -14,17 +14,21 @@ from rome_guard.events import (
     ConnectEvent,
     ExecEvent,
     ExitEvent,
+    FdDupEvent,
     ForkEvent,
     GpuOpenEvent,
+    RenameEvent,
     WireEvent,
 )
 from rome_guard.handlers.connect import on_connect
 from rome_guard.handlers.context import Context
 from rome_guard.handlers.exec import on_exec
 from rome_guard.handlers.exit import on_exit
+from rome_guard.handlers.fd import on_fd_dup
 from rome_guard.handlers.fork import on_fork
 from rome_guard.handlers.gpu import on_gpu_open, on_gpu_snapshot
 from rome_guard.handlers.prevention import on_prevention
+from rome_guard.handlers.rename import on_rename
 from rome_guard.handlers.wire import on_wire
 from rome_guard.respond.prevent import PreventionEvent
 from rome_guard.sensors.nvml import GpuSnapshot
@@ -41,6 +45,8 @@ HANDLERS: dict[type, Handler] = {
     ExitEvent: Handler("exit", on_exit),
     ConnectEvent: Handler("connect", on_connect),
     GpuOpenEvent: Handler("gpu_open", on_gpu_open),
+    FdDupEvent: Handler("fd", on_fd_dup),
+    RenameEvent: Handler("rename", on_rename),
     GpuSnapshot: Handler(None, on_gpu_snapshot),  # counted per GPU process
     PreventionEvent: Handler(None, on_prevention),
     WireEvent: Handler("payload", on_wire),

@@ -29,12 +29,16 @@ from rome_guard.events import (
     Endpoint,
     ExecEvent,
     ExitEvent,
+    FdDupEvent,
     ForkEvent,
     GpuOpenEvent,
+    RenameEvent,
 )
 from rome_guard.textsafe import from_bytes
 
-SensorEvent = ExecEvent | ForkEvent | ExitEvent | ConnectEvent | GpuOpenEvent
+SensorEvent = (
+    ExecEvent | ForkEvent | ExitEvent | ConnectEvent | GpuOpenEvent | FdDupEvent | RenameEvent
+)
 
 # --- constants of sensor.h (checked against the header by the layout test) --
 
@@ -45,6 +49,13 @@ RECORD_FORK = 2
 RECORD_EXIT = 3
 RECORD_CONNECT = 4
 RECORD_GPU_OPEN = 5
+RECORD_FD_DUP = 6
+RECORD_RENAME = 7
+
+FD_VIA_DUP = 1
+FD_VIA_DUP2 = 2
+FD_VIA_DUP3 = 3
+FD_VIA_FCNTL = 4
 
 ARGV_MAX_ARGS = 64
 ARG_MAX_LEN = 4096
@@ -67,6 +78,7 @@ OUTCOME_FAILED = 4
 SOURCE_TCP_STATE = 1
 SOURCE_CONNECT = 2
 SOURCE_SEND = 3
+SOURCE_UDP_SENDMSG = 4
 
 GPU_PATH_MAX = 128
 GPU_PATH_PREFIX_LEN = 11
@@ -160,6 +172,20 @@ class GpuOpenRecord(ct.Structure):
     ]
 
 
+class FdRecord(ct.Structure):
+    _fields_ = [
+        ("hdr", RecordHeader),
+        ("oldfd", ct.c_int32),
+        ("newfd", ct.c_int32),
+        ("via", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+    ]
+
+
+class RenameRecord(ct.Structure):
+    _fields_ = [("hdr", RecordHeader), ("newcomm", ct.c_char * TASK_COMM_LEN)]
+
+
 class SensorConfig(ct.Structure):
     _fields_ = [
         ("datagram_repeat_ns", ct.c_uint64),
@@ -205,6 +231,12 @@ CONSTANTS = (
     "RECORD_EXIT",
     "RECORD_CONNECT",
     "RECORD_GPU_OPEN",
+    "RECORD_FD_DUP",
+    "RECORD_RENAME",
+    "FD_VIA_DUP",
+    "FD_VIA_DUP2",
+    "FD_VIA_DUP3",
+    "FD_VIA_FCNTL",
     "ARGV_MAX_ARGS",
     "ARG_MAX_LEN",
     "ARGV_LIMIT",
@@ -223,6 +255,7 @@ CONSTANTS = (
     "SOURCE_TCP_STATE",
     "SOURCE_CONNECT",
     "SOURCE_SEND",
+    "SOURCE_UDP_SENDMSG",
     "GPU_PATH_MAX",
     "GPU_PATH_PREFIX_LEN",
     "LOST_PROCESS",
@@ -238,6 +271,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "exit_record": ExitRecord,
     "connect_record": ConnectRecord,
     "gpu_open_record": GpuOpenRecord,
+    "fd_record": FdRecord,
+    "rename_record": RenameRecord,
     "sensor_config": SensorConfig,
     "wake_name": WakeName,
 }
@@ -272,6 +307,8 @@ FORK_FORMAT = struct.Struct("=" + _HEADER + "IIQ")
 EXIT_FORMAT = struct.Struct("=" + _HEADER + "iI")
 CONNECT_FORMAT = struct.Struct("=" + _HEADER + "BBBBHH16s16siI")
 GPU_OPEN_FORMAT = struct.Struct("=" + _HEADER + "iI128s")
+FD_FORMAT = struct.Struct("=" + _HEADER + "iiII")
+RENAME_FORMAT = struct.Struct("=" + _HEADER + "16s")
 # mirror -> format, for the layout test
 FORMATS = {
     ExecRecordHead: EXEC_HEAD_FORMAT,
@@ -279,6 +316,8 @@ FORMATS = {
     ExitRecord: EXIT_FORMAT,
     ConnectRecord: CONNECT_FORMAT,
     GpuOpenRecord: GPU_OPEN_FORMAT,
+    FdRecord: FD_FORMAT,
+    RenameRecord: RENAME_FORMAT,
 }
 
 
@@ -380,12 +419,42 @@ def decode_gpu_open(raw: bytes) -> GpuOpenEvent:
     )
 
 
+_VIA = {FD_VIA_DUP: "dup", FD_VIA_DUP2: "dup2", FD_VIA_DUP3: "dup3", FD_VIA_FCNTL: "fcntl"}
+
+
+def decode_fd(raw: bytes) -> FdDupEvent:
+    fields = _unpack(FD_FORMAT, raw, "fd record")
+    oldfd, newfd, via = fields[7:10]
+    if not 0 <= newfd <= 2 or via not in _VIA:
+        raise MalformedRecord(f"fd record newfd {newfd} via {via}")
+    return FdDupEvent(
+        pid=fields[1],
+        oldfd=oldfd,
+        newfd=newfd,
+        via=_VIA[via],
+        timestamp_ns=fields[4],
+        comm=_text(fields[6]),
+    )
+
+
+def decode_rename(raw: bytes) -> RenameEvent:
+    fields = _unpack(RENAME_FORMAT, raw, "rename record")
+    return RenameEvent(
+        pid=fields[1],
+        old_comm=_text(fields[6]),
+        new_comm=_text(fields[7]),
+        timestamp_ns=fields[4],
+    )
+
+
 _DECODERS = {
     RECORD_EXEC: decode_exec,
     RECORD_FORK: decode_fork,
     RECORD_EXIT: decode_exit,
     RECORD_CONNECT: decode_connect,
     RECORD_GPU_OPEN: decode_gpu_open,
+    RECORD_FD_DUP: decode_fd,
+    RECORD_RENAME: decode_rename,
 }
 
 

@@ -6,8 +6,14 @@ when the disk allows; printed and spooled in memory when it refuses: a
 failing disk never stops a response), then counted, then logged as one
 sanitised line, and only then, in enforce mode for a ``kill`` rule, handed
 to the killer, whose outcome is journalled against the alert. Each (rule,
-process, image) alerts once, across a restart too (``remember``: what the
+process, image) counts once, across a restart too (``remember``: what the
 previous daemon journaled).
+
+Findings on one process in one category within the incident window
+(rome_guard.detect.incidents) make one incident: one ``alert`` record
+listing every rule and reason, later rules as ``incident_update`` records
+against it, one kill (the widest kill scope of its rules). Metrics count
+incidents and rule hits apart.
 
 This module never decides whether something is bad (rules do) and never
 signals a process itself (the Killer does, by verified pidfd).
@@ -16,13 +22,16 @@ signals a process itself (the Killer does, by verified pidfd).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Iterable, Protocol
 
+from rome_guard.detect.incidents import Filed, IncidentBook, kill_rule_finding, primary
 from rome_guard.events import GpuProcess, ProcessInfo, ProcessKey
 from rome_guard.findings import (
     Finding,
     confirmation_record,
     event_record,
+    incident_record,
     lost_record,
     response_record,
 )
@@ -59,7 +68,8 @@ class AlertSink:
         self.killer = killer
         self._descendants = descendants
         self._alerted: set[tuple[str, ProcessKey, str]] = set()
-        self.raised = 0
+        self.incidents = IncidentBook()
+        self.raised = 0  # incidents opened
 
     def remember(self, keys: Iterable[tuple[str, int, int, str]]) -> None:
         """Alerts an earlier daemon journaled, as (rule, pid, start time,
@@ -68,37 +78,76 @@ class AlertSink:
             self._alerted.add((rule_id, ProcessKey(pid, start), exe))
 
     def raise_alert(self, finding: Finding) -> dict | None:
-        """Journal the finding (durably), count it, then respond. None when
-        this rule already alerted on this process image."""
-        # once per (rule, process image): an exec into a new program under
-        # the same identity (pyenv shims, wrappers) is judged afresh
-        key = (finding.rule.id, finding.process.key, finding.process.exe)
-        if key in self._alerted:
-            return None
-        if len(self._alerted) >= ALERTED_LIMIT:
-            self._alerted.clear()
-        self._alerted.add(key)
-        rule = finding.rule
-        enforce = self.mode == "enforce" and rule.action == "kill" and self.killer is not None
+        """One finding (see raise_alerts); the record it was filed under,
+        None when this rule already alerted on this process image."""
+        records = self.raise_alerts([finding])
+        return records[0] if records else None
+
+    def raise_alerts(self, findings: Iterable[Finding]) -> list[dict]:
+        """Journal the findings (durably), count them, then respond: the
+        findings of one evaluation go in together, so the incident they
+        open is named after the most severe. Returns the record of each
+        group filed (an incident's alert, or an incident_update)."""
+        fresh = []
+        for finding in findings:
+            # once per (rule, process image): an exec into a new program under
+            # the same identity (pyenv shims, wrappers) is judged afresh
+            key = (finding.rule.id, finding.process.key, finding.process.exe)
+            if key in self._alerted:
+                continue
+            if len(self._alerted) >= ALERTED_LIMIT:
+                self._alerted.clear()
+            self._alerted.add(key)
+            fresh.append(finding)
+        if not fresh:
+            return []
+        return [self._file(filed) for filed in self.incidents.file(fresh, time.monotonic())]
+
+    def _file(self, filed: Filed) -> dict:
+        incident = filed.incident
+        killer = kill_rule_finding(filed.findings)
+        enforce = (
+            self.mode == "enforce"
+            and killer is not None
+            and self.killer is not None
+            and not incident.responded
+        )
         action = "kill" if enforce else "alert"
-        record = event_record(finding, "alert", action, self.mode, self.host)
+        lead = primary(filed.findings) if filed.opened else filed.findings[0]
+        record = incident_record(
+            lead,
+            filed.findings,
+            incident.findings,
+            incident.id,
+            filed.opened,
+            action,
+            self.mode,
+            self.host,
+        )
         # handed to the journal before anything acts on it: durable when the
         # disk allows, spooled in memory when it refuses (never a reason not to act)
         self.journal.write(record)
-        self.raised += 1
-        self.metrics.alert(rule.id, rule.category, rule.severity, action)
-        process = finding.process
+        if filed.opened:
+            self.raised += 1
+            self.metrics.incident(lead.rule.category, lead.rule.severity, action)
+        for finding in filed.findings:
+            rule = finding.rule
+            self.metrics.alert(rule.id, rule.category, rule.severity, action)
+        process = lead.process
         log.warning(
-            "ALERT %s %s pid=%d user=%s %s: %s",
-            rule.severity,
-            rule.id,
+            "%s %s %s pid=%d user=%s %s: %s",
+            "ALERT" if filed.opened else "ALERT+",
+            lead.rule.severity,
+            "+".join(f.rule.id for f in filed.findings),
             process.pid,
             one_line(process.user, 32),
             command_line(process.cmdline or (process.comm,), 160),
-            one_line(finding.reason, 200),
+            one_line("; ".join(f.reason for f in filed.findings), 300),
         )
         if enforce:
-            self._respond(finding, record)
+            assert killer is not None
+            incident.responded = True  # the kill happens once per incident
+            self._respond(killer, record)
         return record
 
     def _respond(self, finding: Finding, alert: dict) -> None:

@@ -92,25 +92,34 @@ def recent_alerts(
     lines = data.split(b"\n")
     if size > tail_bytes:
         lines = lines[1:]  # the first line is cut
-    alerts: dict[str, tuple[str, int, int, str]] = {}
+    # incident (alert id) -> the (rule, process image) keys filed under it:
+    # the alert's own and every rule its incident_update records added
+    alerts: dict[str, set[tuple[str, int, int, str]]] = {}
     kills: set[str] = set()
     responded: set[str] = set()
     for line in lines:
-        if b'"alert' not in line and b'"response"' not in line:
+        if b'"alert' not in line and b'"response"' not in line and b'"incident' not in line:
             continue
         try:
             record = json.loads(line)
-            if record.get("event") == "response":
+            event = record.get("event")
+            if event == "response":
                 responded.add(record["alert_id"])
-            elif record.get("event") == "alert" and record.get("mode") == mode:
-                process = record["process"]
-                key = (record["rule"], process["pid"], process["start_time"], process["exe"])
-                alerts[record["id"]] = key
-                if record.get("action") == "kill":
-                    kills.add(record["id"])
+                continue
+            if event not in ("alert", "incident_update") or record.get("mode") != mode:
+                continue
+            process = record["process"]
+            image = (process["pid"], process["start_time"], process["exe"])
+            rules = [record["rule"]] + [r["rule"] for r in record.get("rules") or ()]
+            incident = record["id"] if event == "alert" else record["alert_id"]
+            alerts.setdefault(incident, set()).update((rule, *image) for rule in rules)
+            if record.get("action") == "kill":
+                kills.add(incident)
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
-    return {key for id_, key in alerts.items() if id_ not in kills or id_ in responded}
+    return {
+        key for id_, keys in alerts.items() if id_ not in kills or id_ in responded for key in keys
+    }
 
 
 class Journal:

@@ -56,6 +56,8 @@ EVENT_SOURCES = (
     "connect",  # eBPF connect attempts and outcomes
     "gpu_open",  # eBPF opens of /dev/nvidia*
     "payload",  # wire sensor: first bytes of new flows, DNS questions and answers
+    "fd",  # eBPF: an inet socket duplicated onto stdio
+    "rename",  # eBPF: a process renamed itself after exec
     "nvml",  # NVML compute-process polls
     "procfs",  # /proc snapshots (seeding, poll mode, scan)
 )
@@ -223,8 +225,14 @@ class GuardMetrics:
         self.alerts = metric(
             Counter,
             "alerts",
-            "Alerts raised, by rule and what was done about them.",
+            "Rule hits, by rule and what was done about them (one incident may hold several).",
             ("rule", "category", "severity", "action"),
+        )
+        self.incidents = metric(
+            Counter,
+            "incidents",
+            "Incidents raised: rule hits on one process in one category, grouped.",
+            ("category", "severity", "action"),
         )
         self.events = metric(Counter, "events", "Events received from sensors.", ("source",))
         self.events_lost = metric(
@@ -307,6 +315,7 @@ class GuardMetrics:
             loaded.append(rule_id)
             for action in ALERT_ACTIONS:
                 self.alerts.labels(*labels, action)
+                self.incidents.labels(labels[1], labels[2], action)
         with self._lock:
             self._loaded_rules = frozenset(loaded)
         self.rules_loaded.set(len(loaded))
@@ -330,6 +339,13 @@ class GuardMetrics:
         only), kill or block."""
         _member(action, ALERT_ACTIONS, "action")
         self.alerts.labels(*self._alert_labels(rule, category, severity), action).inc()
+
+    def incident(self, category: str, severity: str, action: str) -> None:
+        """One incident opened (its rule hits are counted by alert())."""
+        _member(action, ALERT_ACTIONS, "action")
+        with self._lock:
+            labels = (self._categories.admit(category), self._severities.admit(severity))
+        self.incidents.labels(*labels, action).inc()
 
     # sensors
 
@@ -448,6 +464,7 @@ class MetricsSink(Protocol):
     def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
     def rule_reload_failed(self) -> None: ...
     def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
+    def incident(self, category: str, severity: str, action: str) -> None: ...
     def event(self, source: str, count: int = 1) -> None: ...
     def set_lost(self, buffer: str, total: int) -> None: ...
     def lost(self, buffer: str, count: int = 1) -> None: ...
@@ -470,6 +487,9 @@ class NullMetrics:
         pass
 
     def alert(self, rule: str, category: str, severity: str, action: str) -> None:
+        pass
+
+    def incident(self, category: str, severity: str, action: str) -> None:
         pass
 
     def event(self, source: str, count: int = 1) -> None:

@@ -11,7 +11,14 @@ What it reports (details in rome_guard/bpf/*.c):
 - ConnectEvent for TCP connects (an "attempt", then "established",
   "refused" or "failed" for the same socket) and for datagram destinations
   (UDP connect()/sendto(): outcome "attempt", no source address);
-- GpuOpenEvent for successful opens of /dev/nvidia*.
+- GpuOpenEvent for successful opens of /dev/nvidia*;
+- FdDupEvent when an inet socket the process made is duplicated onto fd
+  0, 1 or 2 (dup, dup2, dup3, fcntl F_DUPFD*), checked at syscall exit;
+- RenameEvent when a process renames itself after exec (prctl
+  PR_SET_NAME, /proc/self/comm);
+- ConnectEvent (attempt) for every unconnected UDP send, from cgroup
+  udp_sendmsg hooks linked to the cgroup2 root: io_uring's
+  IORING_OP_SENDMSG enters no send syscall.
 
 It only observes: it never kills or blocks (rome_guard/respond does), and
 never drops what a rule could need without counting it: failed ring buffer
@@ -45,7 +52,7 @@ from rome_guard.layout.sensor import (
     decode_record,
     wake_key,
 )
-from rome_guard.linux import can_load_bpf
+from rome_guard.linux import can_load_bpf, cgroup2_root
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SENSOR_SOURCE = BPF_DIR / "sensor.c"
@@ -64,6 +71,10 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
 WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
+
+# cgroup/udp{4,6}_sendmsg hooks (enum bpf_attach_type): unconnected UDP sends
+# that no send syscall carries (io_uring's IORING_OP_SENDMSG)
+UDP_SENDMSG_HOOKS = (("rgs_udp4_sendmsg", 14), ("rgs_udp6_sendmsg", 15))
 
 
 class EbpfUnavailable(Exception):
@@ -92,6 +103,21 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("task:task_newtask", "rgs_newtask"),
     _process("syscalls:sys_enter_exit_group", "rgs_exit_group"),
     _process("sched:sched_process_exit", "rgs_exit"),
+    _process("syscalls:sys_enter_socket", "rgs_socket"),
+    _process("syscalls:sys_exit_socket", "rgs_socket_ret"),
+    _process("syscalls:sys_enter_accept", "rgs_accept", "HAVE_ACCEPT"),  # not on arm64
+    _process("syscalls:sys_exit_accept", "rgs_accept_ret", "HAVE_ACCEPT"),
+    _process("syscalls:sys_enter_accept4", "rgs_accept4"),
+    _process("syscalls:sys_exit_accept4", "rgs_accept4_ret"),
+    _process("syscalls:sys_enter_dup", "rgs_dup"),
+    _process("syscalls:sys_exit_dup", "rgs_dup_ret"),
+    _process("syscalls:sys_enter_dup2", "rgs_dup2", "HAVE_DUP2"),  # not on arm64
+    _process("syscalls:sys_exit_dup2", "rgs_dup2_ret", "HAVE_DUP2"),
+    _process("syscalls:sys_enter_dup3", "rgs_dup3"),
+    _process("syscalls:sys_exit_dup3", "rgs_dup3_ret"),
+    _process("syscalls:sys_enter_fcntl", "rgs_fcntl"),
+    _process("syscalls:sys_exit_fcntl", "rgs_fcntl_ret"),
+    _process("task:task_rename", "rgs_rename"),
     Attachment("sock:inet_sock_set_state", "rgs_tcp_state"),
     Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset"),
     Attachment("syscalls:sys_enter_connect", "rgs_connect"),
@@ -313,6 +339,9 @@ class EbpfSensor:
         self._callbacks: list[Any] = []
         self.features: set[str] = set()
         self.attached: list[Attachment] = []
+        self._links: list[int] = []  # BPF link fds: the kernel detaches them when closed
+        self.linked: list[str] = []  # programs linked to the cgroup2 root
+        self.degraded: list[str] = []  # what is not seen here, and why
 
     @property
     def running(self) -> bool:
@@ -358,6 +387,7 @@ class EbpfSensor:
                         f"(verifier log on stderr): {exc}"
                     ) from exc
                 self.attached.append(attachment)
+            self._attach_udp_sendmsg(bpf)
             self._bpf = bpf
             self._write_config()
             self._sync_set("ignored_pids", ct.c_uint32, set(), self._ignore_pids)
@@ -373,8 +403,47 @@ class EbpfSensor:
         except BaseException:
             self._bpf = None
             self.attached.clear()
+            self._close_links()
             bpf.cleanup()
             raise
+
+    def _attach_udp_sendmsg(self, bpf: Any) -> None:
+        """Hook unconnected UDP sends at the cgroup2 root through BPF links:
+        a link lives as long as its fd, so a crashed sensor leaves nothing
+        attached (no stale-attachment cleanup needed). Optional: without
+        cgroup2 or links, only syscall sends are seen (self.degraded says)."""
+        from bcc import BPF
+
+        try:
+            root = cgroup2_root()
+            libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as exc:  # NoCgroup2 included
+            self.degraded.append(f"io_uring UDP sends unseen: {exc}")
+            return
+        libbpf.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+        libbpf.bpf_link_create.restype = ct.c_int
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, attach_type in UDP_SENDMSG_HOOKS:
+                fn = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
+                link = libbpf.bpf_link_create(fn.fd, root_fd, attach_type, None)
+                if link < 0:
+                    self.degraded.append(
+                        f"io_uring UDP sends unseen: linking {name} to {root}: {os.strerror(-link)}"
+                    )
+                    self._close_links()
+                    return
+                self._links.append(link)
+                self.linked.append(name)
+        finally:
+            os.close(root_fd)
+
+    def _close_links(self) -> None:
+        for link in self._links:
+            with contextlib.suppress(OSError):
+                os.close(link)
+        self._links.clear()
+        self.linked.clear()
 
     def _open_ring(self, table: str, name: str) -> None:
         def on_record(_ctx: Any, data: int, size: int) -> int:
@@ -498,6 +567,7 @@ class EbpfSensor:
         """Detach every tracepoint and free every map; idempotent."""
         bpf, self._bpf = self._bpf, None
         self.attached.clear()
+        self._close_links()
         if bpf is not None:
             _detach_tracepoints(bpf)
             bpf.cleanup()

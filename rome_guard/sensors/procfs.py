@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from functools import lru_cache
 from typing import Iterable, Iterator, Mapping
 
@@ -173,11 +174,38 @@ def read_process(
 
 def read_exe(pid: int, proc: str = PROC) -> str:
     """The exe link of pid ("" when gone or unreadable): what an exec
-    changes that its fork did not already tell."""
+    changes that its fork did not already tell; "... (deleted)" once
+    removed, "/memfd:NAME (deleted)" for a memfd."""
     try:
         return from_bytes(os.readlink(f"{proc}/{pid}/exe".encode()))
     except OSError:
         return ""
+
+
+CONFIG_READ_LIMIT = 65536
+_CONFIG_SUFFIXES = (".toml", ".ini", ".yaml", ".yml", ".json", ".conf", ".cfg")
+
+
+def read_config_file(info: ProcessInfo, path: str, proc: str = PROC) -> str:
+    """The first 64 KiB of a config file a process names in its argv, as
+    that process sees it (its root and cwd through /proc/PID), only for
+    config-looking names and regular files; "" otherwise. Never follows a
+    path outside what the process itself could name."""
+    if not path or not path.lower().endswith(_CONFIG_SUFFIXES) or "\0" in path:
+        return ""
+    base = f"{proc}/{info.pid}/root" if path.startswith("/") else f"{proc}/{info.pid}/cwd"
+    try:
+        fd = os.open(f"{base}/{path.lstrip('/')}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.read(fd, CONFIG_READ_LIMIT).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def iter_processes(

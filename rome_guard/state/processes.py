@@ -13,16 +13,23 @@ exec (or when asked for), not copied at fork.
 This module never decides (rules do) and never acts (responders do). For a
 process it already knows it reads from /proc only what an event cannot
 carry: the exe link an exec changes, the cgroup file for a cgroup id not
-seen before, and stdio sockets when a rule asks.
+seen before, stdio sockets when a rule asks or an fd event says they
+changed, the exe link again when a rule asks at judgement time (a binary
+deleted since exec), a config file a rule names, and comm/cmdline/exe
+afresh after a rename and at a process's first connect outside loopback.
+
+Socket stdio is remembered (``SocketStdio``) for processes seen with a
+connected inet socket on fd 0-2, so a shell's lineage (a pty driven by
+such a process) is judged from memory, not from /proc at every exec.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import replace
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from rome_guard.attribution import attribute
 from rome_guard.detect.subject import Subject
@@ -35,14 +42,46 @@ from rome_guard.events import (
     ProcessKey,
     boottime_ns_to_ticks,
 )
-from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path
+from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path, without_deleted
 from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.snapshot import subject_for, take_snapshot
 from rome_guard.state.table import ProcessTable
 
 PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 SOCKET_CACHE_S = 0.2  # a sock_diag dump answers stdio lookups this long
 TRACKING_LIMIT = 65536
+SOCKET_STDIO_LIMIT = 16384  # processes remembered with socket stdio
+
+SshForwards = Callable[[ProcessInfo], Any]  # sensors.sshconfig.EffectiveSshConfig.forwards
+
+
+class SocketStdio:
+    """Processes known to have a connected inet socket on fd 0, 1 or 2:
+    from fd events, exec-time checks and the start-up snapshot. Bounded:
+    the oldest are forgotten first."""
+
+    def __init__(self, limit: int = SOCKET_STDIO_LIMIT):
+        self.limit = limit
+        self._known: OrderedDict[ProcessKey, dict[int, Endpoint]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def remember(self, key: ProcessKey, stdio: dict[int, Endpoint]) -> None:
+        connected = {fd: ep for fd, ep in stdio.items() if ep.dport}
+        if not connected:
+            return
+        self._known[key] = connected
+        self._known.move_to_end(key)
+        while len(self._known) > self.limit:
+            self._known.popitem(last=False)
+
+    def of(self, info: ProcessInfo) -> dict[int, Endpoint]:
+        return self._known.get(info.key, {})
+
+    def forget(self, key: ProcessKey) -> None:
+        self._known.pop(key, None)
 
 
 class ProcessModel:
@@ -61,13 +100,16 @@ class ProcessModel:
         # cgroup v2 id -> path: an exec in the cgroup its fork was in reads no cgroup file
         self._cgroup_paths: dict[int, str] = {}
         self._cgroup_unknown: set[int] = set()  # ids no cgroup had when looked up
+        self.socket_stdio = SocketStdio()
+        # processes whose identity was re-read at their first connect outside loopback
+        self._externally_connected: set[ProcessKey] = set()
 
     def __len__(self) -> int:
         return len(self.table)
 
     # --- seeding -----------------------------------------------------------------
 
-    def seed(self, resync: bool = False) -> list[Subject]:
+    def seed(self, ssh: EffectiveSshConfig | None = None, resync: bool = False) -> list[Subject]:
         """Every live process, read after the sensor is attached so nothing
         starts unseen; returns them as subjects for a first evaluation.
 
@@ -86,7 +128,8 @@ class ProcessModel:
                 continue
             if resync:
                 info = self._same_identity(info)
-            subject = subject_for(snapshot, info)
+            subject = subject_for(snapshot, info, ssh)
+            self.socket_stdio.remember(info.key, subject.stdio)
             if subject.connections:
                 self._peers[info.key] = deque(subject.connections[-PEERS_PER_PROCESS:])
             subjects.append(subject)
@@ -136,6 +179,8 @@ class ProcessModel:
         info = self.table.exit(pid)
         if info is not None:
             self._peers.pop(info.key, None)
+            self.socket_stdio.forget(info.key)
+            self._externally_connected.discard(info.key)
         return info
 
     def _exec_of_known_fork(self, event: ExecEvent) -> ProcessInfo | None:
@@ -328,11 +373,83 @@ class ProcessModel:
     def descendants(self, info: ProcessInfo) -> list[ProcessInfo]:
         return self.table.descendants(info)
 
-    def subject(self, info: ProcessInfo, connections: list[Endpoint] = ()) -> Subject:
-        """What rules look at; lineage and stdio are computed only if a rule asks."""
+    def subject(
+        self,
+        info: ProcessInfo,
+        connections: list[Endpoint] = (),
+        *,
+        stdio: dict[int, Endpoint] | None = None,
+        exe_now: bool = False,
+        ssh_forwards: SshForwards | None = None,
+    ) -> Subject:
+        """What rules look at; lineage, stdio (remembered for the lineage of
+        what it spawns), the exe link now (``exe_now``: a binary deleted
+        since exec), the effective ssh forwards and config files are read
+        only if a rule asks. Ancestors' socket stdio comes from memory."""
         return Subject(
-            info, lambda: self.table.lineage(info), connections, lambda: self.stdio_of(info.pid)
+            info,
+            lambda: self.table.lineage(info),
+            connections,
+            stdio if stdio is not None else (lambda: self.stdio_now(info)),
+            self.socket_stdio.of,
+            exe=(lambda: self.exe_now(info)) if exe_now else None,
+            ssh_forwards=ssh_forwards,
+            read_config=procfs.read_config_file,
         )
+
+    # --- identity changes ----------------------------------------------------------
+
+    def _refreshed(self, known: ProcessInfo, comm: str = "") -> ProcessInfo | None:
+        """known with comm, cmdline and exe as /proc shows them now; None when
+        the process is gone or is another process under a reused pid."""
+        fresh = procfs.read_process(known.pid)
+        if fresh is None or abs(fresh.key.start_time - known.key.start_time) > 1:
+            return None
+        return replace(
+            known,
+            comm=fresh.comm or comm or known.comm,
+            cmdline=fresh.cmdline or known.cmdline,
+            exe=fresh.exe or known.exe,
+        )
+
+    def exe_now(self, info: ProcessInfo) -> str:
+        """info's executable as /proc shows it now, when it is still the same
+        file (only " (deleted)" may have been added since exec); "" when the
+        process has exec'd another program since, or is gone: the event being
+        judged belongs to the image info describes."""
+        current = procfs.read_exe(info.pid)
+        if without_deleted(current) == without_deleted(info.exe):
+            return current
+        return ""
+
+    def renamed(self, pid: int, new_comm: str) -> ProcessInfo | None:
+        """The process after it renamed itself (task_rename: prctl
+        PR_SET_NAME, /proc/self/comm; its argv may have been rewritten too),
+        now in the table; None when unknown or nothing changed."""
+        known = self.resolve(pid)
+        if known is None:
+            return None
+        info = self._refreshed(known, new_comm) or replace(known, comm=new_comm)
+        if info == known:
+            return None
+        self.table.add(info)
+        return info
+
+    def first_external_connect(self, info: ProcessInfo) -> ProcessInfo | None:
+        """At the first connect of a process outside loopback, its identity
+        read afresh (an argv rewritten without a rename), now in the table;
+        None when it was read before or nothing changed."""
+        seen = self._externally_connected
+        if info.key in seen:
+            return None
+        if len(seen) >= TRACKING_LIMIT:
+            seen.clear()
+        seen.add(info.key)
+        fresh = self._refreshed(info)
+        if fresh is None or fresh == info:
+            return None
+        self.table.add(fresh)
+        return fresh
 
     # --- sockets -------------------------------------------------------------------
 
@@ -344,6 +461,17 @@ class ProcessModel:
             return None
         peers.append(ep)
         return list(peers)
+
+    def peers(self, info: ProcessInfo) -> list[Endpoint]:
+        """The recent distinct destinations of info."""
+        return list(self._peers.get(info.key, ()))
+
+    def stdio_now(self, info: ProcessInfo) -> dict[int, Endpoint]:
+        """info's socket stdio read now, and remembered for the lineage of
+        what it spawns."""
+        stdio = self.stdio_of(info.pid)
+        self.socket_stdio.remember(info.key, stdio)
+        return stdio
 
     def stdio_of(self, pid: int) -> dict[int, Endpoint]:
         """fd (0, 1, 2) -> the inet socket it is, for pid now."""

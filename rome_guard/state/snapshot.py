@@ -15,6 +15,7 @@ from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint, ProcessInfo
 from rome_guard.linux import has_peer
 from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.table import ProcessTable
 
 
@@ -59,11 +60,16 @@ def take_snapshot(
     return snapshot
 
 
-def subject_for(snapshot: Snapshot, info: ProcessInfo) -> Subject:
+def subject_for(
+    snapshot: Snapshot, info: ProcessInfo, ssh: EffectiveSshConfig | None = None
+) -> Subject:
     connections, stdio = snapshot.sockets_of.get(info.pid, ([], {}))
     return Subject(
         process=info,
         lineage=lambda: snapshot.table.lineage(info),
         connections=connections,
         stdio=stdio,
+        stdio_of=lambda other: snapshot.sockets_of.get(other.pid, ([], {}))[1],
+        ssh_forwards=ssh.forwards if ssh is not None else None,
+        read_config=procfs.read_config_file,
     )

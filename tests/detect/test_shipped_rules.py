@@ -7,7 +7,8 @@ import pytest
 
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import SHIPPED_CATEGORIES, load_rules
-from tests.detect.helpers import subject, tcp
+from rome_guard.detect.subject import Subject
+from tests.detect.helpers import process, subject, tcp
 
 XMR_WALLET = "4" + "8" * 94
 ETH_WALLET = "0x" + "ab" * 20
@@ -106,17 +107,28 @@ POSITIVE = [
         {"tunnel-ssh-local-forward-persistent"},
     ),
     ("ssh to 443", ["ssh", "-p", "443", "h"], {"tunnel-ssh-unusual-port"}),
-    ("chisel client", ["./chisel", "client", "1.2.3.4:8000", "R:socks"], {"tunnel-tool"}),
-    ("frpc", ["frpc", "-c", "frpc.toml"], {"tunnel-tool"}),
+    # the named tool says what it is twice: by name and by syntax (one incident)
+    (
+        "chisel client",
+        ["./chisel", "client", "1.2.3.4:8000", "R:socks"],
+        {"tunnel-tool", "tunnel-tool-syntax"},
+    ),
+    ("frpc", ["frpc", "-c", "frpc.toml"], {"tunnel-tool", "tunnel-tool-syntax"}),
+    ("frpc, other config name", ["frpc", "-c", "/etc/frp/client.ini"], {"tunnel-tool"}),
     ("ngrok", ["ngrok", "tcp", "22"], {"tunnel-tool"}),
     ("bore", ["bore", "local", "22", "--to", "bore.pub"], {"tunnel-tool"}),
     ("cloudflared", ["cloudflared", "tunnel", "--url", "http://localhost:8080"], {"tunnel-tool"}),
     (
         "gost",
         ["gost", "-L", "rtcp://:2222/127.0.0.1:22", "-F", "relay+tls://h:443"],
-        {"tunnel-tool"},
+        {"tunnel-tool", "tunnel-tool-syntax"},
     ),
-    ("ligolo agent", ["./agent", "-connect", "1.2.3.4:11601", "-ignore-cert"], {"tunnel-tool"}),
+    (
+        "ligolo agent",
+        ["./agent", "-connect", "1.2.3.4:11601", "-ignore-cert"],
+        {"tunnel-tool", "tunnel-tool-syntax"},
+    ),
+    ("ligolo agent, retry", ["./agent", "-connect", "1.2.3.4:11601", "-retry"], {"tunnel-tool"}),
     ("sshuttle", ["sshuttle", "-r", "user@h", "0/0"], {"tunnel-tool"}),
     (
         "socat forward",
@@ -191,10 +203,59 @@ POSITIVE = [
         ["openssl", "s_client", "-quiet", "-connect", "h:443"],
         {"shell-openssl-client-quiet"},
     ),
+    # --- tunnels by syntax, whatever the binary is called
+    (
+        "chisel renamed, R:socks",
+        ["./kworkerd", "client", "10.0.0.1:8080", "R:socks"],
+        {"tunnel-tool-syntax"},
+    ),
+    (
+        "chisel renamed, reverse port",
+        ["/tmp/.x/dbus-helper", "client", "--fingerprint", "ab", "h:443", "R:2222:127.0.0.1:22"],
+        {"tunnel-tool-syntax"},
+    ),
+    (
+        "chisel server --reverse",
+        ["./svc", "server", "-p", "8080", "--reverse"],
+        {"tunnel-tool-syntax"},
+    ),
+    (
+        "gost renamed",
+        ["./updater", "-L", "rtcp://:2222/127.0.0.1:22", "-F", "relay+tls://10.0.0.1:443"],
+        {"tunnel-tool-syntax"},
+    ),
+    ("gost socks5 chain", ["./x", "-L=socks5://:1080", "-F=mwss://h:443"], {"tunnel-tool-syntax"}),
+    (
+        "wstunnel renamed",
+        ["./w", "client", "-R", "tcp://2222:localhost:22", "wss://h:443"],
+        {"tunnel-tool-syntax"},
+    ),
+    (
+        "frpc renamed, flags",
+        [
+            "./agentd",
+            "tcp",
+            "--server-addr",
+            "10.0.0.1:7000",
+            "--local-port",
+            "22",
+            "--remote-port",
+            "6000",
+        ],
+        {"tunnel-tool-syntax"},
+    ),
+    ("frpc renamed, config", ["./agentd", "-c", "/etc/.cache/frpc.toml"], {"tunnel-tool-syntax"}),
+    (
+        "ligolo agent renamed",
+        ["./sysmon", "-connect", "10.0.0.1:11601", "-ignore-cert"],
+        {"tunnel-tool-syntax"},
+    ),
     # --- probing
     ("nmap", ["nmap", "-sS", "10.0.0.0/24"], {"probe-scanner-binary"}),
     ("masscan", ["masscan", "-p1-65535", "10.0.0.1"], {"probe-scanner-binary"}),
     ("nc -zv", ["nc", "-zv", "10.0.0.1", "1-1024"], {"probe-netcat-zero-io"}),
+    ("nc -z port list", ["nc", "-z", "-w", "1", "10.0.0.1", "22,80,443"], {"probe-netcat-zero-io"}),
+    ("nc -z port operands", ["ncat", "-zn", "10.0.0.1", "22", "80"], {"probe-netcat-zero-io"}),
 ]
 
 NEGATIVE = [
@@ -209,6 +270,9 @@ NEGATIVE = [
     ("apt mentions xmrig", ["apt-get", "install", "xmrig"]),
     ("ssh host cmd", ["ssh", "user@10.0.0.1", "uptime"]),
     ("ssh host cmd with -R inside", ["ssh", "h", "ls", "-R", "/tmp"]),
+    # the guard's own effective-config query: prints and exits, never connects
+    ("ssh -G with a forward", ["/usr/bin/ssh", "-G", "-R", "9000:localhost:22", "-p", "443", "h"]),
+    ("ssh -G bundled", ["/usr/bin/ssh", "-NGD", "1080", "-L", "8888:localhost:8888", "h"]),
     ("ssh -o other option", ["ssh", "-o", "StrictHostKeyChecking=no", "-p", "2222", "h", "true"]),
     ("ssh -o Tunnel=no", ["ssh", "-o", "Tunnel=no", "h"]),
     ("git over ssh", ["ssh", "-x", "git@github.com", "git-upload-pack 'org/repo.git'"]),
@@ -220,11 +284,21 @@ NEGATIVE = [
     ("jupyter", ["python3", "-m", "jupyter", "notebook", "--port", "8888"]),
     ("torchrun", ["torchrun", "--nproc_per_node=8", "--rdzv_endpoint=10.0.0.1:29500", "train.py"]),
     ("plain nc client", ["nc", "10.0.0.1", "80"]),
+    # launch scripts wait for the rendezvous port with a single-port check
+    ("nc -z one port", ["nc", "-z", "10.0.0.1", "29500"]),
+    ("nc -zw one port", ["nc", "-zw", "2", "master-0", "29500"]),
+    ("nc -vz -w one port", ["nc.openbsd", "-v", "-z", "-w", "1", "10.0.0.1", "6379"]),
     ("socat unix relay", ["socat", "UNIX-LISTEN:/tmp/s", "UNIX-CONNECT:/run/x"]),
     ("python -c socket no shell", ["python3", "-c", "import socket; print(socket.gethostname())"]),
     ("awk field", ["awk", "{print $1}", "file"]),
     ("cloudflared dns", ["cloudflared", "proxy-dns"]),
     ("chisel help", ["chisel", "--help"]),
+    ("curl -L follows redirects", ["curl", "-L", "https://example.com/x.tar.gz", "-o", "x"]),
+    ("gcc -L", ["gcc", "-L", "/usr/lib", "-o", "a", "a.c"]),
+    ("redis client", ["redis-cli", "client", "list"]),
+    ("kubectl port-forward", ["kubectl", "port-forward", "svc/x", "8080:80"]),
+    ("openssl s_client -connect", ["openssl", "s_client", "-connect", "h:443", "-servername", "h"]),
+    ("grep chisel syntax", ["grep", "-r", "R:socks", "notes/"]),
     ("bore help", ["bore", "--version"]),
     ("openssl s_client plain", ["openssl", "s_client", "-connect", "h:443"]),
     ("modprobe other", ["modprobe", "nvidia"]),
@@ -265,6 +339,53 @@ def test_shell_with_listening_or_unconnected_socket_is_quiet(engine: Engine) -> 
     assert fired(engine, subject("/usr/sbin/in.tftpd", stdio_peer=tcp("10.0.0.1", 4444))) == set()
 
 
+def _under(parent_stdio: dict, *parent_argv: str):
+    """A shell spawned (pty.spawn) by parent_argv whose stdio is parent_stdio."""
+    parent = process(*parent_argv, pid=100)
+    known = {parent.key: parent_stdio}
+    return Subject(
+        process("/bin/sh", pid=101),
+        [parent],
+        (),
+        {},  # its own stdio is a pty
+        lambda info: known.get(info.key, {}),
+    )
+
+
+def test_shell_on_a_pty_driven_by_a_socket_stdio_process(engine: Engine) -> None:
+    peer = tcp("10.0.0.1", 4444)
+    on_socket = {0: peer, 1: peer, 2: peer}
+    assert fired(engine, _under(on_socket, "python3", "-c", "...")) == {"shell-under-socket-stdio"}
+    assert fired(engine, _under({1: peer}, "perl", "x.pl")) == {"shell-under-socket-stdio"}
+
+
+def test_shell_on_a_pty_of_a_terminal_server_is_quiet(engine: Engine) -> None:
+    # jupyter's terminal: a websocket on fd 7, the shell on a pty; stdio is a tty
+    assert fired(engine, _under({}, "python3", "-m", "jupyter", "lab")) == set()
+    # an inetd-style server whose stdio is a socket is not a shell or interpreter
+    assert fired(engine, _under({0: tcp("10.0.0.1", 22)}, "/usr/sbin/sshd", "-i")) == set()
+    listener = tcp("0.0.0.0", 0, "LISTEN")
+    assert fired(engine, _under({0: listener}, "python3", "serve.py")) == set()
+
+
+def test_memfd_named_like_a_miner_goes_by_that_name(engine: Engine) -> None:
+    memfd = subject("3", exe="/memfd:xmrig (deleted)", comm="3")
+    assert fired(engine, memfd) == {"miner-known-binary"}
+    assert fired(engine, subject("3", exe="/memfd:jit-cache (deleted)", comm="3")) == set()
+
+
+def test_exe_facts_are_read_at_judgement_time(engine: Engine) -> None:
+    """A binary deleted after exec connects to a pool port: the exe path
+    read now says so, the one cached at exec did not."""
+    info = process("/opt/svc/helper", exe="/opt/svc/helper")
+    pool = [tcp("10.0.0.9", 3333)]
+    assert fired(engine, Subject(info, [], pool)) == set()
+    now = Subject(info, [], pool, exe=lambda: "/opt/svc/helper (deleted)")
+    assert fired(engine, now) == {"miner-pool-port-supporting"}
+    upgraded = Subject(info, [], [tcp("10.0.0.9", 443)], exe=lambda: "/opt/svc/helper (deleted)")
+    assert fired(engine, upgraded) == set()  # an upgraded service, still running
+
+
 def test_pool_port_alone_never_fires(engine: Engine) -> None:
     s = subject("/usr/bin/python3", "serve.py", connections=[tcp("10.0.0.9", 3333)])
     assert fired(engine, s) == set()
@@ -303,3 +424,43 @@ def test_shipped_high_confidence_rules_kill_and_weak_evidence_alerts() -> None:
     } <= kills
     for weak in ("miner-pool-port-supporting", "probe-scanner-binary", "probe-fanout"):
         assert ruleset.get(weak).action == "alert"
+
+
+def test_forwards_of_the_effective_ssh_config(engine: Engine) -> None:
+    """ssh -G's answer for forwards that only a config file states."""
+    from rome_guard.sensors.sshconfig import SshForwards
+
+    def ssh(forwards: SshForwards | None, *argv: str) -> Subject:
+        return Subject(process("ssh", *argv), ssh_forwards=lambda _info: forwards)
+
+    remote = SshForwards(remote=("127.0.0.1:9000 localhost:22",))
+    assert fired(engine, ssh(remote, "-N", "h1")) == {"tunnel-ssh-remote-forward"}
+    assert fired(engine, ssh(SshForwards(dynamic=("1080",)), "-F", "cfg", "h1")) == {
+        "tunnel-ssh-dynamic-or-tun"
+    }
+    assert fired(engine, ssh(SshForwards(tunnel="ethernet"), "vpn")) == {
+        "tunnel-ssh-dynamic-or-tun"
+    }
+    # a config with no forwards, a local forward only, or no answer at all
+    assert fired(engine, ssh(SshForwards(), "-F", "cfg", "h1", "true")) == set()
+    assert fired(engine, ssh(SshForwards(local=("8888 localhost:8888",)), "nb")) == set()
+    assert fired(engine, ssh(None, "h1", "true")) == set()
+
+
+def test_tunnel_configs_known_by_their_content(engine: Engine) -> None:
+    """frp and gost configs under innocent names, read by the subject's reader."""
+    files = {
+        "client.toml": 'serverAddr = "10.0.0.1"\nserverPort = 7000\n[[proxies]]\n'
+        'name = "ssh"\ntype = "tcp"\nlocalPort = 22\nremotePort = 6000\n',
+        "legacy.ini": "[common]\nserver_addr = 10.0.0.1\n[ssh]\nlocal_port = 22\nremote_port = 6000\n",
+        "svc.yaml": "services:\n- name: s\n  addr: :2222\n  handler:\n    type: rtcp\n",
+        "train.yaml": "model: llama\nlr: 0.0003\nserver_addr: 10.0.0.1  # the parameter server\n",
+    }
+
+    def with_config(*argv: str) -> Subject:
+        return Subject(process(*argv), read_config=lambda _info, path: files.get(path, ""))
+
+    assert fired(engine, with_config("./agentd", "-c", "client.toml")) == {"tunnel-tool-syntax"}
+    assert fired(engine, with_config("./agentd", "--config=legacy.ini")) == {"tunnel-tool-syntax"}
+    assert fired(engine, with_config("./updater", "-C", "svc.yaml")) == {"tunnel-tool-syntax"}
+    assert fired(engine, with_config("python3", "train.py", "--config", "train.yaml")) == set()

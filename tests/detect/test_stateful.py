@@ -29,14 +29,85 @@ def test_port_scan_fires_once_on_the_scanner(detector) -> None:
     verdicts = feed(detector, scanner, [("10.0.0.5", p) for p in range(1, 200)], CONNECT_REFUSED)
     assert len(verdicts) == 1
     verdict, blamed = verdicts[0]
-    assert blamed is scanner and "50 ports on 10.0.0.5" in verdict.reason
+    assert blamed is scanner and "15 ports on 10.0.0.5" in verdict.reason
 
 
 def test_sweep_fires_on_destinations(detector) -> None:
     verdicts = feed(
         detector, process("x"), [(f"10.0.1.{h}", 22) for h in range(1, 255)], CONNECT_REFUSED
     )
-    assert len(verdicts) == 1 and "100 destinations" in verdicts[0][0].reason
+    assert len(verdicts) == 1 and "25 destinations" in verdicts[0][0].reason
+
+
+def test_patient_sweep_over_minutes_fires(detector) -> None:
+    """Zeek's scan.zeek thresholds: 40 refused connects to 40 hosts on port
+    22, one every 5 s (over three minutes), is a sweep."""
+    verdicts = feed(
+        detector,
+        process("python3", "sweep.py"),
+        [(f"10.0.3.{h}", 22) for h in range(1, 41)],
+        CONNECT_REFUSED,
+        step=5.0,
+    )
+    assert len(verdicts) == 1 and "25 destinations in 300s" in verdicts[0][0].reason
+
+
+def test_patient_port_probe_of_one_host_fires(detector) -> None:
+    verdicts = feed(
+        detector,
+        process("python3", "probe.py"),
+        [
+            ("10.0.3.9", p)
+            for p in (
+                21,
+                22,
+                23,
+                25,
+                80,
+                110,
+                135,
+                139,
+                143,
+                443,
+                445,
+                993,
+                995,
+                1723,
+                3306,
+                3389,
+                5900,
+                8080,
+            )
+        ],
+        CONNECT_REFUSED,
+        step=10.0,
+    )
+    assert len(verdicts) == 1 and "15 ports on 10.0.3.9" in verdicts[0][0].reason
+
+
+def test_single_port_health_check_loop_is_quiet(detector) -> None:
+    """until nc -z master 29500; do sleep 1; done: hundreds of refusals, one
+    destination port."""
+    loop = process("bash", "-c", "until nc -z master 29500; do sleep 1; done", pid=300)
+    verdicts = []
+    for attempt in range(600):
+        child = process("nc", "-z", "10.0.4.1", "29500", pid=10_000 + attempt)
+        verdicts += detector.observe(child, loop, "10.0.4.1", 29500, CONNECT_REFUSED, attempt)
+    assert verdicts == []
+
+
+def test_ddp_rendezvous_of_64_peers_is_quiet(detector) -> None:
+    """A rank connecting to 63 peers on one port (and to the master's store,
+    refused while it starts): successful fan-out, one failing destination."""
+    rank = process("python3", "-m", "torch.distributed.run", "train.py")
+    verdicts = feed(detector, rank, [("10.0.5.1", 29500)] * 20, CONNECT_REFUSED)
+    verdicts += feed(
+        detector, rank, [(f"10.0.5.{h}", 29500) for h in range(1, 65)], CONNECT_ESTABLISHED
+    )
+    verdicts += feed(
+        detector, rank, [(f"10.0.5.{h}", 40000 + h) for h in range(1, 65)], CONNECT_ESTABLISHED
+    )
+    assert verdicts == []
 
 
 def test_successful_rendezvous_fan_out_is_quiet(detector) -> None:
@@ -73,10 +144,10 @@ def test_loop_of_short_lived_children_is_blamed_on_the_parent(detector) -> None:
 
 def test_window_expiry_forgets_old_attempts(detector) -> None:
     info = process("x")
-    feed(detector, info, [("10.0.0.5", p) for p in range(1, 40)], CONNECT_REFUSED, start=0)
-    # 40 more ports long after the window: never 50 in one window
+    feed(detector, info, [("10.0.0.5", p) for p in range(1, 12)], CONNECT_REFUSED, start=0)
+    # 11 more ports long after the window: never 15 in one window
     assert (
-        feed(detector, info, [("10.0.0.5", p) for p in range(40, 80)], CONNECT_REFUSED, start=100)
+        feed(detector, info, [("10.0.0.5", p) for p in range(20, 31)], CONNECT_REFUSED, start=1000)
         == []
     )
 

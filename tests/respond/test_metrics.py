@@ -61,6 +61,7 @@ def test_exports_the_documented_metrics_in_base_units():
     names = {s.name for s in samples(metrics)}
     for name in (
         "rome_guard_alerts_total",
+        "rome_guard_incidents_total",
         "rome_guard_events_total",
         "rome_guard_events_lost_total",
         "rome_guard_sensor_info",
@@ -115,6 +116,28 @@ def test_rule_ids_outside_the_loaded_set_fold_to_fixed_values():
     rules = {s.labels["rule"] for s in samples(metrics) if s.name == "rome_guard_alerts_total"}
     assert rules == {r for r, _, _ in RULES} | {"unknown", "invalid"}
     assert value(metrics, "rome_guard_alerts_total", rule="invalid", category="invalid") == 1
+
+
+def test_incidents_and_rule_hits_are_counted_apart():
+    metrics = GuardMetrics(process_collector=False)
+    metrics.set_rules(RULES)
+    metrics.incident("miner", "critical", "alert")  # one incident of three rule hits
+    for rule_id, category, severity in RULES[:3]:
+        metrics.alert(rule_id, category, severity, "alert")
+    hits = sum(s.value for s in samples(metrics) if s.name == "rome_guard_alerts_total")
+    assert hits == 3
+    assert (
+        value(
+            metrics,
+            "rome_guard_incidents_total",
+            category="miner",
+            severity="critical",
+            action="alert",
+        )
+        == 1
+    )
+    metrics.incident("evil\ncategory", "critical", "kill")
+    assert value(metrics, "rome_guard_incidents_total", category="invalid") == 1
 
 
 def test_without_a_rule_set_distinct_rule_ids_are_capped():

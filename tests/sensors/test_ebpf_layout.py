@@ -185,6 +185,23 @@ def test_gpu_open_decodes():
     assert (event.path, event.comm, event.pid) == ("/dev/nvidiactl", "xmrig\n", 4242)
 
 
+def test_fd_dup_and_rename_decode():
+    rec = layout.FdRecord(
+        hdr=_header(layout.RECORD_FD_DUP, comm=b"python3"), oldfd=3, newfd=2, via=2
+    )
+    event = layout.decode_record(bytes(rec))
+    assert (event.pid, event.oldfd, event.newfd, event.via) == (4242, 3, 2, "dup2")
+    with pytest.raises(layout.MalformedRecord):  # never onto anything but stdio
+        layout.decode_record(
+            bytes(layout.FdRecord(hdr=_header(layout.RECORD_FD_DUP), newfd=7, via=1))
+        )
+    rename = layout.RenameRecord(
+        hdr=_header(layout.RECORD_RENAME, comm=b"python3"), newcomm=b"xmrig"
+    )
+    event = layout.decode_record(bytes(rename))
+    assert (event.old_comm, event.new_comm) == ("python3", "xmrig")
+
+
 @pytest.mark.parametrize("raw", [b"", b"\x01\x00", (99).to_bytes(4, sys.byteorder) + b"\0" * 200])
 def test_garbage_is_malformed(raw):
     with pytest.raises(layout.MalformedRecord):

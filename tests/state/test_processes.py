@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from dataclasses import replace
 
-from rome_guard.events import ExecEvent, ForkEvent
+from rome_guard.events import Endpoint, ExecEvent, ForkEvent, ProcessKey
 from rome_guard.sensors import procfs
 from rome_guard.state.processes import ProcessModel
 
@@ -155,3 +156,48 @@ def test_a_resync_adds_only_what_the_model_lost_and_keeps_its_identities():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_rename_is_read_afresh_once_and_the_first_external_connect_once(tmp_path):
+    """Issue 11's identity re-reads, now in the model: a process that
+    renamed itself (prctl) and rewrote nothing else is known by its new comm;
+    the first connect outside loopback re-reads it once, later ones not."""
+    model = ProcessModel()
+    script = "import ctypes, sys, time; ctypes.CDLL(None).prctl(15, b'rgrenamed', 0, 0, 0); sys.stdout.write('x\\n'); sys.stdout.flush(); time.sleep(30)"
+    child = subprocess.Popen(["python3", "-c", script], stdout=subprocess.PIPE, cwd=tmp_path)
+    try:
+        assert child.stdout.readline() == b"x\n"
+        before = procfs.read_process(child.pid)
+        assert before is not None and before.comm == "rgrenamed"
+        stale = replace(before, comm="python3")
+        model.table.add(stale)
+        renamed = model.renamed(child.pid, "rgrenamed")
+        assert renamed is not None and renamed.comm == "rgrenamed"
+        assert model.known(child.pid).comm == "rgrenamed"
+        assert model.renamed(child.pid, "rgrenamed") is None  # nothing changed since
+        model.table.add(stale)
+        assert model.first_external_connect(stale).comm == "rgrenamed"
+        model.table.add(stale)
+        assert model.first_external_connect(stale) is None  # once per process
+        assert model.exe_now(stale) == before.exe  # the same file: read now
+        other = replace(stale, exe="/usr/bin/other")
+        assert model.exe_now(other) == ""  # another image since: not this one's fact
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_socket_stdio_is_remembered_for_lineage_and_forgotten_at_exit():
+    model = ProcessModel()
+    key = ProcessKey(4242, 1)
+    connected = Endpoint("tcp", 4, "10.0.0.1", 5555, "10.0.0.2", 4444, "ESTABLISHED")
+    listening = Endpoint("tcp", 4, "0.0.0.0", 4444, "0.0.0.0", 0, "LISTEN")
+    model.socket_stdio.remember(key, {0: connected, 1: listening})
+    info = procfs.read_process(os.getpid())
+    assert info is not None
+    assert model.socket_stdio.of(info) == {}
+    mine = replace(info, key=key)
+    assert model.socket_stdio.of(mine) == {0: connected}  # a listener is no peer
+    model.table.add(mine)
+    model.exited(4242)
+    assert model.socket_stdio.of(mine) == {}

@@ -31,11 +31,13 @@ bench: setup
 # BINDIR/rome-guard, CONFDIR/config.yaml (only if absent: local edits are
 # kept), CONFDIR/rules.d/ for site rules, and the systemd unit. BCC comes from
 # the system Python's python3-bpfcc (linked into the venv, nothing else of the
-# system's site-packages). docs/install.md; every path can be overridden.
+# system's site-packages), and the Slurm prolog/epilog in LIBEXECDIR
+# (docs/gpu.md). docs/install.md; every path can be overridden.
 PREFIX ?= /opt/rome-guard
 BINDIR ?= /usr/local/bin
 CONFDIR ?= /etc/rome-guard
 UNITDIR ?= /etc/systemd/system
+LIBEXECDIR ?= /usr/local/libexec/rome-guard
 SYSTEM_PYTHON ?= /usr/bin/python3
 PIP_INSTALL_ARGS ?=
 
@@ -52,8 +54,11 @@ install:
 		echo "install: WARNING: no BCC for $(SYSTEM_PYTHON) (Debian/Ubuntu: python3-bpfcc," \
 			"RHEL: python3-bcc): rome-guard will fall back to polling /proc" >&2; \
 	fi
-	install -d -m 0755 $(BINDIR) $(CONFDIR) $(CONFDIR)/rules.d $(UNITDIR)
+	install -d -m 0755 $(BINDIR) $(CONFDIR) $(CONFDIR)/rules.d $(UNITDIR) $(LIBEXECDIR)
 	ln -sfn $(PREFIX)/bin/rome-guard $(BINDIR)/rome-guard
+	for s in slurm-prolog.sh slurm-epilog.sh; do \
+		sed -e 's|ROME_GUARD:-rome-guard|ROME_GUARD:-$(BINDIR)/rome-guard|' scripts/$$s > $(LIBEXECDIR)/.$$s.tmp && \
+		chmod 0755 $(LIBEXECDIR)/.$$s.tmp && mv $(LIBEXECDIR)/.$$s.tmp $(LIBEXECDIR)/$$s; done
 	test -e $(CONFDIR)/config.yaml || install -m 0644 systemd/config.yaml $(CONFDIR)/config.yaml
 	sed -e 's|/usr/local/bin/rome-guard|$(BINDIR)/rome-guard|g' -e 's|/etc/rome-guard/|$(CONFDIR)/|g' \
 		systemd/rome-guard.service > $(UNITDIR)/.rome-guard.service.tmp

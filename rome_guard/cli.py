@@ -166,6 +166,8 @@ def status(config_path: str, run_dir: str | None, as_json: bool) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     for key, value in state.items():
+        if isinstance(value, dict):  # events_lost, gpu (which allocation sources are live)
+            value = json.dumps(value, sort_keys=True)
         click.echo(f"{key:18} {value}")
 
 

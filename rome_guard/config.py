@@ -37,12 +37,47 @@ class ProtectConfig:
 
 
 @dataclass
+class KubeletConfig:
+    """The kubelet PodResources API (docs/gpu.md). auto: used while the
+    socket exists; off: never asked."""
+
+    enabled: str = "auto"  # auto | off
+    socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    # the kubelet names pods namespace/name; cgroups carry UIDs. The kubelet's
+    # log directories (<namespace>_<name>_<uid>) join the two.
+    pod_logs_dir: str = "/var/log/pods"
+    # <pod>_<namespace>_<container>-<id>.log links: which container a
+    # process's cgroup names; verdicts per container where readable
+    container_logs_dir: str = "/var/log/containers"
+    timeout: float = 5.0
+    resources: list[str] = field(default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/mig-*"])
+
+
+@dataclass
+class SlurmConfig:
+    """slurmctld through scontrol (docs/gpu.md). auto: used when scontrol is
+    on PATH and a slurm.conf exists; off: never asked."""
+
+    enabled: str = "auto"  # auto | off
+    scontrol: str = "scontrol"
+    conf: str = ""  # slurm.conf, when not the default (SLURM_CONF)
+    node: str = ""  # this node's Slurm name, when not the short host name
+    timeout: float = 10.0
+
+
+@dataclass
 class GpuConfig:
     poll_interval: float = 5.0
     accounting: bool = True
     allow: list[dict] = field(default_factory=list)  # allowlist entries, see docs/gpu.md
     # trust registration files that a process's own user wrote (not only root's); docs/gpu.md
     user_registration: bool = False
+    # process: inside a pod's or job's allocation a consumer still needs a
+    # registration or allowlist entry; allocation: the allocation suffices
+    trust: str = "process"
+    allocation_refresh: float = 30.0  # seconds between scheduler queries
+    kubelet: KubeletConfig = field(default_factory=KubeletConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -77,7 +112,13 @@ class Config:
     source: str = ""  # file it came from, "" for the built-in defaults
 
 
-_CHOICES = {"mode": ("monitor", "enforce"), "sensor": ("auto", "ebpf", "poll")}
+_CHOICES = {
+    "mode": ("monitor", "enforce"),
+    "sensor": ("auto", "ebpf", "poll"),
+    "gpu.trust": ("process", "allocation"),
+    "gpu.kubelet.enabled": ("auto", "off"),
+    "gpu.slurm.enabled": ("auto", "off"),
+}
 
 
 def _coerce(value: Any, default: Any, loc: Location, name: str) -> Any:

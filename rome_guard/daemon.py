@@ -223,6 +223,7 @@ class Guard:
             "events": self.events_seen,
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
+            "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
             "time": time.time(),
         }
 

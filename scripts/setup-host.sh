@@ -16,6 +16,7 @@ packages=(
   python3-bpfcc bpfcc-tools bpftool bpftrace iproute2 libcap2-bin procps
   openssh-server openssh-client autossh socat ncat
   prometheus gcc make git ca-certificates systemd
+  slurmctld slurmd slurm-client munge
   openssl iperf3
 )
 
@@ -45,12 +46,12 @@ kernel_headers() {
   if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/build/Makefile" ]; then
     return 0
   fi
-  if apt-get install -y -qq --no-install-recommends "linux-headers-$rel" >/dev/null 2>&1; then
+  if apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "linux-headers-$rel" >/dev/null 2>&1; then
     log "installed matching kernel headers linux-headers-$rel"
     return 0
   fi
   if ! dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed"; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
   fi
   local arch common
   arch=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)

@@ -21,7 +21,6 @@ from rome_guard.gpu.registry import (
     Registration,
     RegistrationError,
     parse_gpu_grants,
-    pod_resources_socket,
 )
 from rome_guard.yamlsrc import SourceError
 
@@ -90,7 +89,25 @@ def gpu(ctx: click.Context, config_path: str, run_dir: str | None) -> None:
 
 
 @gpu.command()
-@click.option("--pid", type=int, required=True, help="The process to register.")
+@click.option("--pid", type=int, default=None, help="The process to register.")
+@click.option(
+    "--slurm-job",
+    default=None,
+    help="Register this Slurm job's launcher (its batch script), found through "
+    "scontrol listpids; what the prolog does (scripts/slurm-prolog.sh).",
+)
+@click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    help="With --slurm-job: seconds to wait for the launcher to start (a prolog runs before it).",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Return at once and register from a process in a session of its own "
+    "(a Slurm prolog must end before the job starts, and its process group is killed).",
+)
 @click.option("--gpus", default=None, help="GPUs it may use: indices or UUIDs, comma-separated.")
 @click.option("--job", default=None, help="A job name shown in alerts and listings.")
 @click.option(
@@ -102,7 +119,10 @@ def gpu(ctx: click.Context, config_path: str, run_dir: str | None) -> None:
 @click.pass_obj
 def register(
     opts: _Options,
-    pid: int,
+    pid: int | None,
+    slurm_job: str | None,
+    wait: float,
+    detach: bool,
     gpus: str | None,
     job: str | None,
     include_children: bool,
@@ -113,6 +133,13 @@ def register(
         grants = parse_gpu_grants(gpus) if gpus else None
     except ValueError as exc:
         _fail(f"--gpus: {exc}")
+    if (pid is None) == (slurm_job is None):
+        _fail("register needs exactly one of --pid and --slurm-job")
+    if detach:
+        _detach()
+    if slurm_job is not None:
+        pid = _slurm_launcher(opts, slurm_job, wait)
+        job = job or f"slurm-{slurm_job}"
     registry = opts.registry(with_allowlist=False)
     try:
         reg = registry.register(pid, grants, job, include_children)
@@ -127,6 +154,62 @@ def register(
         click.echo(json.dumps(reg.to_json(), sort_keys=True))
     else:
         click.echo(f"registered {_describe(reg)}")
+
+
+def _detach() -> None:
+    """Fork; the parent exits once the child leads a session of its own."""
+    import os
+
+    ready_r, ready_w = os.pipe()
+    if os.fork() > 0:
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        os._exit(0)
+    os.close(ready_r)
+    os.setsid()
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+
+
+def _slurm_launcher(opts: _Options, job_id: str, wait: float) -> int:
+    import contextlib
+    import time
+
+    from rome_guard.gpu.slurm import SlurmClient, SlurmError, find_launcher
+    from rome_guard.sensors import procfs
+
+    if not job_id.isdigit():
+        _fail(f"--slurm-job: {job_id!r} is not a Slurm job id")
+    config = opts.config().gpu.slurm
+    client = SlurmClient(config.scontrol, config.conf, config.timeout)
+
+    def ppid(pid: int) -> int | None:
+        try:
+            return procfs.read_stat(pid).ppid
+        except procfs.ProcessGone:
+            return None
+
+    deadline = time.monotonic() + wait
+    next_check = time.monotonic() + 2.0
+    while True:
+        # until the batch step starts, slurmd does not know the job: not yet an error
+        try:
+            found = find_launcher(client.listpids(job_id), job_id, ppid)
+            problem = f"Slurm job {job_id} has no launcher process on this node"
+        except SlurmError as exc:
+            found, problem = None, str(exc)
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline:
+            _fail(problem)
+        if time.monotonic() >= next_check:
+            # a job cancelled before its batch step ran has nothing to register
+            with contextlib.suppress(SlurmError):
+                state = client.job_state(job_id)
+                if state not in ("PENDING", "CONFIGURING", "RUNNING"):
+                    _fail(f"Slurm job {job_id} is {state or 'gone'}: nothing to register")
+            next_check = time.monotonic() + 2.0
+        time.sleep(0.2)
 
 
 @gpu.command()
@@ -156,16 +239,23 @@ def list_consumers(opts: _Options, as_json: bool) -> None:
 
     Exit 0: every consumer is registered or allowed; 1: some is not; 2: NVML
     is unavailable or the config is wrong."""
+    from rome_guard.gpu import allocations
     from rome_guard.gpu.report import collect, to_json, to_table
     from rome_guard.sensors.nvml import NvmlSensor
 
     config = opts.config()
     registry = opts.registry(with_allowlist=True)
+    registry.allocations = allocations.from_config(config)
+    registry.trust = config.gpu.trust
     # a listing must not change device settings: accounting mode stays as it is
     with NvmlSensor(poll_interval=config.gpu.poll_interval, accounting=False) as sensor:
         snapshot = sensor.poll()
         driver = sensor.driver_version
-    listing = collect(snapshot, registry, driver=driver, pod_resources=pod_resources_socket())
+    registry.allocations.refresh()
+    try:
+        listing = collect(snapshot, registry, driver=driver)
+    finally:
+        registry.allocations.close()
     if as_json:
         click.echo(json.dumps(to_json(listing), indent=2, sort_keys=True))
     else:

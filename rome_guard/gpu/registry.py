@@ -50,7 +50,6 @@ MAX_FILE_BYTES = 64 * 1024
 MAX_JOB_CHARS = 256
 RACY_WINDOW_S = 1.0  # a directory changed this recently is reread even if its mtime looks old
 DOCKER_ROOT = "/var/lib/docker"
-KUBELET_POD_RESOURCES = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 SOURCE_REGISTRATION = "registration"
 SOURCE_ALLOW = "allow"
@@ -362,15 +361,21 @@ class GpuRegistry:
         self._files: dict[str, tuple[tuple[int, int, int], Registration | None]] = {}
         self._by_key: dict[ProcessKey, list[Registration]] = {}
         self._rejected: set[tuple[str, int]] = set()
+        # the schedulers' word (rome_guard.gpu.allocations), set by whoever
+        # runs the sources: the daemon's GpuWatch, `gpu list`
+        self.allocations: Any = None
+        self.trust = "process"
 
     @classmethod
     def from_config(cls, config: Any) -> GpuRegistry:
         """From a rome_guard.config.Config; raises SourceError for a bad gpu.allow."""
-        return cls(
+        registry = cls(
             run_dir_from_env(config.run_dir),
             parse_allow(config.gpu.allow, config.source or "gpu.allow"),
             user_registration=bool(getattr(config.gpu, "user_registration", False)),
         )
+        registry.trust = config.gpu.trust
+        return registry
 
     # --- reading --------------------------------------------------------
 
@@ -622,13 +627,3 @@ class GpuRegistry:
             return True
         except FileNotFoundError:
             return False
-
-
-def pod_resources_socket(path: str = KUBELET_POD_RESOURCES) -> bool:
-    """Whether the kubelet PodResources socket exists. rome-guard does not
-    query it yet (that needs a gRPC client); pods are matched by the pod UID
-    in the cgroup path instead. See docs/gpu.md."""
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False

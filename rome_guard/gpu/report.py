@@ -1,9 +1,10 @@
 """``rome-guard gpu list``: GPUs, their processes and who registered them.
 
 ``collect`` joins one NVML snapshot with /proc (each consumer and its
-lineage) and the registry's verdicts; ``to_json`` and ``to_table`` render
-the result. Every string that a watched process controls (comm, exe, argv,
-job names) is sanitised here before it is printed. Nothing here alerts,
+lineage), the schedulers' allocations and the registry's verdicts;
+``to_json`` and ``to_table`` render the result. Every string that a
+watched process controls (comm, exe, argv, job names) is sanitised here
+before it is printed. Nothing here alerts,
 kills or changes a registration.
 """
 
@@ -13,8 +14,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rome_guard.events import ProcessInfo
+from rome_guard.gpu.allocations import AllocationSnapshot, Owner, describe_owner, gpu_matches
 from rome_guard.gpu.consumers import GpuConsumerVerdict, judge_consumer
-from rome_guard.gpu.registry import SOURCE_REGISTRATION, GpuRegistry, Registration
+from rome_guard.gpu.registry import (
+    SOURCE_ALLOW,
+    SOURCE_REGISTRATION,
+    GpuRef,
+    GpuRegistry,
+    Registration,
+)
 from rome_guard.sensors import procfs
 from rome_guard.sensors.nvml import GpuDevice, GpuSnapshot
 from rome_guard.textsafe import command_line, for_json, one_line
@@ -31,7 +39,7 @@ class GpuListing:
     registrations: tuple[Registration, ...]
     live: frozenset  # keys of registrations whose process still runs
     driver: str = ""
-    pod_resources: bool = False
+    sources: tuple[AllocationSnapshot, ...] = ()  # the schedulers asked, live or not
 
     @property
     def findings(self) -> list[GpuConsumerVerdict]:
@@ -57,7 +65,6 @@ def collect(
     registry: GpuRegistry,
     read: Reader | None = None,
     driver: str = "",
-    pod_resources: bool = False,
 ) -> GpuListing:
     cache: dict[int, ProcessInfo | None] = {}
 
@@ -76,17 +83,59 @@ def collect(
     live = frozenset(
         r.key for r in registrations if procfs.start_time(r.key.pid) == r.key.start_time
     )
-    return GpuListing(snapshot, tuple(verdicts), registrations, live, driver, pod_resources)
+    sources = tuple(registry.allocations.snapshots()) if registry.allocations is not None else ()
+    return GpuListing(snapshot, tuple(verdicts), registrations, live, driver, sources)
+
+
+def allocated_to(listing: GpuListing, gpu: GpuRef) -> list[Owner]:
+    """Who the live schedulers gave this GPU (or MIG device) to."""
+    return [
+        alloc.owner
+        for snap in listing.sources
+        if snap.live
+        for alloc in snap.allocations
+        if any(gpu_matches(g, gpu) for g in alloc.gpus)
+    ]
 
 
 # --- rendering --------------------------------------------------------------
+
+
+def _job(verdict: GpuConsumerVerdict) -> str:
+    if verdict.owner is not None:
+        return verdict.owner.name
+    if verdict.coverage is not None:
+        return verdict.coverage.name
+    return verdict.inside_job or "-"
 
 
 def status(verdict: GpuConsumerVerdict) -> str:
     if verdict.reason is not None:
         return verdict.reason
     assert verdict.coverage is not None
-    return "registered" if verdict.coverage.source == SOURCE_REGISTRATION else "allowed"
+    if verdict.coverage.source == SOURCE_REGISTRATION:
+        return "registered"
+    return "allowed" if verdict.coverage.source == SOURCE_ALLOW else "allocated"
+
+
+def _owner_json(owner: Owner) -> dict[str, Any]:
+    return {
+        "kind": owner.kind,
+        "id": for_json(owner.id),
+        "name": for_json(owner.name),
+        "source": owner.source,
+    }
+
+
+def _source_json(snap: AllocationSnapshot) -> dict[str, Any]:
+    return {
+        "source": snap.source,
+        "live": snap.live,
+        "reason": for_json(snap.reason) if snap.reason else None,
+        "owners": len(snap.allocations),
+        "allocatable": list(snap.allocatable),
+        "taken_at": snap.taken_at,
+    }
 
 
 def _device_json(dev: GpuDevice, failing: bool) -> dict[str, Any]:
@@ -126,6 +175,8 @@ def _verdict_json(verdict: GpuConsumerVerdict) -> dict[str, Any]:
         "detail": for_json(verdict.detail),
         "job": for_json(cov.name) if cov is not None else None,
         "inside_job": for_json(verdict.inside_job) if verdict.inside_job else None,
+        "source": verdict.source,
+        "owner": _owner_json(verdict.owner) if verdict.owner is not None else None,
         "coverage": None,
         "process": None,
     }
@@ -162,6 +213,14 @@ def _verdict_json(verdict: GpuConsumerVerdict) -> dict[str, Any]:
 def to_json(listing: GpuListing) -> dict[str, Any]:
     snap = listing.snapshot
     gpus = {d.index: _device_json(d, d.index in snap.failing) for d in snap.devices}
+    for dev in snap.devices:
+        entry = gpus[dev.index]
+        entry["allocated_to"] = [
+            _owner_json(o) for o in allocated_to(listing, GpuRef(dev.index, dev.uuid))
+        ]
+        for mig in entry["mig_devices"]:
+            ref = GpuRef(dev.index, dev.uuid, mig["uuid"])
+            mig["allocated_to"] = [_owner_json(o) for o in allocated_to(listing, ref)]
     for verdict in listing.verdicts:
         entry = gpus.get(verdict.process.gpu_index)
         if entry is not None:
@@ -195,7 +254,7 @@ def to_json(listing: GpuListing) -> dict[str, Any]:
             for r in listing.registrations
         ],
         "findings": len(listing.findings),
-        "kubelet_pod_resources": "present, not queried" if listing.pod_resources else "absent",
+        "allocation_sources": [_source_json(s) for s in listing.sources],
     }
 
 
@@ -234,6 +293,10 @@ def to_table(listing: GpuListing) -> str:
         if dev.index in snap.failing:
             facts.append("NOT ANSWERING")
         lines.append("  ".join(facts))
+        if any(src.live for src in listing.sources):
+            owners = allocated_to(listing, GpuRef(dev.index, dev.uuid))
+            names = ", ".join(one_line(describe_owner(o), 64) for o in owners[:8])
+            lines.append(f"  allocated to: {names or 'no pod or job'}")
     rows = [["GPU", "MIG", "PID", "USER", "MEM", "SM%", "STATUS", "JOB", "COMMAND"]]
     for v in sorted(listing.verdicts, key=lambda v: (v.process.gpu_index, v.process.pid)):
         proc, info = v.process, v.info
@@ -246,10 +309,14 @@ def to_table(listing: GpuListing) -> str:
                 _bytes(proc.used_memory_bytes),
                 "-" if proc.sm_util is None else str(proc.sm_util),
                 status(v),
-                one_line(v.coverage.name if v.coverage else (v.inside_job or "-"), 24),
+                one_line(_job(v), 24),
                 command_line(info.cmdline or (info.comm,), 60) if info else "?",
             ]
         )
+    for src in listing.sources:
+        state = "live" if src.live else "down"
+        why = f" ({one_line(src.reason, 160)})" if src.reason else ""
+        lines.append(f"allocations from {src.source}: {state}{why}")
     lines.append("")
     if len(rows) > 1:
         lines.extend(_table(rows))

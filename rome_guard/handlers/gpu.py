@@ -1,13 +1,16 @@
 """GPU: a process opened /dev/nvidia-uvm (from the eBPF sensor), or NVML's
 periodic list of GPU processes (from the GPU watch).
 
-Both ask gpu.consumers whether the process is covered by a registered job
-or an allowlist entry; an uncovered one alerts under every
-gpu_unregistered rule. An open alerts seconds before NVML lists the
-process; when NVML then lists it, the GPU and memory are journalled as a
-confirmation of that alert, not as a second alert. A registry change also
-tells the sensor which registered jobs' cgroups to spare their loopback
-storm (sensor_filter.ignore_registered_loopback).
+Both ask gpu.consumers whether the process is allowed: by the schedulers'
+allocations when a source is live (kubelet PodResources, Slurm: verdicts
+gpu_not_allocated / gpu_not_granted), by a registered job or an allowlist
+entry. A process it does not allow alerts under every gpu_unregistered
+rule, the alert naming who decided (allocation_source). An open alerts
+seconds before NVML lists the process; when NVML then lists it, the GPU
+and memory are journalled as a confirmation of that alert, not as a
+second alert. A registry change also tells the sensor which registered
+jobs' cgroups to spare their loopback storm
+(sensor_filter.ignore_registered_loopback).
 
 Like every handler, it never reads /proc itself (ctx.processes does) and never
 writes the journal except through ctx.alerts.
@@ -15,11 +18,10 @@ writes the journal except through ctx.alerts.
 
 from __future__ import annotations
 
-from rome_guard.events import GpuOpenEvent, ProcessInfo
+from rome_guard.events import GpuOpenEvent, GpuProcess, ProcessInfo
 from rome_guard.findings import Finding
 from rome_guard.gpu.consumers import (
-    NOT_GRANTED,
-    UNREGISTERED,
+    ALERTING,
     GpuConsumerVerdict,
     judge_consumer,
     judge_open,
@@ -49,19 +51,29 @@ def on_gpu_snapshot(ctx: Context, snapshot: GpuSnapshot) -> None:
     if ctx.gpu.registry.refresh():
         sync_loopback_filter(ctx)
     ctx.metrics.event("nvml", len(snapshot.processes))
-    allowed: set[tuple[int, str, int]] = set()
+    verdicts: dict[tuple[int, str, int], str] = {}
     for device in snapshot.processes:
         info = ctx.processes.resolve(device.pid)
         lineage = ctx.processes.lineage(info) if info is not None else []
         verdict = judge_consumer(device, info, lineage, ctx.gpu.registry)
-        if verdict.allowed:
-            allowed.add((device.gpu_index, device.gpu_uuid, device.pid))
-        elif ctx.rules.gpu and verdict.reason in (UNREGISTERED, NOT_GRANTED) and info is not None:
+        verdicts[(device.gpu_index, device.gpu_uuid, device.pid)] = verdict.reason or "allowed"
+        if ctx.rules.gpu and verdict.reason in ALERTING and info is not None:
             _alert(ctx, verdict, info, lineage, "nvml")
+
+    def verdict_of(p: GpuProcess) -> str:
+        return verdicts[(p.gpu_index, p.gpu_uuid, p.pid)]
+
     gpus = [(d.index, d.uuid) for d in snapshot.devices]
     ctx.metrics.set_gpu_usage(
-        gpu_usage(snapshot.processes, lambda p: (p.gpu_index, p.gpu_uuid, p.pid) in allowed, gpus)
+        gpu_usage(
+            snapshot.processes,
+            lambda p: verdict_of(p) == "allowed",
+            gpus,
+            verdict_of,
+            ctx.gpu.owner_kinds,
+        )
     )
+    ctx.metrics.set_allocation_sources(ctx.gpu.sources_live())
 
 
 def _alert(
@@ -82,7 +94,11 @@ def _alert(
             verdict.detail,
             tuple(lineage),
             gpu=verdict.process,
-            extra={"gpu_verdict": verdict.reason, "gpu_source": source},
+            extra={
+                "gpu_verdict": verdict.reason,
+                "gpu_source": source,
+                "allocation_source": verdict.source,
+            },
         )
         record = ctx.alerts.raise_alert(finding)
         if record is not None and source == "open":

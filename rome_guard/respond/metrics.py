@@ -74,6 +74,18 @@ SENSOR_MODES = ("ebpf", "poll")
 # The categories the alerting rules and dashboard know (dashboards/alerts.yml).
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
 
+# What rome_guard.gpu.consumers says of a GPU consumer ("allowed": no finding).
+GPU_VERDICTS = (
+    "allowed",
+    "unregistered",
+    "gpu_not_allocated",
+    "gpu_not_granted",
+    "process_not_visible",
+)
+# Who a scheduler gave a GPU to (rome_guard.gpu.allocations), and the schedulers.
+GPU_OWNER_KINDS = ("pod", "slurm_job")
+ALLOCATION_SOURCES = ("kubelet", "slurm")
+
 INVALID = "invalid"  # a value that failed the safe-label check
 OTHER = "other"  # a safe value past the distinct-value limit
 UNKNOWN = "unknown"  # a rule id that is not in the loaded rule set
@@ -145,24 +157,44 @@ class GpuUsage:
     registered: int = 0  # processes belonging to registered jobs
     unregistered: int = 0
     unregistered_memory_bytes: int = 0
+    verdicts: tuple[tuple[str, int], ...] = ()  # (GPU_VERDICTS member, consumers)
+    owner_kinds: tuple[tuple[str, int], ...] = ()  # (GPU_OWNER_KINDS member, owners)
 
 
 def gpu_usage(
     processes: Iterable[GpuProcess],
     is_registered: Callable[[GpuProcess], bool],
     gpus: Iterable[tuple[int, str]] = (),
+    verdict_of: Callable[[GpuProcess], str] | None = None,
+    owner_kinds: Callable[[int, str], Iterable[str]] | None = None,
 ) -> list[GpuUsage]:
     """Sum NVML's per-process view per GPU. ``gpus`` lists every (index,
-    uuid) present so that idle GPUs show zero instead of no series."""
+    uuid) present so that idle GPUs show zero instead of no series.
+    ``verdict_of`` names each consumer's verdict (GPU_VERDICTS);
+    ``owner_kinds`` the kinds of the pods or jobs a GPU is allocated to."""
     totals: dict[tuple[int, str], list[int]] = {(i, u): [0, 0, 0] for i, u in gpus}
+    verdicts: dict[tuple[int, str], dict[str, int]] = {}
     for proc in processes:
-        entry = totals.setdefault((proc.gpu_index, proc.gpu_uuid), [0, 0, 0])
+        gpu = (proc.gpu_index, proc.gpu_uuid)
+        entry = totals.setdefault(gpu, [0, 0, 0])
         if is_registered(proc):
             entry[0] += 1
         else:
             entry[1] += 1
             entry[2] += max(proc.used_memory_bytes or 0, 0)
-    return [GpuUsage(i, u, r, n, m) for (i, u), (r, n, m) in sorted(totals.items())]
+        if verdict_of is not None:
+            counts = verdicts.setdefault(gpu, {})
+            verdict = verdict_of(proc)
+            counts[verdict] = counts.get(verdict, 0) + 1
+    out = []
+    for (i, u), (r, n, m) in sorted(totals.items()):
+        kinds: dict[str, int] = {}
+        for kind in owner_kinds(i, u) if owner_kinds is not None else ():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        seen = verdicts.get((i, u), {})
+        verdict_counts, kind_counts = tuple(sorted(seen.items())), tuple(sorted(kinds.items()))
+        out.append(GpuUsage(i, u, r, n, m, verdict_counts, kind_counts))
+    return out
 
 
 # --- the metrics ---------------------------------------------------------------
@@ -223,6 +255,25 @@ class GuardMetrics:
             "gpu_unregistered_memory_bytes",
             "GPU memory used by processes of no registered job.",
             ("gpu", "UUID"),
+        )
+        self.gpu_consumers = metric(
+            Gauge,
+            "gpu_consumers",
+            "Processes holding a context on a GPU, by verdict (allowed, unregistered, "
+            "gpu_not_allocated, gpu_not_granted, process_not_visible).",
+            ("gpu", "UUID", "verdict"),
+        )
+        self.gpu_allocations = metric(
+            Gauge,
+            "gpu_allocations",
+            "Pods or Slurm jobs a scheduler allocated the GPU (or one of its MIG devices) to.",
+            ("gpu", "UUID", "owner_kind"),
+        )
+        self.gpu_allocation_source_up = metric(
+            Gauge,
+            "gpu_allocation_source_up",
+            "1 while a scheduler's GPU allocations (kubelet, slurm) can be read.",
+            ("source",),
         )
         self.build_info = metric(Gauge, "build_info", "rome-guard version.", ("version",))
         self.build_info.labels(version=safe_label(__version__)).set(1)
@@ -326,6 +377,12 @@ class GuardMetrics:
             current[(index, gpu_uuid_label(entry.uuid))] = entry
         with self._lock:
             for (index, uuid), entry in current.items():
+                verdicts = dict(entry.verdicts)
+                for verdict in GPU_VERDICTS:
+                    self.gpu_consumers.labels(index, uuid, verdict).set(verdicts.get(verdict, 0))
+                kinds = dict(entry.owner_kinds)
+                for kind in GPU_OWNER_KINDS:
+                    self.gpu_allocations.labels(index, uuid, kind).set(kinds.get(kind, 0))
                 self.gpu_processes.labels(index, uuid, "true").set(entry.registered)
                 self.gpu_processes.labels(index, uuid, "false").set(entry.unregistered)
                 self.gpu_unregistered_memory.labels(index, uuid).set(
@@ -335,7 +392,18 @@ class GuardMetrics:
                 self.gpu_processes.remove(index, uuid, "true")
                 self.gpu_processes.remove(index, uuid, "false")
                 self.gpu_unregistered_memory.remove(index, uuid)
+                for verdict in GPU_VERDICTS:
+                    self.gpu_consumers.remove(index, uuid, verdict)
+                for kind in GPU_OWNER_KINDS:
+                    self.gpu_allocations.remove(index, uuid, kind)
             self._gpu_labels = set(current)
+
+    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None:
+        """(source, live) of each scheduler the daemon asks."""
+        with self._lock:
+            for source, up in live:
+                if source in ALLOCATION_SOURCES:
+                    self.gpu_allocation_source_up.labels(source).set(1 if up else 0)
 
     # exposition
 
@@ -373,6 +441,7 @@ class MetricsSink(Protocol):
     def kill(self, result: str) -> None: ...
     def blocked_connection(self, count: int = 1) -> None: ...
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
+    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None: ...
 
 
 class NullMetrics:
@@ -410,6 +479,9 @@ class NullMetrics:
         pass
 
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None:
+        pass
+
+    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None:
         pass
 
 

@@ -9,15 +9,21 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from rome_guard.linux import cgroup2_root
 from tests.conftest import require
 from tests.fixtures import fake_nvml
+from tests.fixtures.kubelet import FakeKubelet
+from tests.fixtures.slurm import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,3 +206,101 @@ def nvml_worker(fake_library, tmp_path):
             for stream in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr):
                 if stream and not stream.closed:
                     stream.close()
+
+
+# --- schedulers: a stand-in kubelet and a real Slurm ---------------------------
+
+
+@pytest.fixture
+def kubelet(tmp_path_factory) -> Iterator[FakeKubelet]:
+    """A real gRPC server speaking kubelet's PodResources v1 on a unix
+    socket (started by the test: kubelet.start()), with its pod log dirs."""
+    root = tmp_path_factory.mktemp("kubelet")
+    gen = tmp_path_factory.getbasetemp() / "podresources-gen"
+    fake = FakeKubelet(root / "kubelet.sock", root / "pods", gen)
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+class PodCgroups:
+    """cgroup v2 directories shaped like a kubelet's (systemd driver), each
+    with real processes in them."""
+
+    def __init__(self, processes: Processes) -> None:
+        mount = cgroup2_root()
+        self.top = os.path.join(mount, f"rg-test-{uuid.uuid4().hex[:8]}")
+        self.processes = processes
+        self.dirs: list[str] = []
+
+    def container(self, pod_uid: str, container_id: str | None = None) -> str:
+        pod = pod_uid.replace("-", "_")
+        container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
+        path = os.path.join(
+            self.top,
+            "kubepods.slice",
+            f"kubepods-pod{pod}.slice",
+            f"cri-containerd-{container_id}.scope",
+        )
+        os.makedirs(path)
+        self.dirs.append(path)
+        return path
+
+    def start(self, cgroup: str, *argv: str) -> subprocess.Popen:
+        def enter() -> None:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write("0")
+
+        return self.processes.sleeper(*argv, preexec_fn=enter)
+
+    def remove(self) -> None:
+        self.processes.stop()
+        for path in sorted(self.dirs, key=len, reverse=True):
+            while path.startswith(self.top):
+                for _ in range(100):  # the last member may still be exiting
+                    try:
+                        os.rmdir(path)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.05)
+                path = os.path.dirname(path)
+
+
+@pytest.fixture
+def pod_cgroups(processes) -> Iterator[PodCgroups]:
+    require(os.geteuid() == 0, "pod cgroups need root")
+    cgroups = PodCgroups(processes)
+    try:
+        yield cgroups
+    finally:
+        cgroups.remove()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """A real single-node Slurm with 4 GRES GPUs and the shipped prolog and
+    epilog; torn down (jobs cancelled, daemons stopped) after the module."""
+    require(os.geteuid() == 0, "slurmd runs jobs as root here")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def uvm() -> Iterator[str]:
+    """No GPU here: a stand-in file under the UVM device's name. Made with
+    mknod, not open: a guard running on this host sees opens of
+    /dev/nvidia-uvm*, and the test process must not be the one that opens it."""
+    require(os.geteuid() == 0, "creating a file in /dev needs root")
+    path = f"/dev/nvidia-uvm-rgtest-{uuid.uuid4().hex[:12]}"
+    os.mknod(path, 0o600 | stat.S_IFREG)
+    try:
+        yield path
+    finally:
+        os.unlink(path)

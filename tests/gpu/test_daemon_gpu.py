@@ -4,10 +4,8 @@ holds a GPU, who registered, who was granted what, and a CUDA-style
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -134,14 +132,11 @@ time.sleep(30)
 """
 
 
-def test_cuda_context_open_is_judged_before_nvml_lists_it(tmp_path: Path) -> None:
+def test_cuda_context_open_is_judged_before_nvml_lists_it(tmp_path: Path, uvm: str) -> None:
     require_root()
     state_file = tmp_path / "nvml.state"
     state = fake_nvml.FakeState(gpus=[fake_nvml.FakeGpu(0, GPU0)])
     state.write(state_file)
-    # no GPU here: a stand-in device node under the UVM device's name
-    fd, uvm = tempfile.mkstemp(prefix="nvidia-uvm-rgtest-", dir="/dev")
-    os.close(fd)
     d = Daemon(
         sensor="ebpf",
         env=fake_nvml.environment(state_file),
@@ -168,4 +163,3 @@ def test_cuda_context_open_is_judged_before_nvml_lists_it(tmp_path: Path) -> Non
             opener.kill()
             opener.wait()
         d.stop()
-        os.unlink(uvm)

@@ -106,3 +106,17 @@ def test_the_config_map_is_a_valid_config_on_the_scraped_port():
     )
     assert volumes[config_mount["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
     assert container()["args"] == ["run", "--config", "/etc/rome-guard/config.yaml"]
+
+
+def test_the_kubelet_socket_and_pod_logs_are_mounted_where_the_config_looks():
+    """The GPU allocation source (docs/gpu.md): the PodResources socket's
+    directory and the pod log directories, read-only, at the configured paths."""
+    config_map = documents()["ConfigMap"]
+    (raw,) = load_documents(config_map["data"]["config.yaml"], "configmap:config.yaml")
+    kubelet = parse_config(raw, "configmap:config.yaml").gpu.kubelet
+    assert kubelet.enabled == "auto"
+    found = mounts()
+    socket_dir = os.path.dirname(kubelet.socket)
+    assert found[socket_dir] == (socket_dir, True)
+    assert found[kubelet.pod_logs_dir] == (kubelet.pod_logs_dir, True)
+    assert found[kubelet.container_logs_dir] == (kubelet.container_logs_dir, True)

@@ -194,6 +194,7 @@ def test_make_install_into_a_scratch_root(tmp_path):
         "BINDIR": tmp_path / "bin",
         "CONFDIR": tmp_path / "etc" / "rome-guard",
         "UNITDIR": tmp_path / "units",
+        "LIBEXECDIR": tmp_path / "libexec",
     }
     make = ["make", "-C", REPO, "install", *(f"{k}={v}" for k, v in paths.items())]
     result = subprocess.run(make, capture_output=True, text=True, timeout=600)
@@ -212,6 +213,10 @@ def test_make_install_into_a_scratch_root(tmp_path):
     with open(DEFAULT_CONFIG) as f:
         assert config.read_text() == f.read()
     assert (paths["CONFDIR"] / "rules.d").is_dir()
+    for script in ("slurm-prolog.sh", "slurm-epilog.sh"):  # docs/gpu.md
+        installed = paths["LIBEXECDIR"] / script
+        assert os.access(installed, os.X_OK)
+        assert f"ROME_GUARD:-{command}" in installed.read_text()
 
     unit = paths["UNITDIR"] / "rome-guard.service"
     assert settings(str(unit))["ExecStart"] == [f"{command} run --config {config}"]

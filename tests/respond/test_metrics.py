@@ -166,6 +166,38 @@ def test_gpu_usage_sums_per_gpu_and_a_new_poll_replaces_the_last():
     assert uuids == {"invalid"}
 
 
+def test_gpu_consumers_by_verdict_and_allocations_by_owner_kind():
+    procs = [
+        GpuProcess(101, 0, UUIDS[0], None, 1 << 30, None),
+        GpuProcess(102, 0, UUIDS[0], None, 1 << 30, None),
+        GpuProcess(103, 1, UUIDS[1], None, None, None),
+    ]
+    verdict = {101: "allowed", 102: "unregistered", 103: "gpu_not_allocated"}
+    owners = {0: ["pod", "pod"], 1: []}  # two MIG devices of GPU 0, one pod each
+    usage = gpu_usage(
+        procs,
+        lambda p: verdict[p.pid] == "allowed",
+        [(0, UUIDS[0]), (1, UUIDS[1])],
+        lambda p: verdict[p.pid],
+        lambda index, uuid: owners[index],
+    )
+    metrics = GuardMetrics()
+    metrics.set_gpu_usage(usage)
+    metrics.set_allocation_sources([("kubelet", True), ("slurm", False), ("yarn\n", True)])
+    assert value(metrics, "rome_guard_gpu_consumers", gpu="0", verdict="unregistered") == 1
+    assert value(metrics, "rome_guard_gpu_consumers", gpu="0", verdict="gpu_not_granted") == 0
+    assert value(metrics, "rome_guard_gpu_consumers", gpu="1", verdict="gpu_not_allocated") == 1
+    assert value(metrics, "rome_guard_gpu_allocations", gpu="0", owner_kind="pod") == 2
+    assert value(metrics, "rome_guard_gpu_allocations", gpu="1", owner_kind="slurm_job") == 0
+    assert value(metrics, "rome_guard_gpu_allocation_source_up", source="slurm") == 0
+    sources = {s.labels["source"] for s in samples(metrics) if s.name.endswith("source_up")}
+    assert sources == {"kubelet", "slurm"}  # bounded: an unknown scheduler is no label
+    metrics.set_gpu_usage([GpuUsage(1, UUIDS[1])])
+    assert {s.labels["gpu"] for s in samples(metrics) if s.name == "rome_guard_gpu_consumers"} == {
+        "1"
+    }
+
+
 # --- the flood: hostile processes through the public API ---------------------
 
 HOSTILE_NAMES = [

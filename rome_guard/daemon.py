@@ -3,7 +3,7 @@
 This module is wiring and the loop only. Data path, in the order an event
 travels (docs/architecture.md has the picture):
 
-    sensor (eBPF, or /proc polling), prevention, GPU watch
+    sensor (eBPF, or /proc polling), prevention, wire sensor, GPU watch
       -> handlers.table.dispatch -> handlers/<kind>.py
          -> state.processes.ProcessModel (every process fact, /proc gaps)
          -> detect (same rules as scan) -> respond.alerts.AlertSink
@@ -37,7 +37,6 @@ from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.table import dispatch
-from rome_guard.handlers.wire import WireHandler
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
 from rome_guard.respond.journal import Journal
@@ -48,9 +47,11 @@ from rome_guard.yamlsrc import SourceError
 
 if TYPE_CHECKING:
     from rome_guard.gpu.watch import GpuWatch
+    from rome_guard.handlers.wire import WireHandler
     from rome_guard.respond.metrics import MetricsServer
     from rome_guard.respond.prevent import Prevention
     from rome_guard.sdnotify import Notifier
+    from rome_guard.sensors.wire import WireSensor
 
 log = logging.getLogger("rome_guard")
 
@@ -115,6 +116,7 @@ class Guard:
         self.prevention = prevention
         self.metrics_server: MetricsServer | None = None  # reloaded on SIGHUP
         self.sensor_mode = "none"
+        self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -190,6 +192,16 @@ class Guard:
         self.sensor_mode = mode
         self.ctx.metrics.set_sensor(mode)
 
+    def attach_wire(self, sensor: WireSensor) -> WireHandler:
+        """Route the wire sensor's events (handlers/wire.py); its drop
+        tables follow the rules in force from now on."""
+        from rome_guard.handlers.wire import WireHandler
+
+        self.wire_sensor = sensor
+        self.ctx.wire = WireHandler.for_context(self.ctx, sensor)
+        self.ctx.wire.install(self.ctx.rules.ruleset)
+        return self.ctx.wire
+
     def seed(self) -> int:
         """Read every live process after the sensor is attached; evaluate
         them like a scan (pre-existing offenders are alerted on too)."""
@@ -234,8 +246,8 @@ class Guard:
         totals = dict(sensor.lost_events())
         if self.prevention is not None:
             totals["prevention"] = self.prevention.lost_events()
-        if self.ctx.wire is not None:
-            totals.update(self.ctx.wire.kernel.lost_events())
+        if self.wire_sensor is not None:
+            totals.update(self.wire_sensor.lost_events())
         lost = self.ctx.lost
         for buffer, total in totals.items():
             previous = lost.get(buffer, 0)
@@ -266,8 +278,8 @@ class Guard:
             if self.prevention is not None:
                 for event in self.prevention.poll(0):
                     dispatch(self.ctx, event)
-            if self.ctx.wire is not None:
-                for event in self.ctx.wire.kernel.poll(0):
+            if self.wire_sensor is not None:
+                for event in self.wire_sensor.poll(0):
                     self.handle(event)
             if gpu is not None:
                 for snapshot in gpu.snapshots():
@@ -346,25 +358,11 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     return killer, prevention
 
 
-def _wire_handler(config: Config, guard: Guard) -> WireHandler | None:
-    """The wire sensor and its handler, in the guard's context; None (and
-    a DEGRADED line) where it cannot run."""
+def _wire_sensor() -> WireSensor | None:
+    """The wire sensor, or None (and a DEGRADED line) where it cannot run."""
     from rome_guard.sensors.wire import open_wire_sensor
 
-    sensor = open_wire_sensor()
-    if sensor is None:
-        return None
-    ctx = guard.ctx
-    ctx.wire = WireHandler(
-        ctx.processes.resolve,
-        ctx.processes.lineage,
-        lambda subject, trigger: ctx.rules.engine.evaluate(subject, trigger=trigger),
-        ctx.alerts.raise_alert,
-        kernel=sensor,
-        enforce=config.mode == "enforce",
-    )
-    ctx.wire.install(ctx.rules.ruleset)
-    return ctx.wire
+    return open_wire_sensor()
 
 
 def _gpu_watch(config: Config) -> GpuWatch | None:
@@ -421,7 +419,9 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             sensor.interval_s if isinstance(sensor, PollSensor) else 0.0,
         )
     guard.attach(sensor, mode)
-    wire = _wire_handler(config, guard)
+    wire = _wire_sensor()
+    if wire is not None:
+        guard.attach_wire(wire)
     if gpu is not None:
         gpu.start()
     status_path = None
@@ -451,7 +451,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         sensor.close()
         if wire is not None:
-            wire.kernel.close()
+            wire.close()
         if prevention is not None:
             prevention.close()
         if gpu is not None:

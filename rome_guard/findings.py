@@ -4,7 +4,8 @@ A Finding is what the engine concludes: a rule matched a process, with the
 reason, lineage and the network or GPU context that made it match. Every
 record the journal holds is built here and nowhere else: the finding
 record (`scan --json`), and the daemon's alert, response, prevention and
-confirmation records that extend it (docs/alerts.md). Every
+confirmation records that extend it, with the wire object of a wire alert
+(docs/alerts.md). Every
 attacker-controlled string passes through textsafe on the way out.
 
 This module never writes, sends or acts: it only builds dicts.
@@ -17,14 +18,19 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rome_guard.detect.rules import Rule
 from rome_guard.events import Endpoint, GpuProcess, ProcessInfo
-from rome_guard.textsafe import for_json, one_line
+from rome_guard.textsafe import for_json, from_bytes, one_line
+
+if TYPE_CHECKING:
+    from rome_guard.detect.payload import WireFacts
+    from rome_guard.events import WireEvent
 
 LINEAGE_IN_RECORD = 16
 CMDLINE_ARGS_IN_RECORD = 256
+FIRST_BYTES_IN_RECORD = 256  # characters of a flow's captured payload in an alert
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,31 @@ def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
         "used_memory_bytes": gpu.used_memory_bytes,
         "sm_util": gpu.sm_util,
     }
+
+
+def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:
+    """The "wire" object of an alert: what a flow was seen to say, escaped
+    and cut (payload bytes belong to the sender)."""
+    record: dict[str, Any] = {"kind": event.kind, "cookie": event.cookie}
+    if facts.method:
+        record["method"] = for_json(facts.method, 64)
+    if facts.sni:
+        record["sni"] = for_json(facts.sni, 256)
+    if event.alpn:
+        record["alpn"] = for_json(event.alpn, 64)
+    if facts.dns_queries:
+        record["dns_query"] = [for_json(q, 256) for q in facts.dns_queries[:8]]
+    if facts.remote_name:
+        record["remote_name"] = for_json(facts.remote_name, 256)
+    if facts.http_request:
+        record["http_request"] = for_json(facts.http_request, 256)
+    if facts.dropped:
+        record["dropped"] = facts.dropped
+    record["payload_bytes"] = event.payload_len
+    # the bytes as sent: invalid UTF-8 shows as \xNN (facts.text is latin-1)
+    record["first_bytes"] = for_json(from_bytes(event.payload), FIRST_BYTES_IN_RECORD)
+    record["cgroup_id"] = event.cgroup_id
+    return record
 
 
 def finding_record(

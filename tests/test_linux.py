@@ -12,6 +12,7 @@ from rome_guard.linux import (
     NoCgroup2,
     cgroup2_root,
     cgroup_id,
+    cgroup_path_of_id,
     cgroup_v2_path,
     has_peer,
     is_deleted,
@@ -77,10 +78,13 @@ def test_has_peer(ep, peer):
 
 
 def test_cgroup_path_of_id_walks_the_hierarchy(tmp_path):
-    from rome_guard.linux import cgroup_dir_id, cgroup_path_of_id
-
-    leaf = tmp_path / "system.slice" / "x.service"
-    leaf.mkdir(parents=True)
-    assert cgroup_path_of_id(cgroup_dir_id(str(leaf)), str(tmp_path)) == "/system.slice/x.service"
-    assert cgroup_path_of_id(cgroup_dir_id(str(tmp_path)), str(tmp_path)) == "/"
+    scope = tmp_path / "system.slice" / "docker-ab.scope"
+    scope.mkdir(parents=True)
+    assert cgroup_path_of_id(scope.stat().st_ino, str(tmp_path)) == "/system.slice/docker-ab.scope"
+    assert cgroup_path_of_id(tmp_path.stat().st_ino, str(tmp_path)) == "/"
+    assert cgroup_path_of_id(0, str(tmp_path)) == ""
+    (tmp_path / "gone").mkdir()
+    gone = (tmp_path / "gone").stat().st_ino
+    (tmp_path / "gone").rmdir()
+    assert cgroup_path_of_id(gone, str(tmp_path)) == ""
     assert cgroup_path_of_id(1, str(tmp_path)) == ""

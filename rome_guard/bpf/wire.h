@@ -1,8 +1,8 @@
 /* Records the wire sensor (wire.c) writes into its ring buffer.
  *
  * The one definition of the wire record layout: compiled by BCC into
- * wire.c and by gcc in tests/sensors/test_ebpf_layout.py, which checks the
- * ctypes mirror in rome_guard/sensors/wire.py against it field by field.
+ * wire.c and by gcc in tests/test_layout.py, which checks the ctypes
+ * mirror in rome_guard/layout/wire.py against it field by field.
  * Change both together. Only fixed-width types.
  */
 #ifndef ROME_GUARD_WIRE_H

@@ -1,5 +1,6 @@
 """What every handler works with: the process model, the rules in force,
-the alert sink, metrics and the optional GPU watch, in one object.
+the alert sink, metrics, the optional GPU watch and wire collaborator, in
+one object.
 
 Handlers receive a Context and one event; they never hold state of their
 own between events (what must persist lives here or in the process model),
@@ -81,6 +82,8 @@ class Context:
     metrics: MetricsSink
     sensor: Sensor | None = None
     gpu: GpuWatch | None = None
+    # the wire sensor's handler state (DNS names, drop policy), while it runs
+    wire: WireHandler | None = None
     parked: deque[Parked] = field(default_factory=deque)
     # key -> (alert id, rule id) of GPU-open alerts awaiting NVML's confirmation
     gpu_alerts: dict[ProcessKey, tuple[str, str]] = field(default_factory=dict)

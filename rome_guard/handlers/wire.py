@@ -13,8 +13,9 @@ socket's cgroup (unit, container, pod, Slurm job) from the cgroup id.
 
 Like every handler, it never reads /proc or other kernel interfaces itself
 (the process model and linux.py do), never prints payload bytes (WireFacts
-carry them; the journal gets them only through textsafe) and never acts
-itself: findings go to the alert sink, which journals before any kill.
+carry them; the journal gets them only through findings.wire_record's
+textsafe) and never acts itself: findings go to the alert sink, which
+journals before any kill.
 """
 
 from __future__ import annotations
@@ -23,23 +24,19 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from rome_guard import linux
-from rome_guard.attribution import attribute
 from rome_guard.detect import argv as argvlib
-from rome_guard.detect.payload import WireFacts, dns_payload, facts_for, parse_dns
+from rome_guard.detect.payload import dns_payload, facts_for, parse_dns
 from rome_guard.detect.rules import RuleSet
 from rome_guard.detect.subject import Subject
-from rome_guard.events import (
-    WIRE_DNS_ANSWER,
-    ProcessInfo,
-    ProcessKey,
-    WireEvent,
-    boottime_ns_to_ticks,
-)
-from rome_guard.findings import Finding
-from rome_guard.textsafe import for_json, from_bytes, one_line
+from rome_guard.events import WIRE_DNS_ANSWER, ProcessInfo, WireEvent
+from rome_guard.findings import Finding, wire_record
+from rome_guard.textsafe import one_line
+
+if TYPE_CHECKING:
+    from rome_guard.handlers.context import Context
+    from rome_guard.state.processes import ProcessModel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +45,6 @@ log = logging.getLogger(__name__)
 NAME_TTL_MIN_S = 60
 NAME_TTL_MAX_S = 900
 NAMES_MAX = 65536
-FIRST_BYTES_IN_RECORD = 256  # characters of the captured payload in an alert
 
 
 class DnsNames:
@@ -111,87 +107,52 @@ def wire_policy(ruleset: RuleSet) -> WirePolicy:
     return WirePolicy(methods, tuple(sorted(hosts)))
 
 
-class CgroupPaths:
-    """cgroup v2 id -> path, cached: the hierarchy is walked (linux.py)
-    once per unknown id, and only for alerts whose process is gone."""
-
-    def __init__(self, root: str | None = None, limit: int = 4096):
-        self._root = root
-        self._cache: dict[int, str] = {}
-        self._limit = limit
-
-    def path_of(self, cgroup_id: int) -> str:
-        if not cgroup_id:
-            return ""
-        if cgroup_id not in self._cache:
-            try:
-                found = linux.cgroup_path_of_id(cgroup_id, self._root)
-            except OSError:  # NoCgroup2 included
-                return ""
-            if len(self._cache) >= self._limit:
-                self._cache.clear()
-            self._cache[cgroup_id] = found
-        return self._cache[cgroup_id]
-
-
-def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:
-    """The "wire" object of an alert: what was seen, escaped and cut."""
-    record: dict[str, Any] = {"kind": event.kind, "cookie": event.cookie}
-    if facts.method:
-        record["method"] = for_json(facts.method, 64)
-    if facts.sni:
-        record["sni"] = for_json(facts.sni, 256)
-    if event.alpn:
-        record["alpn"] = for_json(event.alpn, 64)
-    if facts.dns_queries:
-        record["dns_query"] = [for_json(q, 256) for q in facts.dns_queries[:8]]
-    if facts.remote_name:
-        record["remote_name"] = for_json(facts.remote_name, 256)
-    if facts.http_request:
-        record["http_request"] = for_json(facts.http_request, 256)
-    if facts.dropped:
-        record["dropped"] = facts.dropped
-    record["payload_bytes"] = event.payload_len
-    # the bytes as sent: invalid UTF-8 shows as \xNN (facts.text is latin-1)
-    record["first_bytes"] = for_json(from_bytes(event.payload), FIRST_BYTES_IN_RECORD)
-    record["cgroup_id"] = event.cgroup_id
-    return record
-
-
 class WireHandler:
-    """Turns wire events into findings. Collaborators, all passed in:
+    """The wire events' collaborator, held by the handler Context
+    (``ctx.wire``): what persists between wire events (DNS names, the drop
+    policy, the addresses handed to the kernel) and turns each event into
+    findings. Collaborators, all passed in:
 
-    - resolve(pid) -> ProcessInfo | None: the daemon's process table, read
-      from /proc on a miss;
-    - lineage(info) -> ancestors;
+    - processes: the process model (``connected_by``: the process that
+      opened a flow, or what the kernel said of it and its cgroup;
+      ``lineage``);
     - evaluate(subject, trigger) -> findings: the engine's wire rules;
-    - raise_alert(finding): journal, count, and kill in enforce mode;
+    - raise_alert(finding): the alert sink (journal, count, kill in enforce
+      mode);
     - kernel: the WireSensor (drop tables), or None;
     - clock: monotonic seconds (tests)."""
 
     def __init__(
         self,
-        resolve: Callable[[int], ProcessInfo | None],
-        lineage: Callable[[ProcessInfo], list[ProcessInfo]],
+        processes: ProcessModel,
         evaluate: Callable[..., list[Finding]],
         raise_alert: Callable[[Finding], Any],
         kernel: Any = None,
         enforce: bool = False,
-        cgroups: CgroupPaths | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.resolve = resolve
-        self.lineage = lineage
+        self.processes = processes
         self.evaluate = evaluate
         self.raise_alert = raise_alert
         self.kernel = kernel
         self.enforce = enforce
-        self.cgroups = cgroups or CgroupPaths()
         self.clock = clock
         self.names = DnsNames()
         self.policy = WirePolicy()
         self._dropped_addresses: set[str] = set()
         self._next_expiry = 0.0
+
+    @classmethod
+    def for_context(cls, ctx: Context, kernel: Any) -> WireHandler:
+        """The daemon's: its process model, the rules in force (read at each
+        event, so a reload applies at once) and its alert sink."""
+        return cls(
+            ctx.processes,
+            lambda subject, trigger: ctx.rules.engine.evaluate(subject, trigger=trigger),
+            ctx.alerts.raise_alert,
+            kernel=kernel,
+            enforce=ctx.config.mode == "enforce",
+        )
 
     # --- rules ---------------------------------------------------------------
 
@@ -226,7 +187,7 @@ class WireHandler:
             dropped=event.dropped,
         )
         info = self.process_of(event)
-        subject = Subject(info, lambda: self.lineage(info), [event.endpoint], wire=facts)
+        subject = Subject(info, lambda: self.processes.lineage(info), [event.endpoint], wire=facts)
         findings = self.evaluate(subject, event.endpoint)
         if findings:
             record = wire_record(event, facts)
@@ -242,26 +203,13 @@ class WireHandler:
             )
 
     def process_of(self, event: WireEvent) -> ProcessInfo:
-        """The process that opened the flow; when it is gone (or its pid
-        was reused since), what the event says plus its cgroup."""
-        when = event.connect_ns or event.timestamp_ns
-        info = self.resolve(event.pid) if event.pid else None
-        if info is not None and info.key.start_time > boottime_ns_to_ticks(when) + 1:
-            info = None  # started after the connect: the pid was reused
-        if info is not None:
-            return info
-        cgroup = self.cgroups.path_of(event.cgroup_id)
-        return ProcessInfo(
-            key=ProcessKey(event.pid, 0),
-            ppid=0,
-            uid=event.uid,
-            user="",
-            comm=event.comm,
-            exe="",
-            cmdline=(),
-            cwd="",
-            cgroup=cgroup,
-            attribution=attribute(cgroup),
+        """The process that opened the flow (see ProcessModel.connected_by)."""
+        return self.processes.connected_by(
+            event.pid,
+            event.connect_ns or event.timestamp_ns,
+            event.uid,
+            event.comm,
+            event.cgroup_id,
         )
 
     # --- DNS names -------------------------------------------------------------
@@ -301,8 +249,8 @@ class WireHandler:
                 log.warning("cannot stop dropping flows to %s: %s", address, exc)
 
 
-def on_wire(ctx: Any, event: WireEvent) -> None:
-    """The handler table's entry: the context's WireHandler, when the wire
-    sensor runs (it is the only producer of wire events)."""
+def on_wire(ctx: Context, event: WireEvent) -> None:
+    """A wire event: handed to the wire collaborator the daemon set up
+    with the wire sensor (none: the sensor is not running)."""
     if ctx.wire is not None:
         ctx.wire.handle(event)

@@ -9,9 +9,10 @@ tests/test_layout.py compiles each header with gcc (no root, no BPF) and
 checks every size, offset and constant against its mirror. A new header
 joins by adding a module and one line to HEADERS.
 
-Both headers share two conventions: ``pid`` is the thread-group id (what
-user space calls a pid) and ``tid`` the thread; an address family is
-AF_INET or AF_INET6.
+sensor.h and prevent.h share two conventions: ``pid`` is the thread-group
+id (what user space calls a pid) and ``tid`` the thread; an address family
+is AF_INET or AF_INET6. wire.h's ``pid`` is the thread-group id too, but
+its ``family`` is the packet's IP version (4 or 6).
 
 This package never touches the kernel: it only describes bytes.
 """

@@ -9,8 +9,9 @@ in-kernel kill comes back as a ``PreventionEvent`` from ``poll()``.
 cgroup attachments outlive the process that made them, so each running
 ``Prevention`` pins its programs under ``/sys/fs/bpf/rome-guard/<pid>-<start
 time>/``; ``stale.cleanup_stale()`` (run by ``start()``) detaches what a dead
-owner left behind, and any ``rgp_*`` program on the root that no live owner
-pins. The bpf(2) calls libbcc lacks are in ``bpfsys``.
+owner left behind, and any ``rgp_*`` (or the wire sensor's ``rgw_*``)
+program on the root that no live owner pins. The bpf(2) calls libbcc lacks
+are in ``bpfsys``.
 
 This module must never: load anything in monitor mode; block by default
 (every list starts empty and the programs allow whatever is not listed, so

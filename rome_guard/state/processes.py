@@ -35,7 +35,7 @@ from rome_guard.events import (
     ProcessKey,
     boottime_ns_to_ticks,
 )
-from rome_guard.linux import PROC, cgroup_v2_path
+from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path
 from rome_guard.sensors import procfs, sockdiag
 from rome_guard.state.snapshot import subject_for, take_snapshot
 from rome_guard.state.table import ProcessTable
@@ -60,6 +60,7 @@ class ProcessModel:
         self._socket_cache: tuple[float, dict[int, Endpoint]] = (0.0, {})
         # cgroup v2 id -> path: an exec in the cgroup its fork was in reads no cgroup file
         self._cgroup_paths: dict[int, str] = {}
+        self._cgroup_unknown: set[int] = set()  # ids no cgroup had when looked up
 
     def __len__(self) -> int:
         return len(self.table)
@@ -256,6 +257,55 @@ class ProcessModel:
             cmdline=(),
             cwd="",
             cgroup="",
+        )
+
+    def cgroup_path_of(self, cgroup_id: int) -> str:
+        """The cgroup path of a kernel cgroup id ("" unknown): from the ids
+        execs were seen in, else by walking the hierarchy once per id (a
+        wire event's socket outlives its process, its cgroup may not)."""
+        if not cgroup_id or cgroup_id in self._cgroup_unknown:
+            return ""
+        known = self._cgroup_paths.get(cgroup_id)
+        if known is not None:
+            return known
+        try:
+            path = cgroup_path_of_id(cgroup_id)
+        except OSError:  # no cgroup2 hierarchy (NoCgroup2)
+            return ""
+        if len(self._cgroup_paths) >= TRACKING_LIMIT:
+            self._cgroup_paths.clear()
+        if len(self._cgroup_unknown) >= TRACKING_LIMIT:
+            self._cgroup_unknown.clear()
+        if path:
+            self._cgroup_paths[cgroup_id] = path
+        else:
+            self._cgroup_unknown.add(cgroup_id)
+        return path
+
+    def connected_by(
+        self, pid: int, connect_ns: int, uid: int, comm: str, cgroup_id: int
+    ) -> ProcessInfo:
+        """The process that opened a flow at connect_ns (CLOCK_BOOTTIME);
+        when it is gone (or its pid was reused since), what the kernel said
+        about it plus its cgroup, so the alert still names the unit,
+        container, pod or job."""
+        info = self.resolve(pid) if pid else None
+        if info is not None and info.key.start_time > boottime_ns_to_ticks(connect_ns) + 1:
+            info = None  # started after the connect: the pid was reused
+        if info is not None:
+            return info
+        cgroup = self.cgroup_path_of(cgroup_id)
+        return ProcessInfo(
+            key=ProcessKey(pid, 0),
+            ppid=0,
+            uid=uid,
+            user="",
+            comm=comm,
+            exe="",
+            cmdline=(),
+            cwd="",
+            cgroup=cgroup,
+            attribution=attribute(cgroup),
         )
 
     def get(self, key: ProcessKey) -> ProcessInfo | None:

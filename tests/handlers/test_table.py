@@ -22,3 +22,10 @@ def test_every_sensor_event_kind_has_a_handler():
 def test_every_counted_source_is_an_exported_label():
     sources = {h.source for h in HANDLERS.values() if h.source is not None}
     assert sources <= set(EVENT_SOURCES)
+
+
+def test_wire_events_are_handled_and_counted_as_payload():
+    from rome_guard.events import WireEvent
+    from rome_guard.handlers.wire import on_wire
+
+    assert HANDLERS[WireEvent] == ("payload", on_wire)

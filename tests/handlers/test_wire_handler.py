@@ -27,6 +27,7 @@ from rome_guard.handlers.wire import (
 )
 from rome_guard.layout import wire as layout
 from rome_guard.sensors import wire
+from rome_guard.state.processes import ProcessModel
 from tests.fixtures.processes import process_info
 from tests.fixtures.wire import dns_answer, dns_query
 
@@ -52,8 +53,20 @@ class Kernel:
         self.dropped.discard(address)
 
 
-class Cgroups:
-    def path_of(self, cgroup_id):
+class Processes(ProcessModel):
+    """The real process model over a fixed table: no /proc, no cgroup walk."""
+
+    def __init__(self, table):
+        super().__init__()
+        self._fixed = table or {}
+
+    def resolve(self, pid):
+        return self._fixed.get(pid)
+
+    def lineage(self, info):
+        return []
+
+    def cgroup_path_of(self, cgroup_id):
         return {77: "/system.slice/docker-" + "ab" * 32 + ".scope"}.get(cgroup_id, "")
 
 
@@ -81,13 +94,11 @@ def handler(table=None, kernel=None, enforce=False, now=None):
     alerts = []
     clock = now or [1000.0]
     h = WireHandler(
-        resolve=lambda pid: (table or {}).get(pid),
-        lineage=lambda info: [],
+        processes=Processes(table),
         evaluate=lambda s, trigger: engine.evaluate(s, trigger=trigger),
         raise_alert=alerts.append,
         kernel=kernel,
         enforce=enforce,
-        cgroups=Cgroups(),
         clock=lambda: clock[0],
     )
     h.install(ruleset)

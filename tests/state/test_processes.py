@@ -95,3 +95,34 @@ def test_a_child_that_never_execs_is_built_when_asked_and_joins_lineage():
     finally:
         shell.kill()
         shell.wait()
+
+
+def test_cgroup_path_of_an_id_walks_once_per_id_and_survives_no_hierarchy(monkeypatch):
+    from rome_guard.linux import NoCgroup2
+    from rome_guard.state import processes as module
+
+    walks = []
+
+    def walk(cgroup_id, root=None):
+        walks.append(cgroup_id)
+        if cgroup_id == 3:
+            raise NoCgroup2("no cgroup2 mount")
+        return {7: "/system.slice/x.service"}.get(cgroup_id, "")
+
+    monkeypatch.setattr(module, "cgroup_path_of_id", walk)
+    model = ProcessModel()
+    assert model.cgroup_path_of(7) == model.cgroup_path_of(7) == "/system.slice/x.service"
+    assert model.cgroup_path_of(9) == model.cgroup_path_of(9) == ""  # gone: asked once
+    assert model.cgroup_path_of(0) == ""
+    assert model.cgroup_path_of(3) == ""
+    assert walks == [7, 9, 3]
+
+
+def test_a_flow_is_blamed_on_its_connector_never_on_a_reused_pid():
+    model, me = _model_with_self()
+    connected_at = (me.key.start_time + 5) * NS_PER_TICK  # CLOCK_BOOTTIME ns
+    assert model.connected_by(me.pid, connected_at, 0, "x", 0) is me
+    before_start = (me.key.start_time - 5) * NS_PER_TICK  # the pid was someone else's then
+    stranger = model.connected_by(me.pid, before_start, 1000, "miner", 0)
+    assert stranger is not me
+    assert (stranger.comm, stranger.uid, stranger.key.start_time) == ("miner", 1000, 0)

@@ -1,21 +1,27 @@
 """The bpf(2) calls libbcc does not expose: pin and get pinned objects,
 attach (as a BPF link or a plain attachment), detach and query cgroup
-programs, look programs up by id; and mounting bpffs.
+programs, look programs up by id; and mounting bpffs. ``CgroupAttachments``
+is the one way rome-guard attaches a program to a cgroup (the prevention
+connect hooks, the sensor's UDP-send hooks, the wire sensor's skb programs).
 
 Thin wrappers over the syscall with the uapi attribute layouts; an error
 is an OSError with the kernel's errno. This module never decides what to
-attach or detach: rome_guard.respond.prevent and .stale do.
+attach or detach: rome_guard.respond.prevent, .stale and the sensors do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import logging
 import os
 import platform
 import struct
 
 from rome_guard.linux import mounts_of_type
+
+log = logging.getLogger("rome_guard")
 
 BPFFS = "/sys/fs/bpf"
 # uapi/linux/bpf.h
@@ -128,3 +134,71 @@ def prog_id_and_name(fd: int) -> tuple[int, str]:
     prog_id = struct.unpack_from("=I", info, 4)[0]
     name = info.raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
     return prog_id, name
+
+
+# what link_create() fails with where the kernel has no BPF links for cgroups (< 5.7)
+_NO_CGROUP_LINKS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.E2BIG)
+
+
+class CgroupAttachments:
+    """Programs attached to one cgroup for as long as this object is open.
+
+    Each program is attached through a BPF link, whose only reference is a
+    file descriptor of this process: the kernel detaches it when the process
+    dies, kill -9 included, so a crashed guard leaves nothing attached. On a
+    kernel without cgroup BPF links, and only where the caller allows it,
+    the fallback is BPF_PROG_ATTACH with ALLOW_MULTI (never replacing
+    another program), which outlives a crash until
+    rome_guard.respond.stale.cleanup_stale() at the next start;
+    ``fallback_reason`` then says so. close() detaches everything. Never
+    replaces or detaches a program it did not attach.
+    """
+
+    def __init__(self, cgroup_dir: str):
+        self.cgroup_dir = cgroup_dir
+        self._fd: int | None = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self._links: list[int] = []
+        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type): fallback only
+        self.fallback_reason: str | None = None
+
+    def attach(self, prog_fd: int, attach_type: int, fallback: bool = True) -> None:
+        """Attach prog_fd; OSError when neither a link nor (if allowed) the
+        fallback can be made."""
+        if self._fd is None:
+            raise ValueError(f"attachments to {self.cgroup_dir} are closed")
+        try:
+            self._links.append(link_create(prog_fd, self._fd, attach_type))
+            return
+        except OSError as exc:
+            if not fallback or exc.errno not in _NO_CGROUP_LINKS:
+                raise
+            self.fallback_reason = f"this kernel has no BPF links for cgroups ({exc.strerror})"
+        prog_attach(self._fd, prog_fd, attach_type, BPF_F_ALLOW_MULTI)
+        self._attached.append((prog_fd, attach_type))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._links or self._attached)
+
+    @property
+    def die_with_process(self) -> bool:
+        """True when every attachment is a link (the crash policy holds)."""
+        return not self._attached
+
+    def close(self) -> None:
+        """Detach everything attached here. Idempotent."""
+        for prog_fd, attach_type in self._attached:
+            try:
+                prog_detach(self._fd, prog_fd, attach_type)
+            except OSError as exc:
+                log.warning(
+                    "detaching a rome-guard program from %s failed: %s", self.cgroup_dir, exc
+                )
+        self._attached = []
+        for link_fd in self._links:
+            with contextlib.suppress(OSError):
+                os.close(link_fd)  # the kernel detaches the program with its last link fd
+        self._links = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

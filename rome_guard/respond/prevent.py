@@ -36,7 +36,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import errno
 import ipaddress
 import logging
 import os
@@ -58,15 +57,7 @@ from rome_guard.layout.prevent import (
 )
 from rome_guard.layout.sensor import format_address
 from rome_guard.linux import NoCgroup2, cgroup2_root
-from rome_guard.respond.bpfsys import (
-    BPF_F_ALLOW_MULTI,
-    ensure_bpffs,
-    link_create,
-    obj_pin,
-    prog_attach,
-    prog_detach,
-    prog_id_and_name,
-)
+from rome_guard.respond.bpfsys import CgroupAttachments, ensure_bpffs, obj_pin, prog_id_and_name
 from rome_guard.respond.stale import CONNECT_PROGRAMS, PIN_ROOT, cleanup_stale, owner_name
 from rome_guard.textsafe import from_bytes
 
@@ -214,9 +205,7 @@ class Prevention:
         self._connect_hooks = connect_hooks
         self._pin_root = pin_root
         self._bpf = None
-        self._root_fd: int | None = None
-        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type), PROG_ATTACH only
-        self._links: list[int] = []  # BPF link fds: closing one detaches its program
+        self._hooks: CgroupAttachments | None = None  # the connect hooks on the root
         self._owner_dir: str | None = None
         self._received: list[PreventionEvent] = []
         self._closed = False
@@ -233,13 +222,13 @@ class Prevention:
     def denies_connects(self) -> bool:
         """True when the connect hooks are attached (connects get EPERM);
         otherwise kill destinations are only killed at SYN_SENT."""
-        return bool(self._attached or self._links)
+        return self._hooks is not None and self._hooks.active
 
     @property
     def dies_with_daemon(self) -> bool:
         """True when every connect hook is held by a BPF link only (the
         crash policy); False on the PROG_ATTACH fallback."""
-        return not self._attached
+        return self._hooks is None or self._hooks.die_with_process
 
     def start(self) -> list[str]:
         """Remove stale attachments, compile once, attach. Returns what
@@ -283,7 +272,7 @@ class Prevention:
     def _attach_connect_hooks(self, root: str) -> None:
         from bcc import BPF
 
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self._hooks = CgroupAttachments(root)
         try:
             owner_dir = os.path.join(self._pin_root, owner_name())
             os.makedirs(owner_dir, exist_ok=True)
@@ -296,30 +285,15 @@ class Prevention:
                 # marks the program as owned by a live rome-guard; pinning a
                 # program keeps no attachment alive (the link does)
                 obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
-            self._attach_one(fn.fd, attach_type)
+            self._hooks.attach(fn.fd, attach_type)
+        if self._hooks.fallback_reason:
+            self.degraded.append(
+                f"{self._hooks.fallback_reason}: after a crash the connect hooks stay "
+                "attached until rome-guard starts again"
+            )
         if self._owner_dir:
             for name in _PINNED_MAPS:
                 obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
-
-    def _attach_one(self, prog_fd: int, attach_type: int) -> None:
-        """Through a BPF link (detached by the kernel when the daemon dies),
-        or, on kernels without cgroup links (< 5.7), PROG_ATTACH with
-        ALLOW_MULTI (never replaces another program on the root), which
-        outlives a crash until cleanup_stale() at the next start."""
-        assert self._root_fd is not None
-        try:
-            self._links.append(link_create(prog_fd, self._root_fd, attach_type))
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.E2BIG):
-                raise
-            if not self.degraded or "BPF links" not in self.degraded[-1]:
-                self.degraded.append(
-                    f"this kernel has no BPF links for cgroups ({exc.strerror}): after a crash "
-                    "the connect hooks stay attached until rome-guard starts again"
-                )
-        prog_attach(self._root_fd, prog_fd, attach_type, BPF_F_ALLOW_MULTI)
-        self._attached.append((prog_fd, attach_type))
 
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         self._received.append(decode_event(ctypes.string_at(data, size)))
@@ -458,18 +432,9 @@ class Prevention:
             return
         self._closed = True
         atexit.unregister(self.close)
-        for prog_fd, attach_type in self._attached:
-            try:
-                prog_detach(self._root_fd, prog_fd, attach_type)
-            except OSError as exc:
-                log.warning("detaching rome-guard connect program failed: %s", exc)
-        self._attached = []
-        for link_fd in self._links:
-            os.close(link_fd)  # the kernel detaches the program with its last link fd
-        self._links = []
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-            self._root_fd = None
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
         if self._owner_dir and os.path.isdir(self._owner_dir):
             for entry in os.listdir(self._owner_dir):
                 os.unlink(os.path.join(self._owner_dir, entry))

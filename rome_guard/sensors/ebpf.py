@@ -53,6 +53,7 @@ from rome_guard.layout.sensor import (
     wake_key,
 )
 from rome_guard.linux import can_load_bpf, cgroup2_root
+from rome_guard.respond.bpfsys import CgroupAttachments
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SENSOR_SOURCE = BPF_DIR / "sensor.c"
@@ -339,7 +340,7 @@ class EbpfSensor:
         self._callbacks: list[Any] = []
         self.features: set[str] = set()
         self.attached: list[Attachment] = []
-        self._links: list[int] = []  # BPF link fds: the kernel detaches them when closed
+        self._udp_hooks: CgroupAttachments | None = None  # linked to the cgroup2 root
         self.linked: list[str] = []  # programs linked to the cgroup2 root
         self.degraded: list[str] = []  # what is not seen here, and why
 
@@ -415,34 +416,29 @@ class EbpfSensor:
         from bcc import BPF
 
         try:
-            root = cgroup2_root()
-            libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+            hooks = CgroupAttachments(cgroup2_root())
         except OSError as exc:  # NoCgroup2 included
             self.degraded.append(f"io_uring UDP sends unseen: {exc}")
             return
-        libbpf.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
-        libbpf.bpf_link_create.restype = ct.c_int
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for name, attach_type in UDP_SENDMSG_HOOKS:
-                fn = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
-                link = libbpf.bpf_link_create(fn.fd, root_fd, attach_type, None)
-                if link < 0:
-                    self.degraded.append(
-                        f"io_uring UDP sends unseen: linking {name} to {root}: {os.strerror(-link)}"
-                    )
-                    self._close_links()
-                    return
-                self._links.append(link)
-                self.linked.append(name)
-        finally:
-            os.close(root_fd)
+        self._udp_hooks = hooks
+        for name, attach_type in UDP_SENDMSG_HOOKS:
+            fn = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
+            try:
+                # links only: these hooks are named in no stale-cleanup list
+                hooks.attach(fn.fd, attach_type, fallback=False)
+            except OSError as exc:
+                self.degraded.append(
+                    f"io_uring UDP sends unseen: linking {name} to {hooks.cgroup_dir}: "
+                    f"{exc.strerror}"
+                )
+                self._close_links()
+                return
+            self.linked.append(name)
 
     def _close_links(self) -> None:
-        for link in self._links:
-            with contextlib.suppress(OSError):
-                os.close(link)
-        self._links.clear()
+        if self._udp_hooks is not None:
+            self._udp_hooks.close()
+            self._udp_hooks = None
         self.linked.clear()
 
     def _open_ring(self, table: str, name: str) -> None:

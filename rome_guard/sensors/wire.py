@@ -16,10 +16,14 @@ its first identified packet. Drops happen only while the deadline the
 daemon keeps pushing forward (every poll) lies in the future: a dead or
 hung daemon drops nothing a few seconds later.
 
+The programs are attached through BPF links (bpfsys.CgroupAttachments):
+the kernel detaches them when the daemon dies. They are also pinned under
+the daemon's owner directory, so that on a kernel without cgroup links a
+crashed daemon's programs are found by stale.cleanup_stale().
+
 This module must never: attach without pinning under the daemon's owner
-directory (so a crashed daemon's programs are found by
-stale.cleanup_stale()), leave a program attached after close(), or decode
-payload bytes as anything but bytes (they belong to the sender).
+directory, leave a program attached after close(), or decode payload
+bytes as anything but bytes (they belong to the sender).
 """
 
 from __future__ import annotations
@@ -110,8 +114,7 @@ class WireSensor:
         self._cgroup_root = cgroup_root
         self._pin_root = pin_root
         self._bpf: Any = None
-        self._root_fd: int | None = None
-        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type)
+        self._hooks: bpfsys.CgroupAttachments | None = None  # the programs on the root
         self._pins: list[str] = []
         self._owner_dir: str | None = None
         self._batch: list[WireEvent] = []
@@ -172,7 +175,7 @@ class WireSensor:
     def _attach(self, bpf: Any, root: str) -> None:
         from bcc import BPF
 
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self._hooks = bpfsys.CgroupAttachments(root)
         pin_root = self._pin_root or stale.PIN_ROOT
         try:
             bpfsys.ensure_bpffs()
@@ -194,9 +197,13 @@ class WireSensor:
                 path = os.path.join(self._owner_dir, pin)
                 bpfsys.obj_pin(fn.fd, path)
                 self._pins.append(path)
-            # ALLOW_MULTI: never replace another program on the root
-            bpfsys.prog_attach(self._root_fd, fn.fd, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
-            self._attached.append((fn.fd, attach_type))
+            # a BPF link: detached by the kernel if the daemon dies
+            self._hooks.attach(fn.fd, attach_type)
+        if self._hooks.fallback_reason:
+            self.degraded.append(
+                f"{self._hooks.fallback_reason}: after a crash the wire programs stay "
+                "attached (observing, never dropping) until rome-guard starts again"
+            )
 
     def _open_ring(self) -> None:
         def on_record(_ctx: Any, data: int, size: int) -> int:
@@ -301,12 +308,9 @@ class WireSensor:
 
     def close(self) -> None:
         """Detach, unpin and free everything. Idempotent."""
-        for prog_fd, attach_type in self._attached:
-            try:
-                bpfsys.prog_detach(self._root_fd, prog_fd, attach_type)
-            except OSError as exc:
-                log.warning("detaching rome-guard wire program failed: %s", exc)
-        self._attached = []
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
         for path in self._pins:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -315,9 +319,6 @@ class WireSensor:
             with contextlib.suppress(OSError):  # prevention may still pin there
                 os.rmdir(self._owner_dir)
             self._owner_dir = None
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-            self._root_fd = None
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()

@@ -482,12 +482,12 @@ def _bpftool_prog_ids() -> set[int]:
 
 ATTACHER = """
 import errno, sys, time
-from rome_guard.respond import prevent
+from rome_guard.respond import bpfsys
 from rome_guard.respond.prevent import Prevention
 if "--no-links" in sys.argv:  # a kernel without BPF links for cgroups (< 5.7)
     def _no_links(*_args):
         raise OSError(errno.EINVAL, "Invalid argument")
-    prevent.link_create = _no_links
+    bpfsys.link_create = _no_links
 p = Prevention("enforce")
 p.start()
 p.block_ports([int(sys.argv[1])])

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from rome_guard.linux import is_deleted
+from rome_guard.linux import is_deleted, is_memfd
 
 
 @dataclass(frozen=True, order=True)
@@ -68,7 +68,7 @@ class ProcessInfo:
 
     @property
     def exe_memfd(self) -> bool:
-        return self.exe.startswith("/memfd:")
+        return is_memfd(self.exe)
 
 
 @dataclass(frozen=True)

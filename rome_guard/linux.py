@@ -39,6 +39,11 @@ def is_deleted(exe: str) -> bool:
     return exe.endswith(DELETED_SUFFIX)
 
 
+def is_memfd(exe: str) -> bool:
+    """An image run from memfd_create(2): /proc/PID/exe reads "/memfd:NAME (deleted)"."""
+    return exe.startswith("/memfd:")
+
+
 # --- cgroups ----------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import WireFacts
 from rome_guard.events import Endpoint, ProcessInfo
-from rome_guard.linux import is_deleted, without_deleted
+from rome_guard.linux import is_deleted, is_memfd, without_deleted
 
 
 def _no_stdio(_process: ProcessInfo) -> dict[int, Endpoint]:
@@ -90,7 +90,7 @@ class Subject:
 
     @property
     def exe_memfd(self) -> bool:
-        return self.exe.startswith("/memfd:")
+        return is_memfd(self.exe)
 
     @cached_property
     def lineage(self) -> list[ProcessInfo]:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from rome_guard.events import GpuProcess, ProcessInfo
 from rome_guard.gpu.allocations import (
     TRUST_ALLOCATION,
+    Allocation,
     AllocationVerdict,
     Owner,
     describe_owner,
@@ -128,6 +129,27 @@ def _holders(view: AllocationVerdict) -> str:
     return ", ".join(one_line(describe_owner(h), 96) for h in view.holders[:4]) or "no one"
 
 
+def _inside_allocation(
+    process: GpuProcess,
+    info: ProcessInfo,
+    owner: Owner,
+    alloc: Allocation,
+    who: str,
+    view: AllocationVerdict | None = None,
+) -> GpuConsumerVerdict:
+    """gpu.trust: allocation: inside its pod's or job's allocation is allowed."""
+    return GpuConsumerVerdict(
+        process,
+        info,
+        Coverage(owner.source, owner.name, True, alloc.gpus),
+        None,
+        f"{who} is inside the allocation of {one_line(describe_owner(owner), 96)} "
+        "(gpu.trust: allocation)",
+        allocation=view,
+        source=owner.source,
+    )
+
+
 def _judge_with_scheduler(
     process: GpuProcess,
     info: ProcessInfo,
@@ -165,15 +187,7 @@ def _judge_with_scheduler(
                 source=owner.source,
             )
         if registry.trust == TRUST_ALLOCATION:
-            return GpuConsumerVerdict(
-                process,
-                info,
-                Coverage(owner.source, owner.name, True, alloc.gpus),
-                None,
-                f"{who} on {gpu} is inside the allocation of {mine} (gpu.trust: allocation)",
-                allocation=view,
-                source=owner.source,
-            )
+            return _inside_allocation(process, info, owner, alloc, f"{who} on {gpu}", view)
         return None  # the right allocation: registrations decide (gpu.trust: process)
     if coverage is not None and coverage.granted:
         return None  # a registered or allowed host process on a scheduled GPU
@@ -277,14 +291,7 @@ def judge_open(
                     source=owner.source,
                 )
             if registry.trust == TRUST_ALLOCATION:
-                return GpuConsumerVerdict(
-                    process,
-                    info,
-                    Coverage(owner.source, owner.name, True, alloc.gpus),
-                    None,
-                    f"{who} is inside the allocation of {mine} (gpu.trust: allocation)",
-                    source=owner.source,
-                )
+                return _inside_allocation(process, info, owner, alloc, who)
     coverage = registry.covering(info, lineage, GpuRef(-1, "", None))
     if coverage is not None:
         return GpuConsumerVerdict(

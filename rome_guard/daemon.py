@@ -283,6 +283,8 @@ class Guard:
             totals.update(self.wire_sensor.lost_events())
         if self.ctx.parked_dropped:
             totals["parked"] = self.ctx.parked_dropped
+        if self.ctx.failed_events:
+            totals["failed"] = self.ctx.failed_events
         lost = self.ctx.lost
         new: dict[str, int] = {}
         for buffer, total in totals.items():

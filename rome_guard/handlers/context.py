@@ -94,3 +94,5 @@ class Context:
     wire: WireHandler | None = None  # the wire sensor's handler, while it runs
     lost: dict[str, int] = field(default_factory=dict)  # per buffer, as last reported
     parked_dropped: int = 0  # parked connects dropped unresolved (the "parked" buffer's total)
+    failed_events: int = 0  # events a handler raised on (handlers.table.dispatch)
+    failed_kinds: set[type] = field(default_factory=set)  # logged in full once each

@@ -8,6 +8,7 @@ counts itself or the event is not a sensor event.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple
 
 from rome_guard.events import (
@@ -32,6 +33,9 @@ from rome_guard.handlers.rename import on_rename
 from rome_guard.handlers.wire import on_wire
 from rome_guard.respond.prevent import PreventionEvent
 from rome_guard.sensors.nvml import GpuSnapshot
+from rome_guard.textsafe import one_line
+
+log = logging.getLogger("rome_guard")
 
 
 class Handler(NamedTuple):
@@ -54,10 +58,29 @@ HANDLERS: dict[type, Handler] = {
 
 
 def dispatch(ctx: Context, event: object) -> None:
-    """Hand event to its handler; an event kind without one is ignored."""
-    handler = HANDLERS.get(type(event))
+    """Hand event to its handler; an event kind without one is ignored.
+
+    A handler that raises never ends the guard: the event is counted as
+    lost (buffer "failed", which also triggers the /proc re-read that
+    judges every live process again), the first failure of each kind is logged with
+    its traceback and later ones in one line, and the loop goes on with
+    the next event. Whoever can craft an input that trips a bug must not
+    be able to switch detection off with it."""
+    kind = type(event)
+    handler = HANDLERS.get(kind)
     if handler is None:
         return
     if handler.source is not None:
         ctx.metrics.event(handler.source)
-    handler.handle(ctx, event)
+    try:
+        handler.handle(ctx, event)
+    except Exception as exc:  # noqa: BLE001 -- one event, never the guard
+        ctx.failed_events += 1  # reported with the rings' losses (Guard.check_lost)
+        first = kind not in ctx.failed_kinds
+        ctx.failed_kinds.add(kind)
+        log.error(
+            "handling a %s failed, event dropped: %s",
+            kind.__name__,
+            one_line(f"{type(exc).__name__}: {exc}", 300),
+            exc_info=first,
+        )

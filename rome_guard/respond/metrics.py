@@ -68,6 +68,7 @@ LOST_BUFFERS = (
     "prevention",  # the prevention programs' ring buffer
     "wire",  # the wire sensor's ring buffer (and records it could not decode)
     "parked",  # events for not-yet-known pids dropped after park_unknown_ms
+    "failed",  # events a handler raised on (a bug; logged, the guard goes on)
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)

@@ -117,13 +117,11 @@ static __always_inline void tcp_repeat_check(const struct tcp_sock_view *v,
 	struct sensor_config *config = sensor_config.lookup(&zero);
 	struct tcp_seen fresh = {};
 	struct tcp_seen *seen;
-	struct proc_state *ps;
 	__u64 now = bpf_ktime_get_boot_ns();
 
 	if (!config || !config->tcp_repeat_ns)
 		return;
-	ps = procs.lookup(&tgid);
-	attempt->seen_key.generation_ns = ps ? ps->generation_ns : 0;
+	attempt->seen_key.generation_ns = generation_of(tgid);
 	attempt->seen_key.pid = tgid;
 	attempt->seen_key.family = v->family;
 	attempt->seen_key.protocol = IPPROTO_TCP;
@@ -291,7 +289,6 @@ static __always_inline int emit_datagram(const struct datagram_dest *d, __u8 pro
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct sensor_config *config = sensor_config.lookup(&zero);
 	struct datagram_key key = {};
-	struct proc_state *ps;
 	struct connect_record *r;
 	__u64 now = bpf_ktime_get_boot_ns();
 	__u64 *seen;
@@ -299,8 +296,7 @@ static __always_inline int emit_datagram(const struct datagram_dest *d, __u8 pro
 	if (addr_is_loopback(d->family, d->daddr) && cgroup_ignores_loopback())
 		return 0;
 	if (config && config->datagram_repeat_ns) {
-		ps = procs.lookup(&tgid);
-		key.generation_ns = ps ? ps->generation_ns : 0;
+		key.generation_ns = generation_of(tgid);
 		key.pid = tgid;
 		key.family = d->family;
 		key.protocol = protocol;

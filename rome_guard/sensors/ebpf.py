@@ -42,6 +42,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+from rome_guard.layout.needles import TooComplex, build_dfa
 from rome_guard.layout.sensor import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
@@ -72,6 +73,8 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
 WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
+EXEC_SCAN_PROGRAM = "rgs_exec_scan"  # tail-called by rgs_exec (exec_tail)
+PROCESS_TABLE_MAPS = ("proc_live", "proc_exited", "held_pids", "table_counters")
 
 # cgroup/udp{4,6}_sendmsg hooks (enum bpf_attach_type): unconnected UDP sends
 # that no send syscall carries (io_uring's IORING_OP_SENDMSG)
@@ -328,6 +331,7 @@ class EbpfSensor:
         self._ignore_pids = set(ignore_pids)
         self._loopback_ignore_cgroups: set[int] = set()
         self._wake_names: frozenset[str] | None = None  # None: every record wakes
+        self._needles: Any = None  # NeedleDfa of the exec filter; None: every exec is sent
         self._process_ring_pages = process_ring_pages
         self._network_ring_pages = network_ring_pages
         self._datagram_repeat_ns = datagram_repeat_ns
@@ -389,6 +393,9 @@ class EbpfSensor:
                     ) from exc
                 self.attached.append(attachment)
             self._attach_udp_sendmsg(bpf)
+            # rgs_exec hands the exec filter's needle scan to this one
+            scan = bpf.load_func(EXEC_SCAN_PROGRAM.encode(), BPF.TRACEPOINT)
+            bpf[b"exec_tail"][ct.c_int(0)] = ct.c_int(scan.fd)
             self._bpf = bpf
             self._write_config()
             self._sync_set("ignored_pids", ct.c_uint32, set(), self._ignore_pids)
@@ -397,6 +404,8 @@ class EbpfSensor:
             )
             if self._wake_names is not None:
                 self._sync_wake_names(frozenset(), self._wake_names)
+            if self._needles is not None:
+                self._bpf[b"needle_dfa"][ct.c_int(0)] = self._needles
             # consume() drains rings in this order: process last, so an exec
             # is never returned after a connect it preceded.
             self._open_ring("network_events", "network")
@@ -459,6 +468,7 @@ class EbpfSensor:
             datagram_repeat_ns=self._datagram_repeat_ns,
             tcp_repeat_ns=self._tcp_repeat_ns,
             quiet_lifecycle=int(self._wake_names is not None),
+            exec_filter=int(self._wake_names is not None and self._needles is not None),
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
@@ -546,6 +556,33 @@ class EbpfSensor:
             self._wake_names = new
             self._write_config()
         self._wake_names = new
+
+    def set_exec_needles(self, needles: Iterable[str] | None) -> None:
+        """The exec filter: with wake names set (set_wake_names), an exec
+        whose names are none of them and whose command line holds none of
+        needles (engine.exec_needles) is kept in the kernel's process table
+        and not sent; forks are not sent, and exits only of processes user
+        space holds (it was sent their exec, or hold() them). None: every
+        exec is sent (a rule evaluates every command line), as when the
+        needles do not fit the kernel's automaton (degraded says so)."""
+        dfa = None
+        if needles is not None:
+            try:
+                dfa = build_dfa(needles)
+            except TooComplex as exc:
+                self.degraded.append(f"every exec is sent to user space: {exc}")
+        if self._bpf is not None and dfa is not None:
+            self._bpf[b"needle_dfa"][ct.c_int(0)] = dfa
+        self._needles = dfa
+        if self._bpf is not None:
+            self._write_config()
+
+    def process_table_maps(self) -> dict[str, Any] | None:
+        """The maps of the kernel's process table (PROCESS_TABLE_MAPS), for
+        rome_guard.state.kernel_table to read what it was not sent."""
+        if self._bpf is None:
+            return None
+        return {name: self._bpf[name.encode()] for name in PROCESS_TABLE_MAPS}
 
     def _sync_wake_names(self, old: frozenset[str], new: frozenset[str]) -> None:
         table = self._bpf[b"wake_names"]

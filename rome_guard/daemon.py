@@ -47,6 +47,7 @@ from rome_guard.respond.enforce import apply_policy
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.sensors.poll import PollSensor
+from rome_guard.state.kernel_table import KernelProcessTable
 from rome_guard.state.processes import ProcessModel
 from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
 from rome_guard.textsafe import one_line
@@ -166,6 +167,7 @@ class Guard:
             self.ctx.wire.install(rules.ruleset)
         if self.ctx.sensor is not None:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
+            self.ctx.sensor.set_exec_needles(rules.engine.exec_needles)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
 
     def reload(self) -> bool:
@@ -212,6 +214,10 @@ class Guard:
     def attach(self, sensor: Sensor, mode: str) -> None:
         self.ctx.sensor = sensor
         sensor.set_wake_names(self.ctx.rules.engine.exec_names)
+        sensor.set_exec_needles(self.ctx.rules.engine.exec_needles)
+        maps = getattr(sensor, "process_table_maps", lambda: None)()
+        if maps is not None:  # the eBPF sensor: benign execs stay in its process table
+            self.ctx.processes.kernel = KernelProcessTable(maps)
         self.sensor_mode = mode
         self.ctx.metrics.set_sensor(mode)
 
@@ -323,6 +329,8 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        if self.ctx.processes.kernel is not None:
+            self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
 
     def run(self, notifier: Notifier, status_path: str | None = None) -> None:
         """Drain events until SIGTERM/SIGINT."""

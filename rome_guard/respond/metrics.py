@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -37,6 +37,9 @@ from rome_guard.events import GpuProcess
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
+
+if TYPE_CHECKING:
+    from rome_guard.state.kernel_table import TableStats
 from rome_guard.textsafe import one_line
 
 log = logging.getLogger(__name__)
@@ -249,6 +252,26 @@ class GuardMetrics:
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
+        self.kernel_table_entries = metric(
+            Gauge,
+            "kernel_process_table_entries",
+            "Processes in the eBPF sensor's process table (live, exited) and its bound.",
+            ("table", "of"),
+        )
+        self.kernel_table_evictions = metric(
+            Counter,
+            "kernel_process_table_evictions",
+            "Processes the kernel's table dropped: exited ones beyond its bound, "
+            "new ones not tracked because the live table was full.",
+            ("table",),
+        )
+        self.kernel_records_unsent = metric(
+            Counter,
+            "kernel_records_unsent",
+            "Records the exec filter kept in the kernel: no rule could concern them.",
+            ("kind",),
+        )
+        self._kernel_totals: dict[tuple[str, str], int] = {}
         self.kills = metric(Counter, "kills", "Kill attempts by outcome.", ("result",))
         self.journal_errors = metric(
             Counter,
@@ -382,6 +405,28 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_kernel_table(self, stats: TableStats) -> None:
+        """The eBPF sensor's process table (state.kernel_table.TableStats)."""
+        for table, entries, bound in (
+            ("live", stats.live_entries, stats.live_capacity),
+            ("exited", stats.exited_entries, stats.exited_capacity),
+        ):
+            self.kernel_table_entries.labels(table=table, of="entries").set(entries)
+            self.kernel_table_entries.labels(table=table, of="capacity").set(bound)
+        totals = {
+            ("evicted", "live"): stats.live_full,
+            ("evicted", "exited"): stats.exited_evictions,
+        }
+        totals.update({("unsent", kind): n for kind, n in stats.unsent.items()})
+        with self._lock:
+            deltas = {k: n - self._kernel_totals.get(k, 0) for k, n in totals.items()}
+            self._kernel_totals.update(totals)
+        for (what, label), delta in deltas.items():
+            if delta > 0 and what == "evicted":
+                self.kernel_table_evictions.labels(table=label).inc(delta)
+            elif delta > 0:
+                self.kernel_records_unsent.labels(kind=label).inc(delta)
+
     # responders
 
     def journal_error(self) -> None:
@@ -471,6 +516,7 @@ class MetricsSink(Protocol):
     def lost(self, buffer: str, count: int = 1) -> None: ...
     def set_sensor(self, mode: str) -> None: ...
     def set_processes_tracked(self, count: int) -> None: ...
+    def set_kernel_table(self, stats: TableStats) -> None: ...
     def kill(self, result: str) -> None: ...
     def blocked_connection(self, count: int = 1) -> None: ...
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
@@ -506,6 +552,9 @@ class NullMetrics:
         pass
 
     def set_processes_tracked(self, count: int) -> None:
+        pass
+
+    def set_kernel_table(self, stats: TableStats) -> None:
         pass
 
     def kill(self, result: str) -> None:

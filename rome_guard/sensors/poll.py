@@ -50,6 +50,9 @@ class PollSensor:
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Nothing to wake: polling reads /proc on its own schedule."""
 
+    def set_exec_needles(self, needles: Iterable[str] | None) -> None:
+        """Nothing to filter: polling sees what /proc shows at each tick."""
+
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
         """Nothing to filter: polling never sees a loopback storm's connects
         one by one (see EbpfSensor.set_loopback_ignore_cgroups)."""

@@ -319,6 +319,7 @@ class EbpfSensor:
         self.features: set[str] = set()
         self.attached: list[Attachment] = []
         self.linked: list[str] = []  # programs linked to the cgroup2 root
+        self.tail_called: list[str] = []  # programs loaded for tail calls only
         self.degraded: list[str] = []  # what is not seen here, and why
 
     @property
@@ -361,6 +362,7 @@ class EbpfSensor:
             except LoadError as exc:
                 raise EbpfUnavailable(str(exc)) from exc
             bpf["exec_tail"][ct.c_int(0)] = ct.c_int(scan.fd)
+            self.tail_called.append(EXEC_SCAN_PROGRAM)
             self._bpf = bpf
             self._write_config()
             self._sync_set("ignored_pids", ct.c_uint32, set(), self._ignore_pids)
@@ -381,6 +383,7 @@ class EbpfSensor:
             self._bpf = None
             self.attached.clear()
             self.linked.clear()
+            self.tail_called.clear()
             self._rings = []
             bpf.close()
             raise
@@ -549,6 +552,7 @@ class EbpfSensor:
         bpf, self._bpf = self._bpf, None
         self.attached.clear()
         self.linked.clear()
+        self.tail_called.clear()
         if bpf is not None:
             bpf.close()
 

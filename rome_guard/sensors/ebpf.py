@@ -69,6 +69,9 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
 WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
+# the process table (sensor.c): live processes tracked, exited ones kept for lineage
+DEFAULT_LIVE_TABLE_SIZE = 32768
+DEFAULT_EXITED_TABLE_SIZE = 16384
 EXEC_SCAN_PROGRAM = "rgs_exec_scan"  # tail-called by rgs_exec (exec_tail)
 PROCESS_TABLE_MAPS = ("proc_live", "proc_exited", "held_pids", "table_counters")
 
@@ -303,6 +306,8 @@ class EbpfSensor:
         datagram_repeat_ns: int = DEFAULT_DATAGRAM_REPEAT_NS,
         tcp_repeat_ns: int = DEFAULT_TCP_REPEAT_NS,
         disable_features: Iterable[str] = (),
+        live_table_size: int = DEFAULT_LIVE_TABLE_SIZE,
+        exited_table_size: int = DEFAULT_EXITED_TABLE_SIZE,
     ):
         self._ignore_pids = set(ignore_pids)
         self._loopback_ignore_cgroups: set[int] = set()
@@ -312,6 +317,7 @@ class EbpfSensor:
         self._network_ring_pages = network_ring_pages
         self._datagram_repeat_ns = datagram_repeat_ns
         self._tcp_repeat_ns = tcp_repeat_ns
+        self._table_sizes = (live_table_size, exited_table_size)
         # optional tracepoints not to use (HAVE_* names), as on older kernels
         self._disable_features = set(disable_features)
         self._bpf: BpfObject | None = None
@@ -343,6 +349,8 @@ class EbpfSensor:
         cflags += [
             f"-DPROCESS_RING_PAGES={self._process_ring_pages}",
             f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
+            f"-DPROC_LIVE_MAX={self._table_sizes[0]}",
+            f"-DPROC_EXITED_MAX={self._table_sizes[1]}",
         ]
         try:
             bpf = BpfObject.compile(SENSOR_SOURCE, text=text, cflags=cflags)

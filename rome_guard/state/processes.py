@@ -302,6 +302,10 @@ class ProcessModel:
         info = procfs.read_process(event.pid, self.env_keys)
         if info is not None:
             info = self._same_identity(info)
+            if event.ppid and info.ppid != event.ppid:
+                # the kernel's parent is who created it; /proc names the
+                # reaper once that one has exited
+                info = replace(info, ppid=event.ppid)
             if event.argv and not event.argv_truncated and info.cmdline != event.argv:
                 # the kernel's argv is what was executed; /proc may already
                 # show a rewritten title or a later exec

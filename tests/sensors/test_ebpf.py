@@ -44,6 +44,7 @@ from rome_guard.sensors.ebpf import (
 )
 from rome_guard.textsafe import from_bytes
 from tests.conftest import require
+from tests.fixtures.daemon import owned_bpf_maps, owned_bpf_programs
 
 pytestmark = pytest.mark.ebpf
 
@@ -485,24 +486,6 @@ def _bpftool(kind: str) -> list[dict]:
     return json.loads(out.stdout or b"[]")
 
 
-def _own_ids(kind: str) -> set[int]:
-    """BPF programs ("prog") or maps ("map") this process holds a
-    descriptor of: ours, whatever other guards on the host load meanwhile."""
-    ids = set()
-    for fd in os.listdir("/proc/self/fdinfo"):
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                text = f.read()
-        except OSError:
-            continue
-        if "link_id:" in text:
-            continue  # a link names the program it holds, which has its own fd
-        for line in text.splitlines():
-            if line.startswith(f"{kind}_id:"):
-                ids.add(int(line.split()[1]))
-    return ids
-
-
 def test_fallbacks_work_and_close_leaves_nothing_loaded(fork_exec_literal):
     """Built as on a kernel without the optional tracepoints (5.x): exits
     from the leader, datagrams reported at syscall exit. Then close()."""
@@ -517,12 +500,13 @@ def test_fallbacks_work_and_close_leaves_nothing_loaded(fork_exec_literal):
         ours = {
             p["id"]
             for p in _bpftool("prog")
-            if p.get("name", "").startswith(PROGRAM_PREFIX) and p["id"] in _own_ids("prog")
+            if p.get("name", "").startswith(PROGRAM_PREFIX)
+            and p["id"] in owned_bpf_programs(os.getpid())
         }
         ours -= progs_before
         assert s.linked  # the cgroup udp_sendmsg hooks (io_uring datagrams)
         assert len(ours) == len(s.attached) + len(s.linked) + len(s.tail_called)
-        our_maps = ({m["id"] for m in _bpftool("map")} - maps_before) & _own_ids("map")
+        our_maps = ({m["id"] for m in _bpftool("map")} - maps_before) & owned_bpf_maps(os.getpid())
         assert our_maps
 
         child = subprocess.Popen(["/bin/sh", "-c", "exit 5"])

@@ -35,10 +35,12 @@ import errno
 import importlib.util
 import os
 import re
+import struct
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Iterable, NamedTuple
 
+from rome_guard.kernel import btf
 from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
 from rome_guard.layout.needles import TooComplex, build_dfa
 from rome_guard.layout.sensor import (
@@ -71,6 +73,7 @@ DEFAULT_TCP_REPEAT_NS = 1_000_000_000
 WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
 # the process table (sensor.c): live processes tracked, exited ones kept for lineage
 DEFAULT_LIVE_TABLE_SIZE = 32768
+RAW_TCP_STATE_FEATURE = "HAVE_RAW_TCP_STATE"
 DEFAULT_EXITED_TABLE_SIZE = 16384
 EXEC_SCAN_PROGRAM = "rgs_exec_scan"  # tail-called by rgs_exec (exec_tail)
 PROCESS_TABLE_MAPS = ("proc_live", "proc_exited", "held_pids", "table_counters")
@@ -90,6 +93,8 @@ class Attachment:
     program: str  # function in rome_guard/bpf/*.c
     feature: str | None = None  # -D macro compiling it in; None: required
     ring: str = "network"  # the ring buffer its events go to
+    raw: bool = False  # a raw tracepoint (the event of tracepoint), not a perf-event one
+    replaces: str | None = None  # the program it stands in for when its feature is there
 
 
 def _process(tracepoint: str, program: str, feature: str | None = None) -> Attachment:
@@ -122,6 +127,14 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("syscalls:sys_exit_fcntl", "rgs_fcntl_ret"),
     _process("task:task_rename", "rgs_rename"),
     Attachment("sock:inet_sock_set_state", "rgs_tcp_state"),
+    # where the running kernel's BTF names struct sock's members (RAW_TCP_STATE_MEMBERS)
+    Attachment(
+        "sock:inet_sock_set_state",
+        "rgs_tcp_state_raw",
+        RAW_TCP_STATE_FEATURE,
+        raw=True,
+        replaces="rgs_tcp_state",
+    ),
     Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset"),
     Attachment("syscalls:sys_enter_connect", "rgs_connect"),
     Attachment("syscalls:sys_exit_connect", "rgs_connect_ret"),
@@ -138,6 +151,19 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     Attachment("syscalls:sys_exit_open", "rgs_open_ret", "HAVE_OPEN"),
     Attachment("syscalls:sys_enter_openat2", "rgs_openat2", "HAVE_OPENAT2"),
     Attachment("syscalls:sys_exit_openat2", "rgs_openat2_ret", "HAVE_OPENAT2"),
+)
+
+
+# struct members rgs_tcp_state_raw reads, by the -D macro that carries each offset
+RAW_TCP_STATE_MEMBERS = (
+    ("RG_OFF_SK_PROTOCOL", "sock", "sk_protocol"),
+    ("RG_OFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("RG_OFF_SKC_DPORT", "sock_common", "skc_dport"),
+    ("RG_OFF_SKC_DADDR", "sock_common", "skc_daddr"),
+    ("RG_OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+    ("RG_OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
+    ("RG_OFF_INET_SPORT", "inet_sock", "inet_sport"),
+    ("RG_OFF_INET_SADDR", "inet_sock", "inet_saddr"),
 )
 
 
@@ -190,7 +216,18 @@ def available_features(tracefs: str) -> set[str]:
 
 
 def attachments_for(features: set[str]) -> list[Attachment]:
-    return [a for a in ATTACHMENTS if a.feature is None or a.feature in features]
+    chosen = [a for a in ATTACHMENTS if a.feature is None or a.feature in features]
+    replaced = {a.replaces for a in chosen if a.replaces}
+    return [a for a in chosen if a.program not in replaced]
+
+
+def struct_offsets() -> dict[str, int] | None:
+    """The RG_OFF_* offsets of RAW_TCP_STATE_MEMBERS in the running
+    kernel (its BTF); None where it has no BTF or lacks one of them."""
+    try:
+        return btf.offsets(btf.Btf.of_running_kernel(), RAW_TCP_STATE_MEMBERS)
+    except (OSError, btf.BtfError, struct.error):
+        return None
 
 
 def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
@@ -345,7 +382,15 @@ class EbpfSensor:
         if missing:
             raise EbpfUnavailable(f"tracepoints missing in {tracefs}/events: {', '.join(missing)}")
         self.features = available_features(tracefs) - self._disable_features
+        offsets = struct_offsets() if RAW_TCP_STATE_FEATURE in self.features else None
+        if offsets is None and RAW_TCP_STATE_FEATURE in self.features:
+            self.features.discard(RAW_TCP_STATE_FEATURE)
+            self.degraded.append(
+                "TCP outcomes from the sock:inet_sock_set_state tracepoint: no kernel BTF for "
+                "struct sock, so another tracing program on the CPU can make one be missed"
+            )
         text, cflags = compile_unit(self.features)
+        cflags += [f"-D{name}={value}" for name, value in sorted((offsets or {}).items())]
         cflags += [
             f"-DPROCESS_RING_PAGES={self._process_ring_pages}",
             f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
@@ -359,7 +404,10 @@ class EbpfSensor:
         try:
             for attachment in attachments_for(self.features):
                 try:
-                    bpf.attach_tracepoint(attachment.tracepoint, attachment.program)
+                    if attachment.raw:
+                        bpf.attach_raw_tracepoint(attachment.tracepoint, attachment.program)
+                    else:
+                        bpf.attach_tracepoint(attachment.tracepoint, attachment.program)
                 except LoadError as exc:
                     raise EbpfUnavailable(str(exc)) from exc
                 self.attached.append(attachment)

@@ -50,6 +50,7 @@ from rome_guard.events import (
     ProcessKey,
     boottime_ns_to_ticks,
 )
+from rome_guard.layout.sensor import PROC_EXEC_SEEN
 from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path, without_deleted
 from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
@@ -264,6 +265,22 @@ class ProcessModel:
                 self.kernel.hold(pid)
         return info
 
+    def _as_execed(self, info: ProcessInfo) -> ProcessInfo:
+        """info (read from /proc now) with the name and argv the kernel saw
+        at its exec, for a process whose exec was not sent: a title it
+        rewrote since (no rename) is then judged at its first connect
+        outside loopback (first_external_connect), as when the model holds
+        the exec. Unchanged when the kernel has not seen it exec, or its
+        argv was longer than the table keeps and /proc starts the same."""
+        entry = self.kernel.lookup(info.pid) if self.kernel is not None else None
+        if entry is None or entry.exit_ns or not entry.flags & PROC_EXEC_SEEN:
+            return info
+        if entry.start_ns and abs(boottime_ns_to_ticks(entry.start_ns) - info.key.start_time) > 1:
+            return info  # another process under that pid
+        if entry.args_cut and info.cmdline[: len(entry.args)] == entry.args:
+            return info
+        return replace(info, comm=entry.comm, cmdline=entry.args)
+
     def _info_of_entry(self, entry: TableProcess) -> ProcessInfo:
         cgroup = self.cgroup_path_of(entry.cgroup_id)
         return ProcessInfo(
@@ -363,6 +380,7 @@ class ProcessModel:
             return info
         info = procfs.read_process(pid, self.env_keys)
         if info is not None:
+            info = self._as_execed(info)
             self._hold(info)
             return info
         return self._from_kernel(pid)

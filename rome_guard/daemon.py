@@ -268,6 +268,7 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "ssh_config": self.ctx.ssh.status(),
             "journal": asdict(self.journal.state()),
             "time": time.time(),
         }
@@ -323,6 +324,7 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.ctx.metrics.set_ssh_config_unknown(self.ctx.ssh.unknown)
 
     def run(self, notifier: Notifier, status_path: str | None = None) -> None:
         """Drain events until SIGTERM/SIGINT."""

@@ -33,7 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
-from rome_guard.events import GpuProcess
+from rome_guard.events import SSH_UNKNOWN_REASONS, GpuProcess
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
@@ -292,6 +292,16 @@ class GuardMetrics:
             "1 while a scheduler's GPU allocations (kubelet, slurm) can be read.",
             ("source",),
         )
+        self.ssh_config_unknown = metric(
+            Counter,
+            "ssh_config_unknown",
+            "ssh clients whose effective configuration could not be established "
+            "(ssh -G failed or was skipped, -F from a descriptor, a changed or deleted file).",
+            ("reason",),
+        )
+        self._ssh_unknown_totals: dict[str, int] = {}
+        for reason in SSH_UNKNOWN_REASONS:
+            self.ssh_config_unknown.labels(reason=reason)
         self.build_info = metric(Gauge, "build_info", "rome-guard version.", ("version",))
         self.build_info.labels(version=safe_label(__version__)).set(1)
         if process_collector:
@@ -382,6 +392,15 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_ssh_config_unknown(self, totals: dict[str, int]) -> None:
+        """The ssh config reader's running totals by reason."""
+        for reason, total in totals.items():
+            _member(reason, SSH_UNKNOWN_REASONS, "ssh config reason")
+            delta = total - self._ssh_unknown_totals.get(reason, 0)
+            if delta > 0:
+                self.ssh_config_unknown.labels(reason=reason).inc(delta)
+                self._ssh_unknown_totals[reason] = total
+
     # responders
 
     def journal_error(self) -> None:
@@ -471,6 +490,7 @@ class MetricsSink(Protocol):
     def lost(self, buffer: str, count: int = 1) -> None: ...
     def set_sensor(self, mode: str) -> None: ...
     def set_processes_tracked(self, count: int) -> None: ...
+    def set_ssh_config_unknown(self, totals: dict[str, int]) -> None: ...
     def kill(self, result: str) -> None: ...
     def blocked_connection(self, count: int = 1) -> None: ...
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
@@ -506,6 +526,9 @@ class NullMetrics:
         pass
 
     def set_processes_tracked(self, count: int) -> None:
+        pass
+
+    def set_ssh_config_unknown(self, totals: dict[str, int]) -> None:
         pass
 
     def kill(self, result: str) -> None:

@@ -326,3 +326,28 @@ def test_every_unknown_config_is_counted_in_metrics_and_status(guard: Daemon) ->
 
 def _bash_quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+def test_a_notebook_port_forward_is_low_and_counted_as_low(guard: Daemon, tmp_path: Path) -> None:
+    """`ssh -N -L 18888:127.0.0.1:8888 host`: the notebook forward of
+    everyday life is the low rule alone (dashboards/alerts.yml makes low a
+    ticket, never a page: tests/ops/test_dashboards.py), and its metric
+    series says low."""
+    local = free_port()
+    with sshd("127.0.0.1") as server:
+        cfg = tmp_path / "cfg"
+        cfg.write_text(SSH_HOST.format(alias="gpu-box", port=server.port, key=server.client_key))
+        argv = ["ssh", "-F", str(cfg), "-N", "-L", f"{local}:127.0.0.1:{server.port}", "gpu-box"]
+        with _running(_start(argv)) as (forward,):
+            _until_listening(local, forward)
+            alert = guard.wait_alert(by_pid(forward.pid, "tunnel-ssh-local-forward-persistent"))
+            assert alert["severity"] == "low"
+            assert rule_ids(alert) == {"tunnel-ssh-local-forward-persistent"}
+            assert (
+                guard.metric(
+                    "rome_guard_alerts_total",
+                    rule="tunnel-ssh-local-forward-persistent",
+                    severity="low",
+                )
+                >= 1
+            )

@@ -122,6 +122,26 @@ def _start(argv: list[str], **kw) -> subprocess.Popen:
 # --- the harness follows the unit -------------------------------------------------
 
 
+def test_the_harness_reads_a_unit_as_systemd_does(tmp_path: Path) -> None:
+    """Pure: repeated list settings add up, an empty one resets, the last
+    scalar wins; and the shipped unit grants what the ssh reader needs."""
+    unit = tmp_path / "x.service"
+    unit.write_text(
+        "[Unit]\nProtectHome=tmpfs\n[Service]\n"
+        "CapabilityBoundingSet=CAP_SYS_ADMIN\nCapabilityBoundingSet=\n"
+        "CapabilityBoundingSet=CAP_BPF CAP_KILL\nCapabilityBoundingSet=CAP_SETUID\n"
+        "ProtectHome=yes\nProtectHome=read-only\nReadWritePaths=/a -/b\nReadWritePaths=/c\n"
+        "NoNewPrivileges=yes\n"
+    )
+    parsed = UnitSandbox.from_unit(str(unit))
+    assert parsed.bounding == ("bpf", "kill", "setuid")
+    assert parsed.protect_home == "read-only" and parsed.protect_system == "no"
+    assert parsed.read_write_paths == ("/a", "-/b", "/c")
+    assert parsed.no_new_privileges and not parsed.private_tmp
+    shipped = UnitSandbox.from_unit()
+    assert {"setuid", "setgid"} <= set(shipped.bounding) and shipped.protect_home == "read-only"
+
+
 def test_the_harness_applies_what_the_unit_says(unit: UnitSandbox, tmp_path: Path) -> None:
     """Capabilities, no_new_privs and the file system as the unit file says:
     change the unit and this (and every test below) follows."""

@@ -191,6 +191,29 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
+# unknown reasons that depend on one client's start or the file's state now
+_ABOUT_THIS_PROCESS = frozenset(
+    (SSH_UNKNOWN_CHANGED, SSH_UNKNOWN_DELETED, SSH_UNKNOWN_NOT_A_FILE, SSH_UNKNOWN_UNREADABLE)
+)
+
+
+def _config_identity(info: ProcessInfo) -> tuple | None:
+    """(dev, inode, size, mtime, ctime) of the config file the client reads:
+    its -F file, else its user's ~/.ssh/config; None when there is none."""
+    named = ssh_config_file(info.cmdline)
+    if named is not None:
+        if named.lower() == "none" or ssh_descriptor_config(info.cmdline) is not None:
+            return None
+        path = _client_path(info, named)
+    else:
+        try:
+            path = os.path.join(pwd.getpwuid(info.uid).pw_dir, ".ssh", "config")
+        except (KeyError, OverflowError):
+            return None
+    st = _stat_or_none(path)
+    return _identity(st) if st is not None else None
+
+
 class EffectiveSshConfig:
     """``forwards(info)`` for ssh client processes, cached."""
 
@@ -216,7 +239,9 @@ class EffectiveSshConfig:
         argv = info.cmdline
         if len(argv) < 2 or "G" in getopt(argv, SSH_OPTSTRING, 1).flags:
             return None
-        key = (info.uid, info.cwd, argv)
+        # the config file's identity is part of the key: the same argv with a
+        # rewritten file is asked again, not answered from the cache
+        key = (info.uid, info.cwd, argv, _config_identity(info))
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < CACHE_TTL_S:
@@ -224,6 +249,8 @@ class EffectiveSshConfig:
         result = self._establish(info)
         if isinstance(result, SshConfigUnknown):
             self.unknown[result.reason] += 1
+            if result.reason in _ABOUT_THIS_PROCESS:
+                return result  # judged against this client's start: not for another
         self._cache[key] = (now, result)
         self._cache.move_to_end(key)
         while len(self._cache) > CACHE_SIZE:

@@ -53,6 +53,10 @@ def test_asks_the_real_ssh_with_the_process_arguments(tmp_path) -> None:
     )
     assert config.forwards(info).kinds() == {"dynamic": "1080"}  # -F relative to its cwd
     assert config.forwards(info) is not None and config.runs == 1  # cached
+    # the same argv with the file rewritten: asked again (a benign first run
+    # must not vouch for a second one with a forward)
+    cfg.write_text("Host h1\n  HostName 127.0.0.1\n  RemoteForward 9000 localhost:22\n")
+    assert config.forwards(info).kinds() == {"remote": "9000 [localhost]:22"} and config.runs == 2
     # never for an argv with -G (the guard's own ssh -G is an ssh exec too)
     assert config.forwards(process_info(cmdline=("ssh", "-G", "h1"), uid=os.geteuid())) is None
     gone = process_info(uid=os.geteuid(), cmdline=("ssh", "-F", "/nonexistent", "h1"))

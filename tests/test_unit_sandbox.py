@@ -221,6 +221,45 @@ def test_a_remote_forward_in_the_users_home_config_is_alerted_under_the_unit(
             assert guard.alerts_for(by_pid(quiet.pid)) == []
 
 
+def test_in_enforce_mode_the_hidden_forward_is_killed_under_the_unit(
+    unit: UnitSandbox, home_user
+) -> None:
+    """The same hidden RemoteForward, the guard enforcing under the unit:
+    the alert is journaled, then the user's ssh is killed (CAP_KILL on
+    another user's process) and its forward closes."""
+    forward = free_port()
+    home = home_user.pw_dir
+    with (
+        sshd("127.0.0.1") as server,
+        daemon(mode="enforce", wrapper=lambda workdir: unit.wrapper((workdir,))) as enforcing,
+    ):
+        key = os.path.join(home, ".ssh", "id_test")
+        with open(server.client_key) as f:
+            _write_as(home_user, key, f.read())
+        _write_as(
+            home_user,
+            os.path.join(home, ".ssh", "config"),
+            SSH_HOST.format(alias="devbox", port=server.port, key=key)
+            + f"  RemoteForward 127.0.0.1:{forward} localhost:22\n",
+        )
+        tunnel = _start(
+            ["ssh", "-N", "devbox"],
+            user=home_user.pw_uid,
+            group=home_user.pw_gid,
+            extra_groups=[],
+            cwd=home,
+            env={"HOME": home, "PATH": "/usr/bin:/bin", "USER": home_user.pw_name},
+        )
+        with _running(tunnel):
+            assert tunnel.wait(30) == -signal.SIGKILL
+            records = enforcing.alerts_for(by_pid(tunnel.pid))
+            alert = next(r for r in records if "tunnel-ssh-remote-forward" in rule_ids(r))
+            response = next(r for r in records if r.get("event") == "response")
+            assert alert["action"] == "kill" and response["action"] == "killed"
+            assert records.index(alert) < records.index(response)
+            assert not _listening(forward)
+
+
 def test_a_config_file_in_tmp_is_read_through_the_clients_root(
     guard: Daemon, tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ packages=(
   slurmctld slurmd slurm-client munge
   openssl iperf3
   nmap iputils-ping
+  rsyslog logrotate
 )
 
 install_packages() {

@@ -18,7 +18,7 @@ from rome_guard.events import (
     SSH_UNKNOWN_SKIPPED,
     SSH_UNKNOWN_TIMEOUT,
 )
-from rome_guard.sensors.procfs import start_time
+from rome_guard.procfs import start_time
 from rome_guard.sensors.sshconfig import (
     EffectiveSshConfig,
     SshConfigUnknown,

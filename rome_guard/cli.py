@@ -202,9 +202,10 @@ def rules_validate(paths: tuple[str, ...]) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
-    """Run the examples of the rules in these files (examples: match /
-    no_match). Exit 0 all pass, 1 any fails, 2 the files do not load."""
-    from rome_guard.detect.examples import run_examples
+    """Run the examples of the rules these files define or tune (examples:
+    match / no_match), and say what their tuning changed. Exit 0 all pass,
+    1 any fails, 2 the files do not load."""
+    from rome_guard.detect.examples import concerned, disabled_by, run_examples
     from rome_guard.textsafe import command_line
 
     try:
@@ -214,19 +215,46 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
         sys.exit(EXIT_ERROR)
     results = run_examples(ruleset, set(paths))
     failed = [r for r in results if not r.passed]
+    tuned = [r for r in concerned(ruleset, set(paths)) if r.tuned_at]
+    disabled = disabled_by(ruleset, set(paths))
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {"rule": r.rule, "kind": r.kind, "argv": list(r.argv), "passed": r.passed}
-                    for r in results
-                ]
-            )
-        )
+        document = {
+            "examples": [
+                {
+                    "rule": r.rule,
+                    "kind": r.kind,
+                    "argv": list(r.argv),
+                    "passed": r.passed,
+                    "response": r.response if r.kind == "match" else None,
+                }
+                for r in results
+            ],
+            "tuned": [
+                {
+                    "rule": r.id,
+                    "severity": r.severity,
+                    "action": r.action,
+                    "mode": r.mode,
+                    "enforce_response": "kill" if r.enforces else "alert",
+                    "at": [str(at) for at in r.tuned_at],
+                }
+                for r in tuned
+            ],
+            "disabled": [{"rule": r.id, "by": str(r.disabled_at)} for r in disabled],
+        }
+        click.echo(json.dumps(document))
     else:
         for r in failed:
             said = f"matched ({r.reason})" if r.reason else "did not match"
             click.echo(f"FAIL {r.rule} {r.kind}: {command_line(r.argv, 160)} {said}")
+        for r in tuned:
+            response = "kills" if r.enforces else "alerts only"
+            click.echo(
+                f"tuned {r.id} at {', '.join(str(at) for at in r.tuned_at)}: severity "
+                f"{r.severity}, action {r.action}, mode {r.mode} (in enforce mode it {response})"
+            )
+        for r in disabled:
+            click.echo(f"disabled {r.id} by {r.disabled_at}")
         rules_with = len({r.rule for r in results})
         click.echo(
             f"{len(results) - len(failed)}/{len(results)} examples pass ({rules_with} rules)"

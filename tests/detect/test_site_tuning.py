@@ -92,7 +92,7 @@ def test_exceptions_are_appended_to_a_shipped_rule_without_copying_it(tmp_path: 
 
 def test_tuning_an_unknown_rule_is_an_error(tmp_path: Path) -> None:
     site = write(tmp_path, "tune:\n  - rule: miner-onyl-flags\n    exceptions: [{name: [x]}]\n")
-    assert f"{site}:2: tune: no rule 'miner-onyl-flags' to tune" in problems([site])
+    assert f"{site}:2:5: tune: no rule 'miner-onyl-flags' to tune (did you mean 'miner-only-flags'?)" in problems([site])
 
 
 def test_rules_test_runs_a_files_own_examples(tmp_path: Path) -> None:

@@ -182,19 +182,25 @@ def rules() -> None:
     """Check and list detection rules."""
 
 
+def report_problems(problems: list) -> None:
+    """Every problem as ``file:line:column: what is wrong``, a count, exit 2."""
+    for location, message in problems:
+        click.echo(f"{location}: {message}", err=True)
+    click.echo(f"{len(problems)} error{'s' if len(problems) != 1 else ''}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
 @rules.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def rules_validate(paths: tuple[str, ...]) -> None:
-    """Validate rule files (with the shipped lists available). Exit 2 on any error."""
-    try:
-        ruleset = load_rules(list(paths))
-    except SourceError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(EXIT_ERROR)
-    for path in paths:
-        if not os.path.exists(path):
-            click.echo(f"{path}:1: no such file or directory", err=True)
-            sys.exit(EXIT_ERROR)
+    """Validate rule files (with the shipped rules and lists available):
+    every error in one pass. Exit 2 on any error."""
+    from rome_guard.check import check_rules
+
+    ruleset, problems = check_rules(paths)
+    if problems or ruleset is None:
+        report_problems(problems)
+        return
     click.echo(f"ok: {len(ruleset)} rules from {len(ruleset.sources)} files")
 
 
@@ -280,6 +286,30 @@ def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) ->
         click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
     else:
         click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check the configuration."""
+
+
+@config_group.command("check")
+@click.argument("path", default=DEFAULT_CONFIG_FILE, type=click.Path(dir_okay=False))
+@rules_option
+def config_check(path: str, extra_rules: tuple[str, ...]) -> None:
+    """Check a config file and everything it names (rule files and
+    directories, gpu.allow, the metrics web config): every error in one
+    pass as file:line:column. Exit 0 clean, 2 on any error."""
+    from rome_guard.check import check_config
+
+    config, ruleset, problems = check_config(path, extra_rules)
+    if problems or config is None or ruleset is None:
+        report_problems(problems)
+        return
+    click.echo(
+        f"ok: {path}: mode {config.mode}, {len(ruleset)} rules from "
+        f"{len(ruleset.sources)} files ({len(ruleset.left_out)} disabled)"
+    )
 
 
 from rome_guard.gpu.cli import gpu  # noqa: E402

@@ -268,6 +268,14 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
     sys.exit(EXIT_FINDINGS if failed else EXIT_CLEAN)
 
 
+@rules.command("schema")
+def rules_schema() -> None:
+    """Print the JSON Schema of rule files (for editors: docs/rules.md)."""
+    from rome_guard.schemas import schema_text
+
+    click.echo(schema_text("rules"), nl=False)
+
+
 @rules.command("list")
 @config_option
 @rules_option
@@ -310,6 +318,14 @@ def config_check(path: str, extra_rules: tuple[str, ...]) -> None:
         f"ok: {path}: mode {config.mode}, {len(ruleset)} rules from "
         f"{len(ruleset.sources)} files ({len(ruleset.left_out)} disabled)"
     )
+
+
+@config_group.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of the config file (for editors)."""
+    from rome_guard.schemas import schema_text
+
+    click.echo(schema_text("config"), nl=False)
 
 
 from rome_guard.gpu.cli import gpu  # noqa: E402

@@ -14,7 +14,7 @@ import difflib
 import fnmatch
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, Callable, Iterable
 
@@ -106,6 +106,32 @@ class PreventSpec:
     wire_hosts: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Example:
+    """One process a rule must match or must not (``rome-guard rules
+    test``): its argv, and where the rule looks further, what else it
+    holds. Written as an argv list, or as a mapping with these keys."""
+
+    argv: tuple[str, ...]
+    exe: str = ""  # the executable's path ("/dev/shm/x", "/memfd:x (deleted)")
+    connect: tuple[str, ...] = ()  # "ADDR:PORT" of TCP connections it holds
+    stdio: str = ""  # "ADDR:PORT": fds 0, 1 and 2 are a TCP socket to that peer
+    parents: tuple[Example, ...] = ()  # its ancestors, nearest first
+    files: tuple[tuple[str, str], ...] = ()  # (path, text) of files it may read
+    # the first bytes of a new flow (to the first ``connect``), for wire rules
+    payload: str = ""
+    sni: str = ""
+    dns_query: tuple[str, ...] = ()
+    remote_name: str = ""
+
+    @property
+    def on_the_wire(self) -> bool:
+        return bool(self.payload or self.sni or self.dns_query or self.remote_name)
+
+
+EXAMPLE_KEYS = tuple(f.name for f in fields(Example))
+
+
 @dataclass
 class Rule:
     id: str
@@ -127,7 +153,7 @@ class Rule:
     needs_wire: bool = False  # looks at what a flow said: live daemon only
     location: Location | None = None
     # argv lists the rule must match / must not match (`rome-guard rules test`)
-    examples: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    examples: dict[str, tuple[Example, ...]] = field(default_factory=dict)
     # where other files changed it: tune entries, and the disable entry (or
     # tune) that left it out
     tuned_at: tuple[Location, ...] = ()
@@ -256,20 +282,81 @@ def _uses(node: Any, keys: frozenset[str], macros: dict | None = None, depth: in
     return False
 
 
-def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[tuple[str, ...], ...]]:
-    """``examples: {match: [argv, ...], no_match: [argv, ...]}``."""
+_ARGV = "an argv: a non-empty list of strings"
+
+
+def _argv(raw: Any, loc: Location, what: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+        raise RuleSyntaxError(where(raw, loc), f"{what}: expected {_ARGV}")
+    return tuple(raw)
+
+
+def _texts(raw: Any, loc: Location, what: str) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or not all(isinstance(i, str) and i for i in items):
+        raise RuleSyntaxError(loc, f"{what}: expected a string or a list of strings")
+    return tuple(items)
+
+
+def _example(raw: Any, loc: Location, what: str) -> Example:
+    """An argv list, or {argv: [...], exe, connect, stdio, parents, files,
+    payload, sni, dns_query, remote_name}."""
+    if not isinstance(raw, LineDict):
+        return Example(_argv(raw, loc, what))
+    for key in raw:
+        if key not in EXAMPLE_KEYS:
+            raise RuleSyntaxError(
+                raw.where(key), f"{what}: unknown key {key!r} (known: {', '.join(EXAMPLE_KEYS)})"
+            )
+    if "argv" not in raw:
+        raise RuleSyntaxError(raw.location, f"{what}: needs argv ({_ARGV})")
+    kw: dict[str, Any] = {"argv": _argv(raw["argv"], raw.where("argv"), f"{what}.argv")}
+    for key in ("exe", "stdio", "payload", "sni", "remote_name"):
+        if key in raw:
+            if not isinstance(raw[key], str) or not raw[key]:
+                raise RuleSyntaxError(raw.where(key), f"{what}.{key}: expected a non-empty string")
+            kw[key] = raw[key]
+    for key in ("connect", "dns_query"):
+        if key in raw:
+            kw[key] = _texts(raw[key], raw.where(key), f"{what}.{key}")
+    for key in ("stdio", "connect"):
+        peers = kw.get(key, ())
+        for peer in (peers,) if isinstance(peers, str) else peers:
+            if not _PEER.match(peer):
+                raise RuleSyntaxError(raw.where(key), f"{what}.{key}: {peer!r} is not ADDR:PORT")
+    if "parents" in raw:
+        parents = raw["parents"]
+        if not isinstance(parents, LineList) or not parents:
+            raise RuleSyntaxError(
+                raw.where("parents"), f"{what}.parents: expected a list of examples"
+            )
+        kw["parents"] = tuple(
+            _example(p, parents.where(i), f"{what}.parents[{i}]") for i, p in enumerate(parents)
+        )
+    if "files" in raw:
+        files = raw["files"]
+        if not isinstance(files, LineDict) or not all(isinstance(v, str) for v in files.values()):
+            raise RuleSyntaxError(raw.where("files"), f"{what}.files: expected path: text")
+        kw["files"] = tuple(files.items())
+    return Example(**kw)
+
+
+_PEER = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d{1,5}$")
+
+
+def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[Example, ...]]:
+    """``examples: {match: [example, ...], no_match: [example, ...]}``."""
     if not isinstance(raw, LineDict) or not raw or set(raw) - {"match", "no_match"}:
         raise RuleSyntaxError(loc, "examples: expected {match: [argv, ...], no_match: [argv, ...]}")
     examples = {}
     for kind, items in raw.items():
-        if not isinstance(items, list) or not all(
-            isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
-            for argv in items
-        ):
+        if not isinstance(items, LineList):
             raise RuleSyntaxError(
-                raw.where(kind), f"examples.{kind}: expected a list of argv lists of strings"
+                raw.where(kind), f"examples.{kind}: expected a list of argv lists or examples"
             )
-        examples[kind] = tuple(tuple(argv) for argv in items)
+        examples[kind] = tuple(
+            _example(item, items.where(i), f"examples.{kind}[{i}]") for i, item in enumerate(items)
+        )
     return examples
 
 

@@ -611,34 +611,31 @@ def _collect_macros(doc: LineDict, macros: dict, problems: list) -> None:
             macros[name] = (node, loc)
 
 
-def _append_section(doc: LineDict, problems: list) -> tuple[LineDict, LineDict]:
-    """``append: {lists: {...}, macros: {...}}``, shape-checked: the
-    parts that are mappings (empty ones where absent or wrong)."""
-    empty = (LineDict(), LineDict())
-    for part in empty:
-        part.location, part.key_locations = doc.where("append"), {}
+_APPEND_PARTS = ("lists", "macros")
+
+
+def _append_section(doc: LineDict, problems: list) -> dict[str, dict]:
+    """``append: {lists: {...}, macros: {...}}``, shape-checked: each part
+    that is a mapping, an empty one where absent or wrong."""
+    parts: dict[str, dict] = {part: {} for part in _APPEND_PARTS}
     raw = doc.get("append")
     if raw is None:
-        return empty
+        return parts
     if not isinstance(raw, LineDict):
         _problem(problems, doc.where("append"), "append: expected {lists: {...}, macros: {...}}")
-        return empty
-    parts = []
-    for index, key in enumerate(("lists", "macros")):
-        value = raw.get(key, empty[index])
-        if not isinstance(value, LineDict):
+        return parts
+    for key, value in raw.items():
+        if key not in parts:
+            known = ", ".join(_APPEND_PARTS)
+            _problem(problems, raw.where(key), f"append: unknown key {key!r} (known: {known})")
+        elif not isinstance(value, LineDict):
             _problem(problems, raw.where(key), f"append.{key}: expected a mapping of name -> ...")
-            value = empty[index]
-        parts.append(value)
-    for key in raw:
-        if key not in ("lists", "macros"):
-            _problem(
-                problems, raw.where(key), f"append: unknown key {key!r} (known: lists, macros)"
-            )
-    return parts[0], parts[1]
+        else:
+            parts[key] = value
+    return parts
 
 
-def _append_lists(raw: LineDict, lists: dict, problems: list) -> None:
+def _append_lists(raw: dict, lists: dict, problems: list) -> None:
     """``append: {lists: {name: [items]}}``: items added to a list another
     file defined (Falco's ``override: {items: append}``); a shipped update of
     the list still reaches the site."""
@@ -654,7 +651,7 @@ def _append_lists(raw: LineDict, lists: dict, problems: list) -> None:
             lists[name] = [*lists[name], *(i for i in items if i not in lists[name])]
 
 
-def _append_macros(raw: LineDict, macros: dict, problems: list) -> None:
+def _append_macros(raw: dict, macros: dict, problems: list) -> None:
     """``append: {macros: {name: condition}}``: the macro then holds when
     its definition or the appended condition does (Falco appends ``or ...``
     to a macro's condition)."""
@@ -673,8 +670,14 @@ def _append_macros(raw: LineDict, macros: dict, problems: list) -> None:
         macros[name] = (either, defined_at)
 
 
-_TUNE_KEYS = ("rule", "severity", "action", "kill_scope", "mode", "enabled", "exceptions",
-              "replace_exceptions", "examples")  # fmt: skip
+_TUNE_KEYS = (
+    "rule",
+    *_CHOICES,  # severity, action, kill_scope, mode
+    "enabled",
+    "exceptions",
+    "replace_exceptions",
+    "examples",
+)
 
 
 def _apply_tuning(
@@ -862,14 +865,14 @@ def load_rules(
     for _path, doc in documents:
         _collect_lists(doc, lists, origins, problems)
     appends = [_append_section(doc, problems) for _path, doc in documents]
-    for append_lists, _append in appends:
-        _append_lists(append_lists, lists, problems)
+    for append in appends:
+        _append_lists(append["lists"], lists, problems)
 
     macros: dict[str, tuple[Any, Location]] = {}
     for _path, doc in documents:
         _collect_macros(doc, macros, problems)
-    for _append, append_macros in appends:
-        _append_macros(append_macros, macros, problems)
+    for append in appends:
+        _append_macros(append["macros"], macros, problems)
     compiler = Compiler(lists, macros)
     rules: list[Rule] = []
     seen: dict[str, Location] = {}

@@ -229,6 +229,14 @@ def _problem(problems: list, loc: Location, message: str) -> None:
     problems.append((loc, message))
 
 
+def _unknown_keys(raw: LineDict, known: Iterable[str], what: str, problems: list) -> None:
+    """A problem for each key of raw that is not known: ``WHAT 'k' (known: ...)``."""
+    known = tuple(known)
+    for key in raw:
+        if key not in known:
+            _problem(problems, raw.where(key), f"{what} {key!r} (known: {', '.join(known)})")
+
+
 def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
     if not isinstance(raw, LineDict):
         raise RuleSyntaxError(loc, "prevent: expected a mapping")
@@ -440,13 +448,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
         _problem(problems, loc, "a rule must be a mapping")
         return None
     before = len(problems)
-    for key in raw:
-        if key not in _RULE_KEYS:
-            _problem(
-                problems,
-                raw.where(key),
-                f"unknown rule key {key!r} (known: {', '.join(sorted(_RULE_KEYS))})",
-            )
+    _unknown_keys(raw, sorted(_RULE_KEYS), "unknown rule key", problems)
     for key in ("id", "category", "severity", "description"):
         if key not in raw:
             _problem(problems, raw.location, f"rule is missing required key {key!r}")
@@ -624,11 +626,11 @@ def _append_section(doc: LineDict, problems: list) -> dict[str, dict]:
     if not isinstance(raw, LineDict):
         _problem(problems, doc.where("append"), "append: expected {lists: {...}, macros: {...}}")
         return parts
+    _unknown_keys(raw, _APPEND_PARTS, "append: unknown key", problems)
     for key, value in raw.items():
         if key not in parts:
-            known = ", ".join(_APPEND_PARTS)
-            _problem(problems, raw.where(key), f"append: unknown key {key!r} (known: {known})")
-        elif not isinstance(value, LineDict):
+            continue
+        if not isinstance(value, LineDict):
             _problem(problems, raw.where(key), f"append.{key}: expected a mapping of name -> ...")
         else:
             parts[key] = value
@@ -714,13 +716,7 @@ def _tune(entry: LineDict, by_id: dict[str, Rule], compiler: Compiler, problems:
             entry.where("rule"),
             f"tune: no rule {rule_id!r} to tune{_hint(rule_id, by_id)}",
         )
-    for key in entry:
-        if key not in _TUNE_KEYS:
-            _problem(
-                problems,
-                entry.where(key),
-                f"tune: unknown key {key!r} (known: {', '.join(_TUNE_KEYS)})",
-            )
+    _unknown_keys(entry, _TUNE_KEYS, "tune: unknown key", problems)
     if "exceptions" in entry and "replace_exceptions" in entry:
         _problem(
             problems,
@@ -850,13 +846,7 @@ def load_rules(
                     "a rule file must be a mapping with 'lists' and/or 'rules'",
                 )
                 continue
-            for key in doc:
-                if key not in _TOP_KEYS:
-                    _problem(
-                        problems,
-                        doc.where(key),
-                        f"unknown top-level key {key!r} (known: {', '.join(_TOP_KEYS)})",
-                    )
+            _unknown_keys(doc, _TOP_KEYS, "unknown top-level key", problems)
             _check_version(doc, problems)
             documents.append((path, doc))
 

@@ -1,11 +1,16 @@
-"""Rule files: loading, validation and the RuleSet the engine runs.
+"""Rule files: loading, validation, merging and the RuleSet the engine runs.
 
-Rules are data (YAML, schema in docs/rules.md): named ``lists`` shared by
-every file, and ``rules`` with an id, category, severity, description, a
-``match`` condition or a ``detector`` with parameters, ``exceptions`` and an
-``action``. Loading is all-or-nothing: any mistake in any file rejects the
-whole set with ``path:line: what is wrong`` for every mistake found, so a
-running daemon can keep its old rules.
+Rules are data (YAML, docs/rules.md; JSON Schema in rome_guard/schemas):
+named ``lists`` and ``macros`` shared by every file, and ``rules`` with an
+id, category, severity, description, a ``match`` condition or a
+``detector`` with parameters, ``exceptions``, an ``action`` and a ``mode``.
+A site tunes shipped content without copying it (Falco's append/override):
+``append`` adds to lists and macros, ``tune`` changes a rule by id,
+``disable`` leaves rules out by id, glob or tag. Loading is all-or-nothing:
+any mistake in any file rejects the whole set with
+``path:line:column: what is wrong`` for every mistake found, in one pass,
+so a running daemon can keep its old rules. This module never decides what
+a finding leads to (rome_guard.respond does, reading ``Rule.enforces``).
 """
 
 from __future__ import annotations

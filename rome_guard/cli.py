@@ -314,8 +314,9 @@ def config_check(path: str, extra_rules: tuple[str, ...]) -> None:
     if problems or config is None or ruleset is None:
         report_problems(problems)
         return
+    shown = path if os.path.exists(path) else f"{path} (absent: the built-in defaults)"
     click.echo(
-        f"ok: {path}: mode {config.mode}, {len(ruleset)} rules from "
+        f"ok: {shown}: mode {config.mode}, {len(ruleset)} rules from "
         f"{len(ruleset.sources)} files ({len(ruleset.left_out)} disabled)"
     )
 

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from rome_guard.config import _CHOICES, Config, parse_config
+from rome_guard.config import _CHOICES, OUTPUT_TYPES, Config, OutputConfig, parse_config
 from rome_guard.detect import rules as rulesmod
 from rome_guard.detect.conditions import CONDITION_KEYS, SSH_FORWARD_KINDS
 from rome_guard.detect.rules import load_rules, rule_files, shipped_rules_dir
@@ -120,6 +120,9 @@ def _walk(target, node: dict, prefix: str = "") -> None:
 
 def test_config_schema_knows_every_key_the_loader_accepts() -> None:
     _walk(Config(), CONFIG)
+    output = CONFIG["properties"]["outputs"]["items"]
+    assert set(output["properties"]) == {f.name for f in fields(OutputConfig)}
+    assert output["properties"]["type"]["enum"] == list(OUTPUT_TYPES)
     allow = CONFIG["properties"]["gpu"]["properties"]["allow"]["items"]
     assert set(allow["properties"]) == set(_ALLOW_KEYS)
 

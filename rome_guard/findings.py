@@ -126,6 +126,12 @@ def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
     }
 
 
+def blocked_in_kernel(finding: Finding) -> bool:
+    """The kernel already stopped what the finding is about: the wire
+    sensor dropped the flow or the DNS question it was found in."""
+    return bool(finding.extra.get("wire", {}).get("dropped"))
+
+
 def wire_record(event: WireEvent, facts: WireFacts, stream: bytes | None = None) -> dict[str, Any]:
     """The "wire" object of an alert: what a flow was seen to say (stream:
     the client stream so far, else the event's bytes), escaped and cut

@@ -185,6 +185,8 @@ def finding_record(
         record["network"] = network_record(finding.network)
     if finding.gpu is not None:
         record["gpu"] = gpu_record(finding.gpu)
+    if rule.mode == "monitor":  # staged: alerts, never kills or blocks (docs/rules.md)
+        record["rule_mode"] = "monitor"
     for key, value in finding.extra.items():
         record.setdefault(key, value)
     return record
@@ -204,7 +206,12 @@ def event_record(finding: Finding, event: str, action: str, mode: str, host: str
 def rules_record(findings: list[Finding]) -> list[dict[str, str]]:
     """Every rule of an incident with its reason."""
     return [
-        {"rule": f.rule.id, "severity": f.rule.severity, "reason": for_json(f.reason, 500)}
+        {
+            "rule": f.rule.id,
+            "severity": f.rule.severity,
+            "reason": for_json(f.reason, 500),
+            **({"mode": "monitor"} if f.rule.mode == "monitor" else {}),
+        }
         for f in findings
     ]
 

@@ -63,9 +63,10 @@ def primary(findings: list[Finding]) -> Finding:
 
 
 def kill_rule_finding(findings: list[Finding]) -> Finding | None:
-    """Of the findings whose rule asks for a kill, the one with the widest
-    kill scope (a tree kill covers a process kill)."""
-    killers = [f for f in findings if f.rule.action == "kill"]
+    """Of the findings whose rule asks for a kill (and is not staged in
+    ``mode: monitor``), the one with the widest kill scope (a tree kill
+    covers a process kill)."""
+    killers = [f for f in findings if f.rule.enforces]
     if not killers:
         return None
     return max(

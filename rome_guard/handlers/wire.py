@@ -179,8 +179,8 @@ def wire_policy(ruleset: RuleSet) -> WirePolicy:
     methods: dict[str, bool] = {}
     hosts: set[str] = set()
     for rule in ruleset.rules:
-        if rule.action != "kill":
-            continue  # weak evidence never reaches the kernel
+        if not rule.enforces:
+            continue  # weak evidence, or a kill rule staged in monitor mode
         for method in rule.prevent.wire_methods:
             if not any(c in method for c in "*?["):
                 methods[method] = False

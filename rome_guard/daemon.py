@@ -41,6 +41,7 @@ from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
+from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
@@ -320,6 +321,7 @@ class Guard:
                 took,
             )
         retry_parked(self.ctx)
+        judge_pending_shells(self.ctx)
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))

@@ -46,6 +46,7 @@ from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path, without_de
 from rome_guard.sensors import procfs, sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.snapshot import subject_for, take_snapshot
+from rome_guard.state.stdio import StdioGraph
 from rome_guard.state.table import ProcessTable
 
 PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
@@ -101,6 +102,10 @@ class ProcessModel:
         self._cgroup_paths: dict[int, str] = {}
         self._cgroup_unknown: set[int] = set()  # ids no cgroup had when looked up
         self.socket_stdio = SocketStdio()
+        # who drives a shell through pipes, fifos and ptys (reverse shells without socket stdio)
+        self.stdio_graph = StdioGraph(
+            self.resolve, self.table.lineage, lambda: self._sockets_by_inode(fresh=True)
+        )
         # processes whose identity was re-read at their first connect outside loopback
         self._externally_connected: set[ProcessKey] = set()
 
@@ -180,6 +185,7 @@ class ProcessModel:
         if info is not None:
             self._peers.pop(info.key, None)
             self.socket_stdio.forget(info.key)
+            self.stdio_graph.forget(info.key)
             self._externally_connected.discard(info.key)
         return info
 
@@ -395,6 +401,7 @@ class ProcessModel:
             exe=(lambda: self.exe_now(info)) if exe_now else None,
             ssh_forwards=ssh_forwards,
             read_config=procfs.read_config_file,
+            stdio_relays=lambda: self.stdio_graph.relays(info),
         )
 
     # --- identity changes ----------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, daemon, rule_ids
-from tests.fixtures.network import listener, sshd, wait_until
+from tests.fixtures.network import free_port, listener, sshd, wait_until
 
 RULE = "shell-stdio-network-relay"
 
@@ -181,6 +181,36 @@ def test_fifo_shell_started_before_its_relay_connects(guard: Daemon, tmp_path: P
         finally:
             _stop(proc)
     assert alert["category"] == "reverse_shell"
+
+
+def test_fifo_bind_shell_accepting_after_the_shell_started(guard: Daemon, tmp_path: Path) -> None:
+    """A bind shell: the relay listens, and the attacker's connection is
+    accepted seconds after sh started; an accept raises no event, the
+    pending sweep finds it."""
+    relay = tmp_path / "metrics-agent"
+    shutil.copy(shutil.which("ncat") or "/usr/bin/ncat", relay)
+    fifo = tmp_path / "f"
+    port = free_port("127.0.31.6")
+    script = (
+        f"rm -f {fifo}; mkfifo {fifo}; sh -i <{fifo} 2>&1 | {relay} -l 127.0.31.6 {port} >{fifo}"
+    )
+    proc = _start(["sh", "-c", script])
+    try:
+        time.sleep(2)
+        attacker = wait_until(lambda: _connect_or_none("127.0.31.6", port), timeout=20)
+        with attacker:
+            alert = guard.wait_alert(in_tree(proc.pid), timeout=20)
+    finally:
+        _stop(proc)
+    assert alert["category"] == "reverse_shell"
+    assert alert["network"]["sport"] == port  # the accepted connection
+
+
+def _connect_or_none(host: str, port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection((host, port), timeout=2)
+    except OSError:
+        return None
 
 
 # --- benign twins --------------------------------------------------------------

@@ -322,6 +322,7 @@ class Guard:
             )
         retry_parked(self.ctx)
         judge_pending_shells(self.ctx)
+        self.ctx.alerts.retry_kills()
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))

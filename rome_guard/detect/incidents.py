@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from rome_guard.detect.rules import KILL_SCOPES, SEVERITIES
 from rome_guard.events import ProcessKey
 from rome_guard.findings import Finding
+from rome_guard.respond.responses import KILL
 
 INCIDENT_WINDOW_S = 30.0
 MAX_OPEN_INCIDENTS = 16384
@@ -34,7 +35,9 @@ class Incident:
     category: str
     opened: float  # monotonic seconds
     findings: list[Finding] = field(default_factory=list)
-    responded: bool = False  # a kill was attempted for it
+    # the kill is done with: killed, found gone or refused as protected (a
+    # kill that failed is not: the next verdict, or the retry, tries again)
+    kill_settled: bool = False
 
     @property
     def rule_ids(self) -> list[str]:
@@ -65,7 +68,7 @@ def primary(findings: list[Finding]) -> Finding:
 def kill_rule_finding(findings: list[Finding]) -> Finding | None:
     """Of the findings whose rule asks for a kill, the one with the widest
     kill scope (a tree kill covers a process kill)."""
-    killers = [f for f in findings if f.rule.action == "kill"]
+    killers = [f for f in findings if f.rule.action == KILL.name]
     if not killers:
         return None
     return max(

@@ -24,10 +24,11 @@ from rome_guard.detect.conditions import (
     Predicate,
     RuleSyntaxError,
 )
+from rome_guard.respond.responses import ALERT, RULE_ACTIONS
 from rome_guard.yamlsrc import LineDict, LineList, Location, SourceError, load_file, where
 
 SEVERITIES = ("critical", "high", "medium", "low")
-RULE_ACTIONS = ("alert", "kill")
+
 KILL_SCOPES = ("process", "tree", "cgroup", "container")
 SHIPPED_CATEGORIES = ("miner", "reverse_tunnel", "reverse_shell", "net_probe", "gpu_unregistered")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -106,7 +107,7 @@ class Rule:
     category: str
     severity: str
     description: str
-    action: str = "alert"
+    action: str = ALERT.name
     kill_scope: str = "process"
     match: Predicate | None = None
     detector: str | None = None
@@ -308,7 +309,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler) -> Rule:
     description = raw["description"]
     if not isinstance(description, str) or not description.strip():
         raise field_error("description", "description must be a non-empty string")
-    action = raw.get("action", "alert")
+    action = raw.get("action", ALERT.name)
     if action not in RULE_ACTIONS:
         raise field_error(
             "action", f"action must be one of {', '.join(RULE_ACTIONS)}, got {action!r}"

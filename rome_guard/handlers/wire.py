@@ -32,6 +32,7 @@ from rome_guard.detect.rules import RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import WIRE_DNS_ANSWER, ProcessInfo, WireEvent
 from rome_guard.findings import Finding, wire_record
+from rome_guard.respond.responses import KILL
 from rome_guard.textsafe import one_line
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def wire_policy(ruleset: RuleSet) -> WirePolicy:
     methods: dict[str, bool] = {}
     hosts: set[str] = set()
     for rule in ruleset.rules:
-        if rule.action != "kill":
+        if rule.action != KILL.name:
             continue  # weak evidence never reaches the kernel
         for method in rule.prevent.wire_methods:
             if not any(c in method for c in "*?["):

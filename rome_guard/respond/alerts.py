@@ -121,7 +121,7 @@ class AlertSink:
         incident = filed.incident
         # the widest kill of every rule the incident holds: a verdict joining
         # an incident whose kill failed retries it, whatever its own action
-        killer = kill_rule_finding(incident.findings)
+        killer = kill_rule_finding(incident.findings, incident.process)
         enforce = (
             self.mode == "enforce"
             and killer is not None

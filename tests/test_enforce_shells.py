@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.fixtures.daemon import Daemon, by_pid, daemon
-from tests.fixtures.network import listener, wait_until
+from tests.fixtures.network import listener, wait_until, write_fake_miner
 from tests.test_stdio_relay import RULE as RELAY_RULE
 from tests.test_stdio_relay import _node, _pty_fork, in_tree
 
@@ -90,3 +90,52 @@ def test_shell_behind_a_relay_is_stopped(enforcing: Daemon, tmp_path: Path, spaw
     assert killed[0]["alert_id"] == alert["id"]
     with contextlib.suppress(FileNotFoundError), open(f"/proc/{shell}/stat") as f:
         assert f.read().split()[2] in ("Z", "X")
+
+
+# --- attribution that survives death ------------------------------------------------
+
+
+def _records_of(d: Daemon, pid: int, event: str) -> list[dict]:
+    return d.alerts_for(lambda r: r.get("event") == event and r["process"]["pid"] == pid)
+
+
+def test_a_miner_killed_at_once_keeps_its_rollout_id(enforcing: Daemon, tmp_path: Path) -> None:
+    """The miner dies within milliseconds (the kernel kills a denylisted
+    binary at exec); the rollout id set by the sandbox that launched it is
+    in its alert and kill records, marked as inherited from that sandbox."""
+    miner = tmp_path / "xmrig"
+    shutil.copy("/usr/bin/touch", miner)
+    env = dict(os.environ, RG_ROLLOUT_ID="rollout-0017")
+    sandbox = subprocess.Popen(
+        ["sh", "-c", f"sleep 0.3; {miner} {tmp_path / 'ran'}; sleep 1"], env=env
+    )
+    sandbox.wait(30)
+    alert = enforcing.wait_alert(
+        lambda r: (
+            r.get("event") == "alert"
+            and r["process"]["comm"] == "xmrig"
+            and r["process"]["ppid"] == sandbox.pid
+        )
+    )
+    killed = wait_until(lambda: _records_of(enforcing, alert["process"]["pid"], "response"))
+    for record in (alert, *killed):
+        assert record["process"]["env"] == {"RG_ROLLOUT_ID": "rollout-0017"}
+        assert record["process"]["env_inherited_from"] in (None, sandbox.pid)
+
+
+def test_a_detected_miner_killed_in_user_space_keeps_its_rollout_id(
+    enforcing: Daemon, tmp_path: Path
+) -> None:
+    with listener("127.0.33.20", 0, stratum=True) as pool:
+        miner = write_fake_miner(str(tmp_path), "trainer-aux", linger_s=30)
+        env = dict(os.environ, RG_ROLLOUT_ID="rollout-0018")
+        proc = subprocess.Popen(
+            [miner, "-o", f"stratum+tcp://127.0.33.20:{pool.port}", "-u", "w"], env=env
+        )
+        assert proc.wait(20) == -signal.SIGKILL
+    alert = enforcing.wait_alert(
+        lambda r: r.get("event") == "alert" and r["process"]["pid"] == proc.pid
+    )
+    killed = wait_until(lambda: _records_of(enforcing, proc.pid, "response"))
+    for record in (alert, *killed):
+        assert record["process"]["env"] == {"RG_ROLLOUT_ID": "rollout-0018"}

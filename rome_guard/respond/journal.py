@@ -112,7 +112,11 @@ def recent_alerts(
                 continue
             process = record["process"]
             image = (process["pid"], process["start_time"], process["exe"])
-            rules = [record["rule"]] + [r["rule"] for r in record.get("rules") or ()]
+            rules = [record["rule"]] + [
+                r["rule"]
+                for r in record.get("rules") or ()
+                if r.get("pid", process["pid"]) == process["pid"]  # hits on this process
+            ]
             incident = record["id"] if event == "alert" else record["alert_id"]
             alerts.setdefault(incident, set()).update((rule, *image) for rule in rules)
             if record.get("action") == KILL.name:

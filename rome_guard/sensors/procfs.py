@@ -172,6 +172,22 @@ def read_process(
     )
 
 
+def read_environ(pid: int, keys: Iterable[str], proc: str = PROC) -> dict[str, str] | None:
+    """The values of keys in pid's environment, None when it cannot be
+    read: gone, not ours to read, or empty (a zombie's, or a process killed
+    at exec, reads as empty: a live program always has some environment
+    unless it was started with none, which then counts as unreadable too)."""
+    try:
+        raw = _read(f"{proc}/{pid}/environ")
+    except OSError:
+        return None
+    if not raw:
+        return None
+    environ = parse_environ(raw)
+    wanted = {key.encode(errors="surrogateescape"): key for key in keys}
+    return {wanted[k]: from_bytes(v) for k, v in environ.items() if k in wanted}
+
+
 def read_exe(pid: int, proc: str = PROC) -> str:
     """The exe link of pid ("" when gone or unreadable): what an exec
     changes that its fork did not already tell; "... (deleted)" once

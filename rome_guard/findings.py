@@ -173,6 +173,8 @@ def finding_record(
         record["network"] = network_record(finding.network)
     if finding.gpu is not None:
         record["gpu"] = gpu_record(finding.gpu)
+    if rule.mode == "monitor":  # staged: alerts, never kills or blocks (docs/rules.md)
+        record["rule_mode"] = "monitor"
     for key, value in finding.extra.items():
         record.setdefault(key, value)
     return record
@@ -198,6 +200,7 @@ def rules_record(findings: list[Finding]) -> list[dict[str, str]]:
             "severity": f.rule.severity,
             "reason": for_json(f.reason, 500),
             "pid": f.process.pid,
+            **({"mode": "monitor"} if f.rule.mode == "monitor" else {}),
         }
         for f in findings
     ]

@@ -181,7 +181,7 @@ def test_exit_status_error_on_bad_config(tmp_path: Path) -> None:
     config.write_text("mode: enforce\nsensor: laser\n")
     result = run_scan("--config", str(config))
     assert result.returncode == 2
-    assert f"{config}:2: sensor must be one of auto, ebpf, poll" in result.stderr
+    assert f"{config}:2:1: sensor must be one of auto, ebpf, poll" in result.stderr
 
 
 def test_extra_rules_and_env_attribution(tmp_path: Path) -> None:

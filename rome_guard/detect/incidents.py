@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from rome_guard.detect.rules import KILL_SCOPES, SEVERITIES
 from rome_guard.events import ProcessKey
 from rome_guard.findings import Finding
-from rome_guard.respond.responses import KILL
 
 INCIDENT_WINDOW_S = 30.0
 MAX_OPEN_INCIDENTS = 16384
@@ -78,10 +77,11 @@ def primary(findings: list[Finding]) -> Finding:
 def kill_rule_finding(
     findings: list[Finding], offender: ProcessKey | None = None
 ) -> Finding | None:
-    """Of the findings whose rule asks for a kill, the one with the widest
-    kill scope (a tree kill covers a process kill), on the offender itself
-    (the root of the incident's tree) when one of its own asks."""
-    killers = [f for f in findings if f.rule.action == KILL.name]
+    """Of the findings whose rule asks for a kill (and is not staged in
+    ``mode: monitor``), the one with the widest kill scope (a tree kill
+    covers a process kill), on the offender itself (the root of the
+    incident's tree) when one of its own asks."""
+    killers = [f for f in findings if f.rule.enforces]
     if not killers:
         return None
     return max(

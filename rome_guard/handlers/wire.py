@@ -32,7 +32,6 @@ from rome_guard.detect.rules import RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import WIRE_DNS_ANSWER, ProcessInfo, WireEvent
 from rome_guard.findings import Finding, wire_record
-from rome_guard.respond.responses import KILL
 from rome_guard.textsafe import one_line
 
 if TYPE_CHECKING:
@@ -97,8 +96,8 @@ def wire_policy(ruleset: RuleSet) -> WirePolicy:
     methods: dict[str, bool] = {}
     hosts: set[str] = set()
     for rule in ruleset.rules:
-        if rule.action != KILL.name:
-            continue  # weak evidence never reaches the kernel
+        if not rule.enforces:
+            continue  # weak evidence, or a kill rule staged in monitor mode
         for method in rule.prevent.wire_methods:
             if not any(c in method for c in "*?["):
                 methods[method] = False

@@ -37,7 +37,7 @@ connection, which raises no event) is *pending* for PENDING_S: a connect
 by a process of its neighbourhood asks again at once, and ``due()``
 (the daemon's sweep, every SWEEP_S) hands it back for judgement.
 
-This module reads /proc and sock_diag only through sensors.procfs and
+This module reads /proc and sock_diag only through rome_guard.procfs and
 sensors.sockdiag; it never decides (rules do) and never acts.
 """
 
@@ -48,10 +48,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from rome_guard import procfs
 from rome_guard.events import Endpoint, ProcessInfo, ProcessKey
 from rome_guard.linux import has_peer
-from rome_guard.sensors import procfs, sockdiag
-from rome_guard.sensors.procfs import END_UNIX, Channel, FdTable
+from rome_guard.procfs import END_UNIX, Channel, FdTable
+from rome_guard.sensors import sockdiag
 
 NEIGHBOURHOOD_LIMIT = 64  # processes whose fd tables one judgement reads
 MAX_HOPS = 3  # channels between a shell and its relay (sh <- pipe <- cat <- fifo <- nc)

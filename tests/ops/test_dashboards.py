@@ -16,7 +16,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from rome_guard.detect.rules import load_rules
-from rome_guard.respond.metrics import KNOWN_CATEGORIES, GpuUsage, GuardMetrics
+from rome_guard.respond.metrics import HEALTH_SENSORS, KNOWN_CATEGORIES, GpuUsage, GuardMetrics
+from rome_guard.respond.outputs.queue import OutputState
 from tests.conftest import require
 from tests.fixtures.prometheus import available, running_prometheus
 
@@ -62,12 +63,24 @@ def exported() -> dict[str, set[str]]:
     metrics.set_rules((r.id, r.category, r.severity) for r in load_rules([]).rules)
     metrics.set_sensor("poll")
     metrics.set_gpu_usage([GpuUsage(0, "GPU-5d0d3a3e-1f1a-4c1b-9d2e-0123456789ab")])
+    _health(metrics)
     body, _ = metrics.exposition()
     names: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
             names.setdefault(sample.name, set()).update(sample.labels)
     return names
+
+
+def _health(metrics: GuardMetrics) -> None:
+    """The health series a running daemon has: mode, build hashes, sensors,
+    an output, NVML errors."""
+    metrics.set_mode("enforce")
+    metrics.set_build("0123456789ab", "default")
+    for sensor in HEALTH_SENSORS:
+        metrics.set_sensor_up(sensor, sensor != "poll")
+    metrics.watch_outputs(lambda: [OutputState("siem", "webhook", "x", True, 1, 0, 0, 0, 10, "")])
+    metrics.set_nvml_errors({("0", "nvmlDeviceGetComputeRunningProcesses", "GPU_IS_LOST"): 1})
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -109,6 +122,12 @@ def test_every_alert_has_a_unit_test_that_shows_it_firing():
         "RomeGuardEventsLost",
         "RomeGuardDegradedSensor",
         "RomeGuardDown",
+        # operations (issue 19)
+        "RomeGuardJournalFailing",
+        "RomeGuardKillFailed",
+        "RomeGuardSensorDown",
+        "RomeGuardOutputFailing",
+        "RomeGuardRulesDrift",
     }
     assert required <= names
     assert fired == names
@@ -154,6 +173,17 @@ def test_every_queried_metric_and_label_is_exported():
         "rome_guard_blocked_connections_total",
         "rome_guard_events_lost_total",
         "rome_guard_sensor_info",
+        # the health row (issue 19)
+        "rome_guard_mode",
+        "rome_guard_build_info",
+        "rome_guard_sensor_up",
+        "rome_guard_output_sent_total",
+        "rome_guard_output_failed_total",
+        "rome_guard_output_dropped_total",
+        "rome_guard_output_queue_depth",
+        "rome_guard_nvml_errors_total",
+        "rome_guard_ssh_config_runs_total",
+        "rome_guard_journal_errors_total",
     ):
         assert name in queried
 
@@ -197,6 +227,13 @@ def test_dashboard_has_variables_and_the_asked_for_panels():
         "Lost events",
         "Sensor mode per host",
         "Hosts not reporting",
+        # the health row (issue 19)
+        "Distinct rule sets",
+        "Mode, rules and config per host",
+        "Sensors per host",
+        "Output deliveries",
+        "Output queues",
+        "NVML errors",
     ):
         assert title in titles
 
@@ -223,6 +260,7 @@ def guard():
     metrics = GuardMetrics()
     metrics.set_rules((r.id, r.category, r.severity) for r in load_rules([]).rules)
     metrics.set_sensor("ebpf")
+    _health(metrics)
     server = metrics.serve("127.0.0.1:0")
     try:
         yield metrics, server

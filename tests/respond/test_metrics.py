@@ -15,19 +15,21 @@ import subprocess
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rome_guard import procfs
 from rome_guard.detect.rules import load_rules
 from rome_guard.events import GpuProcess
 from rome_guard.respond import metrics as m
 from rome_guard.respond.metrics import GpuUsage, GuardMetrics, gpu_usage, parse_listen_addr
 from rome_guard.respond.webconfig import BasicAuth, load_web_config, password_checker
-from rome_guard.sensors import procfs
 from rome_guard.yamlsrc import SourceError
 from tests.conftest import require
 from tests.fixtures.prometheus import available, running_prometheus
+from tests.fixtures.receivers import make_pki
 
 # the shipped rule set, as the daemon loads it
 RULES = [(r.id, r.category, r.severity) for r in load_rules([]).rules]
@@ -394,25 +396,10 @@ def test_a_connection_flood_is_refused_not_turned_into_threads():
 # --- TLS, mutual TLS, basic auth ------------------------------------------------
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1 and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=d)  # fmt: skip
-    exts = {"server": "subjectAltName=IP:127.0.0.1", "client": "extendedKeyUsage=clientAuth"}
-    for name, ext in exts.items():
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
-                 "-out", f"{name}.crt", cwd=d)  # fmt: skip
-    return d
+    return Path(make_pki(str(tmp_path_factory.mktemp("pki"))))
 
 
 def bcrypt_hash(password: str) -> str:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from rome_guard import procfs
 from rome_guard.detect.argv import reads_commands_from_stdin
 from rome_guard.events import ProcessInfo
-from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors import sockdiag
 from rome_guard.state.stdio import PENDING_S, SWEEP_S, StdioGraph
 from tests.fixtures.network import listener, wait_until
 

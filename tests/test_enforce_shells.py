@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.fixtures.daemon import Daemon, by_pid, daemon
+from tests.fixtures.daemon import Daemon, daemon
 from tests.fixtures.network import listener, wait_until, write_fake_miner
 from tests.test_stdio_relay import RULE as RELAY_RULE
 from tests.test_stdio_relay import _node, _pty_fork, in_tree
 
 NC_TRADITIONAL = shutil.which("nc.traditional") or "/bin/nc.traditional"
+KILL_HELD = ("killed", "already_exited")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,10 @@ def enforcing():
 
 def responses(d: Daemon, pid: int) -> list[dict]:
     return d.alerts_for(lambda r: r.get("event") == "response" and pid in r["response"]["pids"])
+
+
+def responses_to(d: Daemon, alert: dict) -> list[dict]:
+    return d.alerts_for(lambda r: r.get("event") == "response" and r["alert_id"] == alert["id"])
 
 
 def _wait_killed(proc: subprocess.Popen, timeout: float = 20) -> int:
@@ -62,13 +67,14 @@ def test_netcat_family_shells_are_killed(enforcing: Daemon, argv: list[str], hos
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         status = _wait_killed(proc)
     assert status == -signal.SIGKILL
-    # our own daemon killed it (a foreign daemon on the host may also try)
-    killed = wait_until(
-        lambda: [r for r in responses(enforcing, proc.pid) if r["action"] == "killed"]
+    alert = enforcing.wait_alert(
+        lambda r: r.get("event") == "alert" and r["process"]["pid"] == proc.pid
     )
-    alert = next(r for r in enforcing.alerts_for(by_pid(proc.pid)) if r["event"] == "alert")
-    assert alert["category"] == "reverse_shell"
-    assert killed[0]["alert_id"] == alert["id"]
+    assert alert["category"] == "reverse_shell" and alert["action"] == "kill"
+    # our own daemon killed it: a foreign enforcing daemon on a shared host
+    # may have been first (then ours found it gone), but never kill_failed
+    outcomes = wait_until(lambda: [r["action"] for r in responses_to(enforcing, alert)])
+    assert "kill_failed" not in outcomes and outcomes[-1] in KILL_HELD, outcomes
 
 
 @pytest.mark.parametrize("spawn", [_node, _pty_fork], ids=["node-child_process", "python-pty.fork"])
@@ -78,16 +84,15 @@ def test_shell_behind_a_relay_is_stopped(enforcing: Daemon, tmp_path: Path, spaw
         try:
             alert = enforcing.wait_alert(in_tree(proc.pid), timeout=20)
             shell = alert["process"]["pid"]
-            killed = wait_until(
-                lambda: [r for r in responses(enforcing, shell) if r["action"] == "killed"],
-                timeout=20,
+            outcomes = wait_until(
+                lambda: [r["action"] for r in responses_to(enforcing, alert)], timeout=20
             )
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert RELAY_RULE in {hit["rule"] for hit in alert["rules"]}
-    assert killed[0]["alert_id"] == alert["id"]
+    assert outcomes[-1] in KILL_HELD, outcomes
     with contextlib.suppress(FileNotFoundError), open(f"/proc/{shell}/stat") as f:
         assert f.read().split()[2] in ("Z", "X")
 

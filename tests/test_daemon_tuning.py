@@ -115,6 +115,7 @@ def test_a_reload_stages_a_kill_rule_without_a_restart(tmp_path: Path) -> None:
         (site / "60-stage.yaml").write_text("tune:\n  - {rule: miner-only-flags, mode: monitor}\n")
         d.signal(signal.SIGHUP)
         d.wait_log("reloaded:")
+        assert "staged in monitor mode (they alert, never kill): miner-only-flags" in d.log
         staged = _spawn(tmp_path, "trainer", "--donate-level=1")
         try:
             record = d.wait_alert(by_pid(staged.pid, "miner-only-flags"))

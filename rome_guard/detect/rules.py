@@ -193,6 +193,11 @@ class RuleSet:
     def detector_rules(self, name: str) -> list[Rule]:
         return [r for r in self.rules if r.detector == name]
 
+    @property
+    def staged(self) -> list[str]:
+        """Ids of kill rules staged in ``mode: monitor``: they alert, never kill."""
+        return [r.id for r in self.rules if r.action == "kill" and not r.enforces]
+
 
 def shipped_rules_dir() -> str:
     """The installed rome_guard.rules package, or the repository's rules/

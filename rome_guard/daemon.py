@@ -282,6 +282,7 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
@@ -339,6 +340,7 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
             self.ctx.metrics.set_sensor_up(sensor, up)

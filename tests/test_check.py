@@ -87,7 +87,7 @@ def test_rules_validate_accepts_a_clean_file(tmp_path: Path) -> None:
     )
     result = rome_guard("rules", "validate", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("ok: 38 rules")
+    assert result.stdout.startswith("ok: 39 rules")
 
 
 def test_config_check_reports_the_config_and_its_rules_at_once(tmp_path: Path) -> None:

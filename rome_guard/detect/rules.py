@@ -47,7 +47,7 @@ _LIST_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # Stateful detectors (code) and their parameters with defaults. A rule that
 # names a detector may only set these parameters, with these types.
 DETECTORS: dict[str, dict[str, float | int | bool]] = {
-    # internal probing: weighted distinct destinations/ports per actor
+    # internal probing: weighted distinct destinations/ports per actor, any protocol
     "fanout": {
         "window_s": 30.0,
         "max_ports_per_destination": 50,
@@ -55,6 +55,8 @@ DETECTORS: dict[str, dict[str, float | int | bool]] = {
         "failed_weight": 1.0,
         "refused_weight": 1.0,
         "established_weight": 0.25,
+        # a datagram destination (UDP, ICMP echo, raw IP): no outcome is seen
+        "datagram_weight": 1.0,
         "per_container": True,
     },
     # a process holding a GPU context that no registration covers

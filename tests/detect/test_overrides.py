@@ -160,6 +160,7 @@ def test_a_rule_may_ship_in_monitor_mode_and_a_site_promotes_it(tmp_path: Path) 
     [
         ("{rule: tunnel-ssh-unusual-port}", {"tunnel-ssh-unusual-port"}),
         ("{rule: 'tunnel-ssh-*'}", {"tunnel-ssh-remote-forward", "tunnel-ssh-dynamic-or-tun",
+                                     "tunnel-ssh-config-unknown",
                                      "tunnel-ssh-local-forward-persistent",
                                      "tunnel-ssh-unusual-port"}),
         ("{tag: mitre-t1046}", {"probe-fanout", "probe-scanner-binary", "probe-netcat-zero-io",

@@ -173,6 +173,11 @@ class Guard:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
         self.ctx.metrics.set_mode(self.ctx.config.mode)
+        if rules.ruleset.staged:
+            log.info(
+                "kill rules staged in monitor mode (they alert, never kill): %s",
+                ", ".join(rules.ruleset.staged),
+            )
         self.rules_hash = health.rules_hash(rules.ruleset)
         self.ctx.metrics.set_build(self.rules_hash, health.config_hash(self.ctx.config))
 

@@ -144,6 +144,7 @@ class ConnectEvent:
 
 # What a wire event reports (rome_guard.sensors.wire).
 WIRE_FIRST_PAYLOAD = "first_payload"  # the first payload of a TCP flow this host opened
+WIRE_STREAM_DATA = "stream_data"  # later bytes of that flow's client stream
 WIRE_DNS_QUERY = "dns_query"  # a UDP datagram to port 53
 WIRE_DNS_ANSWER = "dns_answer"  # a UDP datagram from port 53
 WIRE_DROPPED_CONNECT = "dropped_connect"  # a SYN to a pool-named address, dropped
@@ -170,7 +171,11 @@ class WireEvent:
     sni: str = ""  # TLS ClientHello server_name, parsed in the kernel
     alpn: str = ""  # its first ALPN protocol
     tls: bool = False  # the payload starts a TLS ClientHello
-    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns"
+    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns" ...
+    offset: int = 0  # client stream offset of payload[0] (TCP flows)
+    segment: int = 0  # which client segment of the flow, from 1 (TCP flows)
+    stream_end: bool = False  # the last record of the flow's client stream
+    proxy_name: str = ""  # the host a SOCKS5/HTTP CONNECT request in it names
 
 
 PREVENTION_BLOCKED_CONNECT = "blocked_connect"  # a connect denied in the kernel

@@ -800,9 +800,12 @@ def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Predicate:
 
     def predicate(s: Subject) -> str | None:
         w = s.wire
-        if w is None or not w.jsonrpc or not w.method or not test(w.method):
+        if w is None or not w.jsonrpc:
             return None
-        return f"JSON-RPC method {_short(w.method, 64)}"
+        for method in w.methods:  # every message of the stream, in order
+            if test(method):
+                return f"JSON-RPC method {_short(method, 64)}"
+        return None
 
     return predicate
 

@@ -1,11 +1,16 @@
-"""Rule files: loading, validation and the RuleSet the engine runs.
+"""Rule files: loading, validation, merging and the RuleSet the engine runs.
 
-Rules are data (YAML, schema in docs/rules.md): named ``lists`` shared by
-every file, and ``rules`` with an id, category, severity, description, a
-``match`` condition or a ``detector`` with parameters, ``exceptions`` and an
-``action``. Loading is all-or-nothing: any mistake in any file rejects the
-whole set with ``path:line: what is wrong`` for every mistake found, so a
-running daemon can keep its old rules.
+Rules are data (YAML, docs/rules.md; JSON Schema in rome_guard/schemas):
+named ``lists`` and ``macros`` shared by every file, and ``rules`` with an
+id, category, severity, description, a ``match`` condition or a
+``detector`` with parameters, ``exceptions``, an ``action`` and a ``mode``.
+A site tunes shipped content without copying it (Falco's append/override):
+``append`` adds to lists and macros, ``tune`` changes a rule by id,
+``disable`` leaves rules out by id, glob or tag. Loading is all-or-nothing:
+any mistake in any file rejects the whole set with
+``path:line:column: what is wrong`` for every mistake found, in one pass,
+so a running daemon can keep its old rules. This module never decides what
+a finding leads to (rome_guard.respond does, reading ``Rule.enforces``).
 """
 
 from __future__ import annotations
@@ -231,6 +236,14 @@ def _problem(problems: list, loc: Location, message: str) -> None:
     problems.append((loc, message))
 
 
+def _unknown_keys(raw: LineDict, known: Iterable[str], what: str, problems: list) -> None:
+    """A problem for each key of raw that is not known: ``WHAT 'k' (known: ...)``."""
+    known = tuple(known)
+    for key in raw:
+        if key not in known:
+            _problem(problems, raw.where(key), f"{what} {key!r} (known: {', '.join(known)})")
+
+
 def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
     if not isinstance(raw, LineDict):
         raise RuleSyntaxError(loc, "prevent: expected a mapping")
@@ -442,13 +455,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
         _problem(problems, loc, "a rule must be a mapping")
         return None
     before = len(problems)
-    for key in raw:
-        if key not in _RULE_KEYS:
-            _problem(
-                problems,
-                raw.where(key),
-                f"unknown rule key {key!r} (known: {', '.join(sorted(_RULE_KEYS))})",
-            )
+    _unknown_keys(raw, sorted(_RULE_KEYS), "unknown rule key", problems)
     for key in ("id", "category", "severity", "description"):
         if key not in raw:
             _problem(problems, raw.location, f"rule is missing required key {key!r}")
@@ -613,34 +620,31 @@ def _collect_macros(doc: LineDict, macros: dict, problems: list) -> None:
             macros[name] = (node, loc)
 
 
-def _append_section(doc: LineDict, problems: list) -> tuple[LineDict, LineDict]:
-    """``append: {lists: {...}, macros: {...}}``, shape-checked: the
-    parts that are mappings (empty ones where absent or wrong)."""
-    empty = (LineDict(), LineDict())
-    for part in empty:
-        part.location, part.key_locations = doc.where("append"), {}
+_APPEND_PARTS = ("lists", "macros")
+
+
+def _append_section(doc: LineDict, problems: list) -> dict[str, dict]:
+    """``append: {lists: {...}, macros: {...}}``, shape-checked: each part
+    that is a mapping, an empty one where absent or wrong."""
+    parts: dict[str, dict] = {part: {} for part in _APPEND_PARTS}
     raw = doc.get("append")
     if raw is None:
-        return empty
+        return parts
     if not isinstance(raw, LineDict):
         _problem(problems, doc.where("append"), "append: expected {lists: {...}, macros: {...}}")
-        return empty
-    parts = []
-    for index, key in enumerate(("lists", "macros")):
-        value = raw.get(key, empty[index])
+        return parts
+    _unknown_keys(raw, _APPEND_PARTS, "append: unknown key", problems)
+    for key, value in raw.items():
+        if key not in parts:
+            continue
         if not isinstance(value, LineDict):
             _problem(problems, raw.where(key), f"append.{key}: expected a mapping of name -> ...")
-            value = empty[index]
-        parts.append(value)
-    for key in raw:
-        if key not in ("lists", "macros"):
-            _problem(
-                problems, raw.where(key), f"append: unknown key {key!r} (known: lists, macros)"
-            )
-    return parts[0], parts[1]
+        else:
+            parts[key] = value
+    return parts
 
 
-def _append_lists(raw: LineDict, lists: dict, problems: list) -> None:
+def _append_lists(raw: dict, lists: dict, problems: list) -> None:
     """``append: {lists: {name: [items]}}``: items added to a list another
     file defined (Falco's ``override: {items: append}``); a shipped update of
     the list still reaches the site."""
@@ -656,7 +660,7 @@ def _append_lists(raw: LineDict, lists: dict, problems: list) -> None:
             lists[name] = [*lists[name], *(i for i in items if i not in lists[name])]
 
 
-def _append_macros(raw: LineDict, macros: dict, problems: list) -> None:
+def _append_macros(raw: dict, macros: dict, problems: list) -> None:
     """``append: {macros: {name: condition}}``: the macro then holds when
     its definition or the appended condition does (Falco appends ``or ...``
     to a macro's condition)."""
@@ -675,8 +679,14 @@ def _append_macros(raw: LineDict, macros: dict, problems: list) -> None:
         macros[name] = (either, defined_at)
 
 
-_TUNE_KEYS = ("rule", "severity", "action", "kill_scope", "mode", "enabled", "exceptions",
-              "replace_exceptions", "examples")  # fmt: skip
+_TUNE_KEYS = (
+    "rule",
+    *_CHOICES,  # severity, action, kill_scope, mode
+    "enabled",
+    "exceptions",
+    "replace_exceptions",
+    "examples",
+)
 
 
 def _apply_tuning(
@@ -713,13 +723,7 @@ def _tune(entry: LineDict, by_id: dict[str, Rule], compiler: Compiler, problems:
             entry.where("rule"),
             f"tune: no rule {rule_id!r} to tune{_hint(rule_id, by_id)}",
         )
-    for key in entry:
-        if key not in _TUNE_KEYS:
-            _problem(
-                problems,
-                entry.where(key),
-                f"tune: unknown key {key!r} (known: {', '.join(_TUNE_KEYS)})",
-            )
+    _unknown_keys(entry, _TUNE_KEYS, "tune: unknown key", problems)
     if "exceptions" in entry and "replace_exceptions" in entry:
         _problem(
             problems,
@@ -849,13 +853,7 @@ def load_rules(
                     "a rule file must be a mapping with 'lists' and/or 'rules'",
                 )
                 continue
-            for key in doc:
-                if key not in _TOP_KEYS:
-                    _problem(
-                        problems,
-                        doc.where(key),
-                        f"unknown top-level key {key!r} (known: {', '.join(_TOP_KEYS)})",
-                    )
+            _unknown_keys(doc, _TOP_KEYS, "unknown top-level key", problems)
             _check_version(doc, problems)
             documents.append((path, doc))
 
@@ -864,14 +862,14 @@ def load_rules(
     for _path, doc in documents:
         _collect_lists(doc, lists, origins, problems)
     appends = [_append_section(doc, problems) for _path, doc in documents]
-    for append_lists, _append in appends:
-        _append_lists(append_lists, lists, problems)
+    for append in appends:
+        _append_lists(append["lists"], lists, problems)
 
     macros: dict[str, tuple[Any, Location]] = {}
     for _path, doc in documents:
         _collect_macros(doc, macros, problems)
-    for _append, append_macros in appends:
-        _append_macros(append_macros, macros, problems)
+    for append in appends:
+        _append_macros(append["macros"], macros, problems)
     compiler = Compiler(lists, macros)
     rules: list[Rule] = []
     seen: dict[str, Location] = {}

@@ -29,6 +29,7 @@ from rome_guard.detect.incidents import Filed, IncidentBook, kill_rule_finding, 
 from rome_guard.events import GpuProcess, ProcessInfo, ProcessKey
 from rome_guard.findings import (
     Finding,
+    blocked_in_kernel,
     confirmation_record,
     event_record,
     incident_record,
@@ -112,7 +113,11 @@ class AlertSink:
             and self.killer is not None
             and not incident.responded
         )
-        action = "kill" if enforce else "alert"
+        # the kernel already stopped it (a wire drop: a DNS question that
+        # never left, a flow cut at its first identified packet)
+        blocked = any(blocked_in_kernel(f) for f in filed.findings)
+        action = "kill" if enforce else "blocked" if blocked else "alert"
+        label = "block" if action == "blocked" else action  # ALERT_ACTIONS
         lead = primary(filed.findings) if filed.opened else filed.findings[0]
         record = incident_record(
             lead,
@@ -129,10 +134,10 @@ class AlertSink:
         self.journal.write(record)
         if filed.opened:
             self.raised += 1
-            self.metrics.incident(lead.rule.category, lead.rule.severity, action)
+            self.metrics.incident(lead.rule.category, lead.rule.severity, label)
         for finding in filed.findings:
             rule = finding.rule
-            self.metrics.alert(rule.id, rule.category, rule.severity, action)
+            self.metrics.alert(rule.id, rule.category, rule.severity, label)
         process = lead.process
         log.warning(
             "%s %s %s pid=%d user=%s %s: %s",

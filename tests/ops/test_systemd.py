@@ -211,6 +211,9 @@ def test_make_install_into_a_scratch_root(tmp_path):
     assert "rome-guard" in version.stdout
     rules = subprocess.run([command, "rules", "list", "--json"], capture_output=True, text=True)
     assert rules.returncode == 0 and "miner" in rules.stdout
+    # the JSON Schemas are package data: the installed copy has them
+    schema = subprocess.run([command, "rules", "schema"], capture_output=True, text=True)
+    assert json.loads(schema.stdout)["title"] == "rome-guard rule file", schema.stderr
     bcc = subprocess.run([paths["PREFIX"] / "bin" / "python", "-c", "import bcc"])
     system_bcc = subprocess.run(["/usr/bin/python3", "-c", "import bcc"])
     assert bcc.returncode == system_bcc.returncode

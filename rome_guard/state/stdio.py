@@ -31,7 +31,9 @@ say (the ``stdio_relay`` condition).
 Cost: asked only when a rule asks (a shell or interpreter reading its
 commands from stdin): three readlinks for its stdio; the neighbourhood's
 fd tables and one sock_diag dump only when fd 0 and fd 1 or 2 are
-channels. A shell whose stdio are channels and whose relay is not found
+channels, and at most READS_PER_S such reads a second (a storm of them
+waits, pending, for the sweep). A shell whose stdio are channels and whose
+relay is not found
 (yet: the relay may connect after the shell started, or accept a
 connection, which raises no event) is *pending* for PENDING_S: a connect
 by a process of its neighbourhood asks again at once, and ``due()``
@@ -59,6 +61,10 @@ MAX_HOPS = 3  # channels between a shell and its relay (sh <- pipe <- cat <- fif
 PENDING_S = 30.0  # how long a shell on channels waits for its relay
 SWEEP_S = 1.0  # how often a pending shell is looked at again
 PENDING_LIMIT = 256
+# neighbourhood reads per second at most: a storm of interactive shells on
+# pipes (thousands a second) leaves the rest pending for the sweep instead
+# of stalling the event loop
+READS_PER_S = 50
 STDIO = (0, 1, 2)
 
 
@@ -111,6 +117,9 @@ class StdioGraph:
         self._unix_peer = unix_peer
         self._clock = clock
         self._pending: OrderedDict[ProcessKey, _Pending] = OrderedDict()
+        self._second = 0.0  # the clock second the read budget is for
+        self._reads = 0
+        self.deferred = 0  # judgements left pending for want of budget
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -128,6 +137,10 @@ class StdioGraph:
             self._pending.pop(info.key, None)
             return []
         anchor = self._anchor(info)
+        if anchor and not self._budget():
+            self.deferred += 1
+            self._remember(info.key, anchor)
+            return []
         tables = self._neighbourhood(anchor, info.pid) if anchor else {}
         found = self._join(tables, stdin, stdout)
         if found:
@@ -135,6 +148,14 @@ class StdioGraph:
         elif anchor:
             self._remember(info.key, anchor)
         return found
+
+    def _budget(self) -> bool:
+        """Whether one more neighbourhood read fits this second's budget."""
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._reads = second, 0
+        self._reads += 1
+        return self._reads <= READS_PER_S
 
     def _channel_of(
         self, own: FdTable, fd: int, reads: bool = False, writes: bool = False

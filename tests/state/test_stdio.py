@@ -178,3 +178,18 @@ def test_fifo_and_pipe_ends_are_read_with_their_direction(tmp_path: Path) -> Non
 )
 def test_reads_commands_from_stdin(argv: list[str], reads: bool) -> None:
     assert reads_commands_from_stdin(tuple(argv)) is reads
+
+
+def test_a_storm_of_shells_on_pipes_is_deferred_past_the_read_budget(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("rome_guard.state.stdio.READS_PER_S", 3)
+    graph = _graph(clock=lambda: 100.0)
+    proc, shell = _relay(tmp_path, 0)
+    try:
+        for _ in range(5):
+            assert graph.relays(shell) == []
+    finally:
+        _stop(proc)
+    assert graph.deferred == 2  # the 4th and 5th: left pending for the sweep
+    assert len(graph) == 1

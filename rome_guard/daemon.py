@@ -42,6 +42,7 @@ from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.table import dispatch
+from rome_guard.linux import in_host_pid_namespace
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
@@ -72,6 +73,17 @@ PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
 
 
+# eBPF programs report the kernel's (host) pids, and a pinned attachment is
+# stale when its owner's pid is gone: both mean nothing to a guard whose
+# /proc numbers processes in a PID namespace of its own (a container without
+# hostPID, a systemd-nspawn machine). Such a guard polls /proc, kills from
+# user space and leaves every BPF attachment alone.
+CHILD_PID_NAMESPACE = (
+    "this guard runs in a PID namespace of its own, where the kernel's pids are not "
+    "its /proc's; run it in the host PID namespace (hostPID: true) for eBPF"
+)
+
+
 class SensorUnavailable(Exception):
     """The requested sensor cannot run here; the message says what is missing."""
 
@@ -83,13 +95,16 @@ def open_sensor(choice: str, ignore_pids: tuple[int, ...]) -> tuple[Sensor, str,
         sensor: Sensor = PollSensor(ignore_pids=ignore_pids)
         sensor.start()
         return sensor, "poll", "polling was requested (--sensor poll)"
-    try:
-        from rome_guard.sensors import ebpf
-    except ImportError as exc:  # bcc itself missing
-        reason = f"the eBPF sensor cannot load: {exc}"
-        ebpf = None
+    ebpf = None
+    if not in_host_pid_namespace():
+        reason: str | None = CHILD_PID_NAMESPACE
     else:
-        reason = ebpf.probe_ebpf()
+        try:
+            from rome_guard.sensors import ebpf
+        except ImportError as exc:  # bcc itself missing
+            reason = f"the eBPF sensor cannot load: {exc}"
+        else:
+            reason = ebpf.probe_ebpf()
     if ebpf is not None and reason is None:
         try:
             sensor = ebpf.EbpfSensor(ignore_pids=ignore_pids)
@@ -397,6 +412,13 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     never leave the host unable to connect."""
     from rome_guard.respond import prevent, stale
 
+    if not in_host_pid_namespace():
+        log.warning("DEGRADED: no in-kernel prevention, no stale clean-up: %s", CHILD_PID_NAMESPACE)
+        if config.mode != "enforce":
+            return None, None
+        from rome_guard.respond.kill import Killer
+
+        return Killer(config.protect, mode="enforce"), None
     try:
         for removed in stale.cleanup_stale():
             log.warning("removed a stale attachment left by a crashed rome-guard: %s", removed)
@@ -423,6 +445,9 @@ def _wire_sensor() -> WireSensor | None:
     """The wire sensor, or None (and a DEGRADED line) where it cannot run."""
     from rome_guard.sensors.wire import open_wire_sensor
 
+    if not in_host_pid_namespace():
+        log.warning("DEGRADED COVERAGE: no wire sensor: %s", CHILD_PID_NAMESPACE)
+        return None
     return open_wire_sensor()
 
 

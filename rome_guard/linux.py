@@ -169,6 +169,21 @@ def can_load_bpf(caps: int | None = None) -> bool:
     return bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON))
 
 
+# --- PID namespaces ---------------------------------------------------------------
+
+INIT_PID_NS_INODE = 0xEFFFFFFC  # PROC_PID_INIT_INO: the kernel's initial PID namespace
+
+
+def in_host_pid_namespace(proc: str = PROC) -> bool:
+    """Whether this process runs in the kernel's initial PID namespace, the
+    one whose pids eBPF programs report and whose liveness says which pinned
+    attachment is stale. True where /proc cannot tell (no ns links)."""
+    try:
+        return os.stat(f"{proc}/self/ns/pid").st_ino == INIT_PID_NS_INODE
+    except OSError:
+        return True
+
+
 # --- sockets ------------------------------------------------------------------------
 
 _NOT_A_PEER = ("LISTEN", "UNCONNECTED", "CLOSE")

@@ -1,0 +1,222 @@
+"""The DaemonSet's container, built and run as the manifest says.
+
+deploy/Dockerfile is built on a base imported from the cached Debian root
+(no registry is reachable) by a private dockerd (tests/fixtures/docker.py),
+and run with the pod's host PID and network namespaces, capabilities,
+security options and volumes read from deploy/daemonset.yaml, and its
+ConfigMap's config (only the metrics port and the mode changed). A fake
+miner started on the host, outside the container, is alerted with its
+host pid and, in enforce mode, killed; stopping the container leaves
+nothing attached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Callable
+
+import pytest
+import yaml
+
+from tests.conftest import require, require_root
+from tests.fixtures.daemon import owned_bpf_programs
+from tests.fixtures.debian_root import REPO, debian_root, wheelhouse
+from tests.fixtures.docker import UNKNOWN_TO_OLD_RUNTIMES, Dockerd, Pod
+from tests.fixtures.network import free_port
+from tests.fixtures.wire import CountingServer, fake_miner
+
+pytestmark = [pytest.mark.root, pytest.mark.ebpf]
+
+IMAGE = "rome-guard-test:latest"
+PIN_ROOT = "/sys/fs/bpf/rome-guard"
+
+
+def _build_context(wheels: str) -> str:
+    """The working tree as a clone has it, plus the wheels for an offline build."""
+    context = tempfile.mkdtemp(prefix="rg-image-")
+    files = subprocess.run(
+        ["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    existing = b"\0".join(
+        f for f in files.split(b"\0") if f and os.path.lexists(os.path.join(REPO.encode(), f))
+    )
+    tar = subprocess.run(
+        ["tar", "-C", REPO, "--null", "-T", "-", "-c", "-f", "-"],
+        input=existing,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-C", context, "-x"], input=tar, check=True)
+    shutil.copytree(wheels, os.path.join(context, "wheels"))
+    return context
+
+
+@pytest.fixture(scope="module")
+def dockerd() -> Iterator[Dockerd]:
+    require_root()
+    for tool in ("dockerd", "docker", "debootstrap"):
+        require(shutil.which(tool) is not None, f"{tool} missing: scripts/setup-host.sh --test")
+    root = debian_root()
+    wheels = wheelhouse(root)
+    with Dockerd() as daemon:
+        base = daemon.base_image(root)
+        context = _build_context(wheels)
+        try:
+            daemon.docker(
+                "build", "--network=host", "-q", "-f", os.path.join(context, "deploy", "Dockerfile"),
+                "--build-arg", f"BASE={base}",
+                "--build-arg", "PIP_INSTALL_ARGS=--no-index --find-links /src/wheels",
+                "-t", IMAGE, context,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
+        yield daemon
+
+
+class Guard:
+    """The pod's guard container and its journal on the (scratch) node."""
+
+    def __init__(self, docker: Dockerd, mode: str):
+        self.docker = docker
+        self.pod = Pod.shipped()
+        self.node = tempfile.mkdtemp(prefix="rg-node-")
+        self.name = f"rg-pod-{uuid.uuid4().hex[:8]}"
+        config = self.pod.config
+        config["mode"] = mode
+        config.setdefault("metrics", {})["addr"] = f"127.0.0.1:{free_port()}"  # host network
+        unknown = docker.unknown_capabilities(IMAGE, self.pod.capabilities())
+        self.renamed = {c: UNKNOWN_TO_OLD_RUNTIMES[c] for c in unknown}
+        args = self.pod.run_args(self.node, yaml.safe_dump(config), self.renamed)
+        docker.docker("run", "-d", "--name", self.name, *args, IMAGE, *self.pod.container["args"])
+        self.alerts = os.path.join(self.node, "var", "lib", "rome-guard", "alerts.jsonl")
+
+    def logs(self) -> str:
+        out = self.docker.docker("logs", self.name, check=False)
+        return (out.stdout + out.stderr).decode(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.logs():
+                return
+            state = self.docker.docker("inspect", "-f", "{{.State.Running}}", self.name).stdout
+            assert state.strip() == b"true", self.logs()
+            time.sleep(0.5)
+        raise AssertionError(f"no {text!r} in:\n{self.logs()}")
+
+    def host_pid(self) -> int:
+        return int(self.docker.docker("inspect", "-f", "{{.State.Pid}}", self.name).stdout)
+
+    def records(self) -> list[dict]:
+        try:
+            with open(self.alerts) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def wait_record(self, predicate: Callable[[dict], bool], timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.records():
+                try:
+                    if predicate(record):
+                        return record
+                except (KeyError, TypeError):
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"no such record in {self.records()}\n{self.logs()}")
+
+    def stop(self) -> None:
+        grace = str(self.pod.spec.get("terminationGracePeriodSeconds", 30))
+        self.docker.docker("stop", "-t", grace, self.name, check=False)
+
+    def remove(self) -> None:
+        self.docker.docker("rm", "-f", self.name, check=False)
+        shutil.rmtree(self.node, ignore_errors=True)
+
+
+@pytest.fixture
+def guard_in(dockerd) -> Iterator[Callable[[str], Guard]]:
+    started: list[Guard] = []
+
+    def start(mode: str) -> Guard:
+        guard = Guard(dockerd, mode)
+        started.append(guard)
+        guard.wait_log("rome-guard running:")
+        return guard
+
+    yield start
+    for guard in started:
+        guard.remove()
+
+
+def _alert_of(pid: int, rule: str) -> Callable[[dict], bool]:
+    return lambda r: (
+        r["event"] == "alert"
+        and r["process"]["pid"] == pid
+        and rule in [x["rule"] for x in r["rules"]]
+    )
+
+
+def test_the_pod_guards_the_host_from_its_container(guard_in, tmp_path) -> None:
+    """eBPF from inside the container (no privileged: true), a miner on the
+    host alerted with its host pid and host cgroup, and what the pod's
+    capability set had to be renamed to on this runtime, if anything."""
+    guard = guard_in("monitor")
+    assert "ebpf sensor" in guard.logs(), guard.logs()
+    assert set(guard.renamed) <= {"BPF", "PERFMON"}  # Docker 20.10 knows neither name
+    pool = CountingServer("127.10.18.1", 443)
+    try:
+        miner = fake_miner(str(tmp_path), f"{pool.host}:{pool.port}", name="kworker-sync")
+        alert = guard.wait_record(_alert_of(miner.pid, "miner-stratum-login"))
+        miner.wait(30)
+    finally:
+        pool.close()
+    assert alert["process"]["comm"] == "kworker-sync"
+    assert alert["lineage"][0]["pid"] == os.getpid()  # the host's process tree
+    with open(f"/proc/{os.getpid()}/cgroup") as f:
+        ours = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")][0]
+    assert alert["process"]["cgroup"] == ours
+
+
+def test_the_pod_kills_a_host_miner_in_enforce_mode(guard_in, tmp_path) -> None:
+    guard = guard_in("enforce")
+    pool = CountingServer("127.10.18.2", 443)
+    try:
+        miner = fake_miner(str(tmp_path), f"{pool.host}:{pool.port}", name="kworker-flush")
+        response = guard.wait_record(
+            lambda r: r["event"] == "response" and r["process"]["pid"] == miner.pid
+        )
+        assert miner.wait(30) == -9
+    finally:
+        pool.close()
+    assert response["action"] == "killed"
+    assert pool.bytes_received == 0  # dropped in the kernel before the pool saw the login
+
+
+def test_stopping_the_pod_leaves_nothing_attached(guard_in) -> None:
+    guard = guard_in("enforce")
+    pid = guard.host_pid()
+    programs = owned_bpf_programs(pid)
+    assert programs  # it attached from inside the container
+    pins = [p for p in os.listdir(PIN_ROOT) if p.startswith(f"{pid}-")]
+    guard.stop()
+    assert not os.path.exists(f"/proc/{pid}")
+    left = (
+        [p for p in os.listdir(PIN_ROOT) if p.startswith(f"{pid}-")]
+        if os.path.isdir(PIN_ROOT)
+        else []
+    )
+    assert left == [], pins
+    listed = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True)
+    alive = {p["id"] for p in json.loads(listed.stdout or "[]")}
+    assert programs & alive == set()

@@ -249,7 +249,7 @@ def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) ->
     ]
     if as_json:
         keys = ("id", "category", "severity", "action", "kind", "location")
-        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+        click.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
     else:
         click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))
 

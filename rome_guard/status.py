@@ -104,7 +104,7 @@ def human_duration(seconds: float) -> str:
 
 
 def human_time(epoch: float) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

@@ -9,7 +9,7 @@ the rest of the daemon does not know the difference.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Union
 
 from rome_guard.events import (
     CONNECT_ATTEMPT,
@@ -21,7 +21,7 @@ from rome_guard.events import (
 from rome_guard.linux import has_peer
 from rome_guard.sensors import procfs, sockdiag
 
-Event = ExecEvent | ExitEvent | ConnectEvent
+Event = Union[ExecEvent, ExitEvent, ConnectEvent]  # not X | Y: Python 3.9
 
 
 def boottime_ns() -> int:

@@ -79,7 +79,7 @@ guard_packages() {
         iproute2 procps openssh-client make
       ;;
     "rhel "*)
-      echo python3 python3-bcc bpftool "kernel-devel-$kernel" iproute procps-ng openssh-clients make
+      echo python3 python3-bcc bpftool iproute procps-ng openssh-clients make
       ;;
     *) return 1 ;;
   esac
@@ -124,8 +124,11 @@ print_plan() {
     esac
   fi
   case "$dist" in
-    "rhel "*) echo "install with: dnf install -y $(guard_packages "$dist")" ;;
-    *) echo "install with: apt-get install -y --no-install-recommends $(guard_packages "$dist")" ;;
+    "rhel "*) echo "install with: dnf install -y $(guard_packages "$dist") $(header_package "$dist")" ;;
+    *)
+      echo "install with: apt-get install -y --no-install-recommends" \
+        "$(guard_packages "$dist") $(header_package "$dist")"
+      ;;
   esac
 }
 

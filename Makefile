@@ -64,7 +64,7 @@ install:
 	$(PREFIX)/bin/python -c 'import bcc' || { echo "install: BCC does not import in $(PREFIX)" >&2; exit 2; }
 	install -d -m 0755 $(BINDIR) $(CONFDIR) $(CONFDIR)/rules.d $(UNITDIR) $(LIBEXECDIR)
 	ln -sfn $(PREFIX)/bin/rome-guard $(BINDIR)/rome-guard
-	for s in slurm-prolog.sh slurm-epilog.sh; do \
+	for s in slurm-prolog.sh slurm-epilog.sh oci-gpu-hook.sh; do \
 		sed -e 's|ROME_GUARD:-rome-guard|ROME_GUARD:-$(BINDIR)/rome-guard|' scripts/$$s > $(LIBEXECDIR)/.$$s.tmp && \
 		chmod 0755 $(LIBEXECDIR)/.$$s.tmp && mv $(LIBEXECDIR)/.$$s.tmp $(LIBEXECDIR)/$$s; done
 	test -e $(CONFDIR)/config.yaml || install -m 0644 systemd/config.yaml $(CONFDIR)/config.yaml

@@ -222,7 +222,7 @@ def test_make_install_into_a_scratch_root(tmp_path):
     with open(DEFAULT_CONFIG) as f:
         assert config.read_text() == f.read()
     assert (paths["CONFDIR"] / "rules.d").is_dir()
-    for script in ("slurm-prolog.sh", "slurm-epilog.sh"):  # docs/gpu.md
+    for script in ("slurm-prolog.sh", "slurm-epilog.sh", "oci-gpu-hook.sh"):  # docs/gpu.md
         installed = paths["LIBEXECDIR"] / script
         assert os.access(installed, os.X_OK)
         assert f"ROME_GUARD:-{command}" in installed.read_text()

@@ -218,6 +218,7 @@ class GpuProcess:
     mig: str | None  # MIG device UUID, None on a full GPU
     used_memory_bytes: int | None
     sm_util: int | None  # percent, None where unsupported
+    mps_client: bool = False  # listed by NVML's MPS query: a client of the MPS server
 
 
 USER_HZ = 100  # the kernel's clock_t for /proc is always 100 on Linux

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from rome_guard.events import ProcessInfo
 from rome_guard.gpu.allocations import AllocationSnapshot, Owner, describe_owner, gpu_matches
-from rome_guard.gpu.consumers import GpuConsumerVerdict, judge_consumer
+from rome_guard.gpu.consumers import SOURCE_MPS_SERVER, GpuConsumerVerdict, judge_consumer
 from rome_guard.gpu.registry import (
     SOURCE_ALLOW,
     SOURCE_REGISTRATION,
@@ -115,6 +115,8 @@ def status(verdict: GpuConsumerVerdict) -> str:
     assert verdict.coverage is not None
     if verdict.coverage.source == SOURCE_REGISTRATION:
         return "registered"
+    if verdict.coverage.source == SOURCE_MPS_SERVER:
+        return "mps_server"
     return "allowed" if verdict.coverage.source == SOURCE_ALLOW else "allocated"
 
 

@@ -138,11 +138,13 @@ def run(
 ) -> None:
     """Run the guard in the foreground (systemd Type=notify)."""
     from rome_guard.daemon import main as daemon_main
+    from rome_guard.siteconfig import usable_config
 
-    config = config_from(config_path)
+    # degraded, never down: what cannot be used is left out and reported
+    config, rejected = usable_config(config_path)
     overrides = {"mode": mode, "sensor": sensor, "alerts_file": alerts_file, "run_dir": run_dir}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    status = daemon_main(config, extra_rules, metrics_addr)
+    status = daemon_main(config, extra_rules, metrics_addr, rejected)
     # Everything is detached and closed by now. Skip the interpreter's and
     # libbcc's exit-time destructors: LLVM's alone take ~1.8 s, and SIGTERM
     # must end the daemon within 2 s.

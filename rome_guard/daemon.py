@@ -48,6 +48,7 @@ from rome_guard.respond.enforce import apply_policy
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.sensors.poll import PollSensor
+from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
 from rome_guard.state.processes import ProcessModel
 from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
 from rome_guard.textsafe import one_line
@@ -71,6 +72,7 @@ DRAIN_EVERY_MS = 10
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
+METRICS_RETRY_S = 10.0  # a metrics address in use at start is tried again this often
 
 
 # eBPF programs report the kernel's (host) pids, and a pinned attachment is
@@ -143,6 +145,9 @@ class Guard:
         self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
         self.started = time.time()
+        self.rejected: list[Rejection] = []  # left out at start or at the last reload
+        self._metrics_retry: tuple[str, str] | None = None  # (addr, web config) not yet served
+        self._next_metrics_retry = 0.0
         self._start_ticks_of_self = own_start_ticks()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -192,6 +197,7 @@ class Guard:
         except SourceError as exc:
             log.error("reload rejected, keeping %d rules in force:\n%s", len(self.ruleset), exc)
             self.ctx.metrics.rule_reload_failed()
+            self.report_rejected(rejected_reload(exc))
             return False
         except Exception as exc:  # noqa: BLE001 -- a reload must never end the guard
             log.error(
@@ -219,8 +225,41 @@ class Guard:
             except (OSError, ValueError, SourceError) as exc:
                 log.error("metrics web config not reloaded, keeping the old one: %s", exc)
         self._install(Rules.compile(ruleset, self.prevention is not None), self.ctx.rules)
+        self.report_rejected([])
         log.info("reloaded: %d rules from %d files", len(ruleset), len(ruleset.sources))
         return True
+
+    def report_rejected(self, rejected: list[Rejection]) -> None:
+        """What was left out: logged, journaled, counted, in the status."""
+        self.rejected = list(rejected)
+        self.ctx.metrics.set_config_rejected(len(self.rejected))
+        for rejection in self.rejected:
+            log.error(
+                "DEGRADED: left out %s of %s, running without it:\n%s",
+                rejection.what,
+                rejection.path,
+                "\n".join(rejection.lines()),
+            )
+            self.journal.write(rejection.record(self.ctx.alerts.host, self.config.mode))
+
+    def serve_metrics_later(self, addr: str, web_config_file: str) -> None:
+        """The metrics address is taken: detection and the journal go on,
+        and housekeeping tries the address again."""
+        self._metrics_retry = (addr, web_config_file)
+        self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
+
+    def _retry_metrics(self) -> None:
+        if self._metrics_retry is None or time.monotonic() < self._next_metrics_retry:
+            return
+        addr, web_config_file = self._metrics_retry
+        try:
+            self.metrics_server = self.ctx.metrics.serve(addr, web_config_file)
+        except OSError as exc:
+            self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
+            log.debug("metrics on %s still unavailable: %s", addr, exc)
+            return
+        self._metrics_retry = None
+        log.warning("metrics served on %s now (it was unavailable at start)", addr)
 
     # --- start-up -----------------------------------------------------------
 
@@ -282,6 +321,8 @@ class Guard:
             "events": self.events_seen,
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
+            "config_rejected": [r.to_status() for r in self.rejected],
+            "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
             "journal": asdict(self.journal.state()),
             "time": time.time(),
@@ -322,6 +363,7 @@ class Guard:
 
     def housekeeping(self) -> None:
         self.journal.retry()
+        self._retry_metrics()
         if self._resync_due and time.monotonic() >= self._next_resync:
             self._resync_due = False
             started = time.monotonic()
@@ -461,17 +503,25 @@ def _gpu_watch(config: Config) -> GpuWatch | None:
         return None
 
 
-def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None) -> int:
-    """The daemon's whole life; returns the exit status."""
+def main(
+    config: Config,
+    extra_rules: tuple[str, ...],
+    metrics_addr: str | None,
+    rejected: Iterable[Rejection] = (),
+) -> int:
+    """The daemon's whole life; returns the exit status. rejected: what the
+    config loader left out (rome_guard.siteconfig); site rule files that do
+    not load are left out here, and both are reported once the journal is open."""
     from rome_guard.sdnotify import Notifier
 
     setup_logging()
     notifier = Notifier()
     try:
-        ruleset = rules_for(replace(config, rules=list(config.rules) + list(extra_rules)))
+        ruleset, left_out = usable_rules(config, extra_rules)
     except SourceError as exc:
-        log.error("invalid rules, not starting:\n%s", exc)
+        log.error("the shipped rules do not load (a broken installation), not starting:\n%s", exc)
         return 2
+    rejected = [*rejected, *left_out]
     try:
         journal = open_journal(config.alerts_file)
     except JournalError as exc:
@@ -479,22 +529,32 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         return 2
     metrics = server = None
     addr = config.metrics.addr if metrics_addr is None else metrics_addr
-    try:
-        from rome_guard.respond.metrics import GuardMetrics
+    from rome_guard.respond.metrics import GuardMetrics
 
-        metrics = GuardMetrics()
-        journal.set_error_hook(metrics.journal_error)
-        metrics.watch_journal_spool(lambda: journal.state().spooled)
+    metrics = GuardMetrics()
+    journal.set_error_hook(metrics.journal_error)
+    metrics.watch_journal_spool(lambda: journal.state().spooled)
+    metrics_busy = None
+    try:
         server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
     except OSError as exc:
-        log.error("cannot serve metrics on %s: %s", addr, exc)
-        return 2
+        metrics_busy = exc
+        log.error(
+            "DEGRADED: cannot serve metrics on %s (%s); detection and the journal go on, "
+            "retrying every %.0fs",
+            addr,
+            exc,
+            METRICS_RETRY_S,
+        )
     killer, prevention = _responders(config)
     gpu = _gpu_watch(config)
     guard = Guard(
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
     guard.metrics_server = server
+    if metrics_busy is not None:
+        guard.serve_metrics_later(addr, config.metrics.web_config_file)
+    guard.report_rejected(rejected)
     guard.remember_alerts(recent_alerts(config.alerts_file, config.mode))
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
@@ -551,8 +611,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             prevention.close()
         if gpu is not None:
             gpu.close()
-        if server is not None:
-            server.close()
+        if guard.metrics_server is not None:
+            guard.metrics_server.close()
         journal.close()
         if status_path:
             with contextlib.suppress(OSError):

@@ -165,6 +165,14 @@ def render(reading: StatusReading) -> str:
         if lost
         else "events lost: none"
     )
+    rejected = s.get("config_rejected") or []
+    if s.get("metrics_unavailable"):
+        lines += ["", f"metrics: NOT SERVED, {s['metrics_unavailable']} in use (retrying)"]
+    if rejected:
+        lines += ["", "left out (the guard runs without them):"]
+        for item in rejected:
+            lines.append(f"  {item.get('left_out', '?')} of {item.get('file', '?')}:")
+            lines += [f"    {problem}" for problem in item.get("problems", [])[:20]]
     gpu = s.get("gpu")
     if isinstance(gpu, dict):
         sources = gpu.get("allocation_sources") or {}

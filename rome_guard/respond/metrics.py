@@ -246,6 +246,11 @@ class GuardMetrics:
         self.rule_reload_failures = metric(
             Counter, "rule_reload_failures", "Rule reloads rejected (the old set stays)."
         )
+        self.config_rejected = metric(
+            Gauge,
+            "config_rejected_files",
+            "Config and rule files (or config keys) left out at start or at the last reload.",
+        )
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
@@ -323,6 +328,9 @@ class GuardMetrics:
 
     def rule_reload_failed(self) -> None:
         self.rule_reload_failures.inc()
+
+    def set_config_rejected(self, count: int) -> None:
+        self.config_rejected.set(count)
 
     def _alert_labels(
         self, rule: str, category: str, severity: str, only_loaded: bool = True
@@ -464,6 +472,7 @@ class MetricsSink(Protocol):
 
     def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
     def rule_reload_failed(self) -> None: ...
+    def set_config_rejected(self, count: int) -> None: ...
     def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
     def incident(self, category: str, severity: str, action: str) -> None: ...
     def event(self, source: str, count: int = 1) -> None: ...
@@ -485,6 +494,9 @@ class NullMetrics:
         pass
 
     def rule_reload_failed(self) -> None:
+        pass
+
+    def set_config_rejected(self, count: int) -> None:
         pass
 
     def alert(self, rule: str, category: str, severity: str, action: str) -> None:

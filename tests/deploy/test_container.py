@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -26,6 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import require, require_root
+from tests.fixtures import fake_nvml
 from tests.fixtures.daemon import owned_bpf_programs
 from tests.fixtures.debian_root import REPO, debian_root, wheelhouse
 from tests.fixtures.docker import UNKNOWN_TO_OLD_RUNTIMES, Dockerd, Pod
@@ -35,6 +38,7 @@ from tests.fixtures.wire import CountingServer, fake_miner
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
 IMAGE = "rome-guard-test:latest"
+GPU0 = "GPU-00000000-0000-0000-0000-000000000000"
 PIN_ROOT = "/sys/fs/bpf/rome-guard"
 
 
@@ -85,7 +89,7 @@ def dockerd() -> Iterator[Dockerd]:
 class Guard:
     """The pod's guard container and its journal on the (scratch) node."""
 
-    def __init__(self, docker: Dockerd, mode: str):
+    def __init__(self, docker: Dockerd, mode: str, runtime_args: tuple[str, ...] = ()):
         self.docker = docker
         self.pod = Pod.shipped()
         self.node = tempfile.mkdtemp(prefix="rg-node-")
@@ -96,6 +100,7 @@ class Guard:
         unknown = docker.unknown_capabilities(IMAGE, self.pod.capabilities())
         self.renamed = {c: UNKNOWN_TO_OLD_RUNTIMES[c] for c in unknown}
         args = self.pod.run_args(self.node, yaml.safe_dump(config), self.renamed)
+        args += runtime_args  # what a runtime adds to the pod (NVIDIA's: libnvidia-ml)
         docker.docker("run", "-d", "--name", self.name, *args, IMAGE, *self.pod.container["args"])
         self.alerts = os.path.join(self.node, "var", "lib", "rome-guard", "alerts.jsonl")
 
@@ -148,8 +153,8 @@ class Guard:
 def guard_in(dockerd) -> Iterator[Callable[[str], Guard]]:
     started: list[Guard] = []
 
-    def start(mode: str) -> Guard:
-        guard = Guard(dockerd, mode)
+    def start(mode: str, runtime_args: tuple[str, ...] = ()) -> Guard:
+        guard = Guard(dockerd, mode, runtime_args)
         started.append(guard)
         guard.wait_log("rome-guard running:")
         return guard
@@ -201,6 +206,42 @@ def test_the_pod_kills_a_host_miner_in_enforce_mode(guard_in, tmp_path) -> None:
         pool.close()
     assert response["action"] == "killed"
     assert pool.bytes_received == 0  # dropped in the kernel before the pool saw the login
+
+
+OPENER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+time.sleep(60)
+"""
+
+
+def test_the_pod_judges_a_cuda_open_on_the_host(guard_in, tmp_path) -> None:
+    """The stand-in libnvidia-ml mounted as NVIDIA's container runtime
+    mounts the real one: a host process opening /dev/nvidia-uvm is judged at
+    the open (eBPF), by its host pid, before NVML lists it."""
+    lib = fake_nvml.library_dir()
+    state = tmp_path / "nvml"
+    state.mkdir()
+    fake_nvml.FakeState(gpus=[fake_nvml.FakeGpu(0, GPU0)]).write(state / "state")
+    runtime = (
+        "-v", f"{lib}:/usr/lib/nvidia-stand-in:ro", "-v", f"{state}:/run/nvidia-stand-in:ro",
+        "-e", "LD_LIBRARY_PATH=/usr/lib/nvidia-stand-in",
+        "-e", "FAKE_NVML_STATE=/run/nvidia-stand-in/state",
+    )  # fmt: skip
+    guard = guard_in("monitor", runtime)
+    guard.wait_log("GPU features on: 1 GPU(s)")
+    uvm = f"/dev/nvidia-uvm-rgtest-{uuid.uuid4().hex[:12]}"
+    os.mknod(uvm, 0o600 | stat.S_IFREG)  # mknod: the test process must not be the opener
+    opener = None
+    try:
+        opener = subprocess.Popen([sys.executable, "-c", OPENER, uvm])
+        alert = guard.wait_record(_alert_of(opener.pid, "gpu-unregistered-consumer"))
+        assert alert["gpu_source"] == "open" and "nvidia-uvm" in alert["reason"]
+    finally:
+        if opener is not None:
+            opener.kill()
+            opener.wait()
+        os.unlink(uvm)
 
 
 def test_stopping_the_pod_leaves_nothing_attached(guard_in) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from typing import Callable
 
@@ -31,7 +30,7 @@ import pytest
 from tests.conftest import require, require_root
 from tests.fixtures import fake_nvml
 from tests.fixtures.booted import BootedHost
-from tests.fixtures.debian_root import REPO, debian_root, wheelhouse
+from tests.fixtures.debian_root import debian_root, wheelhouse, working_tree_tar
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
@@ -75,24 +74,6 @@ time.sleep(120)
 """
 
 
-def _working_tree_tar() -> bytes:
-    """The working tree as a clone would have it (tracked and new files)."""
-    files = subprocess.run(
-        ["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    existing = b"\0".join(
-        f for f in files.split(b"\0") if f and os.path.lexists(os.path.join(REPO.encode(), f))
-    )
-    return subprocess.run(
-        ["tar", "-C", REPO, "--null", "-T", "-", "-c", "-f", "-"],
-        input=existing,
-        capture_output=True,
-        check=True,
-    ).stdout
-
-
 class Unit:
     """The booted container with rome-guard installed, and its journal."""
 
@@ -100,12 +81,11 @@ class Unit:
         self.host = host
 
     def configure(self, mode: str) -> None:
-        self.host.run(
-            ["sh", "-c", "cat > /etc/rome-guard/config.yaml"], input=CONFIG.format(mode=mode)
-        )
+        self.host.write("/etc/rome-guard/config.yaml", CONFIG.format(mode=mode))
 
     def records(self) -> list[dict]:
-        out = self.host.run(["cat", ALERTS], check=False).stdout
+        # a failing nsenter raises (with its reason), not an empty journal
+        out = self.host.sh(f"test ! -e {ALERTS} || cat {ALERTS}").stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def wait_alert(self, predicate: Callable[[dict], bool], timeout: float = 20.0) -> dict:
@@ -174,7 +154,7 @@ def unit():
         root,
         binds_ro=("/lib/modules", "/usr/src", f"{wheels}:/mnt/wheels", f"{nvml}:{FAKE_NVML_DIR}"),
     ) as host:
-        host.run(["sh", "-c", "mkdir -p /opt/src && tar -C /opt/src -x"], input=_working_tree_tar())
+        host.run(["sh", "-c", "mkdir -p /opt/src && tar -C /opt/src -x"], input=working_tree_tar())
         install = host.sh(
             "cd /opt/src && make install PIP_INSTALL_ARGS='--no-index --find-links /mnt/wheels'",
             check=False,
@@ -185,11 +165,8 @@ def unit():
         guarded.configure("monitor")
         state = fake_nvml.FakeState(gpus=[fake_nvml.FakeGpu(0, GPU0)])
         host.sh(f"mkdir -p {os.path.dirname(NVML_STATE)} /etc/systemd/system/rome-guard.service.d")
-        host.run(["sh", "-c", f"cat > {NVML_STATE}"], input=state.render())
-        host.run(
-            ["sh", "-c", "cat > /etc/systemd/system/rome-guard.service.d/test-nvml.conf"],
-            input=DROP_IN,
-        )
+        host.write(NVML_STATE, state.render())
+        host.write("/etc/systemd/system/rome-guard.service.d/test-nvml.conf", DROP_IN)
         host.sh("touch /dev/nvidia0 && chmod 0666 /dev/nvidia0")  # a stand-in device node
         host.sh("systemctl daemon-reload && systemctl start rome-guard", timeout=200)
         guarded.start("rg-peer-ssh", "python3", "-c", SILENT_PEER, "127.0.0.3", "2022")
@@ -286,7 +263,7 @@ def test_remote_forward_in_a_users_ssh_config_under_the_unit(unit: Unit) -> None
         "id rgssh >/dev/null 2>&1 || useradd -m -d /home/rgssh -s /bin/sh rgssh; "
         "install -d -m 0700 -o rgssh -g rgssh /home/rgssh/.ssh"
     )
-    host.run(["sh", "-c", "cat > /home/rgssh/.ssh/config"], input=SSH_CONFIG)
+    host.write("/home/rgssh/.ssh/config", SSH_CONFIG)
     host.sh("chown rgssh:rgssh /home/rgssh/.ssh/config && chmod 0600 /home/rgssh/.ssh/config")
     as_user = ("User=rgssh", "WorkingDirectory=/home/rgssh", "Environment=HOME=/home/rgssh")
     unit.start("rg-ssh", "ssh", "-N", "devbox", properties=as_user)
@@ -325,10 +302,7 @@ def test_unregistered_gpu_consumer_through_the_stand_in_nvml(unit: Unit) -> None
             processes=[fake_nvml.FakeProcess(0, stray), fake_nvml.FakeProcess(0, trainer)],
             generation=1,
         )
-        unit.host.run(
-            ["sh", "-c", f"cat > {NVML_STATE}.tmp && mv {NVML_STATE}.tmp {NVML_STATE}"],
-            input=state.render(),
-        )
+        unit.host.write(NVML_STATE, state.render())
         alert = unit.wait_alert(of_unit("rg-gpu", "gpu-unregistered-consumer"))
         assert alert["gpu"]["uuid"] == GPU0
         unit.settle()

@@ -30,7 +30,7 @@ import yaml
 from tests.conftest import require, require_root
 from tests.fixtures import fake_nvml
 from tests.fixtures.daemon import owned_bpf_programs
-from tests.fixtures.debian_root import REPO, debian_root, wheelhouse
+from tests.fixtures.debian_root import debian_root, wheelhouse, working_tree_tar
 from tests.fixtures.docker import UNKNOWN_TO_OLD_RUNTIMES, Dockerd, Pod
 from tests.fixtures.network import free_port
 from tests.fixtures.wire import CountingServer, fake_miner
@@ -45,20 +45,7 @@ PIN_ROOT = "/sys/fs/bpf/rome-guard"
 def _build_context(wheels: str) -> str:
     """The working tree as a clone has it, plus the wheels for an offline build."""
     context = tempfile.mkdtemp(prefix="rg-image-")
-    files = subprocess.run(
-        ["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    existing = b"\0".join(
-        f for f in files.split(b"\0") if f and os.path.lexists(os.path.join(REPO.encode(), f))
-    )
-    tar = subprocess.run(
-        ["tar", "-C", REPO, "--null", "-T", "-", "-c", "-f", "-"],
-        input=existing,
-        capture_output=True,
-        check=True,
-    ).stdout
+    tar = working_tree_tar()
     subprocess.run(["tar", "-C", context, "-x"], input=tar, check=True)
     shutil.copytree(wheels, os.path.join(context, "wheels"))
     return context

@@ -8,6 +8,7 @@ travels (docs/architecture.md has the picture):
          -> state.processes.ProcessModel (every process fact, /proc gaps)
          -> detect (same rules as scan) -> respond.alerts.AlertSink
             -> journal (fsync; spooled in memory when the disk refuses)
+               -> outputs (syslog, webhook, journald: queued, own threads)
             -> metrics -> Killer (enforce mode only)
 
 Start-up misses nothing: the sensor attaches first, then the model is
@@ -41,12 +42,15 @@ from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
+from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
 from rome_guard.linux import in_host_pid_namespace
+from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
+from rome_guard.respond.outputs import Outputs
 from rome_guard.sensors.poll import PollSensor
 from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
 from rome_guard.state.processes import ProcessModel
@@ -141,6 +145,7 @@ class Guard:
         self.journal = journal
         self.prevention = prevention
         self.metrics_server: MetricsServer | None = None  # reloaded on SIGHUP
+        self.outputs = Outputs()  # fixed at start (main); status shows them
         self.sensor_mode = "none"
         self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
@@ -187,9 +192,19 @@ class Guard:
         if self.ctx.sensor is not None:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
+        self.ctx.metrics.set_mode(self.ctx.config.mode)
+        if rules.ruleset.staged:
+            log.info(
+                "kill rules staged in monitor mode (they alert, never kill): %s",
+                ", ".join(rules.ruleset.staged),
+            )
+        self.rules_hash = health.rules_hash(rules.ruleset)
+        self.ctx.metrics.set_build(self.rules_hash, health.config_hash(self.ctx.config))
 
     def reload(self) -> bool:
-        """SIGHUP: re-read config and rules; keep the old set on any error."""
+        """SIGHUP: reopen the journal (logrotate renamed it), re-read config
+        and rules; keep the old set on any error."""
+        self.journal.reopen()
         current = self.ctx.config
         try:
             config = load_config(current.source or None)
@@ -324,7 +339,10 @@ class Guard:
             "config_rejected": [r.to_status() for r in self.rejected],
             "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
-            "journal": asdict(self.journal.state()),
+            "ssh_config": self.ctx.ssh.status(),
+            "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
+            "outputs": [asdict(state) for state in self.outputs.states()],
+            "rules_hash": self.rules_hash,
             "time": time.time(),
         }
 
@@ -377,9 +395,17 @@ class Guard:
                 took,
             )
         retry_parked(self.ctx)
+        judge_pending_shells(self.ctx)
+        self.ctx.alerts.retry_kills()
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
+        gpu = self.ctx.gpu
+        for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
+            self.ctx.metrics.set_sensor_up(sensor, up)
+        if gpu is not None:
+            self.ctx.metrics.set_nvml_errors(gpu.sensor.error_counts())
 
     def run(self, notifier: Notifier, status_path: str | None = None) -> None:
         """Drain events until SIGTERM/SIGINT."""
@@ -452,7 +478,8 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     """The killer and the kernel prevention, in enforce mode only. Stale
     attachments of a crashed daemon are removed in every mode: a crash must
     never leave the host unable to connect."""
-    from rome_guard.respond import prevent, stale
+    from rome_guard.kernel import stale
+    from rome_guard.respond import prevent
 
     if not in_host_pid_namespace():
         log.warning("DEGRADED: no in-kernel prevention, no stale clean-up: %s", CHILD_PID_NAMESPACE)
@@ -523,7 +550,7 @@ def main(
         return 2
     rejected = [*rejected, *left_out]
     try:
-        journal = open_journal(config.alerts_file)
+        journal = open_journal(config.alerts_file, config.journal.rotate_bytes, config.journal.keep)
     except JournalError as exc:
         log.error("not starting: %s", exc)
         return 2
@@ -534,6 +561,9 @@ def main(
     metrics = GuardMetrics()
     journal.set_error_hook(metrics.journal_error)
     metrics.watch_journal_spool(lambda: journal.state().spooled)
+    outputs = Outputs.from_config(config.outputs)  # an output that cannot start is left out
+    journal.set_forward(outputs.publish)
+    metrics.watch_outputs(outputs.states)
     metrics_busy = None
     try:
         server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
@@ -552,6 +582,7 @@ def main(
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
     guard.metrics_server = server
+    guard.outputs = outputs
     if metrics_busy is not None:
         guard.serve_metrics_later(addr, config.metrics.web_config_file)
     guard.report_rejected(rejected)
@@ -613,6 +644,9 @@ def main(
             gpu.close()
         if guard.metrics_server is not None:
             guard.metrics_server.close()
+        if server is not None:
+            server.close()
+        outputs.close()
         journal.close()
         if status_path:
             with contextlib.suppress(OSError):

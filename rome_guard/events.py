@@ -36,6 +36,10 @@ class Attribution:
     pod_uid: str | None = None  # Kubernetes pod UID (dashes restored)
     slurm_job: str | None = None  # Slurm job id
     env: Mapping[str, str] = field(default_factory=dict)  # configured env keys
+    # 0: env is the process's own, read at its exec; else the pid of the
+    # ancestor whose values it carries (its own environ was unreadable: the
+    # process was gone, a zombie, or killed at exec before it could be read)
+    env_inherited_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class ConnectEvent:
 
 # What a wire event reports (rome_guard.sensors.wire).
 WIRE_FIRST_PAYLOAD = "first_payload"  # the first payload of a TCP flow this host opened
+WIRE_STREAM_DATA = "stream_data"  # later bytes of that flow's client stream
 WIRE_DNS_QUERY = "dns_query"  # a UDP datagram to port 53
 WIRE_DNS_ANSWER = "dns_answer"  # a UDP datagram from port 53
 WIRE_DROPPED_CONNECT = "dropped_connect"  # a SYN to a pool-named address, dropped
@@ -170,7 +175,63 @@ class WireEvent:
     sni: str = ""  # TLS ClientHello server_name, parsed in the kernel
     alpn: str = ""  # its first ALPN protocol
     tls: bool = False  # the payload starts a TLS ClientHello
-    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns"
+    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns" ...
+    offset: int = 0  # client stream offset of payload[0] (TCP flows)
+    segment: int = 0  # which client segment of the flow, from 1 (TCP flows)
+    stream_end: bool = False  # the last record of the flow's client stream
+    proxy_name: str = ""  # the host a SOCKS5/HTTP CONNECT request in it names
+
+
+PREVENTION_BLOCKED_CONNECT = "blocked_connect"  # a connect denied in the kernel
+PREVENTION_KILLED_EXEC = "killed_exec"  # a denylisted program killed at exec
+PREVENTION_KILLED_CONNECT = "killed_connect"  # killed at the connect to a kill destination
+
+
+@dataclass(frozen=True)
+class PreventionEvent:
+    """A connect denied or a process killed in the kernel. Strings come
+    from the offender: sanitise them (rome_guard.textsafe) before output."""
+
+    kind: str  # PREVENTION_*
+    pid: int  # thread group id (the process)
+    tid: int
+    uid: int
+    comm: str
+    cgroup_id: int
+    timestamp_ns: int  # CLOCK_BOOTTIME
+    family: int = 0  # 4 | 6 for connects
+    protocol: str = ""  # "tcp" | "udp" | "" for exec
+    daddr: str = ""
+    dport: int = 0
+    filename: str = ""  # exec: the path given to execve
+    kill_requested: bool = False  # the matching entry asked for a kill
+
+    @property
+    def action(self) -> str:
+        """The journal's action: ``killed`` or ``blocked``."""
+        return "blocked" if self.kind == PREVENTION_BLOCKED_CONNECT else "killed"
+
+    def connect_event(self) -> ConnectEvent | None:
+        """The denied connect in the shared event model, for the engine."""
+        if self.kind == PREVENTION_KILLED_EXEC:
+            return None
+        endpoint = Endpoint(
+            proto=self.protocol or "tcp",
+            family=self.family,
+            saddr="",
+            sport=0,
+            daddr=self.daddr,
+            dport=self.dport,
+            state=CONNECT_BLOCKED,
+        )
+        return ConnectEvent(
+            pid=self.pid,
+            endpoint=endpoint,
+            outcome=CONNECT_BLOCKED,
+            timestamp_ns=self.timestamp_ns,
+            comm=self.comm,
+            cgroup_id=self.cgroup_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -221,9 +282,85 @@ class GpuProcess:
     mps_client: bool = False  # listed by NVML's MPS query: a client of the MPS server
 
 
+@dataclass(frozen=True)
+class MigDevice:
+    slot: int  # index passed to nvmlDeviceGetMigDeviceHandleByIndex
+    uuid: str  # "MIG-..."
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One physical GPU as last polled (the GPU inventory)."""
+
+    index: int
+    uuid: str
+    name: str
+    mig_devices: tuple[MigDevice, ...] = ()
+    power_mw: int | None = None
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    utilization: int | None = None  # whole-GPU percent
+    accounting: bool = False  # accounting mode on, so short-lived processes are caught
+    mig_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class FinishedGpuProcess:
+    """From accounting mode: a process that used the GPU and exited without
+    ever being seen by a poll. Its pid may already be reused: match it to a
+    process only through a process table that kept the exited process, using
+    ``gpu_start_us`` (when its GPU context began, µs since the epoch)."""
+
+    pid: int
+    gpu_index: int
+    gpu_uuid: str
+    max_memory_bytes: int | None
+    gpu_start_us: int
+    gpu_time_ms: int
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    taken_at: float  # time.time()
+    available: bool  # NVML answered; False: GPU features are off for now
+    devices: tuple[GpuDevice, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+    finished: tuple[FinishedGpuProcess, ...] = ()
+    failing: tuple[int, ...] = ()  # GPU indices skipped in this poll (back-off after errors)
+    reason: str = ""  # why NVML is unavailable, for operators
+
+
 USER_HZ = 100  # the kernel's clock_t for /proc is always 100 on Linux
 
 
 def boottime_ns_to_ticks(ns: int) -> int:
     """CLOCK_BOOTTIME nanoseconds -> /proc start-time clock ticks."""
     return ns // (1_000_000_000 // USER_HZ)
+
+
+# Why an ssh client's effective configuration could not be established
+# (sensors.sshconfig; rome_guard_ssh_config_unknown_total{reason}).
+SSH_UNKNOWN_DESCRIPTOR = "descriptor"  # -F /dev/stdin, /dev/fd/N, <(...)
+SSH_UNKNOWN_NOT_A_FILE = "not_a_file"  # -F names a fifo, socket or device
+SSH_UNKNOWN_DELETED = "deleted"  # -F file gone since the client read it
+SSH_UNKNOWN_CHANGED = "changed"  # rewritten after the client started
+SSH_UNKNOWN_UNREADABLE = "unreadable"  # the guard could not read the -F file
+SSH_UNKNOWN_FAILED = "failed"  # ssh -G exited non-zero or could not start
+SSH_UNKNOWN_TIMEOUT = "timeout"  # ssh -G ran past its timeout
+SSH_UNKNOWN_SKIPPED = "skipped"  # not asked: over budget, or a slow user
+SSH_UNKNOWN_NO_SSH = "no_ssh"  # no ssh binary on the host to ask
+SSH_UNKNOWN_NO_USER = "no_user"  # the process's uid has no passwd entry
+SSH_UNKNOWN_REASONS = (
+    SSH_UNKNOWN_DESCRIPTOR,
+    SSH_UNKNOWN_NOT_A_FILE,
+    SSH_UNKNOWN_DELETED,
+    SSH_UNKNOWN_CHANGED,
+    SSH_UNKNOWN_UNREADABLE,
+    SSH_UNKNOWN_FAILED,
+    SSH_UNKNOWN_TIMEOUT,
+    SSH_UNKNOWN_SKIPPED,
+    SSH_UNKNOWN_NO_SSH,
+    SSH_UNKNOWN_NO_USER,
+)

@@ -136,7 +136,7 @@ def usable_rules(config: Config, extra: tuple[str, ...] = ()) -> tuple[RuleSet, 
         except SourceError as exc:
             rejected.append(_rejection(path, "rule file", exc))
     loaded = load_rules(kept)
-    known = {rule.id for rule in loaded.rules} | {rule.id for rule in shipped.rules}
+    known = {rule.id for ruleset in (loaded, shipped) for rule in ruleset.rules + ruleset.left_out}
     unknown = [rule_id for rule_id in disabled if rule_id not in known]
     if unknown:
         where = config.source or "disabled_rules"

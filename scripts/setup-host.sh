@@ -106,7 +106,8 @@ header_package() {
 # Debian only: the tests run on Debian 12 (CI and these machines).
 test_packages=(
   bpfcc-tools bpftrace libcap2-bin gcc git ca-certificates systemd openssl
-  openssh-server autossh socat ncat nmap iperf3 rsyslog
+  openssh-server autossh socat ncat netcat-traditional nodejs tmux nmap iputils-ping
+  iperf3 rsyslog logrotate
   prometheus slurmctld slurmd slurm-client munge
   debootstrap systemd-container docker.io
 )

@@ -27,7 +27,11 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 UNIT = os.path.join(REPO, "systemd", "rome-guard.service")
 DEFAULT_CONFIG = os.path.join(REPO, "systemd", "config.yaml")
 INSTALLED_BIN = "/usr/local/bin/rome-guard"
-MAX_EXPOSURE = 4.0  # systemd-analyze security: "OK" and better
+# systemd-analyze security: "OK" and better. 4.2, not the 4.0 it was: the
+# ssh-config reader's CAP_SETUID/CAP_SETGID and ProtectHome=read-only cost
+# 0.4 (3.8 -> 4.2), the price of seeing forwards in ~/.ssh/config; nothing
+# scored that the guard could still work without is left (docs/install.md).
+MAX_EXPOSURE = 4.2
 
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +104,8 @@ def test_hardening_settings():
     unit = settings()
     for key, value in {
         "ProtectSystem": "strict",
-        "ProtectHome": "yes",
+        # read-only, not yes: ssh -G as the user reads ~/.ssh/config
+        "ProtectHome": "read-only",
         "PrivateTmp": "yes",
         "NoNewPrivileges": "yes",
         "SystemCallArchitectures": "native",
@@ -218,6 +223,9 @@ def test_make_install_into_a_scratch_root(tmp_path):
     )  # fmt: skip
     assert bcc.returncode == 0 and bcc.stdout == system_bcc.stdout, bcc.stderr
     assert bcc.stdout.startswith("/usr/lib/python3/dist-packages/bcc/")
+    # the JSON Schemas are package data: the installed copy has them
+    schema = subprocess.run([command, "rules", "schema"], capture_output=True, text=True)
+    assert json.loads(schema.stdout)["title"] == "rome-guard rule file", schema.stderr
     config = paths["CONFDIR"] / "config.yaml"
     with open(DEFAULT_CONFIG) as f:
         assert config.read_text() == f.read()

@@ -168,7 +168,10 @@ def unit():
         host.write(NVML_STATE, state.render())
         host.write("/etc/systemd/system/rome-guard.service.d/test-nvml.conf", DROP_IN)
         host.sh("touch /dev/nvidia0 && chmod 0666 /dev/nvidia0")  # a stand-in device node
-        host.sh("systemctl daemon-reload && systemctl start rome-guard", timeout=200)
+        started = host.sh(
+            "systemctl daemon-reload && systemctl start rome-guard", check=False, timeout=200
+        )
+        assert started.returncode == 0, started.stderr + guarded.log()
         guarded.start("rg-peer-ssh", "python3", "-c", SILENT_PEER, "127.0.0.3", "2022")
         guarded.start("rg-peer-shell", "python3", "-c", SILENT_PEER, "127.0.0.4", "4444")
         guarded.start("rg-peer-pool", "python3", "-c", SILENT_PEER, "127.0.0.2", "3333")

@@ -98,6 +98,7 @@ class BpfObject:
         self._pins: list[str] = []
         self._cgroups: dict[str, bpfsys.CgroupAttachments] = {}
         self._rings: list[Ring[Any]] = []
+        self._ring_fds: list[int] = []
         self.degraded: list[str] = []  # what this object cannot do here, for the operator
 
     @classmethod
@@ -140,11 +141,21 @@ class BpfObject:
         ring: Ring[Record] = Ring(name or table, decode, malformed)
         self[table].open_ring_buffer(ring.on_record)
         self._rings.append(ring)
+        self._ring_fds.append(self[table].map_fd)
         return ring
 
+    def ring_fds(self) -> list[int]:
+        """The map fds of every open ring, for kernel.poller.RingPoller."""
+        return list(self._ring_fds) if self.bpf is not None else []
+
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for a record in any ring, then drain them."""
-        if self._rings:
+        """Wait up to timeout_ms for a record in any ring, then drain them
+        (0: drain without waiting; kernel.poller.RingPoller does the waiting)."""
+        if not self._rings:
+            return
+        if timeout_ms == 0:
+            self.bpf.ring_buffer_consume()
+        else:
             self.bpf.ring_buffer_poll(timeout_ms)
 
     def consume(self) -> None:
@@ -270,6 +281,7 @@ class BpfObject:
             bpf.cleanup()  # tracepoints, program and map fds
             atexit.unregister(bpf.cleanup)  # bcc's own, which would run it again at exit
         self._rings.clear()
+        self._ring_fds.clear()
 
 
 def _detach_tracepoints(bpf: Any) -> None:

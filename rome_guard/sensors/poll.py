@@ -51,6 +51,10 @@ class PollSensor:
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Nothing to wake: polling reads /proc on its own schedule."""
 
+    def ring_fds(self) -> list[int]:
+        """No ring buffer: the daemon polls this sensor on a short timer."""
+        return []
+
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
         """Nothing to filter: polling never sees a loopback storm's connects
         one by one (see EbpfSensor.set_loopback_ignore_cgroups)."""

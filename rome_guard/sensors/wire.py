@@ -196,6 +196,10 @@ class WireSensor:
         self._bpf.poll(timeout_ms)
         return self._ring.take() if self._ring is not None else []
 
+    def ring_fds(self) -> list[int]:
+        """The ring buffer's fd, for kernel.poller.RingPoller."""
+        return self._bpf.ring_fds() if self._bpf is not None else []
+
     def lost_events(self) -> dict[str, int]:
         malformed = self._ring.malformed if self._ring is not None else 0
         if self._bpf is None:

@@ -49,6 +49,7 @@ from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.table import dispatch
+from rome_guard.kernel.loader import release_compiler_memory
 from rome_guard.kernel.poller import BATCH_MS, RingPoller
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
@@ -535,6 +536,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     wire = _wire_sensor()
     if wire is not None:
         guard.attach_wire(wire)
+    release_compiler_memory()  # every BPF object is compiled by now
     if gpu is not None:
         gpu.start(notify=guard.wake)
     status_path = None

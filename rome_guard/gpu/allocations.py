@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_KUBELET = "kubelet"
 SOURCE_SLURM = "slurm"
+SOURCES = (SOURCE_KUBELET, SOURCE_SLURM)
 OWNER_POD = "pod"
 OWNER_SLURM_JOB = "slurm_job"
 OWNER_KINDS = (OWNER_POD, OWNER_SLURM_JOB)

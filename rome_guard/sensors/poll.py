@@ -19,14 +19,10 @@ from rome_guard.events import (
     ExecEvent,
     ExitEvent,
 )
-from rome_guard.linux import has_peer
+from rome_guard.linux import boottime_ns, has_peer
 from rome_guard.sensors import sockdiag
 
 Event = ExecEvent | ExitEvent | ConnectEvent
-
-
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 class PollSensor:

@@ -20,6 +20,7 @@ scan: setup
 lint: setup
 	$(VENV)/bin/ruff check rome_guard tests bench
 	$(VENV)/bin/ruff format --check rome_guard tests bench
+	$(VENV)/bin/vulture
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

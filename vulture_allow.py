@@ -9,9 +9,11 @@ nobody uses is deleted, not listed.
 from rome_guard.detect import regex, stateful
 from rome_guard.gpu import allocations
 from rome_guard.layout import sensor, wire
-from rome_guard.respond import metrics
+from rome_guard.handlers import wire as wire_handler
+from rome_guard.respond import metrics, responses
 from rome_guard.sensors import nvml
-from tests.fixtures import kubelet
+from rome_guard.sensors import wire as wire_sensor
+from tests.fixtures import kubelet, receivers
 
 # http.server and socketserver read these by name
 metrics._Handler.server_version
@@ -25,6 +27,8 @@ metrics._HttpServer.allow_reuse_address
 metrics._HttpServer.request_queue_size
 metrics._HttpServer.address_family
 metrics._HttpServer.handle_error
+# http.server calls the test receivers' handlers by name too
+receivers._Handler.do_POST
 # re2.Options fields, set by name
 regex._OPTIONS.case_sensitive
 regex._OPTIONS.log_errors
@@ -45,6 +49,11 @@ wire.WIRE_METHOD_SCAN
 wire.WIRE_PID_AT_CONNECT
 wire.WIRE_QNAME_MAX
 wire.WIRE_SETTINGS
+wire.WIRE_STREAM_MAX
+wire.WIRE_SEGMENTS_MAX
+wire.WIRE_STREAM_NS
+wire.WIRE_FLOW_OPEN
+wire.WIRE_FLOW_DROPPED
 # record fields: a finding's facts, read by whoever inspects the verdict
 stateful.FanoutVerdict.worst_destination
 stateful.FanoutVerdict.worst_ports
@@ -61,3 +70,8 @@ nvml.NvmlSensor.unavailable_reason
 nvml.NvmlSensor.error_counts
 # the gpu.trust choices; config.py spells them itself (it imports nothing of gpu/)
 allocations.TRUST_CHOICES
+# merged before their readers: each owner wires it or deletes it, then drops it here
+# (i16: the wire's stream cuts and evictions as metrics; i17a: Response.acts)
+wire_sensor.WireSensor.stream_cuts
+wire_handler.WireHandler.evicted
+responses.Response.acts

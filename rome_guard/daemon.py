@@ -8,6 +8,7 @@ travels (docs/architecture.md has the picture):
          -> state.processes.ProcessModel (every process fact, /proc gaps)
          -> detect (same rules as scan) -> respond.alerts.AlertSink
             -> journal (fsync; spooled in memory when the disk refuses)
+               -> outputs (syslog, webhook, journald: queued, own threads)
             -> metrics -> Killer (enforce mode only)
 
 The loop sleeps in one epoll over every ring buffer (kernel.poller): woken
@@ -48,13 +49,16 @@ from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
+from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
 from rome_guard.kernel.loader import release_compiler_memory
 from rome_guard.kernel.poller import BATCH_MS, RingPoller
+from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
+from rome_guard.respond.outputs import Outputs
 from rome_guard.sensors.poll import PollSensor
 from rome_guard.state.processes import ProcessModel
 from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
@@ -129,6 +133,7 @@ class Guard:
         self.journal = journal
         self.prevention = prevention
         self.metrics_server: MetricsServer | None = None  # reloaded on SIGHUP
+        self.outputs = Outputs()  # fixed at start (main); status shows them
         self.sensor_mode = "none"
         self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
@@ -173,9 +178,19 @@ class Guard:
         if self.ctx.sensor is not None:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
+        self.ctx.metrics.set_mode(self.ctx.config.mode)
+        if rules.ruleset.staged:
+            log.info(
+                "kill rules staged in monitor mode (they alert, never kill): %s",
+                ", ".join(rules.ruleset.staged),
+            )
+        self.rules_hash = health.rules_hash(rules.ruleset)
+        self.ctx.metrics.set_build(self.rules_hash, health.config_hash(self.ctx.config))
 
     def reload(self) -> bool:
-        """SIGHUP: re-read config and rules; keep the old set on any error."""
+        """SIGHUP: reopen the journal (logrotate renamed it), re-read config
+        and rules; keep the old set on any error."""
+        self.journal.reopen()
         current = self.ctx.config
         try:
             config = load_config(current.source or None)
@@ -281,7 +296,10 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
-            "journal": asdict(self.journal.state()),
+            "ssh_config": self.ctx.ssh.status(),
+            "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
+            "outputs": [asdict(state) for state in self.outputs.states()],
+            "rules_hash": self.rules_hash,
             "time": time.time(),
         }
 
@@ -333,9 +351,17 @@ class Guard:
                 took,
             )
         retry_parked(self.ctx)
+        judge_pending_shells(self.ctx)
+        self.ctx.alerts.retry_kills()
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
+        gpu = self.ctx.gpu
+        for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
+            self.ctx.metrics.set_sensor_up(sensor, up)
+        if gpu is not None:
+            self.ctx.metrics.set_nvml_errors(gpu.sensor.error_counts())
 
     def run(self, notifier: Notifier, status_path: str | None = None) -> None:
         """Drain events until SIGTERM/SIGINT."""
@@ -492,7 +518,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         log.error("invalid rules, not starting:\n%s", exc)
         return 2
     try:
-        journal = open_journal(config.alerts_file)
+        journal = open_journal(config.alerts_file, config.journal.rotate_bytes, config.journal.keep)
     except JournalError as exc:
         log.error("not starting: %s", exc)
         return 2
@@ -504,6 +530,9 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         metrics = GuardMetrics()
         journal.set_error_hook(metrics.journal_error)
         metrics.watch_journal_spool(lambda: journal.state().spooled)
+        outputs = Outputs.from_config(config.outputs)
+        journal.set_forward(outputs.publish)
+        metrics.watch_outputs(outputs.states)
         server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
     except OSError as exc:
         log.error("cannot serve metrics on %s: %s", addr, exc)
@@ -514,6 +543,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
     guard.metrics_server = server
+    guard.outputs = outputs
     guard.remember_alerts(recent_alerts(config.alerts_file, config.mode))
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
@@ -573,6 +603,7 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             gpu.close()
         if server is not None:
             server.close()
+        outputs.close()
         journal.close()
         if status_path:
             with contextlib.suppress(OSError):

@@ -165,6 +165,38 @@ def render(reading: StatusReading) -> str:
         if lost
         else "events lost: none"
     )
+    ssh = s.get("ssh_config")
+    if isinstance(ssh, dict):
+        unknown = ssh.get("unknown") or {}
+        lines.append("")
+        lines.append(
+            f"ssh configs: {ssh.get('runs', 0):,} ssh -G run(s), "
+            f"{ssh.get('skipped', 0):,} skipped; "
+            + (
+                "not established: "
+                + ", ".join(f"{reason} {count:,}" for reason, count in sorted(unknown.items()))
+                if unknown
+                else "all established"
+            )
+        )
+    outputs = s.get("outputs") or []
+    if outputs:
+        rows = [
+            (
+                f"{o.get('name', '?')} ({o.get('type', '?')})",
+                o.get("target", ""),
+                "up" if o.get("up") else f"FAILING: {o.get('last_error', '')}",
+                f"{o.get('sent', 0):,}",
+                f"{o.get('failed', 0):,}",
+                f"{o.get('dropped', 0):,}",
+                f"{o.get('queued', 0):,}/{o.get('queue_size', 0):,}",
+            )
+            for o in outputs
+            if isinstance(o, dict)
+        ]
+        header = ("output", "target", "state", "sent", "failed", "dropped", "queued")
+        lines.append("")
+        lines.append(table(header, rows, 160))
     gpu = s.get("gpu")
     if isinstance(gpu, dict):
         sources = gpu.get("allocation_sources") or {}

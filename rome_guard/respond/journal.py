@@ -9,6 +9,16 @@ every later write and ``retry()`` try again, in order; the caller goes on
 detecting and acting. A write that failed half way is cut back
 (``ftruncate``) so the file never holds a torn line.
 
+The file rotates itself by size (``rotate_bytes``, ``keep``): before a
+record would take it past the size, ``alerts.jsonl`` is renamed to
+``alerts.jsonl.1`` (older ones shift up, the oldest past ``keep`` goes)
+and a fresh file opened, all under the write lock, so a record is never
+split across two files and none is written between the rename and the
+open. ``reopen()`` (SIGHUP, after logrotate renamed the file) starts a new
+file at the path the same way. After each record has been handed to the
+disk (or the spool), ``set_forward``'s callable gets it: the alert outputs
+(respond/outputs) send copies, never before the journal has it.
+
 Records are built by rome_guard.findings (one shape for scan and daemon)
 and are strict UTF-8 JSON on a single line whatever the process put in its
 argv. This module never decides, never acts, and never raises on a failed
@@ -29,6 +39,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from rome_guard.respond.responses import KILL
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +70,7 @@ def _describe(exc: OSError) -> str:
     return f"{name}: {exc.strerror or exc}"
 
 
-def open_journal(path: str) -> Journal:
+def open_journal(path: str, rotate_bytes: int = 0, keep: int = 0) -> Journal:
     """The journal at path, creating its directory; JournalError (one
     line: the path, what is wrong) when it cannot be written at all."""
     try:
@@ -67,7 +79,7 @@ def open_journal(path: str) -> Journal:
             os.makedirs(directory, mode=0o750, exist_ok=True)
         if os.path.isdir(path):
             raise JournalError(f"alerts file {path} is a directory")
-        return Journal(path)
+        return Journal(path, rotate_bytes=rotate_bytes, keep=keep)
     except OSError as exc:
         where = exc.filename if isinstance(exc.filename, str) else path
         raise JournalError(f"cannot open alerts file {path} ({where}: {_describe(exc)})") from None
@@ -110,10 +122,14 @@ def recent_alerts(
                 continue
             process = record["process"]
             image = (process["pid"], process["start_time"], process["exe"])
-            rules = [record["rule"]] + [r["rule"] for r in record.get("rules") or ()]
+            rules = [record["rule"]] + [
+                r["rule"]
+                for r in record.get("rules") or ()
+                if r.get("pid", process["pid"]) == process["pid"]  # hits on this process
+            ]
             incident = record["id"] if event == "alert" else record["alert_id"]
             alerts.setdefault(incident, set()).update((rule, *image) for rule in rules)
-            if record.get("action") == "kill":
+            if record.get("action") == KILL.name:
                 kills.add(incident)
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
@@ -122,16 +138,36 @@ def recent_alerts(
     }
 
 
+def _open_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+
+def _sync_directory(path: str) -> None:
+    """Make the renames durable too."""
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class Journal:
     def __init__(
         self,
         path: str,
         spool_records: int = SPOOL_RECORDS,
         on_error: Callable[[], None] | None = None,
+        rotate_bytes: int = 0,
+        keep: int = 0,
     ):
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fd = _open_append(path)
         self._lock = threading.Lock()
+        self.rotate_bytes = rotate_bytes if keep > 0 else 0  # 0: never rotates itself
+        self.keep = keep
+        self.rotations = 0
+        self._forward: Callable[[dict[str, Any]], None] | None = None
         self._spool: deque[bytes] = deque()
         self._spool_limit = spool_records
         self._on_error = on_error
@@ -144,6 +180,10 @@ class Journal:
         """Called once per failed write or fsync (the metrics counter)."""
         self._on_error = on_error
 
+    def set_forward(self, forward: Callable[[dict[str, Any]], None] | None) -> None:
+        """Called with each record once the journal has it (the outputs)."""
+        self._forward = forward
+
     def write(self, record: dict[str, Any]) -> bool:
         """Append one record and make it durable (fsync). True when it and
         everything spooled before it reached the disk; False when it waits
@@ -152,13 +192,30 @@ class Journal:
         data = line.encode("utf-8")  # strict: textsafe already removed surrogates
         with self._lock:
             self._spool.append(data)
-            if self._flush_locked():
-                return True
-            self._keep_bounded()
-        # outside the lock: stderr may block, the journal must not
-        sys.stderr.write("rome-guard journal unavailable, record follows: " + line)
-        sys.stderr.flush()
-        return False
+            written = self._flush_locked()
+            if not written:
+                self._keep_bounded()
+        if not written:
+            # outside the lock: stderr may block, the journal must not
+            sys.stderr.write("rome-guard journal unavailable, record follows: " + line)
+            sys.stderr.flush()
+        if self._forward is not None:
+            self._forward(record)
+        return written
+
+    def reopen(self) -> bool:
+        """Write to a file opened afresh at the path (SIGHUP: logrotate
+        renamed the old one). On failure the old file stays in use."""
+        try:
+            fd = _open_append(self.path)
+        except OSError as exc:
+            log.error("journal not reopened, still writing the old file: %s", _describe(exc))
+            return False
+        with self._lock:
+            old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+        return True
 
     def retry(self) -> bool:
         """Try the spooled records again (the daemon's housekeeping calls
@@ -198,6 +255,8 @@ class Journal:
 
     def _append(self, data: bytes) -> None:
         start = os.fstat(self._fd).st_size
+        if self.rotate_bytes and start and start + len(data) > self.rotate_bytes:
+            start = self._rotate_locked(start)
         try:
             written = 0
             while written < len(data):
@@ -208,6 +267,25 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
             raise
+
+    def _rotate_locked(self, size: int) -> int:
+        """Shift alerts.jsonl.N up, rename the journal to .1, open a new
+        one; the new file's size (0), or size when rotation failed (the
+        record then goes to the old file: never lost for a rename)."""
+        try:
+            for n in range(self.keep - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+            fd = _open_append(self.path)
+        except OSError as exc:
+            log.error("journal not rotated, still writing %s: %s", self.path, _describe(exc))
+            return size
+        os.close(self._fd)
+        self._fd = fd
+        self.rotations += 1
+        _sync_directory(self.path)
+        return 0
 
     def _failed(self, exc: OSError) -> None:
         self.errors += 1

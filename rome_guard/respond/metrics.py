@@ -24,19 +24,28 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
-from rome_guard.events import GpuProcess
+from rome_guard.events import (
+    SSH_UNKNOWN_FAILED,
+    SSH_UNKNOWN_REASONS,
+    SSH_UNKNOWN_SKIPPED,
+    SSH_UNKNOWN_TIMEOUT,
+    GpuProcess,
+)
 from rome_guard.gpu import allocations, consumers
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
+from rome_guard.respond.outputs.queue import OutputState
+from rome_guard.respond.responses import ALERT, BLOCK, KILL
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
 from rome_guard.textsafe import one_line
 
@@ -73,8 +82,18 @@ LOST_BUFFERS = (
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ALERT_ACTIONS = ("alert", "kill", "block")  # what was done about an alert
+ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name)  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
+GUARD_MODES = ("monitor", "enforce")
+# What rome_guard_sensor_up names: the process sensor (ebpf, or its poll
+# fallback), the wire sensor, NVML and the schedulers' allocation sources.
+# A sensor that does not apply here (no NVML library, no kubelet socket) has
+# no series; one that should work and does not is 0.
+HEALTH_SENSORS = ("ebpf", "poll", "wire", "nvml", "kubelet", "slurm")
+# `ssh -G` asked for a client's effective config (rome_guard.sensors.sshconfig):
+# run (asked), failed (it ran but gave no answer), skipped (over budget, slow user).
+SSH_CONFIG_RESULTS = ("run", "failed", "skipped")
+MAX_NVML_ERROR_KINDS = 64  # distinct (call, error) pairs of rome_guard_nvml_errors
 # The categories the alerting rules and dashboard know (dashboards/alerts.yml).
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
 
@@ -287,8 +306,43 @@ class GuardMetrics:
             "1 while a scheduler's GPU allocations (kubelet, slurm) can be read.",
             ("source",),
         )
-        self.build_info = metric(Gauge, "build_info", "rome-guard version.", ("version",))
-        self.build_info.labels(version=safe_label(__version__)).set(1)
+        self.ssh_config_unknown = metric(
+            Counter,
+            "ssh_config_unknown",
+            "ssh clients whose effective configuration could not be established "
+            "(ssh -G failed or was skipped, -F from a descriptor, a changed or deleted file).",
+            ("reason",),
+        )
+        self._ssh_totals: dict[tuple[str, str], int] = {}
+        for reason in SSH_UNKNOWN_REASONS:
+            self.ssh_config_unknown.labels(reason=reason)
+        self.build_info = metric(
+            Gauge,
+            "build_info",
+            "rome-guard version and hashes of the loaded rules and config (drift across nodes).",
+            ("version", "rules_hash", "config_hash"),
+        )
+        self._build_labels = (safe_label(__version__), UNKNOWN, UNKNOWN)
+        self.build_info.labels(*self._build_labels).set(1)
+        self.mode_info = metric(Gauge, "mode", "1 for the mode in force.", ("mode",))
+        self.sensor_up = metric(
+            Gauge,
+            "sensor_up",
+            "1 while a sensor or source works, 0 while it should and does not "
+            "(ebpf, poll fallback, wire, nvml, kubelet, slurm).",
+            ("sensor",),
+        )
+        self.ssh_config_runs = metric(
+            Counter,
+            "ssh_config_runs",
+            "ssh -G runs for clients' effective configs: run, failed, skipped.",
+            ("result",),
+        )
+        self.nvml_errors = metric(
+            Counter, "nvml_errors", "NVML calls that failed, by call and error.", ("call", "error")
+        )
+        self._nvml_kinds: set[tuple[str, str]] = set()
+        self._nvml_totals: dict[tuple[str, str], int] = {}
         if process_collector:
             ProcessCollector(registry=self.registry)
         # Bounded enumerations start at zero, so that increase() sees the
@@ -299,6 +353,8 @@ class GuardMetrics:
             self.events_lost.labels(buffer=buffer)
         for result in KILL_RESULTS:
             self.kills.labels(result=result)
+        for result in SSH_CONFIG_RESULTS:
+            self.ssh_config_runs.labels(result=result)
 
     # rules
 
@@ -377,6 +433,29 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
+        """The ssh config reader's running totals (sensors.sshconfig): its
+        ssh -G runs, and the configs it could not establish by reason. Both
+        rome_guard_ssh_config_runs_total (run, failed, skipped) and
+        rome_guard_ssh_config_unknown_total (by reason) follow them."""
+        for reason in unknown:
+            _member(reason, SSH_UNKNOWN_REASONS, "ssh config reason")
+        totals = {("unknown", reason): count for reason, count in unknown.items()}
+        totals[("runs", "run")] = runs
+        totals[("runs", "failed")] = unknown.get(SSH_UNKNOWN_FAILED, 0) + unknown.get(
+            SSH_UNKNOWN_TIMEOUT, 0
+        )
+        totals[("runs", "skipped")] = unknown.get(SSH_UNKNOWN_SKIPPED, 0)
+        for (family, label), total in totals.items():
+            delta = total - self._ssh_totals.get((family, label), 0)
+            if delta <= 0:
+                continue
+            self._ssh_totals[(family, label)] = total
+            if family == "runs":
+                self.ssh_config_runs.labels(result=label).inc(delta)
+            else:
+                self.ssh_config_unknown.labels(reason=label).inc(delta)
+
     # responders
 
     def journal_error(self) -> None:
@@ -391,6 +470,48 @@ class GuardMetrics:
 
     def blocked_connection(self, count: int = 1) -> None:
         self.blocked_connections.inc(count)
+
+    # health
+
+    def set_build(self, rules_hash: str, config_hash: str) -> None:
+        """The hashes of the rule set and config in force (at start and
+        after each reload): one build_info series at a time."""
+        with self._lock:
+            labels = (self._build_labels[0], safe_label(rules_hash), safe_label(config_hash))
+            if labels != self._build_labels:
+                self.build_info.remove(*self._build_labels)
+                self._build_labels = labels
+            self.build_info.labels(*labels).set(1)
+
+    def set_mode(self, mode: str) -> None:
+        _member(mode, GUARD_MODES, "mode")
+        for each in GUARD_MODES:
+            self.mode_info.labels(mode=each).set(1 if each == mode else 0)
+
+    def set_sensor_up(self, sensor: str, up: bool) -> None:
+        self.sensor_up.labels(sensor=_member(sensor, HEALTH_SENSORS, "sensor")).set(1 if up else 0)
+
+    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:
+        """NVML's running error counts, (gpu, call, error) -> count
+        (NvmlSensor.error_counts()), summed over GPUs."""
+        summed: dict[tuple[str, str], int] = {}
+        for (_gpu, call, error), count in totals.items():
+            summed[(call, error)] = summed.get((call, error), 0) + count
+        with self._lock:
+            for key, total in summed.items():
+                delta = total - self._nvml_totals.get(key, 0)
+                self._nvml_totals[key] = total
+                if delta > 0:
+                    labels = (safe_label(key[0]), safe_label(key[1]))
+                    if labels not in self._nvml_kinds:
+                        if len(self._nvml_kinds) >= MAX_NVML_ERROR_KINDS:
+                            labels = (OTHER, OTHER)
+                        self._nvml_kinds.add(labels)
+                    self.nvml_errors.labels(*labels).inc(delta)
+
+    def watch_outputs(self, states: Callable[[], Iterable[OutputState]]) -> None:
+        """The outputs' counters and queues, read from states() at each scrape."""
+        self.registry.register(_OutputCollector(states))
 
     # GPUs
 
@@ -450,6 +571,51 @@ class GuardMetrics:
         return MetricsServer(self, listen[0], listen[1], config)
 
 
+class _OutputCollector:
+    """rome_guard_output_*: the outputs' own counters at scrape time (the
+    output names are the config's, checked there as label-safe)."""
+
+    def __init__(self, states: Callable[[], Iterable[OutputState]]):
+        self._states = states
+
+    def describe(self) -> list:
+        return []  # families depend on the config: collected, not described
+
+    def collect(self) -> Iterable:
+        labels = ["output", "type"]
+        sent = CounterMetricFamily(
+            f"{PREFIX}_output_sent", "Records an output delivered.", labels=labels
+        )
+        failed = CounterMetricFamily(
+            f"{PREFIX}_output_failed",
+            "Delivery attempts that failed (each retry counts).",
+            labels=labels,
+        )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_output_dropped",
+            "Records an output gave up: its queue was full, or the receiver refused them.",
+            labels=labels,
+        )
+        queued = GaugeMetricFamily(
+            f"{PREFIX}_output_queue_depth", "Records waiting in an output's queue.", labels=labels
+        )
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_output_queue_size", "The bound of an output's queue.", labels=labels
+        )
+        up = GaugeMetricFamily(
+            f"{PREFIX}_output_up", "1 while an output's last attempt was delivered.", labels=labels
+        )
+        for state in self._states():
+            names = [safe_label(state.name), safe_label(state.type)]
+            sent.add_metric(names, state.sent)
+            failed.add_metric(names, state.failed)
+            dropped.add_metric(names, state.dropped)
+            queued.add_metric(names, state.queued)
+            limit.add_metric(names, state.queue_size)
+            up.add_metric(names, 1 if state.up else 0)
+        return [sent, failed, dropped, queued, limit, up]
+
+
 # --- the endpoint ----------------------------------------------------------------
 
 
@@ -466,10 +632,15 @@ class MetricsSink(Protocol):
     def lost(self, buffer: str, count: int = 1) -> None: ...
     def set_sensor(self, mode: str) -> None: ...
     def set_processes_tracked(self, count: int) -> None: ...
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None: ...
     def kill(self, result: str) -> None: ...
     def blocked_connection(self, count: int = 1) -> None: ...
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
     def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None: ...
+    def set_build(self, rules_hash: str, config_hash: str) -> None: ...
+    def set_mode(self, mode: str) -> None: ...
+    def set_sensor_up(self, sensor: str, up: bool) -> None: ...
+    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None: ...
 
 
 class NullMetrics:
@@ -503,6 +674,9 @@ class NullMetrics:
     def set_processes_tracked(self, count: int) -> None:
         pass
 
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
+        pass
+
     def kill(self, result: str) -> None:
         pass
 
@@ -513,6 +687,18 @@ class NullMetrics:
         pass
 
     def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None:
+        pass
+
+    def set_build(self, rules_hash: str, config_hash: str) -> None:
+        pass
+
+    def set_mode(self, mode: str) -> None:
+        pass
+
+    def set_sensor_up(self, sensor: str, up: bool) -> None:
+        pass
+
+    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:
         pass
 
 

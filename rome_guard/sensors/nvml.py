@@ -146,6 +146,11 @@ class NvmlSensor:
         return self._initialised and not self._disabled
 
     @property
+    def disabled(self) -> bool:
+        """Off for good: no bindings or no library (a host without GPUs)."""
+        return self._disabled
+
+    @property
     def unavailable_reason(self) -> str:
         return "" if self.available else self._reason
 

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +29,7 @@ from rome_guard.respond.webconfig import BasicAuth, load_web_config, password_ch
 from rome_guard.yamlsrc import SourceError
 from tests.conftest import require
 from tests.fixtures.prometheus import available, running_prometheus
+from tests.fixtures.receivers import make_pki
 
 # the shipped rule set, as the daemon loads it
 RULES = [(r.id, r.category, r.severity) for r in load_rules([]).rules]
@@ -73,6 +75,7 @@ def test_exports_the_documented_metrics_in_base_units():
         "rome_guard_gpu_processes",
         "rome_guard_gpu_unregistered_memory_bytes",
         "rome_guard_build_info",
+        "rome_guard_ssh_config_unknown_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
     ):
@@ -98,6 +101,7 @@ def test_loaded_rules_start_at_zero_so_the_first_alert_is_an_increase():
         lambda g: g.kill("killed\x1b[31m"),
         lambda g: g.set_sensor("kprobe"),
         lambda g: g.alert("miner-pool-url", "miner", "critical", "nuke"),
+        lambda g: g.set_ssh_config(1, {"/etc/passwd": 1}),
     ],
 )
 def test_fixed_enumerations_reject_unknown_values(call):
@@ -159,6 +163,19 @@ def test_lost_totals_from_a_kernel_counter_become_increments():
     assert value(metrics, "rome_guard_events_lost_total", buffer="process") == 14
     metrics.lost("parked", 3)
     assert value(metrics, "rome_guard_events_lost_total", buffer="parked") == 3
+
+
+def test_ssh_config_reader_totals_become_increments_by_reason():
+    metrics = GuardMetrics()
+    assert value(metrics, "rome_guard_ssh_config_unknown_total", reason="failed") == 0
+    metrics.set_ssh_config(3, {"failed": 2, "descriptor": 1})
+    metrics.set_ssh_config(9, {"failed": 5, "timeout": 1, "skipped": 2, "descriptor": 1})
+    assert value(metrics, "rome_guard_ssh_config_unknown_total", reason="failed") == 5
+    assert value(metrics, "rome_guard_ssh_config_unknown_total", reason="descriptor") == 1
+    # the runs counter follows the same totals: failed counts timeouts too
+    assert value(metrics, "rome_guard_ssh_config_runs_total", result="run") == 9
+    assert value(metrics, "rome_guard_ssh_config_runs_total", result="failed") == 6
+    assert value(metrics, "rome_guard_ssh_config_runs_total", result="skipped") == 2
 
 
 def test_sensor_info_names_only_the_current_mode():
@@ -394,25 +411,10 @@ def test_a_connection_flood_is_refused_not_turned_into_threads():
 # --- TLS, mutual TLS, basic auth ------------------------------------------------
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1 and a client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=d)  # fmt: skip
-    exts = {"server": "subjectAltName=IP:127.0.0.1", "client": "extendedKeyUsage=clientAuth"}
-    for name, ext in exts.items():
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
-                 "-out", f"{name}.crt", cwd=d)  # fmt: skip
-    return d
+    return Path(make_pki(str(tmp_path_factory.mktemp("pki"))))
 
 
 def bcrypt_hash(password: str) -> str:

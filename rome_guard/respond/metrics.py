@@ -41,6 +41,7 @@ from rome_guard.events import (
     SSH_UNKNOWN_TIMEOUT,
     GpuProcess,
 )
+from rome_guard.gpu import allocations, consumers
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
@@ -97,16 +98,10 @@ MAX_NVML_ERROR_KINDS = 64  # distinct (call, error) pairs of rome_guard_nvml_err
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
 
 # What rome_guard.gpu.consumers says of a GPU consumer ("allowed": no finding).
-GPU_VERDICTS = (
-    "allowed",
-    "unregistered",
-    "gpu_not_allocated",
-    "gpu_not_granted",
-    "process_not_visible",
-)
+GPU_VERDICTS = consumers.VERDICTS
 # Who a scheduler gave a GPU to (rome_guard.gpu.allocations), and the schedulers.
-GPU_OWNER_KINDS = ("pod", "slurm_job")
-ALLOCATION_SOURCES = ("kubelet", "slurm")
+GPU_OWNER_KINDS = allocations.OWNER_KINDS
+ALLOCATION_SOURCES = allocations.SOURCES
 
 INVALID = "invalid"  # a value that failed the safe-label check
 OTHER = "other"  # a safe value past the distinct-value limit

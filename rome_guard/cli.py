@@ -286,15 +286,15 @@ def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) ->
     from rome_guard.report import table
 
     ruleset = rules_from(config_from(config_path), extra_rules)
+    keys = ("id", "category", "severity", "action", "mode", "kind", "location")
     rows = [
-        (r.id, r.category, r.severity, r.action, r.detector or "match", str(r.location))
+        (r.id, r.category, r.severity, r.action, r.mode, r.detector or "match", str(r.location))
         for r in ruleset.rules
     ]
     if as_json:
-        keys = ("id", "category", "severity", "action", "kind", "location")
-        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+        click.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))  # noqa: B905
     else:
-        click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))
+        click.echo(table(keys, rows, 90))
 
 
 @main.group("config")
@@ -315,8 +315,9 @@ def config_check(path: str, extra_rules: tuple[str, ...]) -> None:
     if problems or config is None or ruleset is None:
         report_problems(problems)
         return
+    shown = path if os.path.exists(path) else f"{path} (absent: the built-in defaults)"
     click.echo(
-        f"ok: {path}: mode {config.mode}, {len(ruleset)} rules from "
+        f"ok: {shown}: mode {config.mode}, {len(ruleset)} rules from "
         f"{len(ruleset.sources)} files ({len(ruleset.left_out)} disabled)"
     )
 

@@ -173,6 +173,11 @@ class Guard:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
         self.ctx.metrics.set_mode(self.ctx.config.mode)
+        if rules.ruleset.staged:
+            log.info(
+                "kill rules staged in monitor mode (they alert, never kill): %s",
+                ", ".join(rules.ruleset.staged),
+            )
         self.rules_hash = health.rules_hash(rules.ruleset)
         self.ctx.metrics.set_build(self.rules_hash, health.config_hash(self.ctx.config))
 
@@ -278,6 +283,7 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
@@ -337,6 +343,7 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
             self.ctx.metrics.set_sensor_up(sensor, up)

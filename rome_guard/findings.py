@@ -127,12 +127,25 @@ def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
     }
 
 
-def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:
-    """The "wire" object of an alert: what a flow was seen to say, escaped
-    and cut (payload bytes belong to the sender)."""
+def blocked_in_kernel(finding: Finding) -> bool:
+    """The kernel already stopped what the finding is about: the wire
+    sensor dropped the flow or the DNS question it was found in."""
+    return bool(finding.extra.get("wire", {}).get("dropped"))
+
+
+def wire_record(event: WireEvent, facts: WireFacts, stream: bytes | None = None) -> dict[str, Any]:
+    """The "wire" object of an alert: what a flow was seen to say (stream:
+    the client stream so far, else the event's bytes), escaped and cut
+    (payload bytes belong to the sender)."""
+    payload = event.payload if stream is None else stream
     record: dict[str, Any] = {"kind": event.kind, "cookie": event.cookie}
     if facts.method:
         record["method"] = for_json(facts.method, 64)
+    if len(facts.methods) > 1:
+        record["methods"] = [for_json(m, 64) for m in facts.methods[:8]]
+    if facts.proxy:
+        record["proxy"] = facts.proxy
+        record["proxy_host"] = for_json(facts.proxy_host, 256)
     if facts.sni:
         record["sni"] = for_json(facts.sni, 256)
     if event.alpn:
@@ -145,9 +158,9 @@ def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:
         record["http_request"] = for_json(facts.http_request, 256)
     if facts.dropped:
         record["dropped"] = facts.dropped
-    record["payload_bytes"] = event.payload_len
+    record["payload_bytes"] = max(event.payload_len, len(payload))
     # the bytes as sent: invalid UTF-8 shows as \xNN (facts.text is latin-1)
-    record["first_bytes"] = for_json(from_bytes(event.payload), FIRST_BYTES_IN_RECORD)
+    record["first_bytes"] = for_json(from_bytes(payload), FIRST_BYTES_IN_RECORD)
     record["cgroup_id"] = event.cgroup_id
     return record
 

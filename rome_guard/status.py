@@ -165,6 +165,20 @@ def render(reading: StatusReading) -> str:
         if lost
         else "events lost: none"
     )
+    ssh = s.get("ssh_config")
+    if isinstance(ssh, dict):
+        unknown = ssh.get("unknown") or {}
+        lines.append("")
+        lines.append(
+            f"ssh configs: {ssh.get('runs', 0):,} ssh -G run(s), "
+            f"{ssh.get('skipped', 0):,} skipped; "
+            + (
+                "not established: "
+                + ", ".join(f"{reason} {count:,}" for reason, count in sorted(unknown.items()))
+                if unknown
+                else "all established"
+            )
+        )
     outputs = s.get("outputs") or []
     if outputs:
         rows = [

@@ -18,6 +18,7 @@ packages=(
   prometheus gcc make git ca-certificates systemd
   slurmctld slurmd slurm-client munge
   openssl iperf3
+  nmap iputils-ping
   rsyslog logrotate
 )
 

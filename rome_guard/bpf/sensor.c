@@ -30,6 +30,7 @@
 #define RG_AF_INET6 10
 #define RG_CLONE_THREAD 0x00010000
 #define RG_IPPROTO_ICMPV6 58
+#define RG_IPPROTO_RAW 255 /* raw IP sockets with their own headers (nmap) */
 /* include/net/tcp_states.h */
 #define RG_TCP_ESTABLISHED 1
 #define RG_TCP_SYN_SENT 2

@@ -696,6 +696,27 @@ def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
+def _b_ssh_config_unknown(c: Compiler, value: Any, loc: Location) -> Predicate:
+    """``ssh_config_unknown: true``: the client's effective configuration
+    cannot be established -- -F names a descriptor (from the argv alone), or
+    the reader says why not (sensors.sshconfig.SshConfigUnknown)."""
+    want = c.boolean(value, loc, "ssh_config_unknown")
+
+    def predicate(s: Subject) -> str | None:
+        named = argvlib.ssh_descriptor_config(s.argv)
+        if named is not None:
+            reason = f"ssh config from a descriptor ({_short(named)}): the guard cannot read it"
+        else:
+            found = s.ssh_forwards
+            detail = getattr(found, "detail", None)
+            reason = f"ssh config not established: {_short(detail, 160)}" if detail else None
+        if want:
+            return reason
+        return None if reason else "ssh config established"
+
+    return predicate
+
+
 def _b_config_file(c: Compiler, value: Any, loc: Location) -> Predicate:
     """``config_file: {options: [-c, --config], all_regex: [R, ...]}``: a
     file named by one of the options holds text matching every regex (the
@@ -809,9 +830,12 @@ def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Predicate:
 
     def predicate(s: Subject) -> str | None:
         w = s.wire
-        if w is None or not w.jsonrpc or not w.method or not test(w.method):
+        if w is None or not w.jsonrpc:
             return None
-        return f"JSON-RPC method {_short(w.method, 64)}"
+        for method in w.methods:  # every message of the stream, in order
+            if test(method):
+                return f"JSON-RPC method {_short(method, 64)}"
+        return None
 
     return predicate
 
@@ -874,6 +898,7 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "stdio_relay": _b_stdio_relay,
     "commands_from_stdin": _b_commands_from_stdin,
     "ssh_forwards": _b_ssh_forwards,
+    "ssh_config_unknown": _b_ssh_config_unknown,
     "macro": _b_macro,
     "config_file": _b_config_file,
     "remote_port": _b_remote_port,

@@ -290,8 +290,9 @@ _OUTCOMES = {
     OUTCOME_FAILED: CONNECT_FAILED,
 }
 # IP protocol number -> Endpoint.proto. 0: a datagram socket whose protocol
-# the kernel did not show (connect() without a SYN; see network.c).
-_PROTOCOLS = {6: "tcp", 17: "udp", 136: "udp", 0: "udp", 1: "icmp", 58: "icmp"}
+# the kernel did not show (connect() without a SYN; see network.c). 255: a
+# raw IP socket writing its own headers (nmap's probes, any protocol inside).
+_PROTOCOLS = {6: "tcp", 17: "udp", 136: "udp", 0: "udp", 1: "icmp", 58: "icmp", 255: "raw"}
 
 
 class MalformedRecord(ValueError):

@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -34,7 +34,13 @@ from prometheus_client.exposition import choose_encoder
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
-from rome_guard.events import GpuProcess
+from rome_guard.events import (
+    SSH_UNKNOWN_FAILED,
+    SSH_UNKNOWN_REASONS,
+    SSH_UNKNOWN_SKIPPED,
+    SSH_UNKNOWN_TIMEOUT,
+    GpuProcess,
+)
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
@@ -305,6 +311,16 @@ class GuardMetrics:
             "1 while a scheduler's GPU allocations (kubelet, slurm) can be read.",
             ("source",),
         )
+        self.ssh_config_unknown = metric(
+            Counter,
+            "ssh_config_unknown",
+            "ssh clients whose effective configuration could not be established "
+            "(ssh -G failed or was skipped, -F from a descriptor, a changed or deleted file).",
+            ("reason",),
+        )
+        self._ssh_totals: dict[tuple[str, str], int] = {}
+        for reason in SSH_UNKNOWN_REASONS:
+            self.ssh_config_unknown.labels(reason=reason)
         self.build_info = metric(
             Gauge,
             "build_info",
@@ -422,6 +438,29 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
+        """The ssh config reader's running totals (sensors.sshconfig): its
+        ssh -G runs, and the configs it could not establish by reason. Both
+        rome_guard_ssh_config_runs_total (run, failed, skipped) and
+        rome_guard_ssh_config_unknown_total (by reason) follow them."""
+        for reason in unknown:
+            _member(reason, SSH_UNKNOWN_REASONS, "ssh config reason")
+        totals = {("unknown", reason): count for reason, count in unknown.items()}
+        totals[("runs", "run")] = runs
+        totals[("runs", "failed")] = unknown.get(SSH_UNKNOWN_FAILED, 0) + unknown.get(
+            SSH_UNKNOWN_TIMEOUT, 0
+        )
+        totals[("runs", "skipped")] = unknown.get(SSH_UNKNOWN_SKIPPED, 0)
+        for (family, label), total in totals.items():
+            delta = total - self._ssh_totals.get((family, label), 0)
+            if delta <= 0:
+                continue
+            self._ssh_totals[(family, label)] = total
+            if family == "runs":
+                self.ssh_config_runs.labels(result=label).inc(delta)
+            else:
+                self.ssh_config_unknown.labels(reason=label).inc(delta)
+
     # responders
 
     def journal_error(self) -> None:
@@ -456,10 +495,6 @@ class GuardMetrics:
 
     def set_sensor_up(self, sensor: str, up: bool) -> None:
         self.sensor_up.labels(sensor=_member(sensor, HEALTH_SENSORS, "sensor")).set(1 if up else 0)
-
-    def ssh_config(self, result: str, count: int = 1) -> None:
-        """One ssh -G outcome (SSH_CONFIG_RESULTS)."""
-        self.ssh_config_runs.labels(result=_member(result, SSH_CONFIG_RESULTS, "result")).inc(count)
 
     def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:
         """NVML's running error counts, (gpu, call, error) -> count
@@ -602,6 +637,7 @@ class MetricsSink(Protocol):
     def lost(self, buffer: str, count: int = 1) -> None: ...
     def set_sensor(self, mode: str) -> None: ...
     def set_processes_tracked(self, count: int) -> None: ...
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None: ...
     def kill(self, result: str) -> None: ...
     def blocked_connection(self, count: int = 1) -> None: ...
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
@@ -609,7 +645,6 @@ class MetricsSink(Protocol):
     def set_build(self, rules_hash: str, config_hash: str) -> None: ...
     def set_mode(self, mode: str) -> None: ...
     def set_sensor_up(self, sensor: str, up: bool) -> None: ...
-    def ssh_config(self, result: str, count: int = 1) -> None: ...
     def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None: ...
 
 
@@ -644,6 +679,9 @@ class NullMetrics:
     def set_processes_tracked(self, count: int) -> None:
         pass
 
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
+        pass
+
     def kill(self, result: str) -> None:
         pass
 
@@ -663,9 +701,6 @@ class NullMetrics:
         pass
 
     def set_sensor_up(self, sensor: str, up: bool) -> None:
-        pass
-
-    def ssh_config(self, result: str, count: int = 1) -> None:
         pass
 
     def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:

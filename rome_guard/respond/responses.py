@@ -31,5 +31,10 @@ KILL = Response("kill", True, True, "SIGKILL by verified pidfd (process, tree, c
 BLOCK = Response("block", False, True, "the kernel denied a connect or killed at exec (prevent:)")
 DROP = Response("drop", False, True, "the kernel dropped a flow's packets (the wire's prevent:)")
 
+# an alert record's ``action`` when the kernel had already stopped what the
+# alert is about (a DNS question or flow dropped at its first packet); it is
+# counted under BLOCK in metrics
+BLOCKED = "blocked"
+
 RESPONSES: dict[str, Response] = {r.name: r for r in (ALERT, KILL, BLOCK, DROP)}
 RULE_ACTIONS: tuple[str, ...] = tuple(r.name for r in RESPONSES.values() if r.rule_action)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rome_guard.detect import rules as rulesmod
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.incidents import kill_rule_finding
 from rome_guard.detect.rules import load_rules
@@ -159,6 +160,7 @@ def test_a_rule_may_ship_in_monitor_mode_and_a_site_promotes_it(tmp_path: Path) 
     [
         ("{rule: tunnel-ssh-unusual-port}", {"tunnel-ssh-unusual-port"}),
         ("{rule: 'tunnel-ssh-*'}", {"tunnel-ssh-remote-forward", "tunnel-ssh-dynamic-or-tun",
+                                     "tunnel-ssh-config-unknown",
                                      "tunnel-ssh-local-forward-persistent",
                                      "tunnel-ssh-unusual-port"}),
         ("{tag: mitre-t1046}", {"probe-fanout", "probe-scanner-binary", "probe-netcat-zero-io",
@@ -263,3 +265,25 @@ def test_rules_test_proves_each_effect_of_a_site_file(tmp_path: Path) -> None:
     failing = rome_guard("rules", "test", bare)
     assert failing.returncode == 1
     assert "FAIL miner-pool-domain match: ./worker -o eu1.pool.example.net:4444" in failing.stdout
+
+
+def _docs_table(after: str) -> list[str]:
+    """The first column of the first table after a line of docs/rules.md."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "rules.md").read_text()
+    rows = text.split(after, 1)[1].lstrip().split("\n\n", 1)[0].splitlines()[2:]
+    return [row.strip("|").split("|")[0].strip() for row in rows]
+
+
+def test_docs_tuning_tables_match_the_code() -> None:
+    sections = _docs_table("Sigma's tags, in this file format's words:")
+    assert sections == ["`append.lists`", "`append.macros`", "`tune`", "`disable`"]
+    assert {s.strip("`").split(".")[0] for s in sections} == set(rulesmod._TOP_KEYS) - {
+        "version", "lists", "macros", "rules"
+    }  # fmt: skip
+    assert [k.strip("`") for k in _docs_table("A `tune` entry's keys:")] == list(
+        rulesmod._TUNE_KEYS
+    )
+    example_keys = [
+        k.strip("`") for k in _docs_table("for rules that look further than the command line:")
+    ]
+    assert example_keys == list(rulesmod.EXAMPLE_KEYS)

@@ -27,7 +27,11 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 UNIT = os.path.join(REPO, "systemd", "rome-guard.service")
 DEFAULT_CONFIG = os.path.join(REPO, "systemd", "config.yaml")
 INSTALLED_BIN = "/usr/local/bin/rome-guard"
-MAX_EXPOSURE = 4.0  # systemd-analyze security: "OK" and better
+# systemd-analyze security: "OK" and better. 4.2, not the 4.0 it was: the
+# ssh-config reader's CAP_SETUID/CAP_SETGID and ProtectHome=read-only cost
+# 0.4 (3.8 -> 4.2), the price of seeing forwards in ~/.ssh/config; nothing
+# scored that the guard could still work without is left (docs/install.md).
+MAX_EXPOSURE = 4.2
 
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +104,8 @@ def test_hardening_settings():
     unit = settings()
     for key, value in {
         "ProtectSystem": "strict",
-        "ProtectHome": "yes",
+        # read-only, not yes: ssh -G as the user reads ~/.ssh/config
+        "ProtectHome": "read-only",
         "PrivateTmp": "yes",
         "NoNewPrivileges": "yes",
         "SystemCallArchitectures": "native",
@@ -206,6 +211,9 @@ def test_make_install_into_a_scratch_root(tmp_path):
     assert "rome-guard" in version.stdout
     rules = subprocess.run([command, "rules", "list", "--json"], capture_output=True, text=True)
     assert rules.returncode == 0 and "miner" in rules.stdout
+    # the JSON Schemas are package data: the installed copy has them
+    schema = subprocess.run([command, "rules", "schema"], capture_output=True, text=True)
+    assert json.loads(schema.stdout)["title"] == "rome-guard rule file", schema.stderr
     bcc = subprocess.run([paths["PREFIX"] / "bin" / "python", "-c", "import bcc"])
     system_bcc = subprocess.run(["/usr/bin/python3", "-c", "import bcc"])
     assert bcc.returncode == system_bcc.returncode

@@ -229,10 +229,11 @@ def test_in_enforce_mode_the_hidden_forward_is_killed_under_the_unit(
     another user's process) and its forward closes."""
     forward = free_port()
     home = home_user.pw_dir
-    with (
-        sshd("127.0.0.1") as server,
-        daemon(mode="enforce", wrapper=lambda workdir: unit.wrapper((workdir,))) as enforcing,
-    ):
+    with contextlib.ExitStack() as stack:  # no parenthesised with-items: Python 3.9
+        server = stack.enter_context(sshd("127.0.0.1"))
+        enforcing = stack.enter_context(
+            daemon(mode="enforce", wrapper=lambda workdir: unit.wrapper((workdir,)))
+        )
         key = os.path.join(home, ".ssh", "id_test")
         with open(server.client_key) as f:
             _write_as(home_user, key, f.read())

@@ -42,6 +42,7 @@ from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
+from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
@@ -172,6 +173,11 @@ class Guard:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
         self.ctx.metrics.set_mode(self.ctx.config.mode)
+        if rules.ruleset.staged:
+            log.info(
+                "kill rules staged in monitor mode (they alert, never kill): %s",
+                ", ".join(rules.ruleset.staged),
+            )
         self.rules_hash = health.rules_hash(rules.ruleset)
         self.ctx.metrics.set_build(self.rules_hash, health.config_hash(self.ctx.config))
 
@@ -332,6 +338,8 @@ class Guard:
                 took,
             )
         retry_parked(self.ctx)
+        judge_pending_shells(self.ctx)
+        self.ctx.alerts.retry_kills()
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))

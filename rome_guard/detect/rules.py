@@ -31,10 +31,10 @@ from rome_guard.detect.conditions import (
     Predicate,
     RuleSyntaxError,
 )
+from rome_guard.respond.responses import ALERT, KILL, RULE_ACTIONS
 from rome_guard.yamlsrc import LineDict, LineList, Location, SourceError, load_file, where
 
 SEVERITIES = ("critical", "high", "medium", "low")
-RULE_ACTIONS = ("alert", "kill")
 # enforce: the rule acts (kill, kernel prevention) when the daemon enforces;
 # monitor: it only alerts, whatever the daemon's mode (a staged roll-out)
 RULE_MODES = ("enforce", "monitor")
@@ -84,16 +84,6 @@ _RULE_KEYS = {
     "enabled",
     "mode",
 }
-_PREVENT_KEYS = {
-    "deny_exec",
-    "block_ports",
-    "block_cidrs",
-    "block_hosts",
-    "kill_on_connect",
-    "wire_methods",
-    "wire_agent_methods",
-    "wire_hosts",
-}
 
 
 @dataclass(frozen=True)
@@ -124,6 +114,9 @@ class Example:
     connect: tuple[str, ...] = ()  # "ADDR:PORT" of TCP connections it holds
     stdio: str = ""  # "ADDR:PORT": fds 0, 1 and 2 are a TCP socket to that peer
     parents: tuple[Example, ...] = ()  # its ancestors, nearest first
+    # a process feeding its stdin and reading its stdout through pipes while
+    # holding its own ``connect`` peers (stdio_relay rules)
+    stdio_relay: Example | None = None
     files: tuple[tuple[str, str], ...] = ()  # (path, text) of files it may read
     # the first bytes of a new flow (to the first ``connect``), for wire rules
     payload: str = ""
@@ -145,7 +138,7 @@ class Rule:
     category: str
     severity: str
     description: str
-    action: str = "alert"
+    action: str = ALERT.name
     kill_scope: str = "process"
     mode: str = "enforce"  # RULE_MODES
     match: Predicate | None = None
@@ -170,7 +163,12 @@ class Rule:
     def enforces(self) -> bool:
         """Whether an enforcing daemon acts on this rule's findings (kills,
         fills the kernel's lists); a ``mode: monitor`` kill rule only alerts."""
-        return self.action == "kill" and self.mode == "enforce"
+        return self.action == KILL.name and self.mode == "enforce"
+
+    @property
+    def enforce_response(self) -> str:
+        """What an enforcing daemon does on a match: kill, or alert only."""
+        return KILL.name if self.enforces else ALERT.name
 
     def evaluate(self, subject) -> str | None:
         """Why subject matches this rule, or None (exceptions applied)."""
@@ -204,6 +202,11 @@ class RuleSet:
 
     def detector_rules(self, name: str) -> list[Rule]:
         return [r for r in self.rules if r.detector == name]
+
+    @property
+    def staged(self) -> list[str]:
+        """Ids of kill rules staged in ``mode: monitor``: they alert, never kill."""
+        return [r.id for r in self.rules if r.action == "kill" and not r.enforces]
 
 
 def shipped_rules_dir() -> str:
@@ -244,37 +247,40 @@ def _unknown_keys(raw: LineDict, known: Iterable[str], what: str, problems: list
             _problem(problems, raw.where(key), f"{what} {key!r} (known: {', '.join(known)})")
 
 
-def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
+def _strings(key: str) -> Callable[[Compiler, Any, Location], tuple[str, ...]]:
+    return lambda c, value, at: tuple(c.strings(value, at, f"prevent.{key}"))
+
+
+# prevent: key -> its value, compiled (RuleSyntaxError when wrong)
+_PREVENT_VALUES: dict[str, Callable[[Compiler, Any, Location], Any]] = {
+    "deny_exec": _strings("deny_exec"),
+    "block_ports": lambda c, value, at: tuple(sorted(c.ports(value, at))),
+    "block_cidrs": lambda c, value, at: tuple(str(n) for n in c.networks(value, at)),
+    "block_hosts": _strings("block_hosts"),
+    "kill_on_connect": lambda c, value, at: c.boolean(value, at, "prevent.kill_on_connect"),
+    "wire_methods": _strings("wire_methods"),
+    "wire_agent_methods": _strings("wire_agent_methods"),
+    "wire_hosts": _strings("wire_hosts"),
+}
+
+
+_PREVENT_KEYS = frozenset(_PREVENT_VALUES)
+
+
+def _parse_prevent(raw: Any, loc: Location, compiler: Compiler, problems: list):
+    """The PreventSpec raw describes, or None with each bad key's mistake
+    added to problems."""
     if not isinstance(raw, LineDict):
-        raise RuleSyntaxError(loc, "prevent: expected a mapping")
-    for key in raw:
-        if key not in _PREVENT_KEYS:
-            known = ", ".join(sorted(_PREVENT_KEYS))
-            raise RuleSyntaxError(raw.where(key), f"prevent: unknown key {key!r} (known: {known})")
-    kw: dict[str, Any] = {}
-    if "deny_exec" in raw:
-        kw["deny_exec"] = tuple(
-            compiler.strings(raw["deny_exec"], raw.where("deny_exec"), "prevent.deny_exec")
-        )
-    if "block_ports" in raw:
-        kw["block_ports"] = tuple(
-            sorted(compiler.ports(raw["block_ports"], raw.where("block_ports")))
-        )
-    if "block_cidrs" in raw:
-        nets = compiler.networks(raw["block_cidrs"], raw.where("block_cidrs"))
-        kw["block_cidrs"] = tuple(str(n) for n in nets)
-    if "block_hosts" in raw:
-        kw["block_hosts"] = tuple(
-            compiler.strings(raw["block_hosts"], raw.where("block_hosts"), "prevent.block_hosts")
-        )
-    for key in ("wire_methods", "wire_agent_methods", "wire_hosts"):
-        if key in raw:
-            kw[key] = tuple(compiler.strings(raw[key], raw.where(key), f"prevent.{key}"))
-    if "kill_on_connect" in raw:
-        kw["kill_on_connect"] = compiler.boolean(
-            raw["kill_on_connect"], raw.where("kill_on_connect"), "prevent.kill_on_connect"
-        )
-    return PreventSpec(**kw)
+        _problem(problems, loc, "prevent: expected a mapping")
+        return None
+    before = len(problems)
+    _unknown_keys(raw, sorted(_PREVENT_KEYS), "prevent: unknown key", problems)
+    kw = {
+        key: _compiled(problems, build, compiler, raw[key], raw.where(key))
+        for key, build in _PREVENT_VALUES.items()
+        if key in raw
+    }
+    return None if len(problems) > before else PreventSpec(**kw)
 
 
 def _uses(node: Any, keys: frozenset[str], macros: dict | None = None, depth: int = 0) -> bool:
@@ -314,8 +320,8 @@ def _texts(raw: Any, loc: Location, what: str) -> tuple[str, ...]:
 
 
 def _example(raw: Any, loc: Location, what: str) -> Example:
-    """An argv list, or {argv: [...], exe, connect, stdio, parents, files,
-    payload, sni, dns_query, remote_name}."""
+    """An argv list, or {argv: [...], exe, connect, stdio, stdio_relay,
+    parents, files, payload, sni, dns_query, remote_name}."""
     if not isinstance(raw, LineDict):
         return Example(_argv(raw, loc, what))
     for key in raw:
@@ -339,6 +345,10 @@ def _example(raw: Any, loc: Location, what: str) -> Example:
         for peer in (peers,) if isinstance(peers, str) else peers:
             if not _PEER.match(peer):
                 raise RuleSyntaxError(raw.where(key), f"{what}.{key}: {peer!r} is not ADDR:PORT")
+    if "stdio_relay" in raw:
+        kw["stdio_relay"] = _example(
+            raw["stdio_relay"], raw.where("stdio_relay"), f"{what}.stdio_relay"
+        )
     if "parents" in raw:
         parents = raw["parents"]
         if not isinstance(parents, LineList) or not parents:
@@ -375,28 +385,31 @@ def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[Example, ...]]:
     return examples
 
 
-def _parse_params(detector: str, raw: Any, loc: Location) -> dict[str, Any]:
+def _parse_params(detector: str, raw: Any, loc: Location, problems: list):
+    """The detector's parameters (its defaults where not given), or None
+    with each bad parameter's mistake added to problems."""
     schema = DETECTORS[detector]
     params = dict(schema)
     if raw is None:
         return params
     if not isinstance(raw, LineDict):
-        raise RuleSyntaxError(loc, "params: expected a mapping")
+        _problem(problems, loc, "params: expected a mapping")
+        return None
+    before = len(problems)
+    _unknown_keys(raw, schema, f"params: {detector} has no parameter", problems)
     for key, value in raw.items():
-        key_loc = raw.where(key)
         if key not in schema:
-            known = ", ".join(schema)
-            raise RuleSyntaxError(
-                key_loc, f"params: {detector} has no parameter {key!r} (known: {known})"
-            )
+            continue
         default = schema[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise RuleSyntaxError(key_loc, f"params.{key}: expected true or false")
+                _problem(problems, raw.where(key), f"params.{key}: expected true or false")
+                continue
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise RuleSyntaxError(key_loc, f"params.{key}: expected a non-negative number")
+            _problem(problems, raw.where(key), f"params.{key}: expected a non-negative number")
+            continue
         params[key] = type(default)(value)
-    return params
+    return None if len(problems) > before else params
 
 
 _CHOICES = {
@@ -473,7 +486,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
     description = raw.get("description", "?")
     if "description" in raw and (not isinstance(description, str) or not description.strip()):
         bad("description", "description must be a non-empty string")
-    action = _choice(raw, "action", "alert", bad)
+    action = _choice(raw, "action", ALERT.name, bad)
     scope = _choice(raw, "kill_scope", "process", bad)
     mode = _choice(raw, "mode", "enforce", bad)
     enabled = _flag(raw, "enabled", True, bad)
@@ -505,12 +518,12 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
         else []
     )
     prevent = (
-        _compiled(problems, _parse_prevent, raw["prevent"], raw.where("prevent"), compiler)
+        _parse_prevent(raw["prevent"], raw.where("prevent"), compiler, problems)
         if "prevent" in raw
         else PreventSpec()
     )
     params = (
-        _compiled(problems, _parse_params, detector, raw.get("params"), raw.where("params"))
+        _parse_params(detector, raw.get("params"), raw.where("params"), problems)
         if detector
         else {}
     )

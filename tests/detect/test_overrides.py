@@ -253,7 +253,7 @@ def test_rules_test_proves_each_effect_of_a_site_file(tmp_path: Path) -> None:
     # the disabled tag's rule is reported as left out, by this file's line
     assert [d["rule"] for d in report["disabled"]] == ["probe-metadata-service"]
     assert report["disabled"][0]["by"].startswith(f"{site}:")
-    text = rome_guard("rules", "test", site)
+    text = rome_guard("rules", "test", str(tmp_path))  # rules.d as a directory
     assert "tuned tunnel-ssh-remote-forward at" in text.stdout
     assert "mode monitor (in enforce mode it alerts only)" in text.stdout
     assert re.search(r"disabled probe-metadata-service by .*50-site.yaml:\d+:\d+", text.stdout)

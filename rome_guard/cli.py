@@ -15,6 +15,7 @@ import click
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_CONFIG_FILE, Config, load_config
 from rome_guard.detect.rules import RuleSet, load_rules, rule_files, rules_for
+from rome_guard.respond.responses import ALERT
 from rome_guard.yamlsrc import SourceError
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -94,7 +95,7 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
             "sockets": result.sockets,
             "duration_s": round(result.duration_s, 4),
             "rules": len(ruleset),
-            "findings": [finding_record(f, "alert", result.timestamp) for f in result.findings],
+            "findings": [finding_record(f, ALERT.name, result.timestamp) for f in result.findings],
             "not_evaluated": {"rules": wire_only, "why": not_evaluated} if wire_only else None,
         }
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
@@ -243,7 +244,7 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
                     "severity": r.severity,
                     "action": r.action,
                     "mode": r.mode,
-                    "enforce_response": "kill" if r.enforces else "alert",
+                    "enforce_response": r.enforce_response,
                     "at": [str(at) for at in r.tuned_at],
                 }
                 for r in tuned

@@ -42,6 +42,7 @@ from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
+from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
@@ -337,6 +338,8 @@ class Guard:
                 took,
             )
         retry_parked(self.ctx)
+        judge_pending_shells(self.ctx)
+        self.ctx.alerts.retry_kills()
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))

@@ -36,6 +36,10 @@ class Attribution:
     pod_uid: str | None = None  # Kubernetes pod UID (dashes restored)
     slurm_job: str | None = None  # Slurm job id
     env: Mapping[str, str] = field(default_factory=dict)  # configured env keys
+    # 0: env is the process's own, read at its exec; else the pid of the
+    # ancestor whose values it carries (its own environ was unreadable: the
+    # process was gone, a zombie, or killed at exec before it could be read)
+    env_inherited_from: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 
 packages=(
   python3-bpfcc bpfcc-tools bpftool bpftrace iproute2 libcap2-bin procps
-  openssh-server openssh-client autossh socat ncat
+  openssh-server openssh-client autossh socat ncat netcat-traditional nodejs tmux
   prometheus gcc make git ca-certificates systemd
   slurmctld slurmd slurm-client munge
   openssl iperf3

@@ -193,3 +193,52 @@ def ssh_descriptor_config(argv: tuple[str, ...]) -> str | None:
     (``/dev/stdin``, ``/dev/fd/N``, bash's ``<(...)``)."""
     value = ssh_config_file(argv)
     return value if value is not None and _SSH_DESCRIPTOR.match(value) else None
+
+
+# Shells and interpreters: options that give the program on the command line
+# (sh -c, python -c/-m, perl/ruby/node -e, php -r, node -p/--eval), options
+# that ask for an interactive session, and options that take a value.
+_PROGRAM_TEXT_OPTIONS = frozenset({"-c", "-e", "-E", "-r", "-m", "-p", "--eval", "--print"})
+_INTERACTIVE_OPTIONS = frozenset({"-i", "-s", "-a", "--interactive"})
+_VALUE_OPTIONS = frozenset(
+    {"-o", "+o", "-O", "+O", "--rcfile", "--init-file", "-W", "-X", "--require"}
+)
+
+
+def reads_commands_from_stdin(argv: tuple[str, ...]) -> bool:
+    """A shell or interpreter that takes its commands from stdin: asked for
+    an interactive session (``sh -i``, ``python -i``, ``php -a``, ``bash
+    -s``), or given neither a program on the command line (``-c``, ``-e``,
+    ``-m``, ...) nor a script to run (``/bin/sh``, ``python3``, ``perl``,
+    ``node``, ``bash -``). Every combined short form counts (``-ic``:
+    interactive wins, as python -i -c does; a shell's -ic runs the
+    command, a look-alike we accept)."""
+    interactive = program_text = script = False
+    args = list(argv[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "-":
+            break  # the program is read from stdin
+        if arg == "--":
+            script = i < len(args) and args[i] != "-"
+            break
+        if arg in _VALUE_OPTIONS:
+            i += 1
+            continue
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            interactive |= name in _INTERACTIVE_OPTIONS
+            program_text |= name in _PROGRAM_TEXT_OPTIONS
+            continue
+        if len(arg) > 1 and arg[0] in "-+":
+            letters = {f"-{letter}" for letter in arg[1:]}
+            interactive |= bool(letters & _INTERACTIVE_OPTIONS)
+            program_text |= bool(letters & _PROGRAM_TEXT_OPTIONS)
+            continue
+        script = True  # the first operand: a script (or, after -c, the command)
+        break
+    if interactive:
+        return True
+    return not (program_text or script)

@@ -642,6 +642,36 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
+def _b_commands_from_stdin(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "commands_from_stdin")
+
+    def predicate(s: Subject) -> str | None:
+        reads = argvlib.reads_commands_from_stdin(s.argv)
+        if reads != want:
+            return None
+        return "reads its commands from stdin" if reads else "runs a given program"
+
+    return predicate
+
+
+def _b_stdio_relay(c: Compiler, value: Any, loc: Location) -> Predicate:
+    """``stdio_relay: true``, or ``stdio_relay: {condition}`` on the relay:
+    some process feeds the subject's stdin and reads its stdout (through
+    pipes, a fifo, a pty or a socket pair) while holding a network
+    connection (state.stdio), and satisfies the condition."""
+    inner = None if value is True else c.condition(value, loc)
+
+    def predicate(s: Subject) -> str | None:
+        for relay in s.stdio_relays:
+            if inner is None:
+                return relay.describe()
+            if inner(s.related(relay.process, [])) is not None:  # a filter on the relay
+                return relay.describe()
+        return None
+
+    return predicate
+
+
 SSH_FORWARD_KINDS = ("remote", "dynamic", "local", "tunnel")
 
 
@@ -865,6 +895,8 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "parent": _b_parent,
     "ancestor": _b_ancestor,
     "stdio_socket": _b_stdio_socket,
+    "stdio_relay": _b_stdio_relay,
+    "commands_from_stdin": _b_commands_from_stdin,
     "ssh_forwards": _b_ssh_forwards,
     "ssh_config_unknown": _b_ssh_config_unknown,
     "macro": _b_macro,
@@ -882,7 +914,7 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
 # Conditions that need network knowledge: rules using them are re-checked
 # when a process gains a connection.
 NETWORK_KEYS = frozenset({"remote_port", "remote_cidr"})
-STDIO_KEYS = frozenset({"stdio_socket"})
+STDIO_KEYS = frozenset({"stdio_socket", "stdio_relay"})
 # Conditions on what a flow said (wire events): rules using them are
 # evaluated only on wire events, and a snapshot (scan) cannot see them.
 WIRE_KEYS = frozenset(

@@ -31,10 +31,10 @@ from rome_guard.detect.conditions import (
     Predicate,
     RuleSyntaxError,
 )
+from rome_guard.respond.responses import ALERT, KILL, RULE_ACTIONS
 from rome_guard.yamlsrc import LineDict, LineList, Location, SourceError, load_file, where
 
 SEVERITIES = ("critical", "high", "medium", "low")
-RULE_ACTIONS = ("alert", "kill")
 # enforce: the rule acts (kill, kernel prevention) when the daemon enforces;
 # monitor: it only alerts, whatever the daemon's mode (a staged roll-out)
 RULE_MODES = ("enforce", "monitor")
@@ -114,6 +114,9 @@ class Example:
     connect: tuple[str, ...] = ()  # "ADDR:PORT" of TCP connections it holds
     stdio: str = ""  # "ADDR:PORT": fds 0, 1 and 2 are a TCP socket to that peer
     parents: tuple[Example, ...] = ()  # its ancestors, nearest first
+    # a process feeding its stdin and reading its stdout through pipes while
+    # holding its own ``connect`` peers (stdio_relay rules)
+    stdio_relay: Example | None = None
     files: tuple[tuple[str, str], ...] = ()  # (path, text) of files it may read
     # the first bytes of a new flow (to the first ``connect``), for wire rules
     payload: str = ""
@@ -135,7 +138,7 @@ class Rule:
     category: str
     severity: str
     description: str
-    action: str = "alert"
+    action: str = ALERT.name
     kill_scope: str = "process"
     mode: str = "enforce"  # RULE_MODES
     match: Predicate | None = None
@@ -160,7 +163,12 @@ class Rule:
     def enforces(self) -> bool:
         """Whether an enforcing daemon acts on this rule's findings (kills,
         fills the kernel's lists); a ``mode: monitor`` kill rule only alerts."""
-        return self.action == "kill" and self.mode == "enforce"
+        return self.action == KILL.name and self.mode == "enforce"
+
+    @property
+    def enforce_response(self) -> str:
+        """What an enforcing daemon does on a match: kill, or alert only."""
+        return KILL.name if self.enforces else ALERT.name
 
     def evaluate(self, subject) -> str | None:
         """Why subject matches this rule, or None (exceptions applied)."""
@@ -198,7 +206,7 @@ class RuleSet:
     @property
     def staged(self) -> list[str]:
         """Ids of kill rules staged in ``mode: monitor``: they alert, never kill."""
-        return [r.id for r in self.rules if r.action == "kill" and not r.enforces]
+        return [r.id for r in self.rules if r.action == KILL.name and not r.enforces]
 
 
 def shipped_rules_dir() -> str:
@@ -312,8 +320,8 @@ def _texts(raw: Any, loc: Location, what: str) -> tuple[str, ...]:
 
 
 def _example(raw: Any, loc: Location, what: str) -> Example:
-    """An argv list, or {argv: [...], exe, connect, stdio, parents, files,
-    payload, sni, dns_query, remote_name}."""
+    """An argv list, or {argv: [...], exe, connect, stdio, stdio_relay,
+    parents, files, payload, sni, dns_query, remote_name}."""
     if not isinstance(raw, LineDict):
         return Example(_argv(raw, loc, what))
     for key in raw:
@@ -337,6 +345,10 @@ def _example(raw: Any, loc: Location, what: str) -> Example:
         for peer in (peers,) if isinstance(peers, str) else peers:
             if not _PEER.match(peer):
                 raise RuleSyntaxError(raw.where(key), f"{what}.{key}: {peer!r} is not ADDR:PORT")
+    if "stdio_relay" in raw:
+        kw["stdio_relay"] = _example(
+            raw["stdio_relay"], raw.where("stdio_relay"), f"{what}.stdio_relay"
+        )
     if "parents" in raw:
         parents = raw["parents"]
         if not isinstance(parents, LineList) or not parents:
@@ -474,7 +486,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
     description = raw.get("description", "?")
     if "description" in raw and (not isinstance(description, str) or not description.strip()):
         bad("description", "description must be a non-empty string")
-    action = _choice(raw, "action", "alert", bad)
+    action = _choice(raw, "action", ALERT.name, bad)
     scope = _choice(raw, "kill_scope", "process", bad)
     mode = _choice(raw, "mode", "enforce", bad)
     enabled = _flag(raw, "enabled", True, bad)

@@ -211,9 +211,11 @@ class FanoutDetector:
         port = (proto, dport)
         verdicts = []
         key = info.key
+        group = group_of(info) if self.per_container else None
         own = self._record(("process", key), now, daddr, port, weight, key)
         if own is not None:
-            self._blame(key, now)
+            above = [group] + ([("children", parent.key)] if parent is not None else [])
+            self._blame(key, now, {key}, above)
             verdicts.append((self._as(own, ACTOR_PROCESS, str(key)), info))
         if key in self._blamed:
             return verdicts
@@ -227,10 +229,10 @@ class FanoutDetector:
             through = self._record(("children", parent.key), now, daddr, port, weight, key)
             if through is not None:
                 children = self._actors[("children", parent.key)].contributors()
-                self._blame(parent.key, now, children)
+                above = [group, group_of(parent) if self.per_container else None]
+                self._blame(parent.key, now, {parent.key, *children}, above)
                 verdicts.append((self._as(through, ACTOR_PARENT, str(parent.key)), parent))
                 return verdicts
-        group = group_of(info) if self.per_container else None
         if group is not None and (parent is None or parent.key not in self._blamed):
             contributed = self._record(group, now, daddr, port, weight, key)
             if contributed is not None:
@@ -248,14 +250,15 @@ class FanoutDetector:
             actor_id,
         )
 
-    def _blame(self, key: ProcessKey, now: float, children: set = frozenset()) -> None:
-        """key crossed a threshold itself: its attempts (and, for a parent,
-        its children's) leave the actors above it: a parent's children
-        count, a workload's."""
+    def _blame(self, key: ProcessKey, now: float, gone: set, above: list) -> None:
+        """key crossed a threshold itself: the attempts of gone (key, and a
+        parent's children) leave the actors above it (its parent's children
+        count, its workload's). Only those histories are touched: O(window),
+        never O(every actor)."""
         self._blamed[key] = now
-        gone = {key, *children}
-        for actor, history in self._actors.items():
-            if actor[0] == "process" or (actor[0] == "children" and actor[1] == key):
+        for actor in above:
+            history = self._actors.get(actor) if actor is not None else None
+            if history is None:
                 continue
             for who in gone & history.contributors():
                 history.remove(who)

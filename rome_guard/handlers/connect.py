@@ -22,6 +22,7 @@ import time
 from rome_guard.events import CONNECT_ATTEMPT, ConnectEvent
 from rome_guard.findings import Finding
 from rome_guard.handlers.context import Context, Parked
+from rome_guard.handlers.fd import judge_shells_near
 from rome_guard.handlers.rename import judge_again
 
 log = logging.getLogger("rome_guard")
@@ -40,6 +41,7 @@ def on_connect(ctx: Context, event: ConnectEvent) -> None:
         if fresh is not None:  # renamed or argv rewritten since exec
             judge_again(ctx, fresh)
             info = fresh
+    judge_shells_near(ctx, info)  # the relay of a shell on a fifo/pty connected only now?
     if event.outcome == CONNECT_ATTEMPT or ep.dport:
         peers = processes.new_peer(info, ep)
         if peers is not None:

@@ -44,6 +44,7 @@ from rome_guard.events import (
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
+from rome_guard.respond.responses import ALERT, BLOCK, KILL
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
 from rome_guard.textsafe import one_line
 
@@ -80,7 +81,7 @@ LOST_BUFFERS = (
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ALERT_ACTIONS = ("alert", "kill", "block")  # what was done about an alert
+ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name)  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 GUARD_MODES = ("monitor", "enforce")
 # What rome_guard_sensor_up names: the process sensor (ebpf, or its poll

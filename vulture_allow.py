@@ -62,6 +62,7 @@ nvml.NvmlSensor.polls_total
 nvml.NvmlSensor.last_poll_seconds
 nvml._Device.compute_call
 nvml._Device.graphics_call
+nvml._Device.mps_call
 # gRPC servicer methods, called by name by grpc (the fake kubelet's Lister)
 kubelet.FakeKubelet.List
 kubelet.FakeKubelet.GetAllocatableResources

@@ -51,9 +51,9 @@ from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
-from rome_guard.linux import in_host_pid_namespace
 from rome_guard.kernel.loader import release_compiler_memory
 from rome_guard.kernel.poller import BATCH_MS, RingPoller
+from rome_guard.linux import in_host_pid_namespace
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy

@@ -75,6 +75,7 @@ class ClientStream:
     proxy_name: str = ""
     judged: set = field(default_factory=set)  # rule ids already raised on it
     seen: float = 0.0
+    ended: bool = False  # the kernel sent the stream's last record
 
     def add(self, event: WireEvent) -> None:
         if event.offset < STREAM_BYTES_MAX and event.offset not in self.chunks:
@@ -83,6 +84,11 @@ class ClientStream:
         self.alpn = self.alpn or event.alpn
         self.dropped = self.dropped or event.dropped
         self.proxy_name = self.proxy_name or event.proxy_name
+
+    def whole(self) -> bool:
+        """No gap between the first chunk and the last."""
+        end = max(at + len(c) for at, c in self.chunks.items()) if self.chunks else 0
+        return len(self.data()) == end - (min(self.chunks) if self.chunks else 0)
 
     def data(self) -> bytes:
         """The stream from its first byte (or its first record seen) up to
@@ -118,8 +124,9 @@ class ClientStreams:
                 self.evicted += 1
         stream.add(event)
         stream.seen = now
-        if event.stream_end:
-            del self._streams[event.cookie]
+        stream.ended = stream.ended or event.stream_end
+        if stream.ended and stream.whole():
+            del self._streams[event.cookie]  # a gap waits for its record, or the time
         return stream
 
     def expire(self, now: float) -> None:

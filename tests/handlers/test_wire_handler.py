@@ -21,6 +21,7 @@ from rome_guard.events import (
     Endpoint,
     WireEvent,
 )
+from rome_guard.findings import blocked_in_kernel
 from rome_guard.handlers.wire import (
     NAME_TTL_MAX_S,
     NAME_TTL_MIN_S,
@@ -29,7 +30,6 @@ from rome_guard.handlers.wire import (
     WireHandler,
     wire_policy,
 )
-from rome_guard.findings import blocked_in_kernel
 from rome_guard.layout import wire as layout
 from rome_guard.sensors import wire
 from rome_guard.state.processes import ProcessModel

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -20,9 +23,11 @@ from tests.fixtures.network import XMRIG_LOGIN
 from tests.fixtures.wire import (
     CountingServer,
     DnsServer,
+    FakeProxy,
     client,
     fake_miner,
     netns_pair,
+    split_client_binary,
     tls_context,
 )
 
@@ -300,6 +305,202 @@ def test_hostile_payload_keeps_the_journal_and_metrics_clean(monitor, workdir):
     assert b"AAAAAAAA" not in metrics and b"\xff" not in metrics and b"subscribe" not in metrics
 
 
+# --- client streams: pieces, preambles, framings ------------------------------
+
+# the login in three writes, as the issue found it: the first is `{"id":1,`
+LOGIN_PIECES = [XMRIG_LINE[:8], XMRIG_LINE[8:60], XMRIG_LINE[60:]]
+ETH_PROXY_METHOD_LAST = (
+    b'{"worker": "", "jsonrpc": "2.0", "params": ["0x52908400098527886E0F7030069857D2E4169EE7", '
+    b'"x"], "id": 2, "method": "eth_submitLogin"}\n'
+)
+GET_BLOCK_TEMPLATE = (
+    b'{"jsonrpc":"2.0","id":"0","method":"get_block_template","params":{"wallet_address":"4'
+    + b"8" * 94
+    + b'","reserve_size":60}}'
+)
+
+
+def _spawn(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _fed(argv: list[str], pieces: list[bytes], gap_s: float) -> subprocess.Popen:
+    """A tool reading its stdin (socat), fed the pieces gap_s apart: each
+    piece is one read for it, and so one write to its socket."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+    def feed() -> None:
+        try:
+            for piece in pieces:
+                proc.stdin.write(piece)
+                proc.stdin.flush()
+                time.sleep(gap_s)
+            time.sleep(2)
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass  # killed
+
+    threading.Thread(target=feed, daemon=True).start()
+    return proc
+
+
+def _pieces(spelling: str, host: str, port: int, pieces: list[bytes], workdir: str):
+    if spelling == "python":
+        return client("pieces", host, str(port), "0.3", *(p.hex() for p in pieces))
+    if spelling == "c":
+        return _spawn(
+            split_client_binary(workdir), host, str(port), "300", *(p.hex() for p in pieces)
+        )
+    return _fed(["socat", "-u", "-", f"TCP:{host}:{port},nodelay"], pieces, 0.3)
+
+
+@pytest.mark.parametrize("spelling", ["python", "c", "socat"])
+def test_login_in_pieces_is_read_whole(monitor, workdir, spelling):
+    pool = CountingServer("127.10.60.1", 0)
+    try:
+        proc = _pieces(spelling, pool.host, pool.port, LOGIN_PIECES, workdir)
+        alert = _wire_alert(monitor, proc.pid, "miner-stratum-login")
+        _done(proc)
+    finally:
+        pool.close()
+    assert alert["category"] == "miner" and alert["wire"]["method"] == "login"
+    assert pool.received == [XMRIG_LINE]  # monitor mode: all of it went through
+
+
+def _through_proxy(spelling: str, proxy: FakeProxy, name: str, port: int, payload: bytes):
+    if spelling == "python-socks5":
+        return client("socks5", proxy.host, str(proxy.port), name, str(port), payload.hex())
+    if spelling == "curl-socks5h":  # the name goes to the proxy, never to DNS
+        return _spawn(
+            "curl", "-s", "-m", "5", "--socks5-hostname", f"{proxy.host}:{proxy.port}",
+            f"http://{name}:{port}/",
+        )  # fmt: skip
+    if spelling == "socat-socks4a":
+        return _fed(
+            ["socat", "-u", "-", f"SOCKS4A:{proxy.host}:{name}:{port},socksport={proxy.port}"],
+            [payload],
+            0.3,
+        )
+    # curl through an HTTP proxy with a tunnel: CONNECT name:port
+    return _spawn(
+        "curl", "-s", "-m", "5", "-p", "-x", f"http://{proxy.host}:{proxy.port}",
+        f"http://{name}:{port}/",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spelling", ["python-socks5", "curl-socks5h", "socat-socks4a", "curl-http-connect"]
+)
+def test_pool_named_to_a_proxy(monitor, spelling):
+    proxy = FakeProxy("127.10.61.1", 0)
+    try:
+        proc = _through_proxy(spelling, proxy, POOL_NAME, 3333, XMRIG_LINE)
+        alert = _wire_alert(monitor, proc.pid, "miner-pool-named-address")
+        _done(proc)
+    finally:
+        proxy.close()
+    assert alert["wire"]["proxy_host"] == POOL_NAME and alert["wire"]["remote_name"] == POOL_NAME
+    assert proxy.requests and proxy.requests[0][1] == POOL_NAME
+    if spelling in ("python-socks5", "socat-socks4a"):  # a login followed the reply
+        _wire_alert(monitor, proc.pid, "miner-stratum-login")
+
+
+def _jsonrpc(spelling: str, host: str, port: int):
+    if spelling == "python-key-order":
+        return client("send", host, str(port), ETH_PROXY_METHOD_LAST.hex(), "1")
+    if spelling == "curl-monerod-http":
+        return _spawn(
+            "curl", "-s", "-m", "5", "-H", "Content-Type: application/json",
+            "--data-binary", GET_BLOCK_TEMPLATE.decode(), f"http://{host}:{port}/json_rpc",
+        )  # fmt: skip
+    # a WebSocket upgrade, then the subscribe in a masked text frame
+    key = b"\x11\x22\x33\x44"
+    frame = b"\x81" + bytes([0x80 | len(SUBSCRIBE_SPACED)]) + key
+    frame += bytes(c ^ key[i % 4] for i, c in enumerate(SUBSCRIBE_SPACED))
+    upgrade = (
+        f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    return client("pieces", host, str(port), "0.2", upgrade.hex(), frame.hex())
+
+
+@pytest.mark.parametrize("spelling", ["python-key-order", "curl-monerod-http", "python-websocket"])
+def test_mining_jsonrpc_in_any_order_and_framing(monitor, spelling):
+    node = CountingServer("127.10.62.1", 0)
+    try:
+        proc = _jsonrpc(spelling, node.host, node.port)
+        alert = _wire_alert(monitor, proc.pid, "miner-stratum-method")
+        _done(proc)
+    finally:
+        node.close()
+    assert alert["category"] == "miner"
+    assert (
+        alert["wire"]["method"] in (b"eth_submitLogin get_block_template mining.subscribe").decode()
+    )
+
+
+def _tls(spelling: str, host: str, sni: str):
+    if spelling == "python":
+        return client("tls", host, "443", sni)
+    if spelling == "openssl":
+        return subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"{host}:443", "-servername", sni, "-quiet"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    return _spawn(
+        "curl", "-s", "-k", "-m", "5", "--resolve", f"{sni}:443:{host}", f"https://{sni}/"
+    )
+
+
+@pytest.mark.parametrize(
+    "spelling,sni",
+    [
+        ("python", "connect.ngrok-agent.com"),
+        ("openssl", "region1.v2.argotunnel.com"),
+        ("curl", "a.pinggy.io"),
+    ],
+)
+def test_tunnel_service_named_in_tls(monitor, tls, spelling, sni):
+    server = CountingServer("127.10.63.1", 443, tls=tls)
+    try:
+        proc = _tls(spelling, server.host, sni)
+        alert = _wire_alert(monitor, proc.pid, "tunnel-service-sni")
+        proc.kill()
+        proc.wait(10)
+    finally:
+        server.close()
+    assert alert["category"] == "reverse_tunnel" and alert["wire"]["sni"] == sni
+
+
+def test_stream_twins_stay_clean(monitor, tls, workdir):
+    """Proxies to package indexes and model hubs, a node's RPC in pieces and
+    over HTTP, TLS to a model hub: nothing fires."""
+    plain = CountingServer("127.10.64.1", 0)
+    proxy = FakeProxy("127.10.64.2", 0)
+    hub = CountingServer("127.10.64.3", 443, tls=tls)
+    block_number = b'{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":83}\n'
+    try:
+        procs = [
+            _pieces("c", plain.host, plain.port, [block_number[:9], block_number[9:]], workdir),
+            _spawn("curl", "-s", "-m", "5", "--data-binary", block_number.decode(), f"http://{plain.host}:{plain.port}/"),
+            _through_proxy("curl-socks5h", proxy, "pypi.org", 443, b""),
+            _through_proxy("curl-http-connect", proxy, "huggingface.co", 443, b""),
+            _tls("curl", hub.host, "huggingface.co"),
+        ]  # fmt: skip
+        for proc in procs:
+            proc.wait(30)
+        monitor.settle(3.0)
+    finally:
+        plain.close()
+        proxy.close()
+        hub.close()
+    assert len(proxy.requests) == 2
+    pids = {p.pid for p in procs}
+    assert [r["rule"] for r in monitor.records() if r["process"]["pid"] in pids] == []
+
+
 # --- enforce mode: dropped in the kernel, killed ----------------------------
 
 
@@ -386,3 +587,76 @@ def test_enforce_lets_ordinary_flows_through(enforce, tls):
     assert tls_server.bytes_received > 0
     pids = {p.pid for p in procs}
     assert [r["rule"] for r in enforce.records() if r["process"]["pid"] in pids] == []
+
+
+@pytest.mark.parametrize("spelling", ["python", "c", "socat"])
+def test_enforce_login_in_pieces_never_arrives_whole(enforce, workdir, spelling):
+    pool = CountingServer("127.10.65.1", 0)
+    try:
+        proc = _pieces(spelling, pool.host, pool.port, LOGIN_PIECES, workdir)
+        response = _killed(enforce, proc.pid, "miner-stratum-login")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        pool.close()
+    assert response["action"] == "killed" and response["wire"]["dropped"] == "method"
+    # the piece that completes "method":"login" never left: the pool has the first only
+    assert pool.received == [LOGIN_PIECES[0]]
+
+
+@pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h"])
+def test_enforce_pool_named_to_a_proxy_is_stopped_at_the_request(enforce, spelling):
+    proxy = FakeProxy("127.10.66.1", 0)
+    try:
+        proc = _through_proxy(spelling, proxy, POOL_NAME, 3333, XMRIG_LINE)
+        response = _killed(enforce, proc.pid, "miner-pool-named-address")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        proxy.close()
+    assert response["wire"]["dropped"] == "proxy"
+    assert proxy.requests == [] and proxy.bytes_received == 0  # the request never arrived
+
+
+def test_enforce_tunnel_service_sni_is_stopped(enforce, tls):
+    server = CountingServer("127.10.67.1", 443, tls=tls)
+    try:
+        proc = _tls("openssl", server.host, "connect.ngrok-agent.com")
+        response = _killed(enforce, proc.pid, "tunnel-service-sni")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        server.close()
+    assert response["wire"]["dropped"] == "sni" and server.bytes_received == 0
+
+
+def test_enforce_chisel_upgrade_is_dropped_and_killed(enforce):
+    server = CountingServer("127.10.68.1", 0)
+    upgrade = (
+        b"GET / HTTP/1.1\r\nHost: 127.10.68.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: chisel-v3\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    try:
+        proc = client(
+            "pieces", server.host, str(server.port), "1.0", upgrade.hex(), b"x" * (64).hex()
+        )
+        response = _killed(enforce, proc.pid, "tunnel-chisel-websocket")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        server.close()
+    assert response["action"] == "killed"
+    assert server.received == [upgrade]  # what followed the verdict never left
+
+
+def test_enforce_dns_question_dropped_is_journaled_as_blocked(enforce):
+    resolver = DnsServer("127.10.53.69", {"pinggy.io": "127.10.77.9"})
+    try:
+        proc = client("resolve", resolver.host, "a.pinggy.io", "443")
+        alert = _wire_alert(enforce, proc.pid, "tunnel-service-dns-query")
+        assert _done(proc) == 3
+    finally:
+        resolver.close()
+    assert alert["action"] == "blocked" and alert["wire"]["dropped"] == "dns"
+    assert resolver.questions == []

@@ -370,29 +370,17 @@ def test_login_in_pieces_is_read_whole(monitor, workdir, spelling):
 
 
 def _through_proxy(spelling: str, proxy: FakeProxy, name: str, port: int, payload: bytes):
+    """A client asking proxy for name:port, then sending payload (python) or
+    an HTTP request (curl). curl reads its URL and proxy from a config on
+    stdin: the name is on the wire only, never in argv."""
     if spelling == "python-socks5":
         return client("socks5", proxy.host, str(proxy.port), name, str(port), payload.hex())
-    if spelling == "curl-socks5h":  # the name goes to the proxy, never to DNS
-        return _spawn(
-            "curl", "-s", "-m", "5", "--socks5-hostname", f"{proxy.host}:{proxy.port}",
-            f"http://{name}:{port}/",
-        )  # fmt: skip
-    if spelling == "socat-socks4a":
-        return _fed(
-            ["socat", "-u", "-", f"SOCKS4A:{proxy.host}:{name}:{port},socksport={proxy.port}"],
-            [payload],
-            0.3,
-        )
-    # curl through an HTTP proxy with a tunnel: CONNECT name:port
-    return _spawn(
-        "curl", "-s", "-m", "5", "-p", "-x", f"http://{proxy.host}:{proxy.port}",
-        f"http://{name}:{port}/",
-    )  # fmt: skip
+    option = "socks5-hostname" if spelling == "curl-socks5h" else "proxytunnel\nproxy"
+    config = f'{option} = "{proxy.host}:{proxy.port}"\nurl = "http://{name}:{port}/"\n'
+    return _fed(["curl", "-s", "-m", "5", "-K", "-"], [config.encode()], 0)
 
 
-@pytest.mark.parametrize(
-    "spelling", ["python-socks5", "curl-socks5h", "socat-socks4a", "curl-http-connect"]
-)
+@pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h", "curl-http-connect"])
 def test_pool_named_to_a_proxy(monitor, spelling):
     proxy = FakeProxy("127.10.61.1", 0)
     try:
@@ -403,17 +391,18 @@ def test_pool_named_to_a_proxy(monitor, spelling):
         proxy.close()
     assert alert["wire"]["proxy_host"] == POOL_NAME and alert["wire"]["remote_name"] == POOL_NAME
     assert proxy.requests and proxy.requests[0][1] == POOL_NAME
-    if spelling in ("python-socks5", "socat-socks4a"):  # a login followed the reply
+    if spelling == "python-socks5":  # a login followed the reply
         _wire_alert(monitor, proc.pid, "miner-stratum-login")
 
 
 def _jsonrpc(spelling: str, host: str, port: int):
     if spelling == "python-key-order":
         return client("send", host, str(port), ETH_PROXY_METHOD_LAST.hex(), "1")
-    if spelling == "curl-monerod-http":
-        return _spawn(
-            "curl", "-s", "-m", "5", "-H", "Content-Type: application/json",
-            "--data-binary", GET_BLOCK_TEMPLATE.decode(), f"http://{host}:{port}/json_rpc",
+    if spelling == "curl-monerod-http":  # the body on stdin: the wallet is not in argv
+        return _fed(
+            ["curl", "-s", "-m", "5", "-H", "Content-Type: application/json", "--data-binary", "@-",
+             f"http://{host}:{port}/json_rpc"],
+            [GET_BLOCK_TEMPLATE], 0,
         )  # fmt: skip
     # a WebSocket upgrade, then the subscribe in a masked text frame
     key = b"\x11\x22\x33\x44"
@@ -600,8 +589,9 @@ def test_enforce_login_in_pieces_never_arrives_whole(enforce, workdir, spelling)
     finally:
         pool.close()
     assert response["action"] == "killed" and response["wire"]["dropped"] == "method"
-    # the piece that completes "method":"login" never left: the pool has the first only
-    assert pool.received == [LOGIN_PIECES[0]]
+    # the piece that makes it a miner's login (its "agent") never left
+    assert pool.received == [LOGIN_PIECES[0] + LOGIN_PIECES[1]]
+    assert b'"agent"' in LOGIN_PIECES[2] and len(pool.received[0]) < len(XMRIG_LINE)
 
 
 @pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h"])
@@ -639,7 +629,7 @@ def test_enforce_chisel_upgrade_is_dropped_and_killed(enforce):
     )
     try:
         proc = client(
-            "pieces", server.host, str(server.port), "1.0", upgrade.hex(), b"x" * (64).hex()
+            "pieces", server.host, str(server.port), "1.0", upgrade.hex(), (b"x" * 64).hex()
         )
         response = _killed(enforce, proc.pid, "tunnel-chisel-websocket")
         assert _done(proc) == -9

@@ -38,6 +38,8 @@ SUBSCRIBE_SPACED = b'{"id": 1, "method": "mining.subscribe", "params": ["cpumine
 AUTHORIZE_COMPACT = b'{"params":["wallet.rig1","x"],"id":2,"method":"mining.authorize"}\n'
 ETH_PROXY_LOGIN = b'{"id":1,"jsonrpc":"2.0","method":"eth_submitLogin","params":["0xabc"]}\n'
 POOL_NAME = "pool.supportxmr.com"
+# the key that joins an alert to the agent's trajectory
+ROLLOUT_CONFIG = "rules: []\nattribution:\n  env_keys: [ROME_ROLLOUT]\n"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def workdir():
 @pytest.fixture(scope="module")
 def monitor():
     require_root()
-    with daemon(mode="monitor") as d:
+    with daemon(mode="monitor", config_text=ROLLOUT_CONFIG) as d:
         yield d
 
 
@@ -229,8 +231,10 @@ def test_ordinary_traffic_stays_clean(monitor, tls):
             "send",
             plain.host,
             str(plain.port),
+            # a node's own RPC over HTTP (eth_getWork there is ethminer's getwork
+            # mining: tests/detect/test_wire_rules.py)
             b"POST / HTTP/1.1\r\nHost: localhost:8545\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 64\r\n\r\n{"jsonrpc":"2.0","method":"eth_getWork","params":[],"id":1}'.hex(),
+            b'Content-Length: 63\r\n\r\n{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":1}'.hex(),
         ),
         (
             "send",
@@ -490,6 +494,27 @@ def test_stream_twins_stay_clean(monitor, tls, workdir):
     assert [r["rule"] for r in monitor.records() if r["process"]["pid"] in pids] == []
 
 
+def test_wire_and_dns_alerts_carry_the_process_attribution(monitor, tls):
+    """The same process object as exec alerts: the configured env keys
+    (the rollout id) included, on a wire alert and on a DNS alert."""
+    pool = CountingServer("127.10.69.1", 0)
+    resolver = DnsServer("127.10.53.70", {})
+    rollout = {"ROME_ROLLOUT": "rollout-4711"}
+    try:
+        wire = client("send", pool.host, str(pool.port), SUBSCRIBE_SPACED.hex(), "1", env=rollout)
+        dns = client("resolve", resolver.host, "xmr.2miners.com", "443", env=rollout)
+        wire_alert = _wire_alert(monitor, wire.pid, "miner-stratum-method")
+        dns_alert = _wire_alert(monitor, dns.pid, "miner-pool-dns-query")
+        _done(wire)
+        _done(dns)
+    finally:
+        pool.close()
+        resolver.close()
+    for alert in (wire_alert, dns_alert):
+        assert alert["process"]["env"] == rollout
+        assert alert["process"]["cmdline"][1].endswith("wire_client.py")
+
+
 # --- enforce mode: dropped in the kernel, killed ----------------------------
 
 
@@ -594,7 +619,7 @@ def test_enforce_login_in_pieces_never_arrives_whole(enforce, workdir, spelling)
     assert b'"agent"' in LOGIN_PIECES[2] and len(pool.received[0]) < len(XMRIG_LINE)
 
 
-@pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h"])
+@pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h", "curl-http-connect"])
 def test_enforce_pool_named_to_a_proxy_is_stopped_at_the_request(enforce, spelling):
     proxy = FakeProxy("127.10.66.1", 0)
     try:

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import dns_payload, facts_for, parse_dns
 from rome_guard.detect.rules import RuleSet
-from rome_guard.detect.subject import Subject
 from rome_guard.events import (
     WIRE_DNS_ANSWER,
     WIRE_DNS_QUERY,
@@ -298,7 +297,9 @@ class WireHandler:
             dropped=dropped,
         )
         info = self.process_of(event)
-        subject = Subject(info, lambda: self.processes.lineage(info), [event.endpoint], wire=facts)
+        # built by the process model, as for exec alerts: the same process
+        # object (attribution, env keys), lineage and stdio
+        subject = self.processes.subject(info, [event.endpoint], wire=facts)
         findings = [f for f in self.evaluate(subject, event.endpoint) if f.rule.id not in judged]
         if findings:
             judged.update(f.rule.id for f in findings)

@@ -200,6 +200,12 @@ STREAMS = [
         {"miner-stratum-method"},
     ),
     (
+        "ethminer getwork over HTTP",
+        b"POST / HTTP/1.1\r\nHost: localhost:8545\r\n\r\n"
+        b'{"jsonrpc":"2.0","method":"eth_getWork","params":[],"id":1}',
+        {"miner-stratum-method"},
+    ),
+    (
         "batch array",
         b'[{"jsonrpc":"2.0","id":1,"method":"eth_chainId"},'
         b'{"jsonrpc":"2.0","id":2,"method":"eth_getWork"}]\n',

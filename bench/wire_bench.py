@@ -120,7 +120,7 @@ def in_kernel_cost(binary: str, count: int) -> dict[str, float]:
                 before = {name: run_time(i) for name, i in ids.items()}
                 rate(binary, mode, count)
                 for name, prog_id in ids.items():
-                    delta = zip(run_time(prog_id), before[name], strict=True)
+                    delta = zip(run_time(prog_id), before[name])
                     ns, runs = (a - b for a, b in delta)
                     costs[f"{name} ({mode})"] = ns / runs if runs else 0.0
         finally:

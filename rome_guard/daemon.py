@@ -277,10 +277,23 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "wire": self.wire_status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
             "time": time.time(),
+        }
+
+    def wire_status(self) -> dict[str, Any] | None:
+        """The client streams the wire sensor follows now, and the flows
+        whose stream a bound cut (bytes, segments, time): what no rule saw."""
+        if self.wire_sensor is None or self.ctx.wire is None:
+            return None
+        streams = self.ctx.wire.streams
+        return {
+            "streams_open": len(streams),
+            "streams_evicted": streams.evicted,
+            "streams_cut": self.wire_sensor.stream_cuts(),
         }
 
     def check_lost(self) -> None:

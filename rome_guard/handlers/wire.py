@@ -113,6 +113,9 @@ class ClientStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def __contains__(self, cookie: int) -> bool:
+        return cookie in self._streams
+
     def add(self, event: WireEvent, now: float) -> ClientStream:
         stream = self._streams.get(event.cookie)
         if stream is None:
@@ -268,6 +271,10 @@ class WireHandler:
             self._learn(event, now)
             return
         if event.kind in (WIRE_DNS_QUERY, WIRE_DROPPED_CONNECT):
+            self._judge(event, event.payload, event.sni, event.alpn, event.dropped, set(), now)
+            return
+        if event.offset == 0 and event.stream_end and event.cookie not in self.streams:
+            # a flow whose first message said all (TLS, SSH, a plain GET): no state
             self._judge(event, event.payload, event.sni, event.alpn, event.dropped, set(), now)
             return
         stream = self.streams.add(event, now)

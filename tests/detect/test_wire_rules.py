@@ -199,6 +199,8 @@ STREAMS = [
         WS_UPGRADE + ws_frame(SUBSCRIBE_LINE),
         {"miner-stratum-method"},
     ),
+    # the login's "agent" lies past the first 512 characters of what was read
+    ("xmrig login in WebSocket frames", WS_UPGRADE + ws_frame(XMRIG_LINE), {"miner-stratum-login"}),
     (
         "ethminer getwork over HTTP",
         b"POST / HTTP/1.1\r\nHost: localhost:8545\r\n\r\n"

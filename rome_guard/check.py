@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 from typing import Iterable
 
-from rome_guard.config import Config, parse_config
+from rome_guard.config import DEFAULT_CONFIG_FILE, Config, parse_config
 from rome_guard.detect.rules import RuleSet, load_rules, rules_for
 from rome_guard.yamlsrc import Location, SourceError, load_file
 
@@ -51,10 +51,13 @@ def check_config(
     from rome_guard.respond.webconfig import load_web_config
 
     problems: Problems = []
-    try:
-        docs = load_file(path)
-    except SourceError as exc:
-        return None, None, exc.problems
+    if path == DEFAULT_CONFIG_FILE and not os.path.exists(path):
+        docs: list = []  # the daemon runs on the built-in defaults then
+    else:
+        try:
+            docs = load_file(path)
+        except SourceError as exc:
+            return None, None, exc.problems
     if len(docs) > 1:
         problems.append((Location(path, 1), "expected one YAML document"))
     config = parse_config(docs[0] if docs else None, path, problems)

@@ -14,7 +14,8 @@ import click
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_CONFIG_FILE, Config, load_config
-from rome_guard.detect.rules import RuleSet, load_rules, rules_for
+from rome_guard.detect.rules import RuleSet, load_rules, rule_files, rules_for
+from rome_guard.respond.responses import ALERT
 from rome_guard.yamlsrc import SourceError
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -94,7 +95,7 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
             "sockets": result.sockets,
             "duration_s": round(result.duration_s, 4),
             "rules": len(ruleset),
-            "findings": [finding_record(f, "alert", result.timestamp) for f in result.findings],
+            "findings": [finding_record(f, ALERT.name, result.timestamp) for f in result.findings],
             "not_evaluated": {"rules": wire_only, "why": not_evaluated} if wire_only else None,
         }
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
@@ -138,11 +139,13 @@ def run(
 ) -> None:
     """Run the guard in the foreground (systemd Type=notify)."""
     from rome_guard.daemon import main as daemon_main
+    from rome_guard.siteconfig import usable_config
 
-    config = config_from(config_path)
+    # degraded, never down: what cannot be used is left out and reported
+    config, rejected = usable_config(config_path)
     overrides = {"mode": mode, "sensor": sensor, "alerts_file": alerts_file, "run_dir": run_dir}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    status = daemon_main(config, extra_rules, metrics_addr)
+    status = daemon_main(config, extra_rules, metrics_addr, rejected)
     # Everything is detached and closed by now. Skip the interpreter's and
     # libbcc's exit-time destructors: LLVM's alone take ~1.8 s, and SIGTERM
     # must end the daemon within 2 s.
@@ -205,12 +208,13 @@ def rules_validate(paths: tuple[str, ...]) -> None:
 
 
 @rules.command("test")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True)
 def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
-    """Run the examples of the rules these files define or tune (examples:
-    match / no_match), and say what their tuning changed. Exit 0 all pass,
-    1 any fails, 2 the files do not load."""
+    """Run the examples of the rules these files (or directories' files:
+    rules.d) define or tune (examples: match / no_match), and say what
+    their tuning changed. Exit 0 all pass, 1 any fails, 2 the files do not
+    load."""
     from rome_guard.detect.examples import concerned, disabled_by, run_examples
     from rome_guard.textsafe import command_line
 
@@ -219,10 +223,11 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
     except SourceError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_ERROR)
-    results = run_examples(ruleset, set(paths))
+    files = set(rule_files(paths))
+    results = run_examples(ruleset, files)
     failed = [r for r in results if not r.passed]
-    tuned = [r for r in concerned(ruleset, set(paths)) if r.tuned_at]
-    disabled = disabled_by(ruleset, set(paths))
+    tuned = [r for r in concerned(ruleset, files) if r.tuned_at]
+    disabled = disabled_by(ruleset, files)
     if as_json:
         document = {
             "examples": [
@@ -241,7 +246,7 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
                     "severity": r.severity,
                     "action": r.action,
                     "mode": r.mode,
-                    "enforce_response": "kill" if r.enforces else "alert",
+                    "enforce_response": r.enforce_response,
                     "at": [str(at) for at in r.tuned_at],
                 }
                 for r in tuned
@@ -285,15 +290,15 @@ def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) ->
     from rome_guard.report import table
 
     ruleset = rules_from(config_from(config_path), extra_rules)
+    keys = ("id", "category", "severity", "action", "mode", "kind", "location")
     rows = [
-        (r.id, r.category, r.severity, r.action, r.detector or "match", str(r.location))
+        (r.id, r.category, r.severity, r.action, r.mode, r.detector or "match", str(r.location))
         for r in ruleset.rules
     ]
     if as_json:
-        keys = ("id", "category", "severity", "action", "kind", "location")
-        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+        click.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
     else:
-        click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))
+        click.echo(table(keys, rows, 90))
 
 
 @main.group("config")
@@ -314,8 +319,9 @@ def config_check(path: str, extra_rules: tuple[str, ...]) -> None:
     if problems or config is None or ruleset is None:
         report_problems(problems)
         return
+    shown = path if os.path.exists(path) else f"{path} (absent: the built-in defaults)"
     click.echo(
-        f"ok: {path}: mode {config.mode}, {len(ruleset)} rules from "
+        f"ok: {shown}: mode {config.mode}, {len(ruleset)} rules from "
         f"{len(ruleset.sources)} files ({len(ruleset.left_out)} disabled)"
     )
 

@@ -57,7 +57,7 @@ class Finding:
 
 def rfc3339(timestamp: float) -> str:
     return (
-        _dt.datetime.fromtimestamp(timestamp, _dt.UTC)
+        _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
@@ -88,6 +88,7 @@ def process_record(info: ProcessInfo) -> dict[str, Any]:
         "pod_uid": att.pod_uid,
         "slurm_job": att.slurm_job,
         "env": {for_json(k): for_json(v) for k, v in att.env.items()},
+        "env_inherited_from": att.env_inherited_from or None,
         "pre_existing": info.pre_existing,
     }
 
@@ -204,12 +205,14 @@ def event_record(finding: Finding, event: str, action: str, mode: str, host: str
 
 
 def rules_record(findings: list[Finding]) -> list[dict[str, str]]:
-    """Every rule of an incident with its reason."""
+    """Every rule of an incident with its reason and the process it hit
+    (an incident spans the offender's tree)."""
     return [
         {
             "rule": f.rule.id,
             "severity": f.rule.severity,
             "reason": for_json(f.reason, 500),
+            "pid": f.process.pid,
             **({"mode": "monitor"} if f.rule.mode == "monitor" else {}),
         }
         for f in findings

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rome_guard.detect.rules import load_rules
+
 ERROR_LINE = re.compile(r"^(?P<path>/[^:]+):(?P<line>\d+):(?P<column>\d+): (?P<message>.+)$")
 
 FIVE_MISTAKES = """\
@@ -87,7 +89,7 @@ def test_rules_validate_accepts_a_clean_file(tmp_path: Path) -> None:
     )
     result = rome_guard("rules", "validate", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("ok: 38 rules")
+    assert result.stdout.startswith(f"ok: {len(load_rules([])) + 1} rules")  # shipped + this
 
 
 def test_config_check_reports_the_config_and_its_rules_at_once(tmp_path: Path) -> None:
@@ -128,3 +130,35 @@ def test_config_check_passes_the_shipped_config_and_says_what_it_loads() -> None
     result = rome_guard("config", "check", str(shipped))
     assert result.returncode == 0, result.stderr
     assert re.match(r"ok: .*config\.yaml: mode monitor, \d+ rules from \d+ files", result.stdout)
+
+
+def test_every_mistake_inside_prevent_and_params_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "50-site.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - id: site-pool\n"
+        "    category: site\n"
+        "    severity: low\n"
+        "    description: d\n"
+        "    action: kill\n"
+        "    match: {name: [x]}\n"
+        "    prevent:\n"
+        "      block_ports: [70000]\n"
+        "      block_cidrs: [10.0.0.300/8]\n"
+        "      kill_on_connect: maybe\n"
+        "  - id: site-fanout\n"
+        "    category: site\n"
+        "    severity: low\n"
+        "    description: d\n"
+        "    detector: fanout\n"
+        "    params: {window: 3, max_destinations: -1}\n"
+    )
+    result = rome_guard("rules", "validate", str(path))
+    assert result.returncode == 2
+    assert [(line, column) for _p, line, column, _m in errors(result.stderr)] == [
+        (9, 7),
+        (10, 7),
+        (11, 7),
+        (17, 14),
+        (17, 25),
+    ], result.stderr

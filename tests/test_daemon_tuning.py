@@ -97,3 +97,30 @@ def test_a_disabled_tag_raises_nothing(tuned_daemon: Daemon, tmp_path: Path) -> 
     finally:
         _end(scanner)
         _end(marker)
+
+
+def test_a_reload_stages_a_kill_rule_without_a_restart(tmp_path: Path) -> None:
+    """The roll-out a site does on a running fleet: drop a tune file into
+    rules.d, SIGHUP, and the kill rule alerts without killing from then on;
+    a broken tune file is refused and the rules in force stay."""
+    require_root()
+    site = tmp_path / "rules.d"
+    site.mkdir()
+    with daemon(mode="enforce", config_text=f"rules: [{site}]\n") as d:
+        (site / "90-bad.yaml").write_text("tune:\n  - {rule: miner-only-flags, mode: audit}\n")
+        d.signal(signal.SIGHUP)
+        d.wait_log("reload rejected")
+        assert "90-bad.yaml:2:" in d.log and "mode must be one of enforce, monitor" in d.log
+        (site / "90-bad.yaml").unlink()
+        (site / "60-stage.yaml").write_text("tune:\n  - {rule: miner-only-flags, mode: monitor}\n")
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded:")
+        assert "staged in monitor mode (they alert, never kill): miner-only-flags" in d.log
+        staged = _spawn(tmp_path, "trainer", "--donate-level=1")
+        try:
+            record = d.wait_alert(by_pid(staged.pid, "miner-only-flags"))
+            assert record["rule_mode"] == "monitor" and record["action"] == "alert"
+            d.settle()
+            assert _responses(d, staged.pid) == []
+        finally:
+            _end(staged)

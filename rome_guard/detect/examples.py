@@ -4,7 +4,9 @@ A rule may carry ``examples: {match: [...], no_match: [...]}``: processes
 it must match and look-alikes it must not. Each example is an argv, or a
 mapping with the argv and what else the process holds (rules.Example: its
 exe path, TCP connections, socket stdio, ancestors, files it names, the
-first bytes of a new flow). It becomes a process as /proc and the sensors
+first bytes of a new flow, a ``stdio_relay``: a process feeding its
+stdin and reading its stdout through pipes while holding its own
+``connect`` peers). It becomes a process as /proc and the sensors
 would show it and the rule is evaluated on it alone, exceptions applied.
 A ``tune`` entry may add examples to the rule it tunes: they run
 against the rule as tuned (appended lists and macros, exceptions, mode),
@@ -21,6 +23,8 @@ from rome_guard.detect.payload import WireFacts, facts_for
 from rome_guard.detect.rules import Example, Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint, ProcessInfo, ProcessKey
+from rome_guard.respond.responses import ALERT
+from rome_guard.state.stdio import Relay
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class ExampleResult:
     argv: tuple[str, ...]
     passed: bool
     reason: str | None  # why the rule matched, when it did
-    response: str = "alert"  # what an enforcing daemon does on a match: alert | kill
+    response: str = ALERT.name  # what an enforcing daemon does on a match: alert | kill
 
 
 def _process(example: Example, pid: int) -> ProcessInfo:
@@ -100,7 +104,18 @@ def example_subject(example: Example | tuple[str, ...]) -> Subject:
         stdio_of=lambda info: _stdio(by_pid[info.pid]) if info.pid in by_pid else {},
         read_config=read,
         wire=_wire(example),
+        stdio_relays=lambda: _relays(example),
     )
+
+
+def _relays(example: Example) -> list[Relay]:
+    """The example's stdio relay (pid 4240), through pipes both ways, with
+    its first connection (10.0.0.1:4444 when it names none)."""
+    relay = example.stdio_relay
+    if relay is None:
+        return []
+    peer = _peer(relay.connect[0] if relay.connect else "10.0.0.1:4444")
+    return [Relay(_process(relay, 4240), peer, ("pipe",), ("pipe",))]
 
 
 def _in(location, wanted: set[str] | None) -> bool:
@@ -140,6 +155,6 @@ def _run(rule: Rule) -> list[ExampleResult]:
             argv = example.argv
             reason = rule.evaluate(example_subject(example))
             passed = (reason is not None) == (kind == "match")
-            response = "kill" if rule.enforces else "alert"
+            response = rule.enforce_response
             results.append(ExampleResult(rule.id, kind, argv, passed, reason, response))
     return results

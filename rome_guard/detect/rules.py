@@ -1,11 +1,16 @@
-"""Rule files: loading, validation and the RuleSet the engine runs.
+"""Rule files: loading, validation, merging and the RuleSet the engine runs.
 
-Rules are data (YAML, schema in docs/rules.md): named ``lists`` shared by
-every file, and ``rules`` with an id, category, severity, description, a
-``match`` condition or a ``detector`` with parameters, ``exceptions`` and an
-``action``. Loading is all-or-nothing: any mistake in any file rejects the
-whole set with ``path:line: what is wrong`` for every mistake found, so a
-running daemon can keep its old rules.
+Rules are data (YAML, docs/rules.md; JSON Schema in rome_guard/schemas):
+named ``lists`` and ``macros`` shared by every file, and ``rules`` with an
+id, category, severity, description, a ``match`` condition or a
+``detector`` with parameters, ``exceptions``, an ``action`` and a ``mode``.
+A site tunes shipped content without copying it (Falco's append/override):
+``append`` adds to lists and macros, ``tune`` changes a rule by id,
+``disable`` leaves rules out by id, glob or tag. Loading is all-or-nothing:
+any mistake in any file rejects the whole set with
+``path:line:column: what is wrong`` for every mistake found, in one pass,
+so a running daemon can keep its old rules. This module never decides what
+a finding leads to (rome_guard.respond does, reading ``Rule.enforces``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from rome_guard.detect.conditions import (
     Predicate,
     RuleSyntaxError,
 )
+from rome_guard.respond.responses import ALERT, KILL, RULE_ACTIONS
 from rome_guard.yamlsrc import LineDict, LineList, Location, SourceError, load_file, where
 
 SEVERITIES = ("critical", "high", "medium", "low")
-RULE_ACTIONS = ("alert", "kill")
 # enforce: the rule acts (kill, kernel prevention) when the daemon enforces;
 # monitor: it only alerts, whatever the daemon's mode (a staged roll-out)
 RULE_MODES = ("enforce", "monitor")
@@ -42,7 +47,7 @@ _LIST_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # Stateful detectors (code) and their parameters with defaults. A rule that
 # names a detector may only set these parameters, with these types.
 DETECTORS: dict[str, dict[str, float | int | bool]] = {
-    # internal probing: weighted distinct destinations/ports per actor
+    # internal probing: weighted distinct destinations/ports per actor, any protocol
     "fanout": {
         "window_s": 30.0,
         "max_ports_per_destination": 50,
@@ -50,6 +55,8 @@ DETECTORS: dict[str, dict[str, float | int | bool]] = {
         "failed_weight": 1.0,
         "refused_weight": 1.0,
         "established_weight": 0.25,
+        # a datagram destination (UDP, ICMP echo, raw IP): no outcome is seen
+        "datagram_weight": 1.0,
         "per_container": True,
     },
     # a process holding a GPU context that no registration covers
@@ -76,16 +83,6 @@ _RULE_KEYS = {
     "tags",
     "enabled",
     "mode",
-}
-_PREVENT_KEYS = {
-    "deny_exec",
-    "block_ports",
-    "block_cidrs",
-    "block_hosts",
-    "kill_on_connect",
-    "wire_methods",
-    "wire_agent_methods",
-    "wire_hosts",
 }
 
 
@@ -117,6 +114,9 @@ class Example:
     connect: tuple[str, ...] = ()  # "ADDR:PORT" of TCP connections it holds
     stdio: str = ""  # "ADDR:PORT": fds 0, 1 and 2 are a TCP socket to that peer
     parents: tuple[Example, ...] = ()  # its ancestors, nearest first
+    # a process feeding its stdin and reading its stdout through pipes while
+    # holding its own ``connect`` peers (stdio_relay rules)
+    stdio_relay: Example | None = None
     files: tuple[tuple[str, str], ...] = ()  # (path, text) of files it may read
     # the first bytes of a new flow (to the first ``connect``), for wire rules
     payload: str = ""
@@ -138,7 +138,7 @@ class Rule:
     category: str
     severity: str
     description: str
-    action: str = "alert"
+    action: str = ALERT.name
     kill_scope: str = "process"
     mode: str = "enforce"  # RULE_MODES
     match: Predicate | None = None
@@ -163,7 +163,12 @@ class Rule:
     def enforces(self) -> bool:
         """Whether an enforcing daemon acts on this rule's findings (kills,
         fills the kernel's lists); a ``mode: monitor`` kill rule only alerts."""
-        return self.action == "kill" and self.mode == "enforce"
+        return self.action == KILL.name and self.mode == "enforce"
+
+    @property
+    def enforce_response(self) -> str:
+        """What an enforcing daemon does on a match: kill, or alert only."""
+        return KILL.name if self.enforces else ALERT.name
 
     def evaluate(self, subject) -> str | None:
         """Why subject matches this rule, or None (exceptions applied)."""
@@ -198,6 +203,11 @@ class RuleSet:
     def detector_rules(self, name: str) -> list[Rule]:
         return [r for r in self.rules if r.detector == name]
 
+    @property
+    def staged(self) -> list[str]:
+        """Ids of kill rules staged in ``mode: monitor``: they alert, never kill."""
+        return [r.id for r in self.rules if r.action == KILL.name and not r.enforces]
+
 
 def shipped_rules_dir() -> str:
     """The installed rome_guard.rules package, or the repository's rules/
@@ -229,37 +239,48 @@ def _problem(problems: list, loc: Location, message: str) -> None:
     problems.append((loc, message))
 
 
-def _parse_prevent(raw: Any, loc: Location, compiler: Compiler) -> PreventSpec:
-    if not isinstance(raw, LineDict):
-        raise RuleSyntaxError(loc, "prevent: expected a mapping")
+def _unknown_keys(raw: LineDict, known: Iterable[str], what: str, problems: list) -> None:
+    """A problem for each key of raw that is not known: ``WHAT 'k' (known: ...)``."""
+    known = tuple(known)
     for key in raw:
-        if key not in _PREVENT_KEYS:
-            known = ", ".join(sorted(_PREVENT_KEYS))
-            raise RuleSyntaxError(raw.where(key), f"prevent: unknown key {key!r} (known: {known})")
-    kw: dict[str, Any] = {}
-    if "deny_exec" in raw:
-        kw["deny_exec"] = tuple(
-            compiler.strings(raw["deny_exec"], raw.where("deny_exec"), "prevent.deny_exec")
-        )
-    if "block_ports" in raw:
-        kw["block_ports"] = tuple(
-            sorted(compiler.ports(raw["block_ports"], raw.where("block_ports")))
-        )
-    if "block_cidrs" in raw:
-        nets = compiler.networks(raw["block_cidrs"], raw.where("block_cidrs"))
-        kw["block_cidrs"] = tuple(str(n) for n in nets)
-    if "block_hosts" in raw:
-        kw["block_hosts"] = tuple(
-            compiler.strings(raw["block_hosts"], raw.where("block_hosts"), "prevent.block_hosts")
-        )
-    for key in ("wire_methods", "wire_agent_methods", "wire_hosts"):
-        if key in raw:
-            kw[key] = tuple(compiler.strings(raw[key], raw.where(key), f"prevent.{key}"))
-    if "kill_on_connect" in raw:
-        kw["kill_on_connect"] = compiler.boolean(
-            raw["kill_on_connect"], raw.where("kill_on_connect"), "prevent.kill_on_connect"
-        )
-    return PreventSpec(**kw)
+        if key not in known:
+            _problem(problems, raw.where(key), f"{what} {key!r} (known: {', '.join(known)})")
+
+
+def _strings(key: str) -> Callable[[Compiler, Any, Location], tuple[str, ...]]:
+    return lambda c, value, at: tuple(c.strings(value, at, f"prevent.{key}"))
+
+
+# prevent: key -> its value, compiled (RuleSyntaxError when wrong)
+_PREVENT_VALUES: dict[str, Callable[[Compiler, Any, Location], Any]] = {
+    "deny_exec": _strings("deny_exec"),
+    "block_ports": lambda c, value, at: tuple(sorted(c.ports(value, at))),
+    "block_cidrs": lambda c, value, at: tuple(str(n) for n in c.networks(value, at)),
+    "block_hosts": _strings("block_hosts"),
+    "kill_on_connect": lambda c, value, at: c.boolean(value, at, "prevent.kill_on_connect"),
+    "wire_methods": _strings("wire_methods"),
+    "wire_agent_methods": _strings("wire_agent_methods"),
+    "wire_hosts": _strings("wire_hosts"),
+}
+
+
+_PREVENT_KEYS = frozenset(_PREVENT_VALUES)
+
+
+def _parse_prevent(raw: Any, loc: Location, compiler: Compiler, problems: list):
+    """The PreventSpec raw describes, or None with each bad key's mistake
+    added to problems."""
+    if not isinstance(raw, LineDict):
+        _problem(problems, loc, "prevent: expected a mapping")
+        return None
+    before = len(problems)
+    _unknown_keys(raw, sorted(_PREVENT_KEYS), "prevent: unknown key", problems)
+    kw = {
+        key: _compiled(problems, build, compiler, raw[key], raw.where(key))
+        for key, build in _PREVENT_VALUES.items()
+        if key in raw
+    }
+    return None if len(problems) > before else PreventSpec(**kw)
 
 
 def _uses(node: Any, keys: frozenset[str], macros: dict | None = None, depth: int = 0) -> bool:
@@ -299,8 +320,8 @@ def _texts(raw: Any, loc: Location, what: str) -> tuple[str, ...]:
 
 
 def _example(raw: Any, loc: Location, what: str) -> Example:
-    """An argv list, or {argv: [...], exe, connect, stdio, parents, files,
-    payload, sni, dns_query, remote_name}."""
+    """An argv list, or {argv: [...], exe, connect, stdio, stdio_relay,
+    parents, files, payload, sni, dns_query, remote_name}."""
     if not isinstance(raw, LineDict):
         return Example(_argv(raw, loc, what))
     for key in raw:
@@ -324,6 +345,10 @@ def _example(raw: Any, loc: Location, what: str) -> Example:
         for peer in (peers,) if isinstance(peers, str) else peers:
             if not _PEER.match(peer):
                 raise RuleSyntaxError(raw.where(key), f"{what}.{key}: {peer!r} is not ADDR:PORT")
+    if "stdio_relay" in raw:
+        kw["stdio_relay"] = _example(
+            raw["stdio_relay"], raw.where("stdio_relay"), f"{what}.stdio_relay"
+        )
     if "parents" in raw:
         parents = raw["parents"]
         if not isinstance(parents, LineList) or not parents:
@@ -360,28 +385,31 @@ def _parse_examples(raw: Any, loc: Location) -> dict[str, tuple[Example, ...]]:
     return examples
 
 
-def _parse_params(detector: str, raw: Any, loc: Location) -> dict[str, Any]:
+def _parse_params(detector: str, raw: Any, loc: Location, problems: list):
+    """The detector's parameters (its defaults where not given), or None
+    with each bad parameter's mistake added to problems."""
     schema = DETECTORS[detector]
     params = dict(schema)
     if raw is None:
         return params
     if not isinstance(raw, LineDict):
-        raise RuleSyntaxError(loc, "params: expected a mapping")
+        _problem(problems, loc, "params: expected a mapping")
+        return None
+    before = len(problems)
+    _unknown_keys(raw, schema, f"params: {detector} has no parameter", problems)
     for key, value in raw.items():
-        key_loc = raw.where(key)
         if key not in schema:
-            known = ", ".join(schema)
-            raise RuleSyntaxError(
-                key_loc, f"params: {detector} has no parameter {key!r} (known: {known})"
-            )
+            continue
         default = schema[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise RuleSyntaxError(key_loc, f"params.{key}: expected true or false")
+                _problem(problems, raw.where(key), f"params.{key}: expected true or false")
+                continue
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise RuleSyntaxError(key_loc, f"params.{key}: expected a non-negative number")
+            _problem(problems, raw.where(key), f"params.{key}: expected a non-negative number")
+            continue
         params[key] = type(default)(value)
-    return params
+    return None if len(problems) > before else params
 
 
 _CHOICES = {
@@ -440,13 +468,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
         _problem(problems, loc, "a rule must be a mapping")
         return None
     before = len(problems)
-    for key in raw:
-        if key not in _RULE_KEYS:
-            _problem(
-                problems,
-                raw.where(key),
-                f"unknown rule key {key!r} (known: {', '.join(sorted(_RULE_KEYS))})",
-            )
+    _unknown_keys(raw, sorted(_RULE_KEYS), "unknown rule key", problems)
     for key in ("id", "category", "severity", "description"):
         if key not in raw:
             _problem(problems, raw.location, f"rule is missing required key {key!r}")
@@ -464,7 +486,7 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
     description = raw.get("description", "?")
     if "description" in raw and (not isinstance(description, str) or not description.strip()):
         bad("description", "description must be a non-empty string")
-    action = _choice(raw, "action", "alert", bad)
+    action = _choice(raw, "action", ALERT.name, bad)
     scope = _choice(raw, "kill_scope", "process", bad)
     mode = _choice(raw, "mode", "enforce", bad)
     enabled = _flag(raw, "enabled", True, bad)
@@ -496,12 +518,12 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
         else []
     )
     prevent = (
-        _compiled(problems, _parse_prevent, raw["prevent"], raw.where("prevent"), compiler)
+        _parse_prevent(raw["prevent"], raw.where("prevent"), compiler, problems)
         if "prevent" in raw
         else PreventSpec()
     )
     params = (
-        _compiled(problems, _parse_params, detector, raw.get("params"), raw.where("params"))
+        _parse_params(detector, raw.get("params"), raw.where("params"), problems)
         if detector
         else {}
     )
@@ -611,34 +633,31 @@ def _collect_macros(doc: LineDict, macros: dict, problems: list) -> None:
             macros[name] = (node, loc)
 
 
-def _append_section(doc: LineDict, problems: list) -> tuple[LineDict, LineDict]:
-    """``append: {lists: {...}, macros: {...}}``, shape-checked: the
-    parts that are mappings (empty ones where absent or wrong)."""
-    empty = (LineDict(), LineDict())
-    for part in empty:
-        part.location, part.key_locations = doc.where("append"), {}
+_APPEND_PARTS = ("lists", "macros")
+
+
+def _append_section(doc: LineDict, problems: list) -> dict[str, dict]:
+    """``append: {lists: {...}, macros: {...}}``, shape-checked: each part
+    that is a mapping, an empty one where absent or wrong."""
+    parts: dict[str, dict] = {part: {} for part in _APPEND_PARTS}
     raw = doc.get("append")
     if raw is None:
-        return empty
+        return parts
     if not isinstance(raw, LineDict):
         _problem(problems, doc.where("append"), "append: expected {lists: {...}, macros: {...}}")
-        return empty
-    parts = []
-    for index, key in enumerate(("lists", "macros")):
-        value = raw.get(key, empty[index])
+        return parts
+    _unknown_keys(raw, _APPEND_PARTS, "append: unknown key", problems)
+    for key, value in raw.items():
+        if key not in parts:
+            continue
         if not isinstance(value, LineDict):
             _problem(problems, raw.where(key), f"append.{key}: expected a mapping of name -> ...")
-            value = empty[index]
-        parts.append(value)
-    for key in raw:
-        if key not in ("lists", "macros"):
-            _problem(
-                problems, raw.where(key), f"append: unknown key {key!r} (known: lists, macros)"
-            )
-    return parts[0], parts[1]
+        else:
+            parts[key] = value
+    return parts
 
 
-def _append_lists(raw: LineDict, lists: dict, problems: list) -> None:
+def _append_lists(raw: dict, lists: dict, problems: list) -> None:
     """``append: {lists: {name: [items]}}``: items added to a list another
     file defined (Falco's ``override: {items: append}``); a shipped update of
     the list still reaches the site."""
@@ -654,7 +673,7 @@ def _append_lists(raw: LineDict, lists: dict, problems: list) -> None:
             lists[name] = [*lists[name], *(i for i in items if i not in lists[name])]
 
 
-def _append_macros(raw: LineDict, macros: dict, problems: list) -> None:
+def _append_macros(raw: dict, macros: dict, problems: list) -> None:
     """``append: {macros: {name: condition}}``: the macro then holds when
     its definition or the appended condition does (Falco appends ``or ...``
     to a macro's condition)."""
@@ -673,8 +692,14 @@ def _append_macros(raw: LineDict, macros: dict, problems: list) -> None:
         macros[name] = (either, defined_at)
 
 
-_TUNE_KEYS = ("rule", "severity", "action", "kill_scope", "mode", "enabled", "exceptions",
-              "replace_exceptions", "examples")  # fmt: skip
+_TUNE_KEYS = (
+    "rule",
+    *_CHOICES,  # severity, action, kill_scope, mode
+    "enabled",
+    "exceptions",
+    "replace_exceptions",
+    "examples",
+)
 
 
 def _apply_tuning(
@@ -711,13 +736,7 @@ def _tune(entry: LineDict, by_id: dict[str, Rule], compiler: Compiler, problems:
             entry.where("rule"),
             f"tune: no rule {rule_id!r} to tune{_hint(rule_id, by_id)}",
         )
-    for key in entry:
-        if key not in _TUNE_KEYS:
-            _problem(
-                problems,
-                entry.where(key),
-                f"tune: unknown key {key!r} (known: {', '.join(_TUNE_KEYS)})",
-            )
+    _unknown_keys(entry, _TUNE_KEYS, "tune: unknown key", problems)
     if "exceptions" in entry and "replace_exceptions" in entry:
         _problem(
             problems,
@@ -847,13 +866,7 @@ def load_rules(
                     "a rule file must be a mapping with 'lists' and/or 'rules'",
                 )
                 continue
-            for key in doc:
-                if key not in _TOP_KEYS:
-                    _problem(
-                        problems,
-                        doc.where(key),
-                        f"unknown top-level key {key!r} (known: {', '.join(_TOP_KEYS)})",
-                    )
+            _unknown_keys(doc, _TOP_KEYS, "unknown top-level key", problems)
             _check_version(doc, problems)
             documents.append((path, doc))
 
@@ -862,14 +875,14 @@ def load_rules(
     for _path, doc in documents:
         _collect_lists(doc, lists, origins, problems)
     appends = [_append_section(doc, problems) for _path, doc in documents]
-    for append_lists, _append in appends:
-        _append_lists(append_lists, lists, problems)
+    for append in appends:
+        _append_lists(append["lists"], lists, problems)
 
     macros: dict[str, tuple[Any, Location]] = {}
     for _path, doc in documents:
         _collect_macros(doc, macros, problems)
-    for _append, append_macros in appends:
-        _append_macros(append_macros, macros, problems)
+    for append in appends:
+        _append_macros(append["macros"], macros, problems)
     compiler = Compiler(lists, macros)
     rules: list[Rule] = []
     seen: dict[str, Location] = {}

@@ -115,6 +115,11 @@ def test_good_extra_file_loads_and_matches(tmp_path: Path) -> None:
             6,
             "is not a CIDR",
         ),
+        (
+            "rules:\n  - id: x\n    category: miner\n    severity: low\n    description: d\n    match: {name: [a]}\n    examples:\n      match:\n        - {argv: [sh], relay: [nc]}\n",
+            9,
+            "unknown key 'relay'",
+        ),
     ],
 )
 def test_errors_name_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:

@@ -54,6 +54,7 @@ wire.WIRE_SEGMENTS_MAX
 wire.WIRE_STREAM_NS
 wire.WIRE_FLOW_OPEN
 wire.WIRE_FLOW_DROPPED
+wire.WIRE_FLOW_ENDED
 # record fields: a finding's facts, read by whoever inspects the verdict
 stateful.FanoutVerdict.worst_destination
 stateful.FanoutVerdict.worst_ports

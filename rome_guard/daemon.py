@@ -358,11 +358,24 @@ class Guard:
             "config_rejected": [r.to_status() for r in self.rejected],
             "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "wire": self.wire_status(),
             "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
             "time": time.time(),
+        }
+
+    def wire_status(self) -> dict[str, Any] | None:
+        """The client streams the wire sensor follows now, and the flows
+        whose stream a bound cut (bytes, segments, time): what no rule saw."""
+        if self.wire_sensor is None or self.ctx.wire is None:
+            return None
+        streams = self.ctx.wire.streams
+        return {
+            "streams_open": len(streams),
+            "streams_evicted": streams.evicted,
+            "streams_cut": self.wire_sensor.stream_cuts(),
         }
 
     def check_lost(self) -> None:

@@ -229,10 +229,11 @@ def test_in_enforce_mode_the_hidden_forward_is_killed_under_the_unit(
     another user's process) and its forward closes."""
     forward = free_port()
     home = home_user.pw_dir
-    with (
-        sshd("127.0.0.1") as server,
-        daemon(mode="enforce", wrapper=lambda workdir: unit.wrapper((workdir,))) as enforcing,
-    ):
+    with contextlib.ExitStack() as stack:  # no parenthesised with-items: Python 3.9
+        server = stack.enter_context(sshd("127.0.0.1"))
+        enforcing = stack.enter_context(
+            daemon(mode="enforce", wrapper=lambda workdir: unit.wrapper((workdir,)))
+        )
         key = os.path.join(home, ".ssh", "id_test")
         with open(server.client_key) as f:
             _write_as(home_user, key, f.read())
@@ -369,11 +370,21 @@ def test_a_config_gone_or_rewritten_right_after_the_start_is_a_probable_tunnel(
 
 
 def test_every_unknown_config_is_counted_in_metrics_and_status(guard: Daemon) -> None:
-    """After the cases above (the module's daemon): the reasons are counted."""
-    with open(os.path.join(guard.run_dir, "status.json")) as f:
-        status = json.load(f)
-    assert status["ssh_config"]["runs"] >= 1
-    assert guard.metric("rome_guard_ssh_config_unknown_total", reason="descriptor") >= 1
+    """A client with its config on stdin (it fails at once: nothing listens
+    on that loopback port) is counted by reason in the metrics and in
+    `rome-guard status`."""
+    client = subprocess.run(
+        ["ssh", "-F", "/dev/stdin", "-N", "-p", str(free_port()), "127.0.0.1"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
+    assert client.returncode != 0
+    wait_until(
+        lambda: guard.metric("rome_guard_ssh_config_unknown_total", reason="descriptor") >= 1,
+        timeout=30,
+    )
+    wait_until(lambda: _status(guard)["ssh_config"]["unknown"].get("descriptor", 0) >= 1)
     shown = subprocess.run(
         [sys.executable, "-m", "rome_guard", "status", "--run-dir", guard.run_dir],
         capture_output=True,
@@ -381,6 +392,11 @@ def test_every_unknown_config_is_counted_in_metrics_and_status(guard: Daemon) ->
         timeout=60,
     )
     assert "ssh configs:" in shown.stdout and "descriptor" in shown.stdout
+
+
+def _status(guard: Daemon) -> dict:
+    with open(os.path.join(guard.run_dir, "status.json")) as f:
+        return json.load(f)
 
 
 def _bash_quote(text: str) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from rome_guard.linux import is_deleted, is_memfd
-
 
 @dataclass(frozen=True, order=True)
 class ProcessKey:
@@ -65,14 +63,6 @@ class ProcessInfo:
     @property
     def pid(self) -> int:
         return self.key.pid
-
-    @property
-    def exe_deleted(self) -> bool:
-        return is_deleted(self.exe)
-
-    @property
-    def exe_memfd(self) -> bool:
-        return is_memfd(self.exe)
 
 
 @dataclass(frozen=True)
@@ -279,6 +269,7 @@ class GpuProcess:
     mig: str | None  # MIG device UUID, None on a full GPU
     used_memory_bytes: int | None
     sm_util: int | None  # percent, None where unsupported
+    mps_client: bool = False  # listed by NVML's MPS query: a client of the MPS server
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class Finding:
 
 def rfc3339(timestamp: float) -> str:
     return (
-        _dt.datetime.fromtimestamp(timestamp, _dt.UTC)
+        _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )

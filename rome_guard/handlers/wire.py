@@ -43,6 +43,7 @@ from rome_guard.events import (
     WireEvent,
 )
 from rome_guard.findings import Finding, wire_record
+from rome_guard.respond.responses import KILL
 from rome_guard.textsafe import one_line
 
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ class WireHandler:
             or not self.enforce
             or dropped
             or event.endpoint.proto != "tcp"
-            or not any(f.rule.action == "kill" for f in findings)
+            or not any(f.rule.action == KILL.name for f in findings)
         ):
             return
         try:

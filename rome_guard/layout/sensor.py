@@ -19,6 +19,7 @@ import socket
 import struct
 import sys
 from functools import lru_cache
+from typing import Union
 
 from rome_guard.events import (
     CONNECT_ATTEMPT,
@@ -36,9 +37,10 @@ from rome_guard.events import (
 )
 from rome_guard.textsafe import from_bytes
 
-SensorEvent = (
-    ExecEvent | ForkEvent | ExitEvent | ConnectEvent | GpuOpenEvent | FdDupEvent | RenameEvent
-)
+# typing.Union, not X | Y: a run-time alias, and Python 3.9 has no type union
+SensorEvent = Union[
+    ExecEvent, ForkEvent, ExitEvent, ConnectEvent, GpuOpenEvent, FdDupEvent, RenameEvent
+]
 
 # --- constants of sensor.h (checked against the header by the layout test) --
 

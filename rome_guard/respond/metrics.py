@@ -41,6 +41,7 @@ from rome_guard.events import (
     SSH_UNKNOWN_TIMEOUT,
     GpuProcess,
 )
+from rome_guard.gpu import allocations, consumers
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
@@ -97,16 +98,10 @@ MAX_NVML_ERROR_KINDS = 64  # distinct (call, error) pairs of rome_guard_nvml_err
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
 
 # What rome_guard.gpu.consumers says of a GPU consumer ("allowed": no finding).
-GPU_VERDICTS = (
-    "allowed",
-    "unregistered",
-    "gpu_not_allocated",
-    "gpu_not_granted",
-    "process_not_visible",
-)
+GPU_VERDICTS = consumers.VERDICTS
 # Who a scheduler gave a GPU to (rome_guard.gpu.allocations), and the schedulers.
-GPU_OWNER_KINDS = ("pod", "slurm_job")
-ALLOCATION_SOURCES = ("kubelet", "slurm")
+GPU_OWNER_KINDS = allocations.OWNER_KINDS
+ALLOCATION_SOURCES = allocations.SOURCES
 
 INVALID = "invalid"  # a value that failed the safe-label check
 OTHER = "other"  # a safe value past the distinct-value limit
@@ -265,6 +260,11 @@ class GuardMetrics:
         self.rule_reload_failures = metric(
             Counter, "rule_reload_failures", "Rule reloads rejected (the old set stays)."
         )
+        self.config_rejected = metric(
+            Gauge,
+            "config_rejected_files",
+            "Config and rule files (or config keys) left out at start or at the last reload.",
+        )
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
@@ -379,6 +379,9 @@ class GuardMetrics:
 
     def rule_reload_failed(self) -> None:
         self.rule_reload_failures.inc()
+
+    def set_config_rejected(self, count: int) -> None:
+        self.config_rejected.set(count)
 
     def _alert_labels(
         self, rule: str, category: str, severity: str, only_loaded: bool = True
@@ -630,6 +633,7 @@ class MetricsSink(Protocol):
 
     def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
     def rule_reload_failed(self) -> None: ...
+    def set_config_rejected(self, count: int) -> None: ...
     def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
     def incident(self, category: str, severity: str, action: str) -> None: ...
     def event(self, source: str, count: int = 1) -> None: ...
@@ -656,6 +660,9 @@ class NullMetrics:
         pass
 
     def rule_reload_failed(self) -> None:
+        pass
+
+    def set_config_rejected(self, count: int) -> None:
         pass
 
     def alert(self, rule: str, category: str, severity: str, action: str) -> None:

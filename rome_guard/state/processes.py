@@ -43,7 +43,7 @@ from rome_guard.events import (
     ProcessKey,
     boottime_ns_to_ticks,
 )
-from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path, without_deleted
+from rome_guard.linux import cgroup_path_of_id, read_cgroup, without_deleted
 from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.snapshot import subject_for, take_snapshot
@@ -238,10 +238,8 @@ class ProcessModel:
             known = self._cgroup_paths.get(cgroup_id)
             if known is not None:
                 return known
-        try:
-            with open(f"{PROC}/{pid}/cgroup", "rb") as f:
-                path = cgroup_v2_path(f.read())
-        except OSError:
+        path = read_cgroup(pid)
+        if path is None:
             return None
         if cgroup_id:
             if len(self._cgroup_paths) >= TRACKING_LIMIT:

@@ -281,7 +281,8 @@ class GuardMetrics:
             Counter,
             "kernel_process_table_evictions",
             "Processes the kernel's table dropped: exited ones beyond its bound, "
-            "new ones not tracked because the live table was full.",
+            "new ones not tracked because the live table was full, processes user "
+            "space could not mark held (held: their exit is not sent).",
             ("table",),
         )
         self.kernel_records_unsent = metric(
@@ -475,6 +476,7 @@ class GuardMetrics:
         totals = {
             ("evicted", "live"): stats.live_full,
             ("evicted", "exited"): stats.exited_evictions,
+            ("evicted", "held"): stats.held_full,
         }
         totals.update({("unsent", kind): n for kind, n in stats.unsent.items()})
         with self._lock:

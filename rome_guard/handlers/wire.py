@@ -31,7 +31,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import dns_payload, facts_for, parse_dns
 from rome_guard.detect.rules import RuleSet
 from rome_guard.events import (
@@ -42,6 +41,7 @@ from rome_guard.events import (
     WireEvent,
 )
 from rome_guard.findings import Finding, wire_record
+from rome_guard.respond.enforce import WirePolicy, wire_policy
 from rome_guard.respond.responses import KILL
 from rome_guard.textsafe import one_line
 
@@ -172,32 +172,6 @@ class DnsNames:
 def _plain(address: str) -> str:
     """::ffff:1.2.3.4 (a v4 peer of a v6 socket) is 1.2.3.4."""
     return address[7:] if address.startswith("::ffff:") and "." in address else address
-
-
-@dataclass(frozen=True)
-class WirePolicy:
-    """What the kernel drops, from the kill rules' prevent blocks."""
-
-    methods: dict[str, bool] = field(default_factory=dict)  # method -> needs "agent"
-    hosts: tuple[str, ...] = ()  # domain suffixes (SNI and DNS-named addresses)
-
-    def names_pool(self, name: str) -> bool:
-        return any(argvlib.domain_matches(name, h) for h in self.hosts)
-
-
-def wire_policy(ruleset: RuleSet) -> WirePolicy:
-    methods: dict[str, bool] = {}
-    hosts: set[str] = set()
-    for rule in ruleset.rules:
-        if not rule.enforces:
-            continue  # weak evidence, or a kill rule staged in monitor mode
-        for method in rule.prevent.wire_methods:
-            if not any(c in method for c in "*?["):
-                methods[method] = False
-        for method in rule.prevent.wire_agent_methods:
-            methods.setdefault(method, True)
-        hosts.update(h.lower().strip(".") for h in rule.prevent.wire_hosts)
-    return WirePolicy(methods, tuple(sorted(hosts)))
 
 
 class WireHandler:

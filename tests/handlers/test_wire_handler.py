@@ -28,9 +28,9 @@ from rome_guard.handlers.wire import (
     ClientStreams,
     DnsNames,
     WireHandler,
-    wire_policy,
 )
 from rome_guard.layout import wire as layout
+from rome_guard.respond.enforce import wire_policy
 from rome_guard.sensors import wire
 from rome_guard.state.processes import ProcessModel
 from tests.fixtures.network import XMRIG_LOGIN

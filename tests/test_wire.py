@@ -676,3 +676,18 @@ def test_enforce_dns_question_dropped_is_journaled_as_blocked(enforce):
         resolver.close()
     assert alert["action"] == "blocked" and alert["wire"]["dropped"] == "dns"
     assert resolver.questions == []
+
+
+@pytest.mark.parametrize("spelling", ["python-key-order", "curl-monerod-http"])
+def test_enforce_mining_jsonrpc_in_any_order_and_framing_never_arrives(enforce, spelling):
+    node = CountingServer("127.10.70.1", 0)
+    try:
+        proc = _jsonrpc(spelling, node.host, node.port)
+        response = _killed(enforce, proc.pid, "miner-stratum-method")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        node.close()
+    assert response["wire"]["dropped"] == "method"
+    received = b"".join(node.received)
+    assert b"eth_submitLogin" not in received and b"get_block_template" not in received

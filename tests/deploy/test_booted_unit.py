@@ -117,7 +117,9 @@ class Unit:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             pid = self.host.main_pid(f"{unit}.service")
-            if pid:
+            # started means exec'd: until then the pid is systemd's fork
+            exe = self.host.run(["readlink", f"/proc/{pid}/exe"], check=False).stdout.strip()
+            if pid and exe and exe != "/usr/lib/systemd/systemd":
                 return pid
             time.sleep(0.1)
         raise AssertionError(f"{unit} did not start")

@@ -381,6 +381,10 @@ def _through_proxy(spelling: str, proxy: FakeProxy, name: str, port: int, payloa
     stdin: the name is on the wire only, never in argv."""
     if spelling == "python-socks5":
         return client("socks5", proxy.host, str(proxy.port), name, str(port), payload.hex())
+    if spelling == "curl-socks4a":
+        option = "socks4a"
+        config = f'{option} = "{proxy.host}:{proxy.port}"\nurl = "http://{name}:{port}/"\n'
+        return _fed(["curl", "-s", "-m", "5", "-K", "-"], [config.encode()], 0)
     option = "socks5-hostname" if spelling == "curl-socks5h" else "proxytunnel\nproxy"
     config = f'{option} = "{proxy.host}:{proxy.port}"\nurl = "http://{name}:{port}/"\n'
     return _fed(["curl", "-s", "-m", "5", "-K", "-"], [config.encode()], 0)
@@ -620,7 +624,9 @@ def test_enforce_login_in_pieces_never_arrives_whole(enforce, workdir, spelling)
     assert b'"agent"' in LOGIN_PIECES[2] and len(pool.received[0]) < len(XMRIG_LINE)
 
 
-@pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h", "curl-http-connect"])
+@pytest.mark.parametrize(
+    "spelling", ["python-socks5", "curl-socks5h", "curl-socks4a", "curl-http-connect"]
+)
 def test_enforce_pool_named_to_a_proxy_is_stopped_at_the_request(enforce, spelling):
     proxy = FakeProxy("127.10.66.1", 0)
     try:
@@ -676,3 +682,18 @@ def test_enforce_dns_question_dropped_is_journaled_as_blocked(enforce):
         resolver.close()
     assert alert["action"] == "blocked" and alert["wire"]["dropped"] == "dns"
     assert resolver.questions == []
+
+
+@pytest.mark.parametrize("spelling", ["python-key-order", "curl-monerod-http"])
+def test_enforce_mining_jsonrpc_in_any_order_and_framing_never_arrives(enforce, spelling):
+    node = CountingServer("127.10.70.1", 0)
+    try:
+        proc = _jsonrpc(spelling, node.host, node.port)
+        response = _killed(enforce, proc.pid, "miner-stratum-method")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        node.close()
+    assert response["wire"]["dropped"] == "method"
+    received = b"".join(node.received)
+    assert b"eth_submitLogin" not in received and b"get_block_template" not in received

@@ -554,9 +554,42 @@ static __always_inline __u32 address_listed(struct packet *p)
 
 #define CONNECT_WORD 0x205443454e4e4f43ULL /* "CONNECT " */
 
+/* SOCKS4a: 04 01 port(2) 0.0.0.x userid NUL host NUL; the host into sni[] */
+static __always_inline int socks4a_name(struct wire_record *r)
+{
+	__u32 start = 0, n = 0;
+
+	for (__u32 i = 8; i < 8 + 64; i++) {
+		if (i >= r->captured)
+			return 0;
+		if (r->data[i & (WIRE_CAPTURE - 1)] == 0) {
+			start = i + 1;
+			break;
+		}
+	}
+	/* through memory (see method_listed; alpn[] is unused without a
+	 * ClientHello): the copy is walked once */
+	*(volatile __u32 *)r->alpn = start;
+	start = *(volatile __u32 *)r->alpn;
+	*(__u32 *)r->alpn = 0;
+	for (int i = 0; i < WIRE_SNI_MAX; i++) {
+		__u8 c;
+
+		if (start == 0 || start + i >= r->captured)
+			break;
+		c = r->data[(start + i) & (WIRE_CAPTURE - 1)];
+		if (c == 0)
+			break;
+		r->sni[i & (WIRE_SNI_MAX - 1)] = c;
+		n++;
+	}
+	r->sni_len = n;
+	return n > 0;
+}
+
 /* The host a proxy request in this chunk names, copied into sni[]: a
  * SOCKS5 CONNECT by domain name (alone, or after a one-method greeting
- * in the same write) or an HTTP CONNECT host:port. */
+ * in the same write), a SOCKS4a request or an HTTP CONNECT host:port. */
 static __always_inline int proxy_name(struct wire_record *r, struct __sk_buff *skb,
 				      struct packet *p, __u32 skip)
 {
@@ -580,6 +613,9 @@ static __always_inline int proxy_name(struct wire_record *r, struct __sk_buff *s
 		r->sni_len = n;
 		return 1;
 	}
+	if (r->data[0] == 4 && r->data[1] == 1 && r->data[4] == 0 && r->data[5] == 0 &&
+	    r->data[6] == 0 && r->data[7] != 0)
+		return socks4a_name(r);
 	if (*(__u64 *)r->data != CONNECT_WORD)
 		return 0;
 	n = 0;

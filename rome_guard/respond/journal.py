@@ -83,25 +83,35 @@ def open_journal(path: str, rotate_bytes: int = 0, keep: int = 0) -> Journal:
         raise JournalError(f"cannot open alerts file {path} ({where}: {_describe(exc)})") from None
 
 
-def recent_alerts(
-    path: str, mode: str, tail_bytes: int = RECENT_BYTES
-) -> set[tuple[str, int, int, str]]:
-    """(rule, pid, start time, exe) of the alerts in the journal's last
-    tail_bytes that were fully handled in this mode: a restarted daemon does
-    not alert again on a process the previous one already reported. An
-    alert from another mode, or a kill alert with no response record (the
-    daemon died between the two), is left out so that it is judged and acted
-    on again. Unreadable or torn lines are skipped."""
+def _tail_lines(path: str, tail_bytes: int) -> list[bytes]:
+    """The whole lines in the last tail_bytes of path ([] when unreadable)."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - tail_bytes))
             data = f.read(tail_bytes)
     except OSError:
-        return set()
+        return []
     lines = data.split(b"\n")
     if size > tail_bytes:
         lines = lines[1:]  # the first line is cut
+    return [line for line in lines if line]
+
+
+def recent_alerts(
+    path: str, mode: str, tail_bytes: int = RECENT_BYTES
+) -> set[tuple[str, int, int, str]]:
+    """(rule, pid, start time, exe) of the alerts in the journal's last
+    tail_bytes (reaching into alerts.jsonl.1 right after a rotation) that
+    were fully handled in this mode: a restarted daemon does
+    not alert again on a process the previous one already reported. An
+    alert from another mode, or a kill alert with no response record (the
+    daemon died between the two), is left out so that it is judged and acted
+    on again. Unreadable or torn lines are skipped."""
+    lines = _tail_lines(path, tail_bytes)
+    short = tail_bytes - sum(len(line) + 1 for line in lines)
+    if short > 0:  # just rotated: the tail continues in the newest rotated file
+        lines = _tail_lines(f"{path}.1", short) + lines
     # incident (alert id) -> the (rule, process image) keys filed under it:
     # the alert's own and every rule its incident_update records added
     alerts: dict[str, set[tuple[str, int, int, str]]] = {}

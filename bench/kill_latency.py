@@ -24,7 +24,8 @@ import tempfile
 import threading
 import time
 
-from rome_guard.respond.prevent import KIND_KILLED_CONNECT, KIND_KILLED_EXEC, Prevention
+from rome_guard.events import PREVENTION_KILLED_CONNECT, PREVENTION_KILLED_EXEC
+from rome_guard.respond.prevent import Prevention
 
 POOL = "127.0.3.5"
 DENIED_NAME = "rg-bench-xmrig"
@@ -62,7 +63,7 @@ def exec_latency(prevention: Prevention, iterations: int) -> None:
             start, end, status = spawn_and_reap(denied)
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
             to_death.append(end - start)
-            kills = [e for e in prevention.poll(1000) if e.kind == KIND_KILLED_EXEC]
+            kills = [e for e in prevention.poll(1000) if e.kind == PREVENTION_KILLED_EXEC]
             to_kill += [e.timestamp_ns - start for e in kills]
             start, end, status = spawn_and_reap(allowed)
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -144,10 +145,10 @@ def connect_latency(prevention: Prevention, iterations: int) -> None:
         kill_stamp: dict[int, int] = {}
         while factory.poll() is None:  # drain the ring buffer as a daemon would
             for event in prevention.poll(100):
-                if event.kind == KIND_KILLED_CONNECT:
+                if event.kind == PREVENTION_KILLED_CONNECT:
                     kill_stamp[event.pid] = event.timestamp_ns
         for event in prevention.poll(100):
-            if event.kind == KIND_KILLED_CONNECT:
+            if event.kind == PREVENTION_KILLED_CONNECT:
                 kill_stamp[event.pid] = event.timestamp_ns
         assert factory.stdout is not None and factory.wait() == 0
         runs = [tuple(map(int, line.split())) for line in factory.stdout.read().splitlines()]

@@ -15,13 +15,13 @@ import time
 import psutil
 
 from bench.load import count_inet_sockets, host_load
+from rome_guard import procfs
 from rome_guard.config import Config
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import load_rules
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
 from rome_guard.scan import scan
-from rome_guard.sensors import procfs
 from rome_guard.state.table import ProcessTable
 
 

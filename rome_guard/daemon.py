@@ -411,7 +411,8 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     """The killer and the kernel prevention, in enforce mode only. Stale
     attachments of a crashed daemon are removed in every mode: a crash must
     never leave the host unable to connect."""
-    from rome_guard.respond import prevent, stale
+    from rome_guard.kernel import stale
+    from rome_guard.respond import prevent
 
     try:
         for removed in stale.cleanup_stale():

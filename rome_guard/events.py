@@ -173,6 +173,58 @@ class WireEvent:
     dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns"
 
 
+PREVENTION_BLOCKED_CONNECT = "blocked_connect"  # a connect denied in the kernel
+PREVENTION_KILLED_EXEC = "killed_exec"  # a denylisted program killed at exec
+PREVENTION_KILLED_CONNECT = "killed_connect"  # killed at the connect to a kill destination
+
+
+@dataclass(frozen=True)
+class PreventionEvent:
+    """A connect denied or a process killed in the kernel. Strings come
+    from the offender: sanitise them (rome_guard.textsafe) before output."""
+
+    kind: str  # PREVENTION_*
+    pid: int  # thread group id (the process)
+    tid: int
+    uid: int
+    comm: str
+    cgroup_id: int
+    timestamp_ns: int  # CLOCK_BOOTTIME
+    family: int = 0  # 4 | 6 for connects
+    protocol: str = ""  # "tcp" | "udp" | "" for exec
+    daddr: str = ""
+    dport: int = 0
+    filename: str = ""  # exec: the path given to execve
+    kill_requested: bool = False  # the matching entry asked for a kill
+
+    @property
+    def action(self) -> str:
+        """The journal's action: ``killed`` or ``blocked``."""
+        return "blocked" if self.kind == PREVENTION_BLOCKED_CONNECT else "killed"
+
+    def connect_event(self) -> ConnectEvent | None:
+        """The denied connect in the shared event model, for the engine."""
+        if self.kind == PREVENTION_KILLED_EXEC:
+            return None
+        endpoint = Endpoint(
+            proto=self.protocol or "tcp",
+            family=self.family,
+            saddr="",
+            sport=0,
+            daddr=self.daddr,
+            dport=self.dport,
+            state=CONNECT_BLOCKED,
+        )
+        return ConnectEvent(
+            pid=self.pid,
+            endpoint=endpoint,
+            outcome=CONNECT_BLOCKED,
+            timestamp_ns=self.timestamp_ns,
+            comm=self.comm,
+            cgroup_id=self.cgroup_id,
+        )
+
+
 @dataclass(frozen=True)
 class GpuOpenEvent:
     """A process opened /dev/nvidia*: it is creating a GPU context."""
@@ -218,6 +270,56 @@ class GpuProcess:
     mig: str | None  # MIG device UUID, None on a full GPU
     used_memory_bytes: int | None
     sm_util: int | None  # percent, None where unsupported
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    slot: int  # index passed to nvmlDeviceGetMigDeviceHandleByIndex
+    uuid: str  # "MIG-..."
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One physical GPU as last polled (the GPU inventory)."""
+
+    index: int
+    uuid: str
+    name: str
+    mig_devices: tuple[MigDevice, ...] = ()
+    power_mw: int | None = None
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    utilization: int | None = None  # whole-GPU percent
+    accounting: bool = False  # accounting mode on, so short-lived processes are caught
+    mig_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class FinishedGpuProcess:
+    """From accounting mode: a process that used the GPU and exited without
+    ever being seen by a poll. Its pid may already be reused: match it to a
+    process only through a process table that kept the exited process, using
+    ``gpu_start_us`` (when its GPU context began, µs since the epoch)."""
+
+    pid: int
+    gpu_index: int
+    gpu_uuid: str
+    max_memory_bytes: int | None
+    gpu_start_us: int
+    gpu_time_ms: int
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    taken_at: float  # time.time()
+    available: bool  # NVML answered; False: GPU features are off for now
+    devices: tuple[GpuDevice, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+    finished: tuple[FinishedGpuProcess, ...] = ()
+    failing: tuple[int, ...] = ()  # GPU indices skipped in this poll (back-off after errors)
+    reason: str = ""  # why NVML is unavailable, for operators
 
 
 USER_HZ = 100  # the kernel's clock_t for /proc is always 100 on Linux

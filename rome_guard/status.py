@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from rome_guard.procfs import start_time
 from rome_guard.report import table
-from rome_guard.sensors.procfs import start_time
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rome_guard.sensors.procfs import start_time
+from rome_guard.procfs import start_time
 from rome_guard.status import (
     STALE_AFTER_S,
     StatusUnavailable,

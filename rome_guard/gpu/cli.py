@@ -175,8 +175,8 @@ def _slurm_launcher(opts: _Options, job_id: str, wait: float) -> int:
     import contextlib
     import time
 
+    from rome_guard import procfs
     from rome_guard.gpu.slurm import SlurmClient, SlurmError, find_launcher
-    from rome_guard.sensors import procfs
 
     if not job_id.isdigit():
         _fail(f"--slurm-job: {job_id!r} is not a Slurm job id")

@@ -37,8 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from rome_guard import procfs
 from rome_guard.events import ProcessInfo, ProcessKey
-from rome_guard.sensors import procfs
 from rome_guard.yamlsrc import Location, SourceError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rome_guard.events import ProcessInfo
+from rome_guard import procfs
+from rome_guard.events import GpuDevice, GpuSnapshot, ProcessInfo
 from rome_guard.gpu.allocations import AllocationSnapshot, Owner, describe_owner, gpu_matches
 from rome_guard.gpu.consumers import GpuConsumerVerdict, judge_consumer
 from rome_guard.gpu.registry import (
@@ -23,8 +24,6 @@ from rome_guard.gpu.registry import (
     GpuRegistry,
     Registration,
 )
-from rome_guard.sensors import procfs
-from rome_guard.sensors.nvml import GpuDevice, GpuSnapshot
 from rome_guard.textsafe import command_line, for_json, one_line
 
 LINEAGE_LIMIT = 64

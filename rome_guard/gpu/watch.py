@@ -16,10 +16,11 @@ import queue
 import threading
 
 from rome_guard.config import Config
+from rome_guard.events import GpuSnapshot
 from rome_guard.gpu import allocations
 from rome_guard.gpu.allocations import gpu_matches
 from rome_guard.gpu.registry import GpuRef, GpuRegistry
-from rome_guard.sensors.nvml import GpuSnapshot, NvmlSensor
+from rome_guard.sensors.nvml import NvmlSensor
 
 log = logging.getLogger(__name__)
 

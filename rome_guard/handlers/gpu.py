@@ -18,7 +18,7 @@ writes the journal except through ctx.alerts.
 
 from __future__ import annotations
 
-from rome_guard.events import GpuOpenEvent, GpuProcess, ProcessInfo
+from rome_guard.events import GpuOpenEvent, GpuProcess, GpuSnapshot, ProcessInfo
 from rome_guard.findings import Finding
 from rome_guard.gpu.consumers import (
     ALERTING,
@@ -29,7 +29,6 @@ from rome_guard.gpu.consumers import (
 from rome_guard.handlers.context import Context
 from rome_guard.linux import cgroup_id
 from rome_guard.respond.metrics import gpu_usage
-from rome_guard.sensors.nvml import GpuSnapshot
 
 UVM_DEVICE = "/dev/nvidia-uvm"  # NVML-only tools (nvidia-smi, exporters) never open it
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from rome_guard.events import PreventionEvent
 from rome_guard.findings import Finding
 from rome_guard.handlers.connect import on_connect
 from rome_guard.handlers.context import Context
 from rome_guard.respond.enforce import rule_for
-from rome_guard.respond.prevent import PreventionEvent
 
 log = logging.getLogger("rome_guard")
 

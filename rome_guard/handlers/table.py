@@ -18,6 +18,8 @@ from rome_guard.events import (
     FdDupEvent,
     ForkEvent,
     GpuOpenEvent,
+    GpuSnapshot,
+    PreventionEvent,
     RenameEvent,
     WireEvent,
 )
@@ -31,8 +33,6 @@ from rome_guard.handlers.gpu import on_gpu_open, on_gpu_snapshot
 from rome_guard.handlers.prevention import on_prevention
 from rome_guard.handlers.rename import on_rename
 from rome_guard.handlers.wire import on_wire
-from rome_guard.respond.prevent import PreventionEvent
-from rome_guard.sensors.nvml import GpuSnapshot
 from rome_guard.textsafe import one_line
 
 log = logging.getLogger("rome_guard")

@@ -3,13 +3,25 @@ records and map keys.
 
 Pure: no BPF, no clock. Every struct and constant here is checked against
 the C header by the table in rome_guard/layout/__init__.py
-(tests/test_layout.py), without root. This module never decodes or acts;
-rome_guard/respond/prevent.py turns records into PreventionEvents.
+(tests/test_layout.py), without root. ``decode_prevent_record`` turns a
+record into a ``PreventionEvent``; this module never acts on one
+(rome_guard/respond/prevent.py holds the lists, handlers/prevention.py
+judges the events).
 """
 
 from __future__ import annotations
 
 import ctypes as ct
+import socket
+
+from rome_guard.events import (
+    PREVENTION_BLOCKED_CONNECT,
+    PREVENTION_KILLED_CONNECT,
+    PREVENTION_KILLED_EXEC,
+    PreventionEvent,
+)
+from rome_guard.layout.sensor import format_address
+from rome_guard.textsafe import from_bytes
 
 RG_ACT_BLOCK = 1
 RG_ACT_KILL = 2
@@ -86,3 +98,39 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "rg_pending_kill": PendingKill,
     "rg_event": PreventRecord,
 }
+
+
+class MalformedPreventRecord(ValueError):
+    """A ring buffer record too short to be a struct rg_event."""
+
+
+_KINDS = {
+    RG_EV_BLOCKED_CONNECT: PREVENTION_BLOCKED_CONNECT,
+    RG_EV_KILLED_EXEC: PREVENTION_KILLED_EXEC,
+    RG_EV_KILLED_CONNECT: PREVENTION_KILLED_CONNECT,
+}
+_IP_VERSIONS = {socket.AF_INET: 4, socket.AF_INET6: 6}  # record family -> Endpoint.family
+_PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+
+
+def decode_prevent_record(raw: bytes) -> PreventionEvent:
+    """One prevention ring buffer record -> PreventionEvent (pure)."""
+    if len(raw) < ct.sizeof(PreventRecord):
+        raise MalformedPreventRecord(f"short prevention event: {len(raw)} bytes")
+    ev = PreventRecord.from_buffer_copy(raw[: ct.sizeof(PreventRecord)])
+    version = _IP_VERSIONS.get(ev.family, 0)
+    return PreventionEvent(
+        kind=_KINDS.get(ev.kind, f"unknown-{ev.kind}"),
+        pid=ev.pid,
+        tid=ev.tid,
+        uid=ev.uid,
+        comm=from_bytes(ev.comm),
+        cgroup_id=ev.cgroup_id,
+        timestamp_ns=ev.timestamp_ns,
+        family=version,
+        protocol=_PROTOCOLS.get(ev.protocol, "") if version else "",
+        daddr=format_address(ev.family, bytes(ev.daddr)) if version else "",
+        dport=ev.dport,
+        filename=from_bytes(ev.filename),
+        kill_requested=bool(ev.action & RG_ACT_KILL),
+    )

@@ -30,7 +30,7 @@ from rome_guard.config import ProtectConfig
 from rome_guard.detect.rules import KILL_SCOPES
 from rome_guard.events import ProcessInfo, ProcessKey
 from rome_guard.linux import cgroup2_root, listening_tcp_inodes, read_cgroup, without_deleted
-from rome_guard.sensors.procfs import (
+from rome_guard.procfs import (
     PROC,
     ProcessGone,
     list_pids,

@@ -21,8 +21,9 @@ knows they have a live owner; ``stale.cleanup_stale()`` (run by ``start()``)
 removes a dead owner's pins, and detaches any ``rgp_*`` program on the root
 that no live owner pins (left by an older rome-guard, or by a kernel
 without BPF links for cgroups, where attachments fall back to
-``BPF_PROG_ATTACH`` and do outlive a crash until the next start). The bpf(2)
-calls libbcc lacks are in ``bpfsys``.
+``BPF_PROG_ATTACH`` and do outlive a crash until the next start). Compiling,
+linking and pinning are rome_guard.kernel.loader's; the records are decoded
+by rome_guard.layout.prevent.
 
 This module must never: load anything in monitor mode; block by default
 (every list starts empty and the programs allow whatever is not listed);
@@ -39,31 +40,24 @@ import ctypes
 import ipaddress
 import logging
 import os
-import resource
-import socket
-from dataclasses import dataclass
 from typing import Iterable
 
-from rome_guard.events import CONNECT_BLOCKED, ConnectEvent, Endpoint
+from rome_guard.events import PreventionEvent
+from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
+from rome_guard.kernel.stale import CONNECT_PROGRAMS, PIN_ROOT, cleanup_stale
 from rome_guard.layout.prevent import (
     RG_ACT_BLOCK,
     RG_ACT_KILL,
     RG_COMM_LEN,
-    RG_EV_BLOCKED_CONNECT,
-    RG_EV_KILLED_CONNECT,
-    RG_EV_KILLED_EXEC,
     RG_PATH_LEN,
-    PreventRecord,
+    MalformedPreventRecord,
+    decode_prevent_record,
 )
-from rome_guard.layout.sensor import format_address
 from rome_guard.linux import NoCgroup2, cgroup2_root
-from rome_guard.respond.bpfsys import CgroupAttachments, ensure_bpffs, obj_pin, prog_id_and_name
-from rome_guard.respond.stale import CONNECT_PROGRAMS, PIN_ROOT, cleanup_stale, owner_name
-from rome_guard.textsafe import from_bytes
 
 log = logging.getLogger(__name__)
 
-BPF_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bpf", "prevent.c")
+BPF_SOURCE = BPF_DIR / "prevent.c"
 
 # Mirrors of prevent.h.
 ACT_BLOCK = RG_ACT_BLOCK
@@ -71,94 +65,11 @@ ACT_KILL = RG_ACT_KILL
 COMM_LEN = RG_COMM_LEN
 PATH_LEN = RG_PATH_LEN
 
-KIND_BLOCKED_CONNECT = "blocked_connect"
-KIND_KILLED_EXEC = "killed_exec"
-KIND_KILLED_CONNECT = "killed_connect"
-_KINDS = {
-    RG_EV_BLOCKED_CONNECT: KIND_BLOCKED_CONNECT,
-    RG_EV_KILLED_EXEC: KIND_KILLED_EXEC,
-    RG_EV_KILLED_CONNECT: KIND_KILLED_CONNECT,
-}
-
 _PINNED_MAPS = ("block_ports", "block_v4", "block_v6", "exempt_cgroups", "deny_comm", "deny_path")
-_IP_VERSIONS = {socket.AF_INET: 4, socket.AF_INET6: 6}  # record family -> Endpoint.family
 
 
 class PreventionError(Exception):
     """Prevention cannot run here; the message names the missing capability."""
-
-
-@dataclass(frozen=True)
-class PreventionEvent:
-    """A connect denied or a process killed in the kernel. Strings come
-    from the offender: sanitise them (rome_guard.textsafe) before output."""
-
-    kind: str  # KIND_BLOCKED_CONNECT | KIND_KILLED_EXEC | KIND_KILLED_CONNECT
-    pid: int  # thread group id (the process)
-    tid: int
-    uid: int
-    comm: str
-    cgroup_id: int
-    timestamp_ns: int  # CLOCK_BOOTTIME
-    family: int = 0  # 4 | 6 for connects
-    protocol: str = ""  # "tcp" | "udp" | "" for exec
-    daddr: str = ""
-    dport: int = 0
-    filename: str = ""  # exec: the path given to execve
-    kill_requested: bool = False  # the matching entry asked for a kill
-
-    @property
-    def action(self) -> str:
-        """The journal's action: ``killed`` or ``blocked``."""
-        return "blocked" if self.kind == KIND_BLOCKED_CONNECT else "killed"
-
-    def connect_event(self) -> ConnectEvent | None:
-        """The denied connect in the shared event model, for the engine."""
-        if self.kind == KIND_KILLED_EXEC:
-            return None
-        endpoint = Endpoint(
-            proto=self.protocol or "tcp",
-            family=self.family,
-            saddr="",
-            sport=0,
-            daddr=self.daddr,
-            dport=self.dport,
-            state=CONNECT_BLOCKED,
-        )
-        return ConnectEvent(
-            pid=self.pid,
-            endpoint=endpoint,
-            outcome=CONNECT_BLOCKED,
-            timestamp_ns=self.timestamp_ns,
-            comm=self.comm,
-            cgroup_id=self.cgroup_id,
-        )
-
-
-def decode_event(raw: bytes) -> PreventionEvent:
-    """One ring buffer record -> PreventionEvent (pure)."""
-    if len(raw) < ctypes.sizeof(PreventRecord):
-        raise ValueError(f"short prevention event: {len(raw)} bytes")
-    ev = PreventRecord.from_buffer_copy(raw[: ctypes.sizeof(PreventRecord)])
-    kind = _KINDS.get(ev.kind, f"unknown-{ev.kind}")
-    version = _IP_VERSIONS.get(ev.family, 0)
-    daddr = format_address(ev.family, bytes(ev.daddr)) if version else ""
-    protocol = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}.get(ev.protocol, "")
-    return PreventionEvent(
-        kind=kind,
-        pid=ev.pid,
-        tid=ev.tid,
-        uid=ev.uid,
-        comm=from_bytes(ev.comm),
-        cgroup_id=ev.cgroup_id,
-        timestamp_ns=ev.timestamp_ns,
-        family=version,
-        protocol=protocol if version else "",
-        daddr=daddr,
-        dport=ev.dport,
-        filename=from_bytes(ev.filename),
-        kill_requested=bool(ev.action & ACT_KILL),
-    )
 
 
 def comm_key(name: str) -> bytes:
@@ -204,10 +115,8 @@ class Prevention:
         self._cgroup_root = cgroup_root
         self._connect_hooks = connect_hooks
         self._pin_root = pin_root
-        self._bpf = None
-        self._hooks: CgroupAttachments | None = None  # the connect hooks on the root
-        self._owner_dir: str | None = None
-        self._received: list[PreventionEvent] = []
+        self._bpf: BpfObject | None = None
+        self._ring: Ring[PreventionEvent] | None = None
         self._closed = False
         self.degraded: list[str] = []  # what this host cannot do, for the operator
 
@@ -222,13 +131,7 @@ class Prevention:
     def denies_connects(self) -> bool:
         """True when the connect hooks are attached (connects get EPERM);
         otherwise kill destinations are only killed at SYN_SENT."""
-        return self._hooks is not None and self._hooks.active
-
-    @property
-    def dies_with_daemon(self) -> bool:
-        """True when every connect hook is held by a BPF link only (the
-        crash policy); False on the PROG_ATTACH fallback."""
-        return self._hooks is None or self._hooks.die_with_process
+        return self._bpf is not None and self._bpf.cgroup_attached
 
     def start(self) -> list[str]:
         """Remove stale attachments, compile once, attach. Returns what
@@ -238,31 +141,27 @@ class Prevention:
         if os.geteuid() != 0:
             raise PreventionError("needs root (CAP_BPF, CAP_NET_ADMIN, CAP_KILL)")
         try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise PreventionError(f"BCC (python3-bpfcc) is not importable: {exc}") from exc
+            bcc_bpf()
+        except LoadError as exc:
+            raise PreventionError(str(exc)) from exc
         root = None
         if self._connect_hooks:
             try:
                 root = self._cgroup_root or cgroup2_root()
             except NoCgroup2 as exc:
                 self.degraded.append(f"{exc}; kill destinations are killed at SYN_SENT instead")
-        try:
-            ensure_bpffs()
-        except OSError as exc:
-            self.degraded.append(f"{exc}: a crash would leave attachments unpinned")
         stale = cleanup_stale(root, self._pin_root)
-        # 6.x kernels account BPF memory to the memcg; older ones need this.
-        with contextlib.suppress(ValueError, OSError):
-            limit = resource.RLIM_INFINITY
-            resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
-        src = os.path.dirname(BPF_SOURCE)
-        self._bpf = BPF(src_file=os.fsencode(BPF_SOURCE), cflags=[f"-I{src}"])
         try:
-            self._bpf[b"settings"][ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())
+            self._bpf = BpfObject.compile(BPF_SOURCE, pin_root=self._pin_root)
+        except LoadError as exc:
+            raise PreventionError(str(exc)) from exc
+        try:
+            self._bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())
             if root is not None:
                 self._attach_connect_hooks(root)
-            self._bpf[b"events"].open_ring_buffer(self._on_event)
+            self._ring = self._bpf.open_ring(
+                "events", decode_prevent_record, (MalformedPreventRecord,), "prevention"
+            )
         except BaseException:
             self.close()
             raise
@@ -270,66 +169,49 @@ class Prevention:
         return stale
 
     def _attach_connect_hooks(self, root: str) -> None:
-        from bcc import BPF
-
-        self._hooks = CgroupAttachments(root)
-        try:
-            owner_dir = os.path.join(self._pin_root, owner_name())
-            os.makedirs(owner_dir, exist_ok=True)
-            self._owner_dir = owner_dir
-        except OSError as exc:
-            self.degraded.append(f"cannot pin under {self._pin_root}: {exc}")
+        bpf = self._bpf
+        prog_type = bcc_bpf().CGROUP_SOCK_ADDR
         for func, (attach_type, pin) in CONNECT_PROGRAMS.items():
-            fn = self._bpf.load_func(func.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
-            if self._owner_dir:
-                # marks the program as owned by a live rome-guard; pinning a
-                # program keeps no attachment alive (the link does)
-                obj_pin(fn.fd, os.path.join(self._owner_dir, pin))
-            self._hooks.attach(fn.fd, attach_type)
-        if self._hooks.fallback_reason:
+            # the pin marks the program as owned by a live rome-guard; pinning
+            # a program keeps no attachment alive (the link does)
+            bpf.attach_to_cgroup(root, func, prog_type, attach_type, pin=pin)
+        self.degraded += bpf.degraded
+        fallback = bpf.fallback_reason()
+        if fallback:
             self.degraded.append(
-                f"{self._hooks.fallback_reason}: after a crash the connect hooks stay "
+                f"{fallback}: after a crash the connect hooks stay "
                 "attached until rome-guard starts again"
             )
-        if self._owner_dir:
-            for name in _PINNED_MAPS:
-                obj_pin(self._bpf[name.encode()].map_fd, os.path.join(self._owner_dir, name))
-
-    def _on_event(self, _ctx: object, data: int, size: int) -> int:
-        self._received.append(decode_event(ctypes.string_at(data, size)))
-        return 0
+        for name in _PINNED_MAPS:
+            bpf.pin_map(name)
 
     def poll(self, timeout_ms: int = 0) -> list[PreventionEvent]:
         """Events reported since the last poll; waits up to timeout_ms for
         the first one (-1: forever)."""
-        if self._bpf is None:
+        if self._bpf is None or self._ring is None:
             return []
-        self._bpf.ring_buffer_poll(timeout_ms)
-        events, self._received = self._received, []
-        return events
+        self._bpf.poll(timeout_ms)
+        return self._ring.take()
 
     def program_ids(self) -> dict[str, int]:
         """Kernel id of each loaded program by function name, for
         `bpftool prog show id N` and run-time statistics."""
-        if self._bpf is None:
-            return {}
-        ids = {}
-        for name, fn in self._bpf.funcs.items():
-            ids[os.fsdecode(name)] = prog_id_and_name(fn.fd)[0]
-        return ids
+        return self._bpf.program_ids() if self._bpf is not None else {}
 
     def lost_events(self) -> int:
-        """Events the kernel could not report because the ring buffer was full."""
+        """Events the kernel could not report because the ring buffer was
+        full, and records that did not decode."""
+        malformed = self._ring.malformed if self._ring is not None else 0
         if self._bpf is None:
-            return 0
-        return int(self._bpf[b"lost_events"][ctypes.c_int(0)].value)
+            return malformed
+        return int(self._bpf["lost_events"][ctypes.c_int(0)].value) + malformed
 
     # --- deny lists (live) ---
 
     def _map(self, name: str):
         if self._bpf is None:
             raise RuntimeError("Prevention is not started")
-        return self._bpf[name.encode()]
+        return self._bpf[name]
 
     def block_ports(self, ports: Iterable[int], kill: bool = False) -> None:
         """Deny connects to these destination ports on every address."""
@@ -432,18 +314,9 @@ class Prevention:
             return
         self._closed = True
         atexit.unregister(self.close)
-        if self._hooks is not None:
-            self._hooks.close()
-            self._hooks = None
-        if self._owner_dir and os.path.isdir(self._owner_dir):
-            for entry in os.listdir(self._owner_dir):
-                os.unlink(os.path.join(self._owner_dir, entry))
-            os.rmdir(self._owner_dir)
-        self._owner_dir = None
-        if self._bpf is not None:
-            self._bpf.cleanup()  # tracepoints, program and map fds
-            atexit.unregister(self._bpf.cleanup)  # BCC's own, which pins the object
-            self._bpf = None
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            bpf.close()
 
 
 def _discard(table, key) -> None:

@@ -35,13 +35,11 @@ import errno
 import importlib.util
 import os
 import re
-import resource
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
-from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
+from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
 from rome_guard.layout.sensor import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
@@ -53,9 +51,7 @@ from rome_guard.layout.sensor import (
     wake_key,
 )
 from rome_guard.linux import can_load_bpf, cgroup2_root
-from rome_guard.respond.bpfsys import CgroupAttachments
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 SENSOR_SOURCE = BPF_DIR / "sensor.c"
 TRACEFS_MOUNTS = ("/sys/kernel/debug/tracing", "/sys/kernel/tracing")  # bcc's order
 TRACEFS_MOUNT_POINT = "/sys/kernel/tracing"
@@ -284,27 +280,7 @@ def mount_tracefs() -> str:
     return found
 
 
-def _raise_memlock() -> None:
-    # Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(
-            resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-        )
-
-
 # --- the sensor -------------------------------------------------------------------
-
-
-def _detach_tracepoints(bpf: Any) -> None:
-    """Detach every tracepoint at once. Each detach waits for an RCU grace
-    period in the kernel (~70 ms here); one after the other, 26 of them took
-    1.8 s and broke the daemon's 2 s shutdown budget. The waits overlap when
-    the detaches run on threads (ctypes releases the GIL)."""
-    names = list(getattr(bpf, "tracepoint_fds", {}))
-    if len(names) < 2:
-        return
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        list(pool.map(bpf.detach_tracepoint, names))
 
 
 class EbpfSensor:
@@ -334,13 +310,10 @@ class EbpfSensor:
         self._tcp_repeat_ns = tcp_repeat_ns
         # optional tracepoints not to use (HAVE_* names), as on older kernels
         self._disable_features = set(disable_features)
-        self._bpf: Any = None
-        self._batch: list[SensorEvent] = []
-        self._malformed = dict.fromkeys(LOST_SLOT_NAMES, 0)
-        self._callbacks: list[Any] = []
+        self._bpf: BpfObject | None = None
+        self._rings: list[Ring[SensorEvent]] = []
         self.features: set[str] = set()
         self.attached: list[Attachment] = []
-        self._udp_hooks: CgroupAttachments | None = None  # linked to the cgroup2 root
         self.linked: list[str] = []  # programs linked to the cgroup2 root
         self.degraded: list[str] = []  # what is not seen here, and why
 
@@ -360,12 +333,6 @@ class EbpfSensor:
         missing = missing_required(tracefs)
         if missing:
             raise EbpfUnavailable(f"tracepoints missing in {tracefs}/events: {', '.join(missing)}")
-        _raise_memlock()
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise EbpfUnavailable(f"bcc is not importable: {exc}") from exc
-
         self.features = available_features(tracefs) - self._disable_features
         text, cflags = compile_unit(self.features)
         cflags += [
@@ -373,20 +340,15 @@ class EbpfSensor:
             f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
         ]
         try:
-            bpf = BPF(text=text.encode(), cflags=cflags)
-        except Exception as exc:  # bcc raises bare Exception; details went to stderr
-            raise EbpfUnavailable(f"compiling {SENSOR_SOURCE} failed: {exc}") from exc
+            bpf = BpfObject.compile(SENSOR_SOURCE, text=text, cflags=cflags)
+        except LoadError as exc:
+            raise EbpfUnavailable(str(exc)) from exc
         try:
             for attachment in attachments_for(self.features):
                 try:
-                    bpf.attach_tracepoint(
-                        tp=attachment.tracepoint.encode(), fn_name=attachment.program.encode()
-                    )
-                except Exception as exc:
-                    raise EbpfUnavailable(
-                        f"attaching {attachment.program} to {attachment.tracepoint} failed "
-                        f"(verifier log on stderr): {exc}"
-                    ) from exc
+                    bpf.attach_tracepoint(attachment.tracepoint, attachment.program)
+                except LoadError as exc:
+                    raise EbpfUnavailable(str(exc)) from exc
                 self.attached.append(attachment)
             self._attach_udp_sendmsg(bpf)
             self._bpf = bpf
@@ -399,62 +361,44 @@ class EbpfSensor:
                 self._sync_wake_names(frozenset(), self._wake_names)
             # consume() drains rings in this order: process last, so an exec
             # is never returned after a connect it preceded.
-            self._open_ring("network_events", "network")
-            self._open_ring("process_events", "process")
+            self._rings = [
+                bpf.open_ring("network_events", decode_record, (MalformedRecord,), "network"),
+                bpf.open_ring("process_events", decode_record, (MalformedRecord,), "process"),
+            ]
         except BaseException:
             self._bpf = None
             self.attached.clear()
-            self._close_links()
-            bpf.cleanup()
+            self.linked.clear()
+            self._rings = []
+            bpf.close()
             raise
 
-    def _attach_udp_sendmsg(self, bpf: Any) -> None:
+    def _attach_udp_sendmsg(self, bpf: BpfObject) -> None:
         """Hook unconnected UDP sends at the cgroup2 root through BPF links:
         a link lives as long as its fd, so a crashed sensor leaves nothing
         attached (no stale-attachment cleanup needed). Optional: without
         cgroup2 or links, only syscall sends are seen (self.degraded says)."""
-        from bcc import BPF
-
         try:
-            hooks = CgroupAttachments(cgroup2_root())
-        except OSError as exc:  # NoCgroup2 included
+            root = cgroup2_root()
+        except OSError as exc:  # NoCgroup2
             self.degraded.append(f"io_uring UDP sends unseen: {exc}")
             return
-        self._udp_hooks = hooks
+        prog_type = bcc_bpf().CGROUP_SOCK_ADDR
         for name, attach_type in UDP_SENDMSG_HOOKS:
-            fn = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, None, attach_type)
             try:
                 # links only: these hooks are named in no stale-cleanup list
-                hooks.attach(fn.fd, attach_type, fallback=False)
+                bpf.attach_to_cgroup(root, name, prog_type, attach_type, fallback=False)
             except OSError as exc:
                 self.degraded.append(
-                    f"io_uring UDP sends unseen: linking {name} to {hooks.cgroup_dir}: "
-                    f"{exc.strerror}"
+                    f"io_uring UDP sends unseen: linking {name} to {root}: {exc.strerror}"
                 )
-                self._close_links()
+                bpf.detach_cgroups()
+                self.linked.clear()
                 return
             self.linked.append(name)
 
-    def _close_links(self) -> None:
-        if self._udp_hooks is not None:
-            self._udp_hooks.close()
-            self._udp_hooks = None
-        self.linked.clear()
-
-    def _open_ring(self, table: str, name: str) -> None:
-        def on_record(_ctx: Any, data: int, size: int) -> int:
-            raw = ct.string_at(data, size)
-            try:
-                self._batch.append(decode_record(raw))
-            except MalformedRecord:
-                self._malformed[name] += 1
-            return 0
-
-        self._callbacks.append(on_record)
-        self._bpf[table.encode()].open_ring_buffer(on_record)
-
     def _write_config(self) -> None:
-        table = self._bpf[b"sensor_config"]
+        table = self._bpf["sensor_config"]
         table[ct.c_int(0)] = SensorConfig(
             datagram_repeat_ns=self._datagram_repeat_ns,
             tcp_repeat_ns=self._tcp_repeat_ns,
@@ -462,7 +406,7 @@ class EbpfSensor:
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
-        table = self._bpf[table_name.encode()]
+        table = self._bpf[table_name]
         for value in old - new:
             with contextlib.suppress(KeyError):
                 del table[key_type(value)]
@@ -473,10 +417,9 @@ class EbpfSensor:
         """Wait up to timeout_ms for events, then drain both ring buffers."""
         if self._bpf is None:
             raise RuntimeError("EbpfSensor.poll() before start() or after close()")
-        self._batch = []
-        self._bpf.ring_buffer_poll(timeout_ms)
-        self._bpf.ring_buffer_consume()
-        batch, self._batch = self._batch, []
+        self._bpf.poll(timeout_ms)
+        self._bpf.consume()
+        batch = [event for ring in self._rings for event in ring.take()]
         batch.sort(key=attrgetter("timestamp_ns"))
         return batch
 
@@ -486,9 +429,11 @@ class EbpfSensor:
         kernel skipped (another BPF program was running on that CPU), or a
         record that did not decode. An upper bound: a skipped run of a
         helper program costs at most one event."""
-        lost = dict(self._malformed)
+        lost = dict.fromkeys(LOST_SLOT_NAMES, 0)
+        for ring in self._rings:
+            lost[ring.name] += ring.malformed
         if self._bpf is not None:
-            table = self._bpf[b"lost_counters"]
+            table = self._bpf["lost_counters"]
             for name, slot in LOST_SLOT_NAMES.items():
                 lost[name] += int(table.sum(ct.c_int(slot)).value)
             stats = self.program_stats()
@@ -505,7 +450,7 @@ class EbpfSensor:
         for attachment in self.attached:
             info = BpfProgInfoHead()
             size = ct.c_uint32(ct.sizeof(info))
-            fd = self._bpf.funcs[attachment.program.encode()].fd
+            fd = self._bpf.bpf.funcs[attachment.program.encode()].fd
             if lib.bpf_obj_get_info(fd, ct.byref(info), ct.byref(size)) != 0:
                 info = BpfProgInfoHead()
             stats[attachment.program] = ProgramStats(
@@ -548,7 +493,7 @@ class EbpfSensor:
         self._wake_names = new
 
     def _sync_wake_names(self, old: frozenset[str], new: frozenset[str]) -> None:
-        table = self._bpf[b"wake_names"]
+        table = self._bpf["wake_names"]
 
         def key(name: str) -> WakeName:
             return wake_key(name.removesuffix("*"), prefix=name.endswith("*"))
@@ -563,11 +508,9 @@ class EbpfSensor:
         """Detach every tracepoint and free every map; idempotent."""
         bpf, self._bpf = self._bpf, None
         self.attached.clear()
-        self._close_links()
+        self.linked.clear()
         if bpf is not None:
-            _detach_tracepoints(bpf)
-            bpf.cleanup()
-        self._callbacks.clear()
+            bpf.close()
 
     def __enter__(self) -> EbpfSensor:
         self.start()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
 
-from rome_guard.events import GpuProcess
+from rome_guard.events import FinishedGpuProcess, GpuDevice, GpuProcess, GpuSnapshot, MigDevice
 
 log = logging.getLogger(__name__)
 
@@ -43,56 +43,6 @@ _FEATURE_ERRORS = {"NOT_SUPPORTED", "FUNCTION_NOT_FOUND", "NO_PERMISSION"}
 _NO_VALUE_ERRORS = frozenset({"NOT_FOUND", "NO_DATA", "NO_SAMPLES", "INSUFFICIENT_SIZE"})
 _EMPTY_SLOT = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})
 # anything else (GPU_IS_LOST, RESET_REQUIRED, UNKNOWN, TIMEOUT, ...) puts the GPU into back-off
-
-
-@dataclass(frozen=True)
-class MigDevice:
-    slot: int  # index passed to nvmlDeviceGetMigDeviceHandleByIndex
-    uuid: str  # "MIG-..."
-    gpu_instance_id: int | None = None
-    compute_instance_id: int | None = None
-
-
-@dataclass(frozen=True)
-class GpuDevice:
-    """One physical GPU as last polled (the GPU inventory)."""
-
-    index: int
-    uuid: str
-    name: str
-    mig_devices: tuple[MigDevice, ...] = ()
-    power_mw: int | None = None
-    memory_total_bytes: int | None = None
-    memory_used_bytes: int | None = None
-    utilization: int | None = None  # whole-GPU percent
-    accounting: bool = False  # accounting mode on, so short-lived processes are caught
-    mig_enabled: bool = False
-
-
-@dataclass(frozen=True)
-class FinishedGpuProcess:
-    """From accounting mode: a process that used the GPU and exited without
-    ever being seen by a poll. Its pid may already be reused: match it to a
-    process only through a process table that kept the exited process, using
-    ``gpu_start_us`` (when its GPU context began, µs since the epoch)."""
-
-    pid: int
-    gpu_index: int
-    gpu_uuid: str
-    max_memory_bytes: int | None
-    gpu_start_us: int
-    gpu_time_ms: int
-
-
-@dataclass(frozen=True)
-class GpuSnapshot:
-    taken_at: float  # time.time()
-    available: bool  # NVML answered; False: GPU features are off for now
-    devices: tuple[GpuDevice, ...] = ()
-    processes: tuple[GpuProcess, ...] = ()
-    finished: tuple[FinishedGpuProcess, ...] = ()
-    failing: tuple[int, ...] = ()  # GPU indices skipped in this poll (back-off after errors)
-    reason: str = ""  # why NVML is unavailable, for operators
 
 
 @dataclass

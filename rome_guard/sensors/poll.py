@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
+from rome_guard import procfs
 from rome_guard.events import (
     CONNECT_ATTEMPT,
     CONNECT_ESTABLISHED,
@@ -19,7 +20,7 @@ from rome_guard.events import (
     ExitEvent,
 )
 from rome_guard.linux import has_peer
-from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors import sockdiag
 
 Event = ExecEvent | ExitEvent | ConnectEvent
 

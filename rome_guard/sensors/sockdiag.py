@@ -2,7 +2,7 @@
 
 One dump per (family, protocol) gives every socket with its state,
 addresses and inode; processes are joined to sockets by the inodes behind
-their fds (rome_guard.sensors.procfs.socket_inodes), never by parsing
+their fds (rome_guard.procfs.socket_inodes), never by parsing
 /proc/net per process. Read-only; never decides anything.
 
 The dump is decoded here with ``struct`` rather than through pyroute2's

@@ -16,7 +16,7 @@ its first identified packet. Drops happen only while the deadline the
 daemon keeps pushing forward (every poll) lies in the future: a dead or
 hung daemon drops nothing a few seconds later.
 
-The programs are attached through BPF links (bpfsys.CgroupAttachments):
+The programs are attached through BPF links (kernel.loader, kernel.bpfsys):
 the kernel detaches them when the daemon dies. They are also pinned under
 the daemon's owner directory, so that on a kernel without cgroup links a
 crashed daemon's programs are found by stale.cleanup_stale().
@@ -34,11 +34,12 @@ import ipaddress
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from rome_guard import linux
 from rome_guard.events import WireEvent
+from rome_guard.kernel import stale
+from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
 from rome_guard.layout.wire import (
     WIRE_DROP_ADDRESS,
     WIRE_DROP_METHOD,
@@ -50,11 +51,9 @@ from rome_guard.layout.wire import (
     MalformedWireRecord,
     decode_wire_record,
 )
-from rome_guard.respond import bpfsys, stale
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 WIRE_SOURCE = BPF_DIR / "wire.c"
 DEFAULT_RING_PAGES = 4096  # 16 MiB: ~21,000 records of 792 bytes, ~1 s at 20,000 flows/s
 # how long the kernel keeps dropping after the daemon's last poll
@@ -113,13 +112,8 @@ class WireSensor:
         self._ring_pages = ring_pages
         self._cgroup_root = cgroup_root
         self._pin_root = pin_root
-        self._bpf: Any = None
-        self._hooks: bpfsys.CgroupAttachments | None = None  # the programs on the root
-        self._pins: list[str] = []
-        self._owner_dir: str | None = None
-        self._batch: list[WireEvent] = []
-        self._malformed = 0
-        self._callback: Any = None
+        self._bpf: BpfObject | None = None
+        self._ring: Ring[WireEvent] | None = None
         self._enforcing = False
         self._heartbeat_ns = 0
         self._methods: dict[int, int] = {}
@@ -138,30 +132,25 @@ class WireSensor:
         if self._bpf is not None:
             return
         try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise WireUnavailable(f"bcc is not importable: {exc}") from exc
-        try:
             root = self._cgroup_root or linux.cgroup2_root()
         except linux.NoCgroup2 as exc:
             raise WireUnavailable(str(exc)) from exc
-        with contextlib.suppress(ValueError, OSError):
-            import resource
-
-            limit = resource.RLIM_INFINITY
-            resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
         try:
-            bpf = BPF(
-                src_file=os.fsencode(WIRE_SOURCE),
-                cflags=[f"-I{BPF_DIR}", f"-DWIRE_RING_PAGES={self._ring_pages}"],
+            bpf = BpfObject.compile(
+                WIRE_SOURCE,
+                cflags=[f"-DWIRE_RING_PAGES={self._ring_pages}"],
+                pin_root=self._pin_root or stale.PIN_ROOT,
             )
-        except Exception as exc:  # bcc raises bare Exception; details on stderr
-            raise WireUnavailable(f"compiling {WIRE_SOURCE} failed: {exc}") from exc
+        except LoadError as exc:
+            raise WireUnavailable(str(exc)) from exc
         self._bpf = bpf
         try:
             self._set(WIRE_SET_OWNER, self._owner_pid)
-            self._open_ring()
+            self._ring = bpf.open_ring("wire_events", decode_wire_record, (MalformedWireRecord,))
             self._attach(bpf, root)
+        except LoadError as exc:
+            self.close()
+            raise WireUnavailable(str(exc)) from exc
         except OSError as exc:
             self.close()
             raise WireUnavailable(
@@ -172,52 +161,23 @@ class WireSensor:
             self.close()
             raise
 
-    def _attach(self, bpf: Any, root: str) -> None:
-        from bcc import BPF
-
-        self._hooks = bpfsys.CgroupAttachments(root)
-        pin_root = self._pin_root or stale.PIN_ROOT
-        try:
-            bpfsys.ensure_bpffs()
-            owner_dir = os.path.join(pin_root, stale.owner_name())
-            os.makedirs(owner_dir, exist_ok=True)
-            self._owner_dir = owner_dir
-        except OSError as exc:
-            self.degraded.append(f"cannot pin under {pin_root}: {exc}")
+    def _attach(self, bpf: BpfObject, root: str) -> None:
         # named rgw_* and pinned in the owner directory: stale.cleanup_stale()
-        # detaches what a dead owner left
+        # detaches what a dead owner left; a BPF link: detached by the kernel
+        # if the daemon dies
+        prog_type = bcc_bpf().CGROUP_SKB
         for func, (attach_type, pin) in stale.WIRE_PROGRAMS.items():
-            try:
-                fn = bpf.load_func(func.encode(), BPF.CGROUP_SKB)
-            except Exception as exc:
-                raise WireUnavailable(
-                    f"loading {func} failed (verifier log on stderr): {exc}"
-                ) from exc
-            if self._owner_dir:
-                path = os.path.join(self._owner_dir, pin)
-                bpfsys.obj_pin(fn.fd, path)
-                self._pins.append(path)
-            # a BPF link: detached by the kernel if the daemon dies
-            self._hooks.attach(fn.fd, attach_type)
-        if self._hooks.fallback_reason:
+            bpf.attach_to_cgroup(root, func, prog_type, attach_type, pin=pin)
+        self.degraded += bpf.degraded
+        fallback = bpf.fallback_reason()
+        if fallback:
             self.degraded.append(
-                f"{self._hooks.fallback_reason}: after a crash the wire programs stay "
+                f"{fallback}: after a crash the wire programs stay "
                 "attached (observing, never dropping) until rome-guard starts again"
             )
 
-    def _open_ring(self) -> None:
-        def on_record(_ctx: Any, data: int, size: int) -> int:
-            try:
-                self._batch.append(decode_wire_record(ct.string_at(data, size)))
-            except MalformedWireRecord:
-                self._malformed += 1
-            return 0
-
-        self._callback = on_record
-        self._bpf[b"wire_events"].open_ring_buffer(on_record)
-
     def _set(self, slot: int, value: int) -> None:
-        self._bpf[b"wire_settings"][ct.c_int(slot)] = ct.c_uint64(value)
+        self._bpf["wire_settings"][ct.c_int(slot)] = ct.c_uint64(value)
 
     @property
     def running(self) -> bool:
@@ -233,15 +193,15 @@ class WireSensor:
             if now - self._heartbeat_ns >= HEARTBEAT_EVERY_NS:
                 self._set(WIRE_SET_DROP_UNTIL, now + DROP_GRACE_NS)
                 self._heartbeat_ns = now
-        self._bpf.ring_buffer_poll(timeout_ms)
-        batch, self._batch = self._batch, []
-        return batch
+        self._bpf.poll(timeout_ms)
+        return self._ring.take() if self._ring is not None else []
 
     def lost_events(self) -> dict[str, int]:
+        malformed = self._ring.malformed if self._ring is not None else 0
         if self._bpf is None:
-            return {"wire": self._malformed}
-        values = self._bpf[b"wire_lost"][ct.c_int(0)]
-        return {"wire": sum(int(getattr(v, "value", v)) for v in values) + self._malformed}
+            return {"wire": malformed}
+        values = self._bpf["wire_lost"][ct.c_int(0)]
+        return {"wire": sum(int(getattr(v, "value", v)) for v in values) + malformed}
 
     # --- enforce mode: what the kernel drops -----------------------------------
 
@@ -263,12 +223,12 @@ class WireSensor:
             if 0 < len(m.encode()) < WIRE_METHOD_MAX
         }
         want_hosts = {suffix_key(h) for h in hosts if h.strip(".")}
-        table = self._bpf[b"drop_methods"]
+        table = self._bpf["drop_methods"]
         for key in set(self._methods) - set(want_methods):
             _discard(table, table.Key(key))
         for key, value in want_methods.items():
             table[table.Key(key)] = table.Leaf(value)
-        table = self._bpf[b"drop_hosts"]
+        table = self._bpf["drop_hosts"]
         for key in self._hosts - want_hosts:
             _discard(table, table.Key(key))
         for key in want_hosts - self._hosts:
@@ -280,9 +240,9 @@ class WireSensor:
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if ip.version == 4:
-            table = self._bpf[b"drop_v4"]
+            table = self._bpf["drop_v4"]
             return table, table.Key(int.from_bytes(ip.packed, "little"))
-        table = self._bpf[b"drop_v6"]
+        table = self._bpf["drop_v6"]
         key = table.Key()
         ct.memmove(key.addr, ip.packed, 16)
         return table, key
@@ -299,29 +259,13 @@ class WireSensor:
         self._addresses.discard(address)
 
     def program_ids(self) -> dict[str, int]:
-        if self._bpf is None:
-            return {}
-        return {
-            os.fsdecode(name): bpfsys.prog_id_and_name(fn.fd)[0]
-            for name, fn in self._bpf.funcs.items()
-        }
+        return self._bpf.program_ids() if self._bpf is not None else {}
 
     def close(self) -> None:
         """Detach, unpin and free everything. Idempotent."""
-        if self._hooks is not None:
-            self._hooks.close()
-            self._hooks = None
-        for path in self._pins:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._pins = []
-        if self._owner_dir:
-            with contextlib.suppress(OSError):  # prevention may still pin there
-                os.rmdir(self._owner_dir)
-            self._owner_dir = None
-        if self._bpf is not None:
-            bpf, self._bpf = self._bpf, None
-            bpf.cleanup()
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            bpf.close()
 
 
 def _discard(table: Any, key: Any) -> None:

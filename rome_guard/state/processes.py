@@ -31,6 +31,7 @@ from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
+from rome_guard import procfs
 from rome_guard.attribution import attribute
 from rome_guard.detect.subject import Subject
 from rome_guard.events import (
@@ -43,7 +44,7 @@ from rome_guard.events import (
     boottime_ns_to_ticks,
 )
 from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path, without_deleted
-from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.snapshot import subject_for, take_snapshot
 from rome_guard.state.table import ProcessTable

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rome_guard import procfs
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint, ProcessInfo
 from rome_guard.linux import has_peer
-from rome_guard.sensors import procfs, sockdiag
+from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.table import ProcessTable
 

@@ -28,7 +28,7 @@ from rome_guard.gpu.registry import (
     parse_gpu_grants,
 )
 from rome_guard.gpu.report import proc_lineage
-from rome_guard.sensors.procfs import read_process
+from rome_guard.procfs import read_process
 from rome_guard.yamlsrc import SourceError
 from tests.conftest import require_root
 from tests.fixtures.processes import process_info

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import typing
 
+from rome_guard.events import GpuSnapshot, PreventionEvent
 from rome_guard.handlers.table import HANDLERS
 from rome_guard.layout.sensor import SensorEvent
 from rome_guard.respond.metrics import EVENT_SOURCES
-from rome_guard.respond.prevent import PreventionEvent
-from rome_guard.sensors.nvml import GpuSnapshot
 from rome_guard.sensors.poll import Event as PollEvent
 
 

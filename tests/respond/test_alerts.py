@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 
+from rome_guard import procfs
 from rome_guard.detect.rules import Rule
 from rome_guard.findings import Finding
 from rome_guard.respond.alerts import AlertSink
 from rome_guard.respond.journal import Journal, recent_alerts
 from rome_guard.respond.metrics import NullMetrics
-from rome_guard.sensors import procfs
 
 RULE = Rule("test-rule", "mining", "high", "a test rule")
 

@@ -23,6 +23,7 @@ import pytest
 from rome_guard.config import ProtectConfig
 from rome_guard.events import ProcessInfo, ProcessKey
 from rome_guard.linux import cgroup2_root
+from rome_guard.procfs import read_process, read_stat
 from rome_guard.respond.kill import (
     ALREADY_EXITED,
     KILL_FAILED,
@@ -33,7 +34,6 @@ from rome_guard.respond.kill import (
     container_cgroup,
     critical_cgroup_reason,
 )
-from rome_guard.sensors.procfs import read_process, read_stat
 from tests.conftest import require_root
 from tests.fixtures.network import sshd
 from tests.fixtures.processes import process_info

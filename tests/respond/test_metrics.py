@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rome_guard import procfs
 from rome_guard.detect.rules import load_rules
 from rome_guard.events import GpuProcess
 from rome_guard.respond import metrics as m
 from rome_guard.respond.metrics import GpuUsage, GuardMetrics, gpu_usage, parse_listen_addr
 from rome_guard.respond.webconfig import BasicAuth, load_web_config, password_checker
-from rome_guard.sensors import procfs
 from rome_guard.yamlsrc import SourceError
 from tests.conftest import require
 from tests.fixtures.prometheus import available, running_prometheus

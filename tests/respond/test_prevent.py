@@ -24,22 +24,28 @@ import time
 
 import pytest
 
-from rome_guard.events import CONNECT_BLOCKED
-from rome_guard.layout.prevent import RG_EV_BLOCKED_CONNECT, RG_EV_KILLED_EXEC, PreventRecord
+from rome_guard.events import (
+    CONNECT_BLOCKED,
+    PREVENTION_BLOCKED_CONNECT,
+    PREVENTION_KILLED_CONNECT,
+    PREVENTION_KILLED_EXEC,
+)
+from rome_guard.kernel.stale import PIN_ROOT, attached_programs, cleanup_stale
+from rome_guard.layout.prevent import (
+    RG_EV_BLOCKED_CONNECT,
+    RG_EV_KILLED_EXEC,
+    PreventRecord,
+    decode_prevent_record,
+)
 from rome_guard.linux import cgroup2_root, cgroup_id
 from rome_guard.respond.prevent import (
     ACT_BLOCK,
     ACT_KILL,
-    KIND_BLOCKED_CONNECT,
-    KIND_KILLED_CONNECT,
-    KIND_KILLED_EXEC,
     Prevention,
     comm_key,
-    decode_event,
     parse_network,
     path_key,
 )
-from rome_guard.respond.stale import PIN_ROOT, attached_programs, cleanup_stale
 from tests.conftest import require, require_root
 from tests.fixtures.daemon import owned_bpf_programs
 from tests.fixtures.network import free_port, listener, wait_until
@@ -64,8 +70,13 @@ def test_decode_event_reads_a_blocked_ipv4_connect() -> None:
     )
     raw.daddr[:4] = list(socket.inet_aton("10.1.2.3"))
     raw.comm = b"xm\nrig\xff"
-    event = decode_event(bytes(raw))
-    assert (event.kind, event.pid, event.tid, event.uid) == (KIND_BLOCKED_CONNECT, 10, 11, 1000)
+    event = decode_prevent_record(bytes(raw))
+    assert (event.kind, event.pid, event.tid, event.uid) == (
+        PREVENTION_BLOCKED_CONNECT,
+        10,
+        11,
+        1000,
+    )
     assert (event.daddr, event.dport, event.family, event.protocol) == ("10.1.2.3", 3333, 4, "tcp")
     assert event.kill_requested and event.action == "blocked"
     assert event.comm == "xm\nrig\udcff"  # hostile bytes survive for textsafe to render
@@ -77,8 +88,8 @@ def test_decode_event_reads_a_blocked_ipv4_connect() -> None:
 def test_decode_event_reads_an_exec_kill() -> None:
     raw = PreventRecord(pid=5, tid=5, kind=RG_EV_KILLED_EXEC, action=ACT_KILL)
     raw.filename = b"/tmp/xmrig"
-    event = decode_event(bytes(raw))
-    assert event.kind == KIND_KILLED_EXEC and event.action == "killed"
+    event = decode_prevent_record(bytes(raw))
+    assert event.kind == PREVENTION_KILLED_EXEC and event.action == "killed"
     assert event.filename == "/tmp/xmrig" and event.daddr == "" and event.protocol == ""
     assert event.connect_event() is None
 
@@ -155,7 +166,7 @@ def root_bpf():
 
 def _live_owners_programs() -> set[int]:
     """Programs pinned by a live rome-guard (its pid and start time match)."""
-    from rome_guard.respond import stale
+    from rome_guard.kernel import stale
 
     ids: set[int] = set()
     for name in os.listdir(PIN_ROOT) if os.path.isdir(PIN_ROOT) else ():
@@ -276,7 +287,7 @@ def test_blocked_connects_fail_with_eperm_and_reach_no_listener(root_bpf, plain_
         events = _drain(prevention, 4)
         mine = [e for e in events if e.pid == os.getpid()]
         assert len(mine) == 4
-        assert {e.kind for e in mine} == {KIND_BLOCKED_CONNECT}
+        assert {e.kind for e in mine} == {PREVENTION_BLOCKED_CONNECT}
         first = mine[0]
         assert (first.daddr, first.dport, first.family, first.protocol) == (
             "127.0.3.1",
@@ -388,7 +399,7 @@ def test_denylisted_program_dies_before_its_first_instruction(root_bpf, tmp_path
         assert subprocess.run([str(control), str(allowed_marker)]).returncode == 0
         assert allowed_marker.exists()
 
-        kills = [e for e in _drain(prevention, 2) if e.kind == KIND_KILLED_EXEC]
+        kills = [e for e in _drain(prevention, 2) if e.kind == PREVENTION_KILLED_EXEC]
         assert {e.filename for e in kills} == {str(by_name), str(by_path)}
         assert {e.comm for e in kills} == {name, by_path.name[:15]}
         assert all(e.action == "killed" and e.uid == os.getuid() for e in kills)
@@ -418,7 +429,10 @@ def test_pool_connect_is_killed_and_never_completes_its_handshake(root_bpf) -> N
             assert child.returncode == -signal.SIGKILL
             assert "connected" not in out
             events = [e for e in _drain(prevention, 2) if e.pid == child.pid]
-            assert [e.kind for e in events] == [KIND_BLOCKED_CONNECT, KIND_KILLED_CONNECT]
+            assert [e.kind for e in events] == [
+                PREVENTION_BLOCKED_CONNECT,
+                PREVENTION_KILLED_CONNECT,
+            ]
             assert all(e.kill_requested and e.dport == pool.port for e in events)
         # after close the same destination works again, and the listener's
         # accept loop (running all along) sees exactly that one connection
@@ -447,7 +461,7 @@ def test_syn_sent_kill_where_no_connect_hook_runs(root_bpf) -> None:
         child = _run_python(CONNECTING_CHILD.format(port=pool.port))
         assert child.returncode == -signal.SIGKILL
         assert "connected" not in child.stdout
-        events = [e for e in _drain(prevention, 1) if e.kind == KIND_KILLED_CONNECT]
+        events = [e for e in _drain(prevention, 1) if e.kind == PREVENTION_KILLED_CONNECT]
         assert events and events[0].daddr == "127.0.3.1"
 
 
@@ -482,7 +496,7 @@ def _bpftool_prog_ids() -> set[int]:
 
 ATTACHER = """
 import errno, sys, time
-from rome_guard.respond import bpfsys
+from rome_guard.kernel import bpfsys
 from rome_guard.respond.prevent import Prevention
 if "--no-links" in sys.argv:  # a kernel without BPF links for cgroups (< 5.7)
     def _no_links(*_args):

@@ -11,7 +11,15 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rome_guard.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuOpenEvent
+from rome_guard.events import (
+    ConnectEvent,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    GpuOpenEvent,
+    PreventionEvent,
+)
+from rome_guard.layout.prevent import decode_prevent_record
 from rome_guard.layout.sensor import (
     RECORD_CONNECT,
     RECORD_EXEC,
@@ -21,7 +29,6 @@ from rome_guard.layout.sensor import (
     MalformedRecord,
     decode_record,
 )
-from rome_guard.respond.prevent import PreventionEvent, decode_event
 
 FUZZ = settings(max_examples=2000, deadline=None)
 EVENTS = (ExecEvent, ForkEvent, ExitEvent, ConnectEvent, GpuOpenEvent)
@@ -63,4 +70,4 @@ def test_exec_records_with_lying_sizes(args_size: int, name_size: int, tail: byt
 @given(st.binary(max_size=400))
 def test_prevention_records(raw: bytes) -> None:
     with contextlib.suppress(ValueError):
-        assert isinstance(decode_event(raw), PreventionEvent)
+        assert isinstance(decode_prevent_record(raw), PreventionEvent)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from rome_guard import procfs
 from rome_guard.events import ProcessKey
 from rome_guard.findings import process_record
-from rome_guard.sensors import procfs
 from rome_guard.state.table import ProcessTable
 from rome_guard.textsafe import command_line, one_line
 

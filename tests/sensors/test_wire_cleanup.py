@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from rome_guard.respond import stale
+from rome_guard.kernel import stale
 from rome_guard.sensors.wire import WireSensor
 from tests.conftest import require_root
 from tests.fixtures.network import wait_until
@@ -25,7 +25,7 @@ def _wire_programs() -> set[int]:
 
 OWNER = """
 import errno, sys, time
-from rome_guard.respond import bpfsys
+from rome_guard.kernel import bpfsys
 from rome_guard.sensors.wire import WireSensor
 if "--no-links" in sys.argv:  # a kernel without BPF links for cgroups (< 5.7)
     def _no_links(*_args):

@@ -9,8 +9,8 @@ import subprocess
 import time
 from dataclasses import replace
 
+from rome_guard import procfs
 from rome_guard.events import Endpoint, ExecEvent, ForkEvent, ProcessKey
-from rome_guard.sensors import procfs
 from rome_guard.state.processes import ProcessModel
 
 NS_PER_TICK = 10_000_000

@@ -6,7 +6,7 @@ connect hooks, the sensor's UDP-send hooks, the wire sensor's skb programs).
 
 Thin wrappers over the syscall with the uapi attribute layouts; an error
 is an OSError with the kernel's errno. This module never decides what to
-attach or detach: rome_guard.respond.prevent, .stale and the sensors do.
+attach or detach: rome_guard.kernel.loader's callers and .stale do.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class CgroupAttachments:
     kernel without cgroup BPF links, and only where the caller allows it,
     the fallback is BPF_PROG_ATTACH with ALLOW_MULTI (never replacing
     another program), which outlives a crash until
-    rome_guard.respond.stale.cleanup_stale() at the next start;
+    rome_guard.kernel.stale.cleanup_stale() at the next start;
     ``fallback_reason`` then says so. close() detaches everything. Never
     replaces or detaches a program it did not attach.
     """

@@ -21,15 +21,15 @@ from __future__ import annotations
 import errno
 import os
 
-from rome_guard.linux import NoCgroup2, cgroup2_root
-from rome_guard.respond.bpfsys import (
+from rome_guard.kernel.bpfsys import (
     obj_get,
     prog_detach,
     prog_fd_by_id,
     prog_id_and_name,
     prog_query,
 )
-from rome_guard.sensors.procfs import start_time
+from rome_guard.linux import NoCgroup2, cgroup2_root
+from rome_guard.procfs import start_time
 
 PIN_ROOT = "/sys/fs/bpf/rome-guard"
 # Every cgroup program of ours is named rgp_*: cleanup_stale() finds

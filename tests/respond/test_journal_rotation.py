@@ -11,13 +11,13 @@ import logging
 import os
 import threading
 
+from rome_guard import procfs
 from rome_guard.detect.rules import Rule
 from rome_guard.events import ProcessKey
 from rome_guard.findings import Finding
 from rome_guard.respond.alerts import AlertSink
 from rome_guard.respond.journal import Journal, recent_alerts
 from rome_guard.respond.metrics import NullMetrics
-from rome_guard.sensors import procfs
 
 RULE = Rule("miner-known-binary", "miner", "critical", "a known miner binary")
 

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from rome_guard import procfs
 from rome_guard.config import OutputConfig, load_config
 from rome_guard.detect.rules import Rule
 from rome_guard.findings import Finding
@@ -22,7 +23,6 @@ from rome_guard.respond.journal import Journal
 from rome_guard.respond.metrics import GuardMetrics, NullMetrics
 from rome_guard.respond.outputs import Outputs, build_output, journald, syslog, webhook
 from rome_guard.respond.outputs.queue import Output
-from rome_guard.sensors import procfs
 from rome_guard.yamlsrc import SourceError
 from tests.conftest import require, require_root
 from tests.fixtures.network import wait_until

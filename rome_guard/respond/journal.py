@@ -168,8 +168,8 @@ class Journal:
         self.path = path
         self._fd = _open_append(path)
         self._lock = threading.Lock()
-        self.rotate_bytes = rotate_bytes if keep > 0 else 0  # 0: never rotates itself
-        self.keep = keep
+        self.rotate_bytes = self.keep = 0
+        self.set_rotation(rotate_bytes, keep)
         self.rotations = 0
         self._forward: Callable[[dict[str, Any]], None] | None = None
         self._spool: deque[bytes] = deque()
@@ -183,6 +183,13 @@ class Journal:
     def set_error_hook(self, on_error: Callable[[], None] | None) -> None:
         """Called once per failed write or fsync (the metrics counter)."""
         self._on_error = on_error
+
+    def set_rotation(self, rotate_bytes: int, keep: int) -> None:
+        """Rotate before a record would pass rotate_bytes, keeping keep
+        files; never when either is 0."""
+        with self._lock:
+            self.rotate_bytes = rotate_bytes if keep > 0 else 0
+            self.keep = keep
 
     def set_forward(self, forward: Callable[[dict[str, Any]], None] | None) -> None:
         """Called with each record once the journal has it (the outputs)."""

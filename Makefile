@@ -1,13 +1,18 @@
 # The two commands (README): `make run` and `make test`. Both set the host up
 # first; scripts/setup-host.sh is idempotent and quick when nothing changed.
+# `make run` installs what the guard needs and nothing else; `make test` adds
+# the test bed (sshd, Slurm, Prometheus, docker.io, debootstrap, ...).
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run scan test lint unit bench install clean
+.PHONY: setup setup-test run scan test lint unit bench install clean
 
 setup:
 	bash scripts/setup-host.sh
+
+setup-test:
+	bash scripts/setup-host.sh --test
 
 # The daemon in the foreground on the built-in defaults (monitor mode,
 # eBPF sensor with polling fallback); Ctrl-C stops it and detaches everything.
@@ -17,21 +22,26 @@ run: setup
 scan: setup
 	$(VENV)/bin/rome-guard scan
 
-lint: setup
+# vermin: rome_guard must run on Python 3.9 (RHEL 9's python3, the oldest
+# Python a distribution builds BCC for); ruff's target-version says the same.
+lint: setup-test
 	$(VENV)/bin/ruff check rome_guard tests bench
 	$(VENV)/bin/ruff format --check rome_guard tests bench
+	$(VENV)/bin/vermin -t=3.9- --no-tips --violations rome_guard
+	$(VENV)/bin/vulture
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
+bench: setup-test
 	$(PY) -m bench
 
 # `make install` (as root): rome-guard in its own venv (PREFIX), the command
 # BINDIR/rome-guard, CONFDIR/config.yaml (only if absent: local edits are
 # kept), CONFDIR/rules.d/ for site rules, and the systemd unit. BCC comes from
-# the system Python's python3-bpfcc (linked into the venv, nothing else of the
-# system's site-packages), and the Slurm prolog/epilog in LIBEXECDIR
+# the system Python's own package (python3-bpfcc, RHEL: python3-bcc), linked
+# into the venv, nothing else of the system's site-packages; without it the
+# install stops and names the package. The Slurm prolog/epilog in LIBEXECDIR
 # (docs/gpu.md). docs/install.md; every path can be overridden.
 PREFIX ?= /opt/rome-guard
 BINDIR ?= /usr/local/bin
@@ -43,20 +53,19 @@ PIP_INSTALL_ARGS ?=
 
 install:
 	@test -x $(SYSTEM_PYTHON) || { echo "install: no $(SYSTEM_PYTHON); set SYSTEM_PYTHON=" >&2; exit 2; }
+	@$(SYSTEM_PYTHON) -c 'import bcc' 2>/dev/null || { echo "install: $(SYSTEM_PYTHON) has no BCC:" \
+		"install $$(bash scripts/setup-host.sh --bcc-package 2>/dev/null || echo 'BCC for it')" \
+		"(or set SYSTEM_PYTHON= to the Python your distribution built BCC for)" >&2; exit 2; }
 	test -x $(PREFIX)/bin/python || $(SYSTEM_PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check $(PIP_INSTALL_ARGS) .
-	@bcc=$$($(SYSTEM_PYTHON) -c 'import bcc, os; print(os.path.dirname(bcc.__file__))' 2>/dev/null); \
+	@bcc=$$($(SYSTEM_PYTHON) -c 'import bcc, os; print(os.path.dirname(bcc.__file__))'); \
 	site=$$($(PREFIX)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	if [ -n "$$bcc" ]; then \
-		mkdir -p $(PREFIX)/system-bcc && ln -sfn "$$bcc" $(PREFIX)/system-bcc/bcc && \
-		echo $(PREFIX)/system-bcc > "$$site/system-bcc.pth"; \
-	else \
-		echo "install: WARNING: no BCC for $(SYSTEM_PYTHON) (Debian/Ubuntu: python3-bpfcc," \
-			"RHEL: python3-bcc): rome-guard will fall back to polling /proc" >&2; \
-	fi
+	mkdir -p $(PREFIX)/system-bcc && ln -sfn "$$bcc" $(PREFIX)/system-bcc/bcc && \
+	echo $(PREFIX)/system-bcc > "$$site/system-bcc.pth"
+	$(PREFIX)/bin/python -c 'import bcc' || { echo "install: BCC does not import in $(PREFIX)" >&2; exit 2; }
 	install -d -m 0755 $(BINDIR) $(CONFDIR) $(CONFDIR)/rules.d $(UNITDIR) $(LIBEXECDIR)
 	ln -sfn $(PREFIX)/bin/rome-guard $(BINDIR)/rome-guard
-	for s in slurm-prolog.sh slurm-epilog.sh; do \
+	for s in slurm-prolog.sh slurm-epilog.sh oci-gpu-hook.sh; do \
 		sed -e 's|ROME_GUARD:-rome-guard|ROME_GUARD:-$(BINDIR)/rome-guard|' scripts/$$s > $(LIBEXECDIR)/.$$s.tmp && \
 		chmod 0755 $(LIBEXECDIR)/.$$s.tmp && mv $(LIBEXECDIR)/.$$s.tmp $(LIBEXECDIR)/$$s; done
 	test -e $(CONFDIR)/config.yaml || install -m 0644 systemd/config.yaml $(CONFDIR)/config.yaml

@@ -72,8 +72,8 @@ def loop_cpu(pid: int, binary: str, exec_args: list[str]) -> tuple[float, float,
     return ops / seconds, spent, max(spent - background * (time.monotonic() - t0), 0.0)
 
 
-def bpftrace_run(binary: str, exec_args: list[str], log_path: str) -> tuple[float, float, float]:
-    """The fork/exec loop under the bpftrace one-liner (see loop_cpu)."""
+def start_bpftrace_logger(log_path: str) -> subprocess.Popen:
+    """The bpftrace one-liner, attached, printing into log_path."""
     bpftrace = shutil.which("bpftrace")
     if bpftrace is None:
         raise SystemExit("bpftrace is missing: run scripts/setup-host.sh")
@@ -81,12 +81,20 @@ def bpftrace_run(binary: str, exec_args: list[str], log_path: str) -> tuple[floa
         logger = subprocess.Popen(
             [bpftrace, "-e", BPFTRACE_LOGGER], stdout=out, stderr=subprocess.DEVNULL
         )
+    deadline = time.monotonic() + 60
+    # bytes: the host's exec'd file names need not be UTF-8
+    while b"Attaching" not in Path(log_path).read_bytes()[:200]:
+        if logger.poll() is not None or time.monotonic() > deadline:
+            logger.kill()
+            raise SystemExit("bpftrace did not attach")
+        time.sleep(0.1)
+    return logger
+
+
+def bpftrace_run(binary: str, exec_args: list[str], log_path: str) -> tuple[float, float, float]:
+    """The fork/exec loop under the bpftrace one-liner (see loop_cpu)."""
+    logger = start_bpftrace_logger(log_path)
     try:
-        deadline = time.monotonic() + 60
-        while "Attaching" not in Path(log_path).read_text()[:200]:
-            if logger.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bpftrace did not attach")
-            time.sleep(0.1)
         return loop_cpu(logger.pid, binary, exec_args)
     finally:
         logger.terminate()

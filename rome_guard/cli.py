@@ -14,7 +14,8 @@ import click
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_CONFIG_FILE, Config, load_config
-from rome_guard.detect.rules import RuleSet, load_rules, rules_for
+from rome_guard.detect.rules import RuleSet, load_rules, rule_files, rules_for
+from rome_guard.respond.responses import ALERT
 from rome_guard.yamlsrc import SourceError
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -94,7 +95,7 @@ def scan(config_path: str, extra_rules: tuple[str, ...], as_json: bool) -> None:
             "sockets": result.sockets,
             "duration_s": round(result.duration_s, 4),
             "rules": len(ruleset),
-            "findings": [finding_record(f, "alert", result.timestamp) for f in result.findings],
+            "findings": [finding_record(f, ALERT.name, result.timestamp) for f in result.findings],
             "not_evaluated": {"rules": wire_only, "why": not_evaluated} if wire_only else None,
         }
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
@@ -138,11 +139,13 @@ def run(
 ) -> None:
     """Run the guard in the foreground (systemd Type=notify)."""
     from rome_guard.daemon import main as daemon_main
+    from rome_guard.siteconfig import usable_config
 
-    config = config_from(config_path)
+    # degraded, never down: what cannot be used is left out and reported
+    config, rejected = usable_config(config_path)
     overrides = {"mode": mode, "sensor": sensor, "alerts_file": alerts_file, "run_dir": run_dir}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    status = daemon_main(config, extra_rules, metrics_addr)
+    status = daemon_main(config, extra_rules, metrics_addr, rejected)
     # Everything is detached and closed by now. Skip the interpreter's and
     # libbcc's exit-time destructors: LLVM's alone take ~1.8 s, and SIGTERM
     # must end the daemon within 2 s.
@@ -182,29 +185,37 @@ def rules() -> None:
     """Check and list detection rules."""
 
 
+def report_problems(problems: list) -> None:
+    """Every problem as ``file:line:column: what is wrong``, a count, exit 2."""
+    for location, message in problems:
+        click.echo(f"{location}: {message}", err=True)
+    click.echo(f"{len(problems)} error{'s' if len(problems) != 1 else ''}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
 @rules.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def rules_validate(paths: tuple[str, ...]) -> None:
-    """Validate rule files (with the shipped lists available). Exit 2 on any error."""
-    try:
-        ruleset = load_rules(list(paths))
-    except SourceError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(EXIT_ERROR)
-    for path in paths:
-        if not os.path.exists(path):
-            click.echo(f"{path}:1: no such file or directory", err=True)
-            sys.exit(EXIT_ERROR)
+    """Validate rule files (with the shipped rules and lists available):
+    every error in one pass. Exit 2 on any error."""
+    from rome_guard.check import check_rules
+
+    ruleset, problems = check_rules(paths)
+    if problems or ruleset is None:
+        report_problems(problems)
+        return
     click.echo(f"ok: {len(ruleset)} rules from {len(ruleset.sources)} files")
 
 
 @rules.command("test")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True)
 def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
-    """Run the examples of the rules in these files (examples: match /
-    no_match). Exit 0 all pass, 1 any fails, 2 the files do not load."""
-    from rome_guard.detect.examples import run_examples
+    """Run the examples of the rules these files (or directories' files:
+    rules.d) define or tune (examples: match / no_match), and say what
+    their tuning changed. Exit 0 all pass, 1 any fails, 2 the files do not
+    load."""
+    from rome_guard.detect.examples import concerned, disabled_by, run_examples
     from rome_guard.textsafe import command_line
 
     try:
@@ -212,26 +223,62 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
     except SourceError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_ERROR)
-    results = run_examples(ruleset, set(paths))
+    files = set(rule_files(paths))
+    results = run_examples(ruleset, files)
     failed = [r for r in results if not r.passed]
+    tuned = [r for r in concerned(ruleset, files) if r.tuned_at]
+    disabled = disabled_by(ruleset, files)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {"rule": r.rule, "kind": r.kind, "argv": list(r.argv), "passed": r.passed}
-                    for r in results
-                ]
-            )
-        )
+        document = {
+            "examples": [
+                {
+                    "rule": r.rule,
+                    "kind": r.kind,
+                    "argv": list(r.argv),
+                    "passed": r.passed,
+                    "response": r.response if r.kind == "match" else None,
+                }
+                for r in results
+            ],
+            "tuned": [
+                {
+                    "rule": r.id,
+                    "severity": r.severity,
+                    "action": r.action,
+                    "mode": r.mode,
+                    "enforce_response": r.enforce_response,
+                    "at": [str(at) for at in r.tuned_at],
+                }
+                for r in tuned
+            ],
+            "disabled": [{"rule": r.id, "by": str(r.disabled_at)} for r in disabled],
+        }
+        click.echo(json.dumps(document))
     else:
         for r in failed:
             said = f"matched ({r.reason})" if r.reason else "did not match"
             click.echo(f"FAIL {r.rule} {r.kind}: {command_line(r.argv, 160)} {said}")
+        for r in tuned:
+            response = "kills" if r.enforces else "alerts only"
+            click.echo(
+                f"tuned {r.id} at {', '.join(str(at) for at in r.tuned_at)}: severity "
+                f"{r.severity}, action {r.action}, mode {r.mode} (in enforce mode it {response})"
+            )
+        for r in disabled:
+            click.echo(f"disabled {r.id} by {r.disabled_at}")
         rules_with = len({r.rule for r in results})
         click.echo(
             f"{len(results) - len(failed)}/{len(results)} examples pass ({rules_with} rules)"
         )
     sys.exit(EXIT_FINDINGS if failed else EXIT_CLEAN)
+
+
+@rules.command("schema")
+def rules_schema() -> None:
+    """Print the JSON Schema of rule files (for editors: docs/rules.md)."""
+    from rome_guard.schemas import schema_text
+
+    click.echo(schema_text("rules"), nl=False)
 
 
 @rules.command("list")
@@ -243,15 +290,48 @@ def rules_list(config_path: str, extra_rules: tuple[str, ...], as_json: bool) ->
     from rome_guard.report import table
 
     ruleset = rules_from(config_from(config_path), extra_rules)
+    keys = ("id", "category", "severity", "action", "mode", "kind", "location")
     rows = [
-        (r.id, r.category, r.severity, r.action, r.detector or "match", str(r.location))
+        (r.id, r.category, r.severity, r.action, r.mode, r.detector or "match", str(r.location))
         for r in ruleset.rules
     ]
     if as_json:
-        keys = ("id", "category", "severity", "action", "kind", "location")
-        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+        click.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
     else:
-        click.echo(table(("id", "category", "severity", "action", "kind", "location"), rows, 90))
+        click.echo(table(keys, rows, 90))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Check the configuration."""
+
+
+@config_group.command("check")
+@click.argument("path", default=DEFAULT_CONFIG_FILE, type=click.Path(dir_okay=False))
+@rules_option
+def config_check(path: str, extra_rules: tuple[str, ...]) -> None:
+    """Check a config file and everything it names (rule files and
+    directories, gpu.allow, the metrics web config): every error in one
+    pass as file:line:column. Exit 0 clean, 2 on any error."""
+    from rome_guard.check import check_config
+
+    config, ruleset, problems = check_config(path, extra_rules)
+    if problems or config is None or ruleset is None:
+        report_problems(problems)
+        return
+    shown = path if os.path.exists(path) else f"{path} (absent: the built-in defaults)"
+    click.echo(
+        f"ok: {shown}: mode {config.mode}, {len(ruleset)} rules from "
+        f"{len(ruleset.sources)} files ({len(ruleset.left_out)} disabled)"
+    )
+
+
+@config_group.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of the config file (for editors)."""
+    from rome_guard.schemas import schema_text
+
+    click.echo(schema_text("config"), nl=False)
 
 
 from rome_guard.gpu.cli import gpu  # noqa: E402

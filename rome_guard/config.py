@@ -1,7 +1,9 @@
 """Daemon and scan configuration: /etc/rome-guard/config.yaml.
 
 Every key is optional with a safe default; unknown keys and wrong types are
-errors with ``file:line``. Parsing is pure: nothing here opens sockets,
+errors with ``file:line:column``, every one of them reported at once. The
+keys and types are also in rome_guard/schema/config.schema.json (editors;
+tests keep the two the same). Parsing is pure: nothing here opens sockets,
 loads BPF or touches /proc.
 """
 
@@ -185,23 +187,34 @@ def _coerce(value: Any, default: Any, loc: Location, name: str) -> Any:
     raise SourceError([(loc, f"{name}: unsupported value")])
 
 
-def _fill(target: Any, raw: LineDict, prefix: str) -> None:
+def _fill(target: Any, raw: LineDict, prefix: str, problems: list) -> None:
+    """Set target's fields from raw; every mistake is added to problems
+    (the field keeps its default) so that all are reported together."""
     known = {f.name: f for f in fields(target) if f.name != "source"}
     for key, value in raw.items():
         loc = raw.where(key)
         name = f"{prefix}{key}"
         if key not in known:
-            raise SourceError([(loc, f"unknown key {name!r} (known: {', '.join(known)})")])
+            problems.append((loc, f"unknown key {name!r} (known: {', '.join(known)})"))
+            continue
         current = getattr(target, key)
         items = known[key].metadata.get("items")
         if items is not None:
-            setattr(target, key, _fill_items(items, value, loc, name))
-        elif hasattr(current, "__dataclass_fields__"):
+            try:
+                setattr(target, key, _fill_items(items, value, loc, name))
+            except SourceError as exc:
+                problems.extend(exc.problems)
+            continue
+        if hasattr(current, "__dataclass_fields__"):
             if not isinstance(value, LineDict):
-                raise SourceError([(loc, f"{name} must be a mapping")])
-            _fill(current, value, f"{name}.")
-        else:
+                problems.append((loc, f"{name} must be a mapping"))
+            else:
+                _fill(current, value, f"{name}.", problems)
+            continue
+        try:
             setattr(target, key, _coerce(value, current, loc, name))
+        except SourceError as exc:
+            problems.extend(exc.problems)
 
 
 def _fill_items(kind: type, raw: Any, loc: Location, name: str) -> list:
@@ -214,7 +227,10 @@ def _fill_items(kind: type, raw: Any, loc: Location, name: str) -> list:
         if not isinstance(item, LineDict):
             raise SourceError([(where, f"{item_name} must be a mapping")])
         entry = kind()
-        _fill(entry, item, f"{item_name}.")
+        problems: list = []
+        _fill(entry, item, f"{item_name}.", problems)
+        if problems:
+            raise SourceError(problems)
         if kind is OutputConfig:
             _check_output(entry, item, item_name)
         out.append(entry)
@@ -261,13 +277,20 @@ def _check_output(out: OutputConfig, raw: LineDict, name: str) -> None:
         out.address = out.address or JOURNALD_SOCKET
 
 
-def parse_config(raw: Any, path: str) -> Config:
+def parse_config(raw: Any, path: str, problems: list | None = None) -> Config:
+    """The config raw describes; raises SourceError with every mistake, or,
+    given a problems list, adds them to it and returns the config with the
+    defaults where a value was wrong (``rome-guard config check``)."""
+    found: list = []
     config = Config(source=path)
-    if raw is None:
-        return config
-    if not isinstance(raw, LineDict):
-        raise SourceError([(Location(path, 1), "the config file must be a mapping")])
-    _fill(config, raw, "")
+    if raw is not None and not isinstance(raw, LineDict):
+        found.append((Location(path, 1), "the config file must be a mapping"))
+    elif raw is not None:
+        _fill(config, raw, "", found)
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise SourceError(found)
     return config
 
 

@@ -11,6 +11,12 @@ travels (docs/architecture.md has the picture):
                -> outputs (syslog, webhook, journald: queued, own threads)
             -> metrics -> Killer (enforce mode only)
 
+The loop sleeps in one epoll over every ring buffer (kernel.poller): woken
+by a record worth a wakeup, a signal or a GPU snapshot, it drains every
+source, and drains again BATCH_MS later for as long as records keep coming;
+with nothing to do it sleeps until its next timer (the status file, once a
+second).
+
 Start-up misses nothing: the sensor attaches first, then the model is
 seeded from /proc (processes marked pre-existing) and evaluated, then
 events are drained. After any lost event /proc is read again (at most every
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -42,7 +49,11 @@ from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
+from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
+from rome_guard.kernel.loader import release_compiler_memory
+from rome_guard.kernel.poller import BATCH_MS, RingPoller
+from rome_guard.linux import in_host_pid_namespace
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
@@ -50,6 +61,7 @@ from rome_guard.respond.journal import Journal, JournalError, open_journal, rece
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.respond.outputs import Outputs
 from rome_guard.sensors.poll import PollSensor
+from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
 from rome_guard.state.processes import ProcessModel
 from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
 from rome_guard.textsafe import one_line
@@ -66,13 +78,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("rome_guard")
 
 STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
-# The sensor wakes the loop at once for what rules name; everything else
-# (forks, exits, execs of unnamed programs) waits at most this long, in
-# batches: one wakeup per batch instead of one per event.
-DRAIN_EVERY_MS = 10
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
+METRICS_RETRY_S = 10.0  # a metrics address in use at start is tried again this often
+
+
+# eBPF programs report the kernel's (host) pids, and a pinned attachment is
+# stale when its owner's pid is gone: both mean nothing to a guard whose
+# /proc numbers processes in a PID namespace of its own (a container without
+# hostPID, a systemd-nspawn machine). Such a guard polls /proc, kills from
+# user space and leaves every BPF attachment alone.
+CHILD_PID_NAMESPACE = (
+    "this guard runs in a PID namespace of its own, where the kernel's pids are not "
+    "its /proc's; run it in the host PID namespace (hostPID: true) for eBPF"
+)
 
 
 class SensorUnavailable(Exception):
@@ -86,13 +106,16 @@ def open_sensor(choice: str, ignore_pids: tuple[int, ...]) -> tuple[Sensor, str,
         sensor: Sensor = PollSensor(ignore_pids=ignore_pids)
         sensor.start()
         return sensor, "poll", "polling was requested (--sensor poll)"
-    try:
-        from rome_guard.sensors import ebpf
-    except ImportError as exc:  # bcc itself missing
-        reason = f"the eBPF sensor cannot load: {exc}"
-        ebpf = None
+    ebpf = None
+    if not in_host_pid_namespace():
+        reason: str | None = CHILD_PID_NAMESPACE
     else:
-        reason = ebpf.probe_ebpf()
+        try:
+            from rome_guard.sensors import ebpf
+        except ImportError as exc:  # bcc itself missing
+            reason = f"the eBPF sensor cannot load: {exc}"
+        else:
+            reason = ebpf.probe_ebpf()
     if ebpf is not None and reason is None:
         try:
             sensor = ebpf.EbpfSensor(ignore_pids=ignore_pids)
@@ -132,12 +155,16 @@ class Guard:
         self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
         self.started = time.time()
+        self.rejected: list[Rejection] = []  # left out at start or at the last reload
+        self._metrics_retry: tuple[str, str] | None = None  # (addr, web config) not yet served
+        self._next_metrics_retry = 0.0
         self._start_ticks_of_self = own_start_ticks()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
         self._next_resync = 0.0
         self._next_watchdog = self._next_status = 0.0  # run()'s timers
+        self._poller: RingPoller | None = None  # while run() runs
         metrics = metrics if metrics is not None else NullMetrics()
         processes = ProcessModel(config.attribution.env_keys)
         alerts = AlertSink(
@@ -172,6 +199,11 @@ class Guard:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
         self.ctx.metrics.set_mode(self.ctx.config.mode)
+        if rules.ruleset.staged:
+            log.info(
+                "kill rules staged in monitor mode (they alert, never kill): %s",
+                ", ".join(rules.ruleset.staged),
+            )
         self.rules_hash = health.rules_hash(rules.ruleset)
         self.ctx.metrics.set_build(self.rules_hash, health.config_hash(self.ctx.config))
 
@@ -186,6 +218,7 @@ class Guard:
         except SourceError as exc:
             log.error("reload rejected, keeping %d rules in force:\n%s", len(self.ruleset), exc)
             self.ctx.metrics.rule_reload_failed()
+            self.report_rejected(rejected_reload(exc))
             return False
         except Exception as exc:  # noqa: BLE001 -- a reload must never end the guard
             log.error(
@@ -218,8 +251,41 @@ class Guard:
             except (OSError, ValueError, SourceError) as exc:
                 log.error("metrics web config not reloaded, keeping the old one: %s", exc)
         self._install(Rules.compile(ruleset, self.prevention is not None), self.ctx.rules)
+        self.report_rejected([])
         log.info("reloaded: %d rules from %d files", len(ruleset), len(ruleset.sources))
         return True
+
+    def report_rejected(self, rejected: list[Rejection]) -> None:
+        """What was left out: logged, journaled, counted, in the status."""
+        self.rejected = list(rejected)
+        self.ctx.metrics.set_config_rejected(len(self.rejected))
+        for rejection in self.rejected:
+            log.error(
+                "DEGRADED: left out %s of %s, running without it:\n%s",
+                rejection.what,
+                rejection.path,
+                "\n".join(rejection.lines()),
+            )
+            self.journal.write(rejection.record(self.ctx.alerts.host, self.config.mode))
+
+    def serve_metrics_later(self, addr: str, web_config_file: str) -> None:
+        """The metrics address is taken: detection and the journal go on,
+        and housekeeping tries the address again."""
+        self._metrics_retry = (addr, web_config_file)
+        self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
+
+    def _retry_metrics(self) -> None:
+        if self._metrics_retry is None or time.monotonic() < self._next_metrics_retry:
+            return
+        addr, web_config_file = self._metrics_retry
+        try:
+            self.metrics_server = self.ctx.metrics.serve(addr, web_config_file)
+        except OSError as exc:
+            self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
+            log.debug("metrics on %s still unavailable: %s", addr, exc)
+            return
+        self._metrics_retry = None
+        log.warning("metrics served on %s now (it was unavailable at start)", addr)
 
     # --- start-up -----------------------------------------------------------
 
@@ -263,9 +329,16 @@ class Guard:
 
     def request_stop(self, *_args: Any) -> None:
         self._stop.set()
+        self.wake()
 
     def request_reload(self, *_args: Any) -> None:
         self._reload.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make run() look at every source now (any thread, signal handlers)."""
+        if self._poller is not None:
+            self._poller.wake()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -281,7 +354,10 @@ class Guard:
             "events": self.events_seen,
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
+            "config_rejected": [r.to_status() for r in self.rejected],
+            "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
@@ -323,6 +399,7 @@ class Guard:
 
     def housekeeping(self) -> None:
         self.journal.retry()
+        self._retry_metrics()
         if self._resync_due and time.monotonic() >= self._next_resync:
             self._resync_due = False
             started = time.monotonic()
@@ -336,9 +413,12 @@ class Guard:
                 took,
             )
         retry_parked(self.ctx)
+        judge_pending_shells(self.ctx)
+        self.ctx.alerts.retry_kills()
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
             self.ctx.metrics.set_sensor_up(sensor, up)
@@ -349,29 +429,59 @@ class Guard:
         """Drain events until SIGTERM/SIGINT."""
         sensor, gpu = self.ctx.sensor, self.ctx.gpu
         assert sensor is not None
+        poller = self._poller = RingPoller()
+        for source in (sensor, self.prevention, self.wire_sensor):
+            if source is not None:
+                poller.watch(source.ring_fds())
         self._next_watchdog = self._next_status = time.monotonic()
-        while not self._stop.is_set():
-            for count, event in enumerate(sensor.poll(DRAIN_EVERY_MS), 1):
-                if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
-                    break
+        busy = True
+        try:
+            while not self._stop.is_set():
+                poller.wait(self._wait_ms(busy, notifier))
+                busy = self._drain(sensor, notifier, status_path)
+                if gpu is not None:
+                    for snapshot in gpu.snapshots():
+                        dispatch(self.ctx, snapshot)
+                if self._reload.is_set():
+                    self._reload.clear()
+                    notifier.reloading()
+                    self.reload()
+                    notifier.ready(self.status_line())
+                self.pulse(notifier, status_path)
+        finally:
+            self._poller = None
+            poller.close()
+
+    def _drain(self, sensor: Sensor, notifier: Notifier, status_path: str | None) -> bool:
+        """Every ring's records, in one pass; True when there were any."""
+        count = 0
+        for count, event in enumerate(sensor.poll(0), 1):
+            if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
+                break
+            self.handle(event)
+            if count % PULSE_EVERY_EVENTS == 0:  # a full ring's backlog takes seconds
+                self.pulse(notifier, status_path)
+        if self.prevention is not None:
+            for event in self.prevention.poll(0):
+                count += 1
+                dispatch(self.ctx, event)
+        if self.wire_sensor is not None:
+            for event in self.wire_sensor.poll(0):
+                count += 1
                 self.handle(event)
-                if count % PULSE_EVERY_EVENTS == 0:  # a full ring's backlog takes seconds
-                    self.pulse(notifier, status_path)
-            if self.prevention is not None:
-                for event in self.prevention.poll(0):
-                    dispatch(self.ctx, event)
-            if self.wire_sensor is not None:
-                for event in self.wire_sensor.poll(0):
-                    self.handle(event)
-            if gpu is not None:
-                for snapshot in gpu.snapshots():
-                    dispatch(self.ctx, snapshot)
-            if self._reload.is_set():
-                self._reload.clear()
-                notifier.reloading()
-                self.reload()
-                notifier.ready(self.status_line())
-            self.pulse(notifier, status_path)
+        return count > 0
+
+    def _wait_ms(self, busy: bool, notifier: Notifier) -> int:
+        """How long run() may sleep: BATCH_MS after a drain that found
+        records (quiet ones may be waiting), while connects are parked, or
+        when no ring can wake it (the /proc sensor); else until the next
+        timer."""
+        if busy or self.ctx.parked or self._poller is None or not self._poller.watching:
+            return BATCH_MS
+        due = self._next_status
+        if notifier.watchdog_interval_s:
+            due = min(due, self._next_watchdog)
+        return max(0, math.ceil((due - time.monotonic()) * 1000))
 
     def pulse(self, notifier: Notifier, status_path: str | None) -> None:
         """The timers: housekeeping (journal retry, lost events and the
@@ -419,6 +529,13 @@ def _responders(config: Config) -> tuple[ProcessKiller | None, Prevention | None
     from rome_guard.kernel import stale
     from rome_guard.respond import prevent
 
+    if not in_host_pid_namespace():
+        log.warning("DEGRADED: no in-kernel prevention, no stale clean-up: %s", CHILD_PID_NAMESPACE)
+        if config.mode != "enforce":
+            return None, None
+        from rome_guard.respond.kill import Killer
+
+        return Killer(config.protect, mode="enforce"), None
     try:
         for removed in stale.cleanup_stale():
             log.warning("removed a stale attachment left by a crashed rome-guard: %s", removed)
@@ -445,6 +562,9 @@ def _wire_sensor() -> WireSensor | None:
     """The wire sensor, or None (and a DEGRADED line) where it cannot run."""
     from rome_guard.sensors.wire import open_wire_sensor
 
+    if not in_host_pid_namespace():
+        log.warning("DEGRADED COVERAGE: no wire sensor: %s", CHILD_PID_NAMESPACE)
+        return None
     return open_wire_sensor()
 
 
@@ -458,17 +578,25 @@ def _gpu_watch(config: Config) -> GpuWatch | None:
         return None
 
 
-def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None) -> int:
-    """The daemon's whole life; returns the exit status."""
+def main(
+    config: Config,
+    extra_rules: tuple[str, ...],
+    metrics_addr: str | None,
+    rejected: Iterable[Rejection] = (),
+) -> int:
+    """The daemon's whole life; returns the exit status. rejected: what the
+    config loader left out (rome_guard.siteconfig); site rule files that do
+    not load are left out here, and both are reported once the journal is open."""
     from rome_guard.sdnotify import Notifier
 
     setup_logging()
     notifier = Notifier()
     try:
-        ruleset = rules_for(replace(config, rules=list(config.rules) + list(extra_rules)))
+        ruleset, left_out = usable_rules(config, extra_rules)
     except SourceError as exc:
-        log.error("invalid rules, not starting:\n%s", exc)
+        log.error("the shipped rules do not load (a broken installation), not starting:\n%s", exc)
         return 2
+    rejected = [*rejected, *left_out]
     try:
         journal = open_journal(config.alerts_file, config.journal.rotate_bytes, config.journal.keep)
     except JournalError as exc:
@@ -476,19 +604,26 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
         return 2
     metrics = server = None
     addr = config.metrics.addr if metrics_addr is None else metrics_addr
-    try:
-        from rome_guard.respond.metrics import GuardMetrics
+    from rome_guard.respond.metrics import GuardMetrics
 
-        metrics = GuardMetrics()
-        journal.set_error_hook(metrics.journal_error)
-        metrics.watch_journal_spool(lambda: journal.state().spooled)
-        outputs = Outputs.from_config(config.outputs)
-        journal.set_forward(outputs.publish)
-        metrics.watch_outputs(outputs.states)
+    metrics = GuardMetrics()
+    journal.set_error_hook(metrics.journal_error)
+    metrics.watch_journal_spool(lambda: journal.state().spooled)
+    outputs = Outputs.from_config(config.outputs)  # an output that cannot start is left out
+    journal.set_forward(outputs.publish)
+    metrics.watch_outputs(outputs.states)
+    metrics_busy = None
+    try:
         server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
     except OSError as exc:
-        log.error("cannot serve metrics on %s: %s", addr, exc)
-        return 2
+        metrics_busy = exc
+        log.error(
+            "DEGRADED: cannot serve metrics on %s (%s); detection and the journal go on, "
+            "retrying every %.0fs",
+            addr,
+            exc,
+            METRICS_RETRY_S,
+        )
     killer, prevention = _responders(config)
     gpu = _gpu_watch(config)
     guard = Guard(
@@ -496,6 +631,9 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     )
     guard.metrics_server = server
     guard.outputs = outputs
+    if metrics_busy is not None:
+        guard.serve_metrics_later(addr, config.metrics.web_config_file)
+    guard.report_rejected(rejected)
     guard.remember_alerts(recent_alerts(config.alerts_file, config.mode))
     signal.signal(signal.SIGTERM, guard.request_stop)
     signal.signal(signal.SIGINT, guard.request_stop)
@@ -518,8 +656,9 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
     wire = _wire_sensor()
     if wire is not None:
         guard.attach_wire(wire)
+    release_compiler_memory()  # every BPF object is compiled by now
     if gpu is not None:
-        gpu.start()
+        gpu.start(notify=guard.wake)
     status_path = None
     try:
         os.makedirs(config.run_dir, exist_ok=True)
@@ -552,6 +691,8 @@ def main(config: Config, extra_rules: tuple[str, ...], metrics_addr: str | None)
             prevention.close()
         if gpu is not None:
             gpu.close()
+        if guard.metrics_server is not None:
+            guard.metrics_server.close()
         if server is not None:
             server.close()
         outputs.close()

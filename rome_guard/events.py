@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from rome_guard.linux import is_deleted, is_memfd
-
 
 @dataclass(frozen=True, order=True)
 class ProcessKey:
@@ -36,6 +34,10 @@ class Attribution:
     pod_uid: str | None = None  # Kubernetes pod UID (dashes restored)
     slurm_job: str | None = None  # Slurm job id
     env: Mapping[str, str] = field(default_factory=dict)  # configured env keys
+    # 0: env is the process's own, read at its exec; else the pid of the
+    # ancestor whose values it carries (its own environ was unreadable: the
+    # process was gone, a zombie, or killed at exec before it could be read)
+    env_inherited_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,6 @@ class ProcessInfo:
     @property
     def pid(self) -> int:
         return self.key.pid
-
-    @property
-    def exe_deleted(self) -> bool:
-        return is_deleted(self.exe)
-
-    @property
-    def exe_memfd(self) -> bool:
-        return is_memfd(self.exe)
 
 
 @dataclass(frozen=True)
@@ -144,6 +138,7 @@ class ConnectEvent:
 
 # What a wire event reports (rome_guard.sensors.wire).
 WIRE_FIRST_PAYLOAD = "first_payload"  # the first payload of a TCP flow this host opened
+WIRE_STREAM_DATA = "stream_data"  # later bytes of that flow's client stream
 WIRE_DNS_QUERY = "dns_query"  # a UDP datagram to port 53
 WIRE_DNS_ANSWER = "dns_answer"  # a UDP datagram from port 53
 WIRE_DROPPED_CONNECT = "dropped_connect"  # a SYN to a pool-named address, dropped
@@ -170,7 +165,11 @@ class WireEvent:
     sni: str = ""  # TLS ClientHello server_name, parsed in the kernel
     alpn: str = ""  # its first ALPN protocol
     tls: bool = False  # the payload starts a TLS ClientHello
-    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns"
+    dropped: str = ""  # why the kernel dropped it: "method" | "sni" | "address" | "dns" ...
+    offset: int = 0  # client stream offset of payload[0] (TCP flows)
+    segment: int = 0  # which client segment of the flow, from 1 (TCP flows)
+    stream_end: bool = False  # the last record of the flow's client stream
+    proxy_name: str = ""  # the host a SOCKS5/HTTP CONNECT request in it names
 
 
 PREVENTION_BLOCKED_CONNECT = "blocked_connect"  # a connect denied in the kernel
@@ -270,6 +269,7 @@ class GpuProcess:
     mig: str | None  # MIG device UUID, None on a full GPU
     used_memory_bytes: int | None
     sm_util: int | None  # percent, None where unsupported
+    mps_client: bool = False  # listed by NVML's MPS query: a client of the MPS server
 
 
 @dataclass(frozen=True)
@@ -328,3 +328,29 @@ USER_HZ = 100  # the kernel's clock_t for /proc is always 100 on Linux
 def boottime_ns_to_ticks(ns: int) -> int:
     """CLOCK_BOOTTIME nanoseconds -> /proc start-time clock ticks."""
     return ns // (1_000_000_000 // USER_HZ)
+
+
+# Why an ssh client's effective configuration could not be established
+# (sensors.sshconfig; rome_guard_ssh_config_unknown_total{reason}).
+SSH_UNKNOWN_DESCRIPTOR = "descriptor"  # -F /dev/stdin, /dev/fd/N, <(...)
+SSH_UNKNOWN_NOT_A_FILE = "not_a_file"  # -F names a fifo, socket or device
+SSH_UNKNOWN_DELETED = "deleted"  # -F file gone since the client read it
+SSH_UNKNOWN_CHANGED = "changed"  # rewritten after the client started
+SSH_UNKNOWN_UNREADABLE = "unreadable"  # the guard could not read the -F file
+SSH_UNKNOWN_FAILED = "failed"  # ssh -G exited non-zero or could not start
+SSH_UNKNOWN_TIMEOUT = "timeout"  # ssh -G ran past its timeout
+SSH_UNKNOWN_SKIPPED = "skipped"  # not asked: over budget, or a slow user
+SSH_UNKNOWN_NO_SSH = "no_ssh"  # no ssh binary on the host to ask
+SSH_UNKNOWN_NO_USER = "no_user"  # the process's uid has no passwd entry
+SSH_UNKNOWN_REASONS = (
+    SSH_UNKNOWN_DESCRIPTOR,
+    SSH_UNKNOWN_NOT_A_FILE,
+    SSH_UNKNOWN_DELETED,
+    SSH_UNKNOWN_CHANGED,
+    SSH_UNKNOWN_UNREADABLE,
+    SSH_UNKNOWN_FAILED,
+    SSH_UNKNOWN_TIMEOUT,
+    SSH_UNKNOWN_SKIPPED,
+    SSH_UNKNOWN_NO_SSH,
+    SSH_UNKNOWN_NO_USER,
+)

@@ -57,7 +57,7 @@ class Finding:
 
 def rfc3339(timestamp: float) -> str:
     return (
-        _dt.datetime.fromtimestamp(timestamp, _dt.UTC)
+        _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
@@ -88,6 +88,7 @@ def process_record(info: ProcessInfo) -> dict[str, Any]:
         "pod_uid": att.pod_uid,
         "slurm_job": att.slurm_job,
         "env": {for_json(k): for_json(v) for k, v in att.env.items()},
+        "env_inherited_from": att.env_inherited_from or None,
         "pre_existing": info.pre_existing,
     }
 
@@ -126,12 +127,25 @@ def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
     }
 
 
-def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:
-    """The "wire" object of an alert: what a flow was seen to say, escaped
-    and cut (payload bytes belong to the sender)."""
+def blocked_in_kernel(finding: Finding) -> bool:
+    """The kernel already stopped what the finding is about: the wire
+    sensor dropped the flow or the DNS question it was found in."""
+    return bool(finding.extra.get("wire", {}).get("dropped"))
+
+
+def wire_record(event: WireEvent, facts: WireFacts, stream: bytes | None = None) -> dict[str, Any]:
+    """The "wire" object of an alert: what a flow was seen to say (stream:
+    the client stream so far, else the event's bytes), escaped and cut
+    (payload bytes belong to the sender)."""
+    payload = event.payload if stream is None else stream
     record: dict[str, Any] = {"kind": event.kind, "cookie": event.cookie}
     if facts.method:
         record["method"] = for_json(facts.method, 64)
+    if len(facts.methods) > 1:
+        record["methods"] = [for_json(m, 64) for m in facts.methods[:8]]
+    if facts.proxy:
+        record["proxy"] = facts.proxy
+        record["proxy_host"] = for_json(facts.proxy_host, 256)
     if facts.sni:
         record["sni"] = for_json(facts.sni, 256)
     if event.alpn:
@@ -144,9 +158,9 @@ def wire_record(event: WireEvent, facts: WireFacts) -> dict[str, Any]:
         record["http_request"] = for_json(facts.http_request, 256)
     if facts.dropped:
         record["dropped"] = facts.dropped
-    record["payload_bytes"] = event.payload_len
+    record["payload_bytes"] = max(event.payload_len, len(payload))
     # the bytes as sent: invalid UTF-8 shows as \xNN (facts.text is latin-1)
-    record["first_bytes"] = for_json(from_bytes(event.payload), FIRST_BYTES_IN_RECORD)
+    record["first_bytes"] = for_json(from_bytes(payload), FIRST_BYTES_IN_RECORD)
     record["cgroup_id"] = event.cgroup_id
     return record
 
@@ -172,6 +186,8 @@ def finding_record(
         record["network"] = network_record(finding.network)
     if finding.gpu is not None:
         record["gpu"] = gpu_record(finding.gpu)
+    if rule.mode == "monitor":  # staged: alerts, never kills or blocks (docs/rules.md)
+        record["rule_mode"] = "monitor"
     for key, value in finding.extra.items():
         record.setdefault(key, value)
     return record
@@ -189,9 +205,16 @@ def event_record(finding: Finding, event: str, action: str, mode: str, host: str
 
 
 def rules_record(findings: list[Finding]) -> list[dict[str, str]]:
-    """Every rule of an incident with its reason."""
+    """Every rule of an incident with its reason and the process it hit
+    (an incident spans the offender's tree)."""
     return [
-        {"rule": f.rule.id, "severity": f.rule.severity, "reason": for_json(f.reason, 500)}
+        {
+            "rule": f.rule.id,
+            "severity": f.rule.severity,
+            "reason": for_json(f.reason, 500),
+            "pid": f.process.pid,
+            **({"mode": "monitor"} if f.rule.mode == "monitor" else {}),
+        }
         for f in findings
     ]
 

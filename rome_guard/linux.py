@@ -2,7 +2,7 @@
 
 Every format the kernel exposes outside /proc/PID's process files lives
 here, once: the cgroup v2 line of /proc/PID/cgroup and a cgroup's id, the
-mount table, effective capabilities, the " (deleted)" suffix of an exe
+mount table, effective capabilities, the boot-time clock, the " (deleted)" suffix of an exe
 link, the listening TCP sockets of /proc/PID/net/tcp and what makes a
 socket "have a peer". Readers return plain values and treat a vanished
 process or file as normal (None, empty); pure parsers take bytes or text
@@ -15,15 +15,19 @@ one; it only reads and parses.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import time
 
+from rome_guard.events import Endpoint
 from rome_guard.textsafe import from_bytes
-
-if TYPE_CHECKING:  # events imports this module for the exe marker
-    from rome_guard.events import Endpoint
 
 PROC = "/proc"
 MOUNTS = "/proc/mounts"
+
+
+def boottime_ns() -> int:
+    """Now on CLOCK_BOOTTIME, the clock of every kernel record's timestamp."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
 
 # --- exe links ----------------------------------------------------------------
 
@@ -167,6 +171,21 @@ def can_load_bpf(caps: int | None = None) -> bool:
     if caps & (1 << CAP_SYS_ADMIN):
         return True
     return bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON))
+
+
+# --- PID namespaces ---------------------------------------------------------------
+
+INIT_PID_NS_INODE = 0xEFFFFFFC  # PROC_PID_INIT_INO: the kernel's initial PID namespace
+
+
+def in_host_pid_namespace(proc: str = PROC) -> bool:
+    """Whether this process runs in the kernel's initial PID namespace, the
+    one whose pids eBPF programs report and whose liveness says which pinned
+    attachment is stale. True where /proc cannot tell (no ns links)."""
+    try:
+        return os.stat(f"{proc}/self/ns/pid").st_ino == INIT_PID_NS_INODE
+    except OSError:
+        return True
 
 
 # --- sockets ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import pwd
 import stat
 from functools import lru_cache
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from rome_guard.attribution import attribute, parse_environ
 from rome_guard.events import ProcessInfo, ProcessKey
@@ -172,6 +172,22 @@ def read_process(
     )
 
 
+def read_environ(pid: int, keys: Iterable[str], proc: str = PROC) -> dict[str, str] | None:
+    """The values of keys in pid's environment, None when it cannot be
+    read: gone, not ours to read, or empty (a zombie's, or a process killed
+    at exec, reads as empty: a live program always has some environment
+    unless it was started with none, which then counts as unreadable too)."""
+    try:
+        raw = _read(f"{proc}/{pid}/environ")
+    except OSError:
+        return None
+    if not raw:
+        return None
+    environ = parse_environ(raw)
+    wanted = {key.encode(errors="surrogateescape"): key for key in keys}
+    return {wanted[k]: from_bytes(v) for k, v in environ.items() if k in wanted}
+
+
 def read_exe(pid: int, proc: str = PROC) -> str:
     """The exe link of pid ("" when gone or unreadable): what an exec
     changes that its fork did not already tell; "... (deleted)" once
@@ -241,3 +257,114 @@ def stdio_socket_inodes(pid: int, proc: str = PROC) -> dict[int, int]:
         if target.startswith("socket:["):
             result[fd] = int(target[8:-1])
     return result
+
+
+# --- the stdio graph's view of a process (state.stdio) ------------------------
+
+# What an fd can be, for the stdio graph: one end of a channel that two
+# processes can share, or a socket (by inode).
+END_PIPE = "pipe"  # an anonymous pipe: pipe:[INODE]
+END_FIFO = "fifo"  # a named pipe (mkfifo): a path whose inode is a FIFO
+END_PTY = "pty"  # either side of a pseudo-terminal pair, by its index
+END_UNIX = "unix"  # an AF_UNIX socket pair, by the inode of one of its ends
+
+Channel = tuple[str, object]  # (END_*, id): two processes holding it share it
+
+
+class FdEnd(NamedTuple):
+    channel: Channel
+    reads: bool  # opened for reading (the fd link's mode: lr-x, lrwx)
+    writes: bool
+
+
+class FdTable:
+    """The channel ends and sockets one process holds: ``ends`` maps an fd
+    to its FdEnd -- a pty master (/dev/ptmx, its fdinfo's ``tty-index``)
+    and its slave (/dev/pts/N) are the same channel N, so a shell on
+    /dev/pts/3 and the relay holding the master of pty 3 share it -- and
+    ``sockets`` maps an fd to its socket inode."""
+
+    __slots__ = ("ends", "sockets")
+
+    def __init__(self) -> None:
+        self.ends: dict[int, FdEnd] = {}
+        self.sockets: dict[int, int] = {}
+
+
+def _pty_index(fdinfo_path: str, target: str) -> int | None:
+    if target.startswith("/dev/pts/") and target[9:].isdigit():
+        return int(target[9:])
+    try:
+        with open(fdinfo_path, "rb") as f:
+            for line in f.read().splitlines():
+                if line.startswith(b"tty-index:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _channel(proc: str, pid: int, fd: int, path: str, target: str) -> Channel | None:
+    if target.startswith("pipe:["):
+        return (END_PIPE, int(target[6:-1]))
+    if target == "/dev/ptmx" or target.startswith("/dev/pts/"):
+        index = _pty_index(f"{proc}/{pid}/fdinfo/{fd}", target)
+        return (END_PTY, index) if index is not None else None
+    if target.startswith("/") and not target.startswith("/dev/"):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if stat.S_ISFIFO(st.st_mode):
+            return (END_FIFO, (st.st_dev, st.st_ino))
+    return None
+
+
+def read_fds(pid: int, fds: Iterable[int] | None = None, proc: str = PROC) -> FdTable:
+    """The pipes, fifos, pty ends and sockets among pid's fds (all of them,
+    or only ``fds``); empty when the process is gone. One readlink and one
+    lstat (the access mode) per fd, plus a stat for a path (is it a fifo?)
+    and an fdinfo read for a pty master."""
+    table = FdTable()
+    fd_dir = f"{proc}/{pid}/fd"
+    if fds is None:
+        try:
+            names = [int(n) for n in os.listdir(fd_dir)]
+        except (OSError, ValueError):
+            return table
+    else:
+        names = list(fds)
+    for fd in names:
+        path = f"{fd_dir}/{fd}"
+        target = _readlink(path)
+        if not target or target.startswith("anon_inode:"):
+            continue
+        if target.startswith("socket:["):
+            table.sockets[fd] = int(target[8:-1])
+            continue
+        channel = _channel(proc, pid, fd, path, target)
+        if channel is None:
+            continue
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        table.ends[fd] = FdEnd(channel, bool(mode & stat.S_IRUSR), bool(mode & stat.S_IWUSR))
+    return table
+
+
+def children_of(pid: int, proc: str = PROC) -> list[int]:
+    """pid's children now (every thread's, /proc/PID/task/TID/children),
+    [] when gone: forks that have not exec'd yet included."""
+    task_dir = f"{proc}/{pid}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return []
+    children: list[int] = []
+    for tid in tids:
+        try:
+            children += [int(c) for c in _read(f"{task_dir}/{tid}/children").split()]
+        except (OSError, ValueError):
+            continue
+    return children

@@ -104,7 +104,7 @@ def human_duration(seconds: float) -> str:
 
 
 def human_time(epoch: float) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -165,6 +165,28 @@ def render(reading: StatusReading) -> str:
         if lost
         else "events lost: none"
     )
+    rejected = s.get("config_rejected") or []
+    if s.get("metrics_unavailable"):
+        lines += ["", f"metrics: NOT SERVED, {s['metrics_unavailable']} in use (retrying)"]
+    if rejected:
+        lines += ["", "left out (the guard runs without them):"]
+        for item in rejected:
+            lines.append(f"  {item.get('left_out', '?')} of {item.get('file', '?')}:")
+            lines += [f"    {problem}" for problem in item.get("problems", [])[:20]]
+    ssh = s.get("ssh_config")
+    if isinstance(ssh, dict):
+        unknown = ssh.get("unknown") or {}
+        lines.append("")
+        lines.append(
+            f"ssh configs: {ssh.get('runs', 0):,} ssh -G run(s), "
+            f"{ssh.get('skipped', 0):,} skipped; "
+            + (
+                "not established: "
+                + ", ".join(f"{reason} {count:,}" for reason, count in sorted(unknown.items()))
+                if unknown
+                else "all established"
+            )
+        )
     outputs = s.get("outputs") or []
     if outputs:
         rows = [

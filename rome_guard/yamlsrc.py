@@ -1,9 +1,9 @@
 """YAML that remembers where each value came from.
 
 Rule and config files are written by people; every mistake must be reported
-as ``path:line: what is wrong``. This loader returns ordinary dicts, lists
-and scalars whose mappings and sequences also know their line numbers, and
-``SourceError`` carries the location to the user.
+as ``path:line:column: what is wrong``. This loader returns ordinary dicts,
+lists and scalars whose mappings and sequences also know the line and column
+of each key and item, and ``SourceError`` carries the locations to the user.
 
 Files are untrusted in size and shape too (a rules.d file, a SIGHUP reload):
 a file is read up to ``MAX_FILE_BYTES``, nested at most ``MAX_DEPTH`` deep,
@@ -31,9 +31,16 @@ MAX_DEPTH = 64  # nesting of mappings and sequences
 class Location:
     path: str
     line: int  # 1-based
+    column: int = 0  # 1-based; 0 when only the line is known
 
     def __str__(self) -> str:
+        if self.column:
+            return f"{self.path}:{self.line}:{self.column}"
         return f"{self.path}:{self.line}"
+
+
+def _at(path: str, node: yaml.Node) -> Location:
+    return Location(path, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
 class SourceError(Exception):
@@ -84,9 +91,7 @@ def _check_size(node: yaml.Node, path: str) -> None:
         if known is not None:
             return known
         if depth > MAX_DEPTH:
-            raise SourceError(
-                [(Location(path, n.start_mark.line + 1), f"nested deeper than {MAX_DEPTH} levels")]
-            )
+            raise SourceError([(_at(path, n), f"nested deeper than {MAX_DEPTH} levels")])
         total = 1
         if isinstance(n, yaml.MappingNode):
             for key, value in n.value:
@@ -98,7 +103,7 @@ def _check_size(node: yaml.Node, path: str) -> None:
             raise SourceError(
                 [
                     (
-                        Location(path, n.start_mark.line + 1),
+                        _at(path, n),
                         f"more than {MAX_VALUES} values once aliases (*name) are expanded: "
                         "refused (an alias bomb?)",
                     )
@@ -111,14 +116,14 @@ def _check_size(node: yaml.Node, path: str) -> None:
 
 
 def _build(node: yaml.Node, path: str) -> Any:
-    loc = Location(path, node.start_mark.line + 1)
+    loc = _at(path, node)
     if isinstance(node, yaml.MappingNode):
         result = LineDict()
         result.location = loc
         result.key_locations = {}
         for key_node, value_node in node.value:
             key = _build(key_node, path)
-            key_loc = Location(path, key_node.start_mark.line + 1)
+            key_loc = _at(path, key_node)
             if not isinstance(key, str):
                 raise SourceError([(key_loc, f"keys must be strings, got {key!r}")])
             if key in result:
@@ -129,7 +134,7 @@ def _build(node: yaml.Node, path: str) -> Any:
     if isinstance(node, yaml.SequenceNode):
         result = LineList(_build(item, path) for item in node.value)
         result.location = loc
-        result.item_locations = [Location(path, item.start_mark.line + 1) for item in node.value]
+        result.item_locations = [_at(path, item) for item in node.value]
         return result
     try:
         return _SCALARS.construct_object(node, deep=True)
@@ -143,8 +148,8 @@ def load_documents(text: str, path: str) -> list[Any]:
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise SourceError([(Location(path, line), f"invalid YAML: {exc.problem}")]) from None
+        at = Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1)
+        raise SourceError([(at, f"invalid YAML: {exc.problem}")]) from None
     except yaml.YAMLError as exc:  # e.g. an undecodable stream: no position
         raise SourceError([(Location(path, 1), f"invalid YAML: {one_line(str(exc))}")]) from None
     except RecursionError:  # the pure-Python parser on absurd nesting

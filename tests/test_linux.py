@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +16,7 @@ from rome_guard.linux import (
     cgroup_path_of_id,
     cgroup_v2_path,
     has_peer,
+    in_host_pid_namespace,
     is_deleted,
     mounts_of_type,
     read_cgroup,
@@ -88,3 +90,15 @@ def test_cgroup_path_of_id_walks_the_hierarchy(tmp_path):
     (tmp_path / "gone").rmdir()
     assert cgroup_path_of_id(gone, str(tmp_path)) == ""
     assert cgroup_path_of_id(1, str(tmp_path)) == ""
+
+
+def test_a_child_pid_namespace_is_told_from_the_hosts(root):
+    """The daemon leaves eBPF alone in a PID namespace of its own: the
+    kernel's pids are not its /proc's there (tests/deploy/test_booted_unit.py)."""
+    assert in_host_pid_namespace()  # where the tests run
+    inside = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+         "from rome_guard.linux import in_host_pid_namespace as f; print(f())"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert inside.stdout.strip() == "False", inside.stderr

@@ -37,6 +37,7 @@ STATE = {
     "events": 123456,
     "alerts": 4,
     "events_lost": {"process": 0, "network": 17},
+    "ssh_config": {"runs": 12, "skipped": 1, "unknown": {"descriptor": 2, "failed": 5}},
     "journal": {
         "path": "/var/lib/rome-guard/alerts.jsonl",
         "ok": False,
@@ -62,6 +63,8 @@ def test_live_status_is_tables_and_human_times(tmp_path: Path) -> None:
     assert "FAILING (ENOSPC" in text and "2 record(s) waiting" in text
     assert "UTC" in text and "{" not in text  # no dict reprs, no raw epoch
     assert "network" in text and "17" in text
+    # every ssh config the guard could not establish is counted where operators look
+    assert "12 ssh -G run(s), 1 skipped; not established: descriptor 2, failed 5" in text
 
 
 def test_stale_status_names_the_age(tmp_path: Path) -> None:

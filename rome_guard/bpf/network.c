@@ -17,8 +17,9 @@
  * and raw sockets look the same, as does TCP_FASTOPEN_CONNECT). sendto,
  * sendmsg and sendmmsg (first message) with an IPv4/IPv6 destination are
  * reported from sock:sock_send_length, which names the socket's protocol:
- * UDP, UDP-Lite and ICMP are reported, others (TCP fast open: seen as
- * SYN_SENT anyway) are not. Without that tracepoint (kernels before 6.3)
+ * UDP, UDP-Lite, ICMP (ping sockets, raw ICMP sockets) and raw IP
+ * (IPPROTO_RAW: packets with their own headers, as nmap sends its probes)
+ * are reported, others (TCP fast open: seen as SYN_SENT anyway) are not. Without that tracepoint (kernels before 6.3)
  * every such send is reported at syscall exit with protocol 0.
  * A datagram destination is reported once per process (pid + fork/exec
  * generation) and destination per sensor_config.datagram_repeat_ns.
@@ -455,7 +456,7 @@ int rgs_send_len(struct tracepoint__sock__sock_send_length *args)
 	/* one per syscall: sendmmsg's later messages add nothing */
 	send_pending.delete(&tid);
 	if (protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE || protocol == IPPROTO_ICMP ||
-	    protocol == RG_IPPROTO_ICMPV6)
+	    protocol == RG_IPPROTO_ICMPV6 || protocol == RG_IPPROTO_RAW)
 		emit_datagram(&d, protocol, args->ret);
 	return 0;
 }

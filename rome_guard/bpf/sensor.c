@@ -25,11 +25,18 @@
 #ifndef NETWORK_RING_PAGES
 #define NETWORK_RING_PAGES 2048 /* 8 MiB */
 #endif
+#ifndef QUIET_BATCH_NS
+#define QUIET_BATCH_NS 10000000ULL /* kernel.poller.BATCH_MS */
+#endif
+#define LIFECYCLE_WAKE_EVERY 2048
+#define QUIET_WOKE 0
+#define QUIET_LIFECYCLE_WRITTEN 1
 
 #define RG_AF_INET 2
 #define RG_AF_INET6 10
 #define RG_CLONE_THREAD 0x00010000
 #define RG_IPPROTO_ICMPV6 58
+#define RG_IPPROTO_RAW 255 /* raw IP sockets with their own headers (nmap) */
 /* include/net/tcp_states.h */
 #define RG_TCP_ESTABLISHED 1
 #define RG_TCP_SYN_SENT 2
@@ -113,6 +120,9 @@ BPF_RINGBUF_OUTPUT(process_events, PROCESS_RING_PAGES);
 BPF_RINGBUF_OUTPUT(network_events, NETWORK_RING_PAGES);
 BPF_PERCPU_ARRAY(lost_counters, __u64, LOST_SLOTS);
 BPF_ARRAY(sensor_config, struct sensor_config, 1);
+/* QUIET_WOKE: when a quiet exec or rename last woke user space (boot ns);
+ * QUIET_LIFECYCLE_WRITTEN: fork and exit records written in quiet mode */
+BPF_ARRAY(quiet_state, __u64, 2);
 
 /* written by user space */
 BPF_HASH(ignored_pids, __u32, __u8, 4096);
@@ -170,28 +180,65 @@ static __always_inline __u32 current_tid(void)
 	return (__u32)bpf_get_current_pid_tgid();
 }
 
-/* Ring buffer flags for a lifecycle record: in quiet mode it waits for
- * user space's next drain instead of waking it (a wakeup costs user space
- * more than decoding the record does). */
-static __always_inline __u64 lifecycle_flags(void)
+static __always_inline int quiet_mode(void)
 {
 	__u32 zero = 0;
 	struct sensor_config *config = sensor_config.lookup(&zero);
 
-	return config && config->quiet_lifecycle ? BPF_RB_NO_WAKEUP : 0;
+	return config && config->quiet_lifecycle;
+}
+
+/* The exec (or rename) of a program no rule names waits for user space's
+ * next drain instead of waking it (a wakeup costs user space more than
+ * decoding the record does), unless no such record woke it for
+ * QUIET_BATCH_NS: then it wakes user space, which drains again
+ * QUIET_BATCH_NS later for as long as records keep coming
+ * (rome_guard/kernel/poller.py). A storm costs one wakeup per batch, and a
+ * daemon with nothing to do sleeps instead of draining on a timer. Two
+ * CPUs racing here cost one extra wakeup at most. */
+static __always_inline __u64 quiet_flags(void)
+{
+	__u32 slot = QUIET_WOKE;
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u64 *woke = quiet_state.lookup(&slot);
+
+	if (woke && now - *woke < QUIET_BATCH_NS)
+		return BPF_RB_NO_WAKEUP;
+	if (woke)
+		*woke = now;
+	return BPF_RB_FORCE_WAKEUP;
+}
+
+/* Ring buffer flags for a fork or exit record. They only update user
+ * space's process table, so in quiet mode they never wake it on their own
+ * (the next exec, connect or timer drains them), except once every
+ * LIFECYCLE_WAKE_EVERY of them: a fork storm must not fill the ring while
+ * user space sleeps. (A racy count only moves that wakeup a little.) */
+static __always_inline __u64 lifecycle_flags(void)
+{
+	__u32 slot = QUIET_LIFECYCLE_WRITTEN;
+	__u64 *written;
+
+	if (!quiet_mode())
+		return 0;
+	written = quiet_state.lookup(&slot);
+	if (!written)
+		return BPF_RB_NO_WAKEUP;
+	__sync_fetch_and_add(written, 1);
+	return *written % LIFECYCLE_WAKE_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
 }
 
 /* An exec of a program some rule names wakes user space at once; in quiet
- * mode the others wait for the next drain. */
+ * mode the others are quiet records. */
 static __always_inline __u64 exec_flags(const char *comm)
 {
 	struct wake_name key = {};
 
-	if (!lifecycle_flags())
+	if (!quiet_mode())
 		return 0;
 	key.prefixlen = TASK_COMM_LEN * 8;
 	__builtin_memcpy(key.name, comm, TASK_COMM_LEN);
-	return wake_names.lookup(&key) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	return wake_names.lookup(&key) ? BPF_RB_FORCE_WAKEUP : quiet_flags();
 }
 
 /* A record that asks user space to judge a process again now (an inet
@@ -200,7 +247,7 @@ static __always_inline __u64 exec_flags(const char *comm)
  * unconsumed quiet records sit ahead of it. */
 static __always_inline __u64 judge_now_flags(void)
 {
-	return lifecycle_flags() ? BPF_RB_FORCE_WAKEUP : 0;
+	return quiet_mode() ? BPF_RB_FORCE_WAKEUP : 0;
 }
 
 static __always_inline int current_is_ignored(void)

@@ -1,28 +1,39 @@
-/* The wire sensor: what each new flow says first, for every process.
+/* The wire sensor: what each new flow's client says first, for every process.
  *
  * Two cgroup_skb programs attached to the cgroup v2 root, so every socket
  * on the host (containers in their own network namespaces included) passes
  * through them; offset 0 of the skb is the IP header:
  *
- * - rgw_wire_out (egress): a TCP SYN records which task connected (pid,
- *   uid, comm, time) under the socket cookie; the flow's first payload
- *   segment is then reported once, with its first WIRE_CAPTURE bytes and,
- *   for a TLS ClientHello, the SNI and ALPN parsed here (a ClientHello may
- *   be longer than the capture). UDP datagrams to port 53 are reported
- *   (DNS questions). Nothing else is reported: one record per flow.
+ * - rgw_wire_out (egress): a TCP SYN creates the flow's socket storage
+ *   (struct wire_flow: the task that connected, the SYN's sequence
+ *   number). The client stream that follows is reported in order, each
+ *   segment's bytes as one or more records placed by their stream offset,
+ *   until a bound (WIRE_STREAM_MAX bytes, WIRE_SEGMENTS_MAX segments,
+ *   WIRE_STREAM_NS after the first payload; wire_cut counts the flows a
+ *   bound cut) or a first message that says all there is to say (a TLS
+ *   ClientHello, an SSH banner, an HTTP GET/HEAD that upgrades nothing):
+ *   then the storage is freed and the flow costs one lookup per packet.
+ *   A TLS ClientHello's SNI and ALPN, and the host a SOCKS5 or HTTP
+ *   CONNECT request names, are parsed here from any segment. UDP datagrams
+ *   to port 53 are reported (DNS questions).
  * - rgw_wire_in (ingress): UDP datagrams from port 53 (DNS answers).
  *
  * Dropping (enforce mode): only while settings[WIRE_SET_DROP_UNTIL] lies in
  * the future, a deadline the live daemon keeps pushing forward; a dead or
  * hung daemon stops every drop within seconds, and the maps that say what
  * to drop are filled by the daemon from its rules. A flow is dropped from
- * its first identified packet: the SYN to an address DNS named as a pool,
- * or the first payload whose JSON-RPC method or TLS SNI is listed; its
- * cookie then stays in drop_cookies so retransmissions are dropped too. A
+ * its first identified packet: the SYN to an address DNS named as a pool;
+ * the segment that completes a listed JSON-RPC method in the stream's
+ * first WIRE_METHOD_SCAN bytes (kept in the flow's window, so a login
+ * written in pieces is cut before it is whole); a ClientHello whose SNI,
+ * or a proxy request whose host, is listed; any flow whose cookie the
+ * daemon put in drop_cookies (a verdict only user space could reach). The
+ * flow's state then drops its retransmissions and everything after. A
  * DNS question for a listed domain is dropped (the name never resolves).
  *
  * Both programs return 1 (pass) for everything else, and never read
- * kernel structs: only packet bytes and helper results.
+ * kernel structs: only packet bytes (directly where the headers are in
+ * the linear part, else bpf_skb_load_bytes) and helper results.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -47,8 +58,11 @@ struct in6_key {
 
 BPF_RINGBUF_OUTPUT(wire_events, WIRE_RING_PAGES);
 BPF_PERCPU_ARRAY(wire_lost, __u64, 1);
+BPF_PERCPU_ARRAY(wire_cut, __u64, WIRE_CUTS);
 BPF_ARRAY(wire_settings, __u64, WIRE_SETTINGS);
-BPF_TABLE("lru_hash", __u64, struct wire_flow, wire_flows, 65536);
+/* every new TCP flow's state, from its SYN until its stream ends */
+BPF_SK_STORAGE(wire_flows, struct wire_flow);
+/* written by the daemon: flows a user-space verdict stops (enforce mode) */
 BPF_TABLE("lru_hash", __u64, __u32, drop_cookies, 16384);
 /* written by the daemon from its rules (enforce mode only) */
 BPF_HASH(drop_methods, __u64, __u32, 1024); /* fnv1a(method) -> WIRE_DROP_METHOD* */
@@ -60,6 +74,7 @@ struct packet {
 	__u32 l4; /* offset of the TCP/UDP header */
 	__u32 payload; /* offset of the payload */
 	__u32 payload_len;
+	__u32 seq; /* TCP sequence number */
 	__u8 family;
 	__u8 protocol;
 	__u8 tcp_flags;
@@ -74,8 +89,8 @@ struct packet {
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
-/* IPv4 without options or IPv6, then TCP: what one load of the first
- * FAST_HEADERS bytes covers for nearly every packet a host sends */
+/* IPv4 without options or IPv6, then TCP: the headers of nearly every
+ * packet a host sends, read in place when they are in the linear part */
 #define FAST_HEADERS 54
 
 static __always_inline int parse_l4(struct packet *p, const __u8 *l4, int is_tcp)
@@ -83,6 +98,7 @@ static __always_inline int parse_l4(struct packet *p, const __u8 *l4, int is_tcp
 	p->sport = (l4[0] << 8) | l4[1];
 	p->dport = (l4[2] << 8) | l4[3];
 	if (is_tcp) {
+		p->seq = ((__u32)l4[4] << 24) | ((__u32)l4[5] << 16) | ((__u32)l4[6] << 8) | l4[7];
 		p->tcp_flags = l4[13];
 		p->payload = p->l4 + (l4[12] >> 4) * 4;
 	} else {
@@ -130,32 +146,49 @@ static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 	return -1;
 }
 
-static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
+/* The first FAST_HEADERS bytes at h (in the packet or copied): 0 parsed,
+ * 1 not the common shape (parse_slow decides), -1 not TCP/UDP. */
+static __always_inline int parse_fast(struct packet *p, const __u8 *h)
 {
-	__u8 h[FAST_HEADERS];
-	int ret = -1;
-
-	if (skb->len < FAST_HEADERS || bpf_skb_load_bytes(skb, 0, h, FAST_HEADERS) < 0) {
-		ret = parse_slow(skb, p);
-	} else if (h[0] == 0x45) { /* IPv4, no options */
+	if (h[0] == 0x45) { /* IPv4, no options */
 		p->family = 4;
 		p->protocol = h[9];
 		p->l4 = 20;
 		__builtin_memcpy(p->saddr, &h[12], 4);
 		__builtin_memcpy(p->daddr, &h[16], 4);
 		if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
-			ret = parse_l4(p, &h[20], p->protocol == IPPROTO_TCP);
-	} else if ((h[0] >> 4) == 6) {
+			return parse_l4(p, &h[20], p->protocol == IPPROTO_TCP);
+		return -1;
+	}
+	if ((h[0] >> 4) == 6) {
 		p->family = 6;
 		p->protocol = h[6];
 		p->l4 = 40;
 		__builtin_memcpy(p->saddr, &h[8], 16);
 		__builtin_memcpy(p->daddr, &h[24], 16);
 		if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
-			ret = parse_l4(p, &h[40], p->protocol == IPPROTO_TCP);
-	} else {
-		ret = parse_slow(skb, p);
+			return parse_l4(p, &h[40], p->protocol == IPPROTO_TCP);
+		return -1;
 	}
+	return 1;
+}
+
+static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
+{
+	const __u8 *data = (const __u8 *)(long)skb->data;
+	const __u8 *end = (const __u8 *)(long)skb->data_end;
+	__u8 h[FAST_HEADERS];
+	int ret;
+
+	if (data + FAST_HEADERS <= end) {
+		ret = parse_fast(p, data); /* direct packet access: no copy */
+	} else if (skb->len >= FAST_HEADERS && bpf_skb_load_bytes(skb, 0, h, FAST_HEADERS) == 0) {
+		ret = parse_fast(p, h);
+	} else {
+		ret = 1;
+	}
+	if (ret > 0)
+		ret = parse_slow(skb, p);
 	if (ret < 0)
 		return -1;
 	p->payload_len = skb->len > p->payload ? skb->len - p->payload : 0;
@@ -208,25 +241,24 @@ static __always_inline void fill(struct wire_record *r, struct __sk_buff *skb,
 	r->dport = p->dport;
 	r->sni_len = 0;
 	r->alpn_len = 0;
-	r->_pad1 = 0;
-	r->_pad2 = 0;
+	r->segment = 0;
+	r->offset = 0;
 	__builtin_memcpy(r->saddr, p->saddr, 16);
 	__builtin_memcpy(r->daddr, p->daddr, 16);
 	r->payload_len = p->payload_len;
 	r->captured = 0;
 }
 
+/* up to WIRE_CAPTURE of the len payload bytes from skip on */
 static __always_inline void capture(struct wire_record *r, struct __sk_buff *skb,
-				    struct packet *p)
+				    struct packet *p, __u32 skip, __u32 len)
 {
-	__u32 len = p->payload_len;
-
 	if (len > WIRE_CAPTURE)
 		len = WIRE_CAPTURE;
 	if (len == 0)
 		return;
 	len = BOUNDED(len, WIRE_CAPTURE);
-	if (bpf_skb_load_bytes(skb, p->payload, r->data, len) == 0)
+	if (bpf_skb_load_bytes(skb, p->payload + skip, r->data, len) == 0)
 		r->captured = len;
 }
 
@@ -332,41 +364,74 @@ static __always_inline __u32 sni_listed(struct wire_record *r)
 	return 0;
 }
 
-/* the 8 bytes at data[i], compared whole: one branch per position keeps
+/* the 8 bytes at window[i], compared whole: one branch per position keeps
  * the verifier's walk of these loops short */
-static __always_inline __u64 word_at(struct wire_record *r, __u32 i)
+static __always_inline __u64 word_at(const __u8 *window, __u32 i)
 {
-	return *(__u64 *)&r->data[i & (WIRE_METHOD_SCAN - 1)];
+	OPAQUE(i);
+	return *(const __u64 *)&window[i & (WIRE_METHOD_SCAN - 1)];
 }
 
 #define AGENT_WORD 0x3a22746e65676122ULL /* "agent": */
 #define METHOD_WORD 0x22646f6874656d22ULL /* "method" */
+#define UPGRADE_WORD 0x3a65646172677075ULL /* upgrade: (any case, or'ed 0x20) */
+#define LOWER_WORD 0x2020202020202020ULL
 
-static __always_inline int has_agent(struct wire_record *r)
+/* How much of the window is filled, read afresh for each scan: a scan's
+ * exit refines its n, and a value the caller still holds must not be
+ * refined with it (the verifier would walk the rest once per position). */
+static __always_inline __u32 window_len(struct wire_flow *f)
 {
-	__u32 n = r->captured;
+	__u32 n = *(volatile __u32 *)&f->sent;
+
+	if (n > WIRE_METHOD_SCAN)
+		n = WIRE_METHOD_SCAN;
+	OPAQUE(n); /* else clang drops a scan loop's own bound, implied by n's */
+	return n;
+}
+
+static __always_inline int has_agent(struct wire_flow *f)
+{
+	__u32 n = window_len(f);
 
 	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
 		if (i + 8 > n)
 			break;
-		if (word_at(r, i) == AGENT_WORD)
+		if (word_at(f->window, i) == AGENT_WORD)
 			return 1;
 	}
 	return 0;
 }
 
-/* The value of the first "method" member in the first WIRE_METHOD_SCAN
- * bytes, hashed and looked up. Escaped spellings are left to user space. */
-static __always_inline __u32 method_listed(struct wire_record *r)
+/* An HTTP request head in the first chunk asks to upgrade the connection
+ * (a WebSocket: what follows is frames, still to be read). */
+static __always_inline int asks_upgrade(struct wire_flow *f)
 {
-	__u32 n = r->captured, at = 0;
+	__u32 n = window_len(f);
+
+	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
+		if (i + 8 > n)
+			break;
+		if ((word_at(f->window, i) | LOWER_WORD) == UPGRADE_WORD)
+			return 1;
+	}
+	return 0;
+}
+
+/* The value of the first "method" member in the stream's first n (at most
+ * WIRE_METHOD_SCAN) bytes, hashed and looked up once it is whole. Escaped
+ * spellings, and methods only a later message names, are left to user
+ * space (whose verdict reaches the kernel through drop_cookies). */
+static __always_inline __u32 method_listed(struct wire_flow *f)
+{
+	__u32 at = 0, n = window_len(f);
 	__u64 h = FNV_OFFSET;
 	__u32 *verdict;
 
 	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
 		if (i + 8 > n)
 			return 0;
-		if (word_at(r, i) == METHOD_WORD) {
+		if (word_at(f->window, i) == METHOD_WORD) {
 			at = i + 8;
 			break;
 		}
@@ -375,15 +440,15 @@ static __always_inline __u32 method_listed(struct wire_record *r)
 		return 0;
 	/* through memory, so the verifier walks what follows once rather
 	 * than once per position the loop above could have stopped at */
-	*(volatile __u32 *)&r->_pad2 = at;
-	at = *(volatile __u32 *)&r->_pad2;
-	r->_pad2 = 0;
+	*(volatile __u32 *)&f->scratch[0] = at;
+	at = *(volatile __u32 *)&f->scratch[0];
 	/* whitespace, ':', whitespace, '"' */
 	for (int i = 0; i < 8; i++) {
-		__u8 c = r->data[at & (WIRE_CAPTURE - 1)];
+		__u8 c;
 
 		if (at >= n)
 			return 0;
+		c = f->window[at & (WIRE_WINDOW - 1)];
 		at++;
 		if (c == '"')
 			break;
@@ -395,7 +460,7 @@ static __always_inline __u32 method_listed(struct wire_record *r)
 
 		if (at + i >= n)
 			return 0;
-		c = r->data[(at + i) & (WIRE_CAPTURE - 1)];
+		c = f->window[(at + i) & (WIRE_WINDOW - 1)];
 		if (c == '"')
 			break;
 		h = (h ^ c) * FNV_PRIME;
@@ -403,7 +468,7 @@ static __always_inline __u32 method_listed(struct wire_record *r)
 	verdict = drop_methods.lookup(&h);
 	if (!verdict)
 		return 0;
-	if (*verdict == WIRE_DROP_METHOD_AGENT && !has_agent(r))
+	if (*verdict == WIRE_DROP_METHOD_AGENT && !has_agent(f))
 		return 0;
 	return WIRE_DROP_METHOD;
 }
@@ -437,9 +502,9 @@ static __always_inline __u32 dns_query_listed(struct wire_record *r)
 	}
 	if (!ended || pos == 0)
 		return 0;
-	*(volatile __u32 *)&r->_pad2 = pos; /* see method_listed */
-	pos = *(volatile __u32 *)&r->_pad2;
-	r->_pad2 = 0;
+	*(volatile __u32 *)&r->offset = pos; /* see method_listed */
+	pos = *(volatile __u32 *)&r->offset;
+	r->offset = 0;
 	for (int i = 0; i < WIRE_QNAME_MAX; i++) {
 		__u32 j = pos - 1 - i;
 		__u8 c;
@@ -478,74 +543,253 @@ static __always_inline __u32 address_listed(struct packet *p)
 	return drop_v6.lookup(&key) ? WIRE_DROP_ADDRESS : 0;
 }
 
-static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, __u64 cookie)
+
+#define CONNECT_WORD 0x205443454e4e4f43ULL /* "CONNECT " */
+
+/* The host a proxy request in this chunk names, copied into sni[]: a
+ * SOCKS5 CONNECT by domain name (alone, or after a one-method greeting
+ * in the same write) or an HTTP CONNECT host:port. */
+static __always_inline int proxy_name(struct wire_record *r, struct __sk_buff *skb,
+				      struct packet *p, __u32 skip)
 {
-	struct wire_flow flow = {};
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 at = 0, n;
+	if (r->captured < 8)
+		return 0;
+	if (r->data[0] == 5 && r->data[1] == 1 && r->data[2] == 0 && r->data[3] == 3)
+		at = 4;
+	else if (r->data[0] == 5 && r->data[3] == 5 && r->data[4] == 1 && r->data[5] == 0 &&
+		 r->data[6] == 3)
+		at = 7;
+	if (at) {
+		n = r->data[at & 7];
+		if (n == 0 || at + 1 + n > r->captured)
+			return 0;
+		if (n > WIRE_SNI_MAX)
+			n = WIRE_SNI_MAX;
+		if (bpf_skb_load_bytes(skb, p->payload + skip + at + 1, r->sni,
+				       BOUNDED(n, WIRE_SNI_MAX)) < 0)
+			return 0;
+		r->sni_len = n;
+		return 1;
+	}
+	if (*(__u64 *)r->data != CONNECT_WORD)
+		return 0;
+	n = 0;
+	for (int i = 0; i < WIRE_SNI_MAX; i++) {
+		__u8 c;
+
+		if (8 + i >= r->captured)
+			break;
+		c = r->data[(8 + i) & (WIRE_CAPTURE - 1)];
+		if (c == ':' || c == ' ' || c == '\r' || c == '\n')
+			break;
+		r->sni[i & (WIRE_SNI_MAX - 1)] = c;
+		n++;
+	}
+	r->sni_len = n;
+	return n > 0;
+}
+
+static __always_inline void count_cut(__u32 slot)
+{
+	__u64 *n = wire_cut.lookup(&slot);
+
+	if (n)
+		*n += 1;
+}
+
+/* A first message that says all there is to say: the rest of the flow is
+ * encrypted (TLS, SSH) or an answer is awaited first (an HTTP GET/HEAD
+ * that upgrades nothing). The stream is not followed further. */
+static __always_inline int quiet(struct wire_record *r, struct wire_flow *f)
+{
+	__u32 w;
+	if (r->flags & WIRE_TLS_HELLO)
+		return 1;
+	if (r->captured < 4)
+		return 0;
+	w = *(__u32 *)r->data;
+	if (w == 0x2d485353) /* "SSH-" */
+		return 1;
+	if (w == 0x20544547 || w == 0x44414548) /* "GET ", "HEAD" */
+		return !asks_upgrade(f);
+	return 0;
+}
+
+static __always_inline void own(struct wire_record *r, struct wire_flow *f)
+{
+	/* the SYN was sent by connect() in the connecting task: that task is
+	 * the flow's owner even when this segment leaves from a softirq */
+	r->pid = f->pid;
+	r->uid = f->uid;
+	r->connect_ns = f->connect_ns;
+	__builtin_memcpy(r->comm, f->comm, WIRE_COMM_LEN);
+	r->flags = WIRE_PID_AT_CONNECT;
+}
+
+static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struct bpf_sock *sk)
+{
+	struct wire_flow *flow;
 	struct wire_record *r;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 reason;
 
-	flow.connect_ns = bpf_ktime_get_boot_ns();
-	flow.pid = pid_tgid >> 32;
-	flow.uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(flow.comm, sizeof(flow.comm));
-	wire_flows.update(&cookie, &flow);
+	flow = wire_flows.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!flow)
+		return 1;
+	if (flow->connect_ns && flow->state == WIRE_FLOW_DROPPED)
+		return dropping() ? 0 : 1; /* a retransmitted SYN */
+	flow->connect_ns = bpf_ktime_get_boot_ns();
+	flow->first_ns = 0;
+	flow->pid = pid_tgid >> 32;
+	flow->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(flow->comm, sizeof(flow->comm));
+	flow->isn = p->seq;
+	flow->sent = 0;
+	flow->segments = 0;
+	flow->state = WIRE_FLOW_OPEN;
 	if (!dropping())
 		return 1;
 	reason = address_listed(p);
 	if (!reason)
 		return 1;
-	drop_cookies.update(&cookie, &reason);
+	flow->state = WIRE_FLOW_DROPPED;
 	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
 	if (!r) {
 		count_lost();
 		return 0;
 	}
 	fill(r, skb, p, WIRE_DROPPED_CONNECT);
-	r->connect_ns = flow.connect_ns;
+	own(r, flow);
 	r->flags = WIRE_DROPPED | WIRE_PID_AT_CONNECT;
 	r->drop_reason = reason;
 	wire_events.ringbuf_submit(r, 0);
 	return 0;
 }
 
-static __always_inline int on_first_payload(struct __sk_buff *skb, struct packet *p,
-					    __u64 cookie, struct wire_flow *flow)
+/* the verdict on a flow's segment, from its first record and the window */
+static __always_inline __u32 segment_listed(struct wire_record *r, struct wire_flow *f)
+{
+	__u32 reason = 0;
+
+	if (r->sni_len) {
+		reason = sni_listed(r);
+		if (reason && (r->flags & WIRE_PROXY_NAME))
+			reason = WIRE_DROP_PROXY;
+	}
+	if (!reason)
+		reason = method_listed(f);
+	return reason;
+}
+
+/* A client segment of a flow in its socket's storage: report it (as the
+ * chunks of WIRE_CAPTURE bytes its new stream bytes fill), judge it in
+ * enforce mode, and end the stream at its bounds. */
+static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
+				      struct bpf_sock *sk, struct wire_flow *flow)
 {
 	struct wire_record *r;
-	__u32 reason = 0;
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u32 off, skip = 0, at, take, reason = 0, cut = WIRE_CUTS, ended;
+
+	if (flow->state == WIRE_FLOW_DROPPED)
+		return dropping() ? 0 : 1;
+	/* a SYN's payload (TCP Fast Open) starts at isn + 1 */
+	off = p->seq - flow->isn - ((p->tcp_flags & TCP_SYN) ? 0 : 1);
+	if (off < flow->sent) {
+		if (off + p->payload_len <= flow->sent)
+			return 1; /* a retransmission: reported already */
+		skip = flow->sent - off;
+	}
+	at = off + skip;
+	if (flow->first_ns == 0) {
+		flow->first_ns = now;
+	} else if (now - flow->first_ns > WIRE_STREAM_NS) {
+		count_cut(WIRE_CUT_TIME);
+		wire_flows.sk_storage_delete(sk);
+		return 1;
+	}
+	if (at >= WIRE_STREAM_MAX || flow->segments >= WIRE_SEGMENTS_MAX) {
+		count_cut(flow->segments >= WIRE_SEGMENTS_MAX ? WIRE_CUT_SEGMENTS : WIRE_CUT_BYTES);
+		wire_flows.sk_storage_delete(sk);
+		return 1;
+	}
+	take = p->payload_len - skip;
+	if (take > WIRE_STREAM_MAX - at) {
+		take = WIRE_STREAM_MAX - at;
+		cut = WIRE_CUT_BYTES;
+	}
+	flow->segments++;
+	if (at < WIRE_METHOD_SCAN && take > 0) {
+		__u32 n = take < WIRE_METHOD_SCAN - at ? take : WIRE_METHOD_SCAN - at;
+
+		OPAQUE(at);
+		bpf_skb_load_bytes(skb, p->payload + skip, &flow->window[at & (WIRE_METHOD_SCAN - 1)],
+				   BOUNDED(n, WIRE_METHOD_SCAN));
+	}
+	if (at + take > flow->sent)
+		flow->sent = at + take;
+	ended = flow->sent >= WIRE_STREAM_MAX || flow->segments >= WIRE_SEGMENTS_MAX;
 
 	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
 	if (!r) {
 		count_lost();
-		wire_flows.delete(&cookie);
-		return 1;
+	} else {
+		fill(r, skb, p, at == 0 ? WIRE_FIRST_PAYLOAD : WIRE_STREAM_DATA);
+		own(r, flow);
+		r->segment = flow->segments;
+		r->offset = at;
+		capture(r, skb, p, skip, take);
+		if (skip == 0 && parse_client_hello(r, skb, p))
+			r->flags |= WIRE_TLS_HELLO;
+		else if (proxy_name(r, skb, p, skip))
+			r->flags |= WIRE_PROXY_NAME;
+		if (dropping())
+			reason = segment_listed(r, flow);
+		if (reason) {
+			r->flags |= WIRE_DROPPED;
+			r->drop_reason = reason;
+			flow->state = WIRE_FLOW_DROPPED;
+		} else if (at == 0 && quiet(r, flow)) {
+			ended = 1;
+		}
+		if (ended && take <= WIRE_CAPTURE)
+			r->flags |= WIRE_STREAM_END;
+		wire_events.ringbuf_submit(r, 0);
 	}
-	fill(r, skb, p, WIRE_FIRST_PAYLOAD);
-	/* the SYN was sent by connect() in the connecting task: that task is
-	 * the flow's owner even when this segment leaves from a softirq */
-	r->pid = flow->pid;
-	r->uid = flow->uid;
-	r->connect_ns = flow->connect_ns;
-	__builtin_memcpy(r->comm, flow->comm, WIRE_COMM_LEN);
-	r->flags = WIRE_PID_AT_CONNECT;
-	wire_flows.delete(&cookie);
-	capture(r, skb, p);
-	if (parse_client_hello(r, skb, p))
-		r->flags |= WIRE_TLS_HELLO;
-	if (dropping()) {
-		if (r->sni_len)
-			reason = sni_listed(r);
-		else
-			reason = method_listed(r);
+	if (reason)
+		return 0;
+	/* the rest of a segment longer than one record; its place read back
+	 * from memory, so that the verifier walks this loop once for every
+	 * way the code above could have got here */
+	*(volatile __u32 *)&flow->scratch[0] = at;
+	*(volatile __u32 *)&flow->scratch[1] = take;
+	at = *(volatile __u32 *)&flow->scratch[0];
+	take = *(volatile __u32 *)&flow->scratch[1];
+	for (__u32 i = 1; i < WIRE_STREAM_MAX / WIRE_CAPTURE; i++) {
+		__u32 from = i * WIRE_CAPTURE;
+
+		if (from >= take)
+			break;
+		r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
+		if (!r) {
+			count_lost();
+			break;
+		}
+		fill(r, skb, p, WIRE_STREAM_DATA);
+		own(r, flow);
+		r->segment = flow->segments;
+		r->offset = at + from;
+		capture(r, skb, p, skip + from, take - from);
+		if (ended && take - from <= WIRE_CAPTURE)
+			r->flags |= WIRE_STREAM_END;
+		wire_events.ringbuf_submit(r, 0);
 	}
-	if (reason) {
-		r->flags |= WIRE_DROPPED;
-		r->drop_reason = reason;
-		drop_cookies.update(&cookie, &reason);
-	}
-	wire_events.ringbuf_submit(r, 0);
-	return reason ? 0 : 1;
+	if (cut != WIRE_CUTS)
+		count_cut(cut);
+	if (ended)
+		wire_flows.sk_storage_delete(sk);
+	return 1;
 }
 
 int rgw_wire_out(struct __sk_buff *skb)
@@ -553,15 +797,13 @@ int rgw_wire_out(struct __sk_buff *skb)
 	struct packet p = {};
 	struct wire_flow *flow;
 	struct wire_record *r;
+	struct bpf_sock *sk;
 	__u64 cookie;
 	__u32 reason;
+	int syn;
 
 	if (parse_packet(skb, &p) < 0)
 		return 1;
-	cookie = bpf_get_socket_cookie(skb);
-	/* monitor mode (no deadline) never looks the cookie up */
-	if (dropping() && drop_cookies.lookup(&cookie))
-		return 0;
 	if (p.protocol == IPPROTO_UDP) {
 		if (p.dport != 53 || p.payload_len == 0 || is_owner())
 			return 1;
@@ -571,7 +813,7 @@ int rgw_wire_out(struct __sk_buff *skb)
 			return 1;
 		}
 		fill(r, skb, &p, WIRE_DNS_QUERY);
-		capture(r, skb, &p);
+		capture(r, skb, &p, 0, p.payload_len);
 		reason = dropping() ? dns_query_listed(r) : 0;
 		if (reason) {
 			r->flags |= WIRE_DROPPED;
@@ -580,24 +822,38 @@ int rgw_wire_out(struct __sk_buff *skb)
 		wire_events.ringbuf_submit(r, 0);
 		return reason ? 0 : 1;
 	}
-	if ((p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
+	/* monitor mode (no deadline) never looks the cookie up */
+	if (dropping()) {
+		cookie = bpf_get_socket_cookie(skb);
+		if (drop_cookies.lookup(&cookie))
+			return 0;
+	}
+	/* the common packets first, with no map operation: a packet without
+	 * payload (ACK, SYN-ACK, FIN, RST) is nothing; a first payload that
+	 * carries a FIN is still a payload */
+	syn = (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	if (!syn && (p.payload_len == 0 || (p.tcp_flags & TCP_RST)))
+		return 1;
+	sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1;
+	if (syn) {
 		if (is_owner())
 			return 1;
-		if (!on_syn(skb, &p, cookie))
+		if (!on_syn(skb, &p, sk))
 			return 0;
 		/* TCP Fast Open: the SYN carries the first payload */
 		if (p.payload_len == 0)
 			return 1;
 	}
-	/* the common packets first, with no map operation: a packet without
-	 * payload (ACK, SYN-ACK, FIN, RST) is nothing; a first payload that
-	 * carries a FIN is still a first payload */
-	if (p.payload_len == 0 || (p.tcp_flags & TCP_RST))
-		return 1; /* a flow that ends silent ages out of the LRU map */
-	flow = wire_flows.lookup(&cookie);
+	/* a flow that ends silent, or whose stream ended, holds no storage */
+	flow = wire_flows.sk_storage_get(sk, 0, 0);
 	if (!flow)
 		return 1;
-	return on_first_payload(skb, &p, cookie, flow);
+	return on_segment(skb, &p, sk, flow);
 }
 
 int rgw_wire_in(struct __sk_buff *skb)
@@ -617,7 +873,7 @@ int rgw_wire_in(struct __sk_buff *skb)
 	r->pid = 0; /* softirq: whoever runs is not the receiver */
 	r->uid = 0;
 	__builtin_memset(r->comm, 0, WIRE_COMM_LEN);
-	capture(r, skb, &p);
+	capture(r, skb, &p, 0, p.payload_len);
 	wire_events.ringbuf_submit(r, 0);
 	return 1;
 }

@@ -11,25 +11,43 @@
 #include <linux/types.h>
 
 #define WIRE_COMM_LEN 16
-/* first payload bytes copied per flow: a Stratum/JSON-RPC first line, an
- * HTTP request head, a DNS question */
+/* payload bytes one record carries: a DNS question, or one chunk of a
+ * client stream (a longer segment is reported as several chunks) */
 #define WIRE_CAPTURE 512
 #define WIRE_SNI_MAX 128
 #define WIRE_ALPN_MAX 32
-/* how far into the payload the kernel looks for "method" (enforce mode) */
-#define WIRE_METHOD_SCAN 256
+/* how far into the client stream the kernel looks for "method" (enforce
+ * mode): the stream's first bytes are kept in the flow's window */
+#define WIRE_METHOD_SCAN 512
 #define WIRE_METHOD_MAX 32
+/* The client stream of each new TCP flow is reported (in order, as the
+ * TCP sequence numbers place it) until the first of these bounds: */
+#define WIRE_STREAM_MAX 4096 /* stream bytes */
+#define WIRE_SEGMENTS_MAX 8 /* client segments with payload */
+#define WIRE_STREAM_NS 2000000000ULL /* ns after the first payload */
+/* the flow's window: the first WIRE_METHOD_SCAN stream bytes (twice the
+ * size, so that any bounded copy into it is seen in bounds) */
+#define WIRE_WINDOW (2 * WIRE_METHOD_SCAN)
 
 /* wire_record.kind */
 #define WIRE_FIRST_PAYLOAD 1 /* first payload of a TCP flow this host opened */
 #define WIRE_DNS_QUERY 2 /* a UDP datagram to port 53 */
 #define WIRE_DNS_ANSWER 3 /* a UDP datagram from port 53 (ingress) */
 #define WIRE_DROPPED_CONNECT 4 /* a SYN to a pool-named address, dropped */
+#define WIRE_STREAM_DATA 5 /* later bytes of a client stream (offset > 0) */
 
 /* wire_record.flags */
 #define WIRE_TLS_HELLO 0x1 /* payload starts a TLS ClientHello; sni/alpn parsed */
 #define WIRE_DROPPED 0x2 /* the kernel dropped this packet and the rest of the flow */
 #define WIRE_PID_AT_CONNECT 0x4 /* pid/uid/comm are the connecting task's (SYN) */
+#define WIRE_STREAM_END 0x8 /* the last record of this flow's stream */
+#define WIRE_PROXY_NAME 0x10 /* sni[] holds the host a SOCKS5 request names */
+
+/* wire_cut slots: flows whose stream a bound cut short (counted once) */
+#define WIRE_CUT_BYTES 0
+#define WIRE_CUT_SEGMENTS 1
+#define WIRE_CUT_TIME 2
+#define WIRE_CUTS 3
 
 /* wire_record.drop_reason (and the values of drop_methods / drop_hosts) */
 #define WIRE_DROP_METHOD 1 /* a mining JSON-RPC method in the first line */
@@ -37,6 +55,8 @@
 #define WIRE_DROP_SNI 3 /* TLS SNI in a pool domain */
 #define WIRE_DROP_ADDRESS 4 /* destination is an address DNS named as a pool */
 #define WIRE_DROP_DNS 5 /* a DNS question for a name in a pool domain */
+#define WIRE_DROP_FLOW 6 /* user space asked: a verdict on the stream (drop_cookies) */
+#define WIRE_DROP_PROXY 7 /* a SOCKS5 request names a host in a listed domain */
 /* DNS question names the kernel checks: the first this many bytes */
 #define WIRE_QNAME_MAX 128
 
@@ -66,19 +86,32 @@ struct wire_record {
 	__u32 payload_len; /* payload bytes in the packet */
 	__u32 captured; /* bytes of data[] filled */
 	__u16 alpn_len;
-	__u16 _pad1;
-	__u32 _pad2;
+	__u16 segment; /* the flow's client segment this chunk is from, from 1 */
+	__u32 offset; /* stream offset of data[0] (0: the flow's first byte) */
 	__u8 sni[WIRE_SNI_MAX];
 	__u8 alpn[WIRE_ALPN_MAX];
 	__u8 data[WIRE_CAPTURE];
 };
 
-/* what the SYN told about a flow, until its first payload */
+/* wire_flow.state */
+#define WIRE_FLOW_OPEN 0 /* reporting the client stream */
+#define WIRE_FLOW_DROPPED 1 /* every later packet is dropped */
+
+/* A new TCP flow, in its socket's storage from the SYN until its stream
+ * ends (bound reached, or a quiet first message): what the SYN told (the
+ * connecting task) and the client stream's first bytes. */
 struct wire_flow {
 	__u64 connect_ns;
+	__u64 first_ns; /* first payload, 0 none yet */
 	__u32 pid;
 	__u32 uid;
 	__u8 comm[WIRE_COMM_LEN];
+	__u32 isn; /* the SYN's sequence number: stream offset = seq - isn - 1 */
+	__u32 sent; /* stream bytes reported so far */
+	__u16 segments; /* client segments with payload so far */
+	__u16 state; /* WIRE_FLOW_* */
+	__u32 scratch[2]; /* see method_listed */
+	__u8 window[WIRE_WINDOW];
 };
 
 #endif

@@ -81,6 +81,9 @@ class GetoptResult:
     flags: frozenset[str]  # every option letter seen
     values: tuple[tuple[str, str], ...]  # (letter, value) for options with arguments
     operands: tuple[str, ...]
+    # index in argv where option parsing stopped (the first token after the
+    # interleaved operands that is not an option, or "--"); len(argv) if none
+    stopped_at: int = 0
 
 
 def getopt(argv: tuple[str, ...], spec: str, interleaved_operands: int = 0) -> GetoptResult:
@@ -96,10 +99,12 @@ def getopt(argv: tuple[str, ...], spec: str, interleaved_operands: int = 0) -> G
     args = list(argv[1:])
     i = 0
     skipped = 0
+    stopped = len(args)
     while i < len(args):
         token = args[i]
         if token == "--":
             operands.extend(args[i + 1 :])
+            stopped = i
             break
         if not token.startswith("-") or token == "-":
             if skipped < interleaved_operands:
@@ -108,6 +113,7 @@ def getopt(argv: tuple[str, ...], spec: str, interleaved_operands: int = 0) -> G
                 i += 1
                 continue
             operands.extend(args[i:])
+            stopped = i
             break
         j = 1
         while j < len(token):
@@ -123,7 +129,7 @@ def getopt(argv: tuple[str, ...], spec: str, interleaved_operands: int = 0) -> G
                 break
             j += 1
         i += 1
-    return GetoptResult(frozenset(flags), tuple(values), tuple(operands))
+    return GetoptResult(frozenset(flags), tuple(values), tuple(operands), stopped + 1)
 
 
 @dataclass(frozen=True)
@@ -162,3 +168,77 @@ def argument_values(argv: tuple[str, ...]) -> Iterator[str]:
         yield token
         if token.startswith("-") and "=" in token:
             yield token.split("=", 1)[1]
+
+
+# --- ssh ------------------------------------------------------------------------
+
+# OpenSSH's getopt string (ssh.c), as in rules/reverse_tunnel.yaml
+SSH_OPTSTRING = "1246ab:c:e:fgi:kl:m:no:p:qstvxAB:CD:E:F:GI:J:KL:M:NO:P:Q:R:S:TVw:W:XYy"
+# -F values naming the client's own descriptors, which nobody else can read
+# (OpenSSH closes fds above 2 before it reads its config: stdin and 0-2 work)
+_SSH_DESCRIPTOR = re.compile(r"^(/dev/(stdin|fd/\d+|tty)|/proc/(self|thread-self|\d+)/fd/\d+)$")
+
+
+def ssh_config_file(argv: tuple[str, ...]) -> str | None:
+    """The ``-F`` file an ssh client reads (ssh keeps the last one given)."""
+    found = None
+    for letter, value in getopt(argv, SSH_OPTSTRING, 1).values:
+        if letter == "F":
+            found = value
+    return found
+
+
+def ssh_descriptor_config(argv: tuple[str, ...]) -> str | None:
+    """The ``-F`` value when it names one of the client's descriptors
+    (``/dev/stdin``, ``/dev/fd/N``, bash's ``<(...)``)."""
+    value = ssh_config_file(argv)
+    return value if value is not None and _SSH_DESCRIPTOR.match(value) else None
+
+
+# Shells and interpreters: options that give the program on the command line
+# (sh -c, python -c/-m, perl/ruby/node -e, php -r, node -p/--eval), options
+# that ask for an interactive session, and options that take a value.
+_PROGRAM_TEXT_OPTIONS = frozenset({"-c", "-e", "-E", "-r", "-m", "-p", "--eval", "--print"})
+_INTERACTIVE_OPTIONS = frozenset({"-i", "-s", "-a", "--interactive"})
+_VALUE_OPTIONS = frozenset(
+    {"-o", "+o", "-O", "+O", "--rcfile", "--init-file", "-W", "-X", "--require"}
+)
+
+
+def reads_commands_from_stdin(argv: tuple[str, ...]) -> bool:
+    """A shell or interpreter that takes its commands from stdin: asked for
+    an interactive session (``sh -i``, ``python -i``, ``php -a``, ``bash
+    -s``), or given neither a program on the command line (``-c``, ``-e``,
+    ``-m``, ...) nor a script to run (``/bin/sh``, ``python3``, ``perl``,
+    ``node``, ``bash -``). Every combined short form counts (``-ic``:
+    interactive wins, as python -i -c does; a shell's -ic runs the
+    command, a look-alike we accept)."""
+    interactive = program_text = script = False
+    args = list(argv[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "-":
+            break  # the program is read from stdin
+        if arg == "--":
+            script = i < len(args) and args[i] != "-"
+            break
+        if arg in _VALUE_OPTIONS:
+            i += 1
+            continue
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            interactive |= name in _INTERACTIVE_OPTIONS
+            program_text |= name in _PROGRAM_TEXT_OPTIONS
+            continue
+        if len(arg) > 1 and arg[0] in "-+":
+            letters = {f"-{letter}" for letter in arg[1:]}
+            interactive |= bool(letters & _INTERACTIVE_OPTIONS)
+            program_text |= bool(letters & _PROGRAM_TEXT_OPTIONS)
+            continue
+        script = True  # the first operand: a script (or, after -c, the command)
+        break
+    if interactive:
+        return True
+    return not (program_text or script)

@@ -642,6 +642,36 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
     return predicate
 
 
+def _b_commands_from_stdin(c: Compiler, value: Any, loc: Location) -> Predicate:
+    want = c.boolean(value, loc, "commands_from_stdin")
+
+    def predicate(s: Subject) -> str | None:
+        reads = argvlib.reads_commands_from_stdin(s.argv)
+        if reads != want:
+            return None
+        return "reads its commands from stdin" if reads else "runs a given program"
+
+    return predicate
+
+
+def _b_stdio_relay(c: Compiler, value: Any, loc: Location) -> Predicate:
+    """``stdio_relay: true``, or ``stdio_relay: {condition}`` on the relay:
+    some process feeds the subject's stdin and reads its stdout (through
+    pipes, a fifo, a pty or a socket pair) while holding a network
+    connection (state.stdio), and satisfies the condition."""
+    inner = None if value is True else c.condition(value, loc)
+
+    def predicate(s: Subject) -> str | None:
+        for relay in s.stdio_relays:
+            if inner is None:
+                return relay.describe()
+            if inner(s.related(relay.process, [])) is not None:  # a filter on the relay
+                return relay.describe()
+        return None
+
+    return predicate
+
+
 SSH_FORWARD_KINDS = ("remote", "dynamic", "local", "tunnel")
 
 
@@ -662,6 +692,27 @@ def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
             if kind in found:
                 return f"effective ssh config has {kind} forward {_short(found[kind])}"
         return None
+
+    return predicate
+
+
+def _b_ssh_config_unknown(c: Compiler, value: Any, loc: Location) -> Predicate:
+    """``ssh_config_unknown: true``: the client's effective configuration
+    cannot be established -- -F names a descriptor (from the argv alone), or
+    the reader says why not (sensors.sshconfig.SshConfigUnknown)."""
+    want = c.boolean(value, loc, "ssh_config_unknown")
+
+    def predicate(s: Subject) -> str | None:
+        named = argvlib.ssh_descriptor_config(s.argv)
+        if named is not None:
+            reason = f"ssh config from a descriptor ({_short(named)}): the guard cannot read it"
+        else:
+            found = s.ssh_forwards
+            detail = getattr(found, "detail", None)
+            reason = f"ssh config not established: {_short(detail, 160)}" if detail else None
+        if want:
+            return reason
+        return None if reason else "ssh config established"
 
     return predicate
 
@@ -779,9 +830,12 @@ def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Predicate:
 
     def predicate(s: Subject) -> str | None:
         w = s.wire
-        if w is None or not w.jsonrpc or not w.method or not test(w.method):
+        if w is None or not w.jsonrpc:
             return None
-        return f"JSON-RPC method {_short(w.method, 64)}"
+        for method in w.methods:  # every message of the stream, in order
+            if test(method):
+                return f"JSON-RPC method {_short(method, 64)}"
+        return None
 
     return predicate
 
@@ -841,7 +895,10 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "parent": _b_parent,
     "ancestor": _b_ancestor,
     "stdio_socket": _b_stdio_socket,
+    "stdio_relay": _b_stdio_relay,
+    "commands_from_stdin": _b_commands_from_stdin,
     "ssh_forwards": _b_ssh_forwards,
+    "ssh_config_unknown": _b_ssh_config_unknown,
     "macro": _b_macro,
     "config_file": _b_config_file,
     "remote_port": _b_remote_port,
@@ -857,7 +914,7 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
 # Conditions that need network knowledge: rules using them are re-checked
 # when a process gains a connection.
 NETWORK_KEYS = frozenset({"remote_port", "remote_cidr"})
-STDIO_KEYS = frozenset({"stdio_socket"})
+STDIO_KEYS = frozenset({"stdio_socket", "stdio_relay"})
 # Conditions on what a flow said (wire events): rules using them are
 # evaluated only on wire events, and a snapshot (scan) cannot see them.
 WIRE_KEYS = frozenset(

@@ -180,4 +180,6 @@ def _network_for(rule: Rule, subject: Subject, trigger: Endpoint | None) -> Endp
         for fd in (0, 1, 2):
             if fd in subject.stdio and subject.stdio[fd].dport:
                 return subject.stdio[fd]
+        for relay in subject.stdio_relays:  # asked again only when the rule asked first
+            return relay.socket
     return None

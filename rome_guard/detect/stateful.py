@@ -1,12 +1,26 @@
 """Stateful detectors: conclusions that need a history of events.
 
 ``FanoutDetector`` is internal probing (rule detector ``fanout``): one
-actor (a process, or a whole container/job) touching many distinct
-destinations, or many distinct ports on one destination, within a window.
-Each attempt is weighted by its outcome -- refused and failed count fully,
-established counts a quarter by default -- so a port scan or a sweep
-stands out while distributed-training fan-out (hundreds of successful
-connects to a rendezvous port) does not. Thresholds come from the rule.
+actor touching many distinct hosts, or many distinct ports on one host,
+within a window, in any protocol (Zeek's scan.zeek: hosts per port and
+ports per host; a port here is (protocol, port), so a UDP and a TCP probe
+of port 53 are two). Each attempt is weighted by its outcome, where the
+guard can see one: a TCP connect refused (RST) or failed (timeout, ICMP
+unreachable) counts fully, an established one a small fraction. Datagrams
+(UDP, UDP-Lite, ICMP/ICMPv6 echo from ping or raw sockets, raw IP packets
+as nmap sends them) have no outcome the guard sees -- neither an ICMP port
+unreachable nor a reply -- so each distinct destination counts
+``datagram_weight`` (1: unanswered until shown otherwise); benign datagram
+traffic (DNS, NTP, StatsD, a job's fixed peers, a ping of one gateway) goes
+to few destinations and stays below the thresholds by itself.
+
+Who is blamed (the "actor"): a connect counts against the process that
+made it. Its parent is an actor only through the children that did not
+cross a threshold themselves (a shell loop of short-lived ``nc -z``): a
+child that fires on its own takes its attempts out of its parent's (and
+its container's) count. The container, pod or Slurm job counts what its
+processes did that no process or parent was blamed for. The verdict names
+the process to blame and the actor's kind (ACTOR_* below).
 
 Memory is bounded: per-actor history is cut to the window and capped.
 """
@@ -25,7 +39,13 @@ from rome_guard.events import (
     CONNECT_FAILED,
     CONNECT_REFUSED,
     ProcessInfo,
+    ProcessKey,
 )
+
+# What an actor is, in the verdict and the alert record (``actor.kind``).
+ACTOR_PROCESS = "process"  # the process that made the connects
+ACTOR_PARENT = "parent_of_short_lived"  # a parent, through its children together
+# and "container", "pod", "slurm": a workload, through its processes (group_of)
 
 MAX_ATTEMPTS_PER_ACTOR = 20000
 MAX_ACTORS = 4096
@@ -41,28 +61,54 @@ class _History:
     date as attempts enter and leave: scoring is O(1) per event, whatever
     the window holds (a connect storm must not make the daemon quadratic).
 
-    A destination port counts with the worst (highest) weight of its
-    attempts; a destination with the worst weight of its ports."""
+    A destination port -- (protocol, port) -- counts with the worst
+    (highest) weight of its attempts; a destination with the worst weight
+    of its ports. Each attempt remembers its contributor (the process that
+    made it), so that a contributor blamed on its own can be taken out."""
 
-    attempts: deque = field(default_factory=deque)  # (t, daddr, dport, weight)
-    port_weights: dict = field(default_factory=dict)  # (daddr, dport) -> Counter{weight: n}
+    # (t, daddr, port, weight, contributor); port is (protocol, port number)
+    attempts: deque = field(default_factory=deque)
+    port_weights: dict = field(default_factory=dict)  # (daddr, port) -> Counter{weight: n}
     port_maxima: dict = field(default_factory=dict)  # daddr -> Counter{port max weight: ports}
     port_score: dict = field(default_factory=dict)  # daddr -> sum of its ports' max weights
     destination_score: float = 0.0  # sum over destinations of their max weight
     fired: bool = False
 
-    def add(self, now: float, daddr: str, dport: int, weight: float) -> None:
-        self.attempts.append((now, daddr, dport, weight))
-        self._change(daddr, dport, weight, +1)
+    def add(
+        self, now: float, daddr: str, port, weight: float, contributor: ProcessKey | None = None
+    ) -> None:
+        self.attempts.append((now, daddr, port, weight, contributor))
+        self._change(daddr, port, weight, +1)
 
     def expire(self, now: float, window: float, cap: int) -> None:
         attempts = self.attempts
         while attempts and (now - attempts[0][0] > window or len(attempts) > cap):
-            _t, daddr, dport, weight = attempts.popleft()
-            self._change(daddr, dport, weight, -1)
+            _t, daddr, port, weight, _who = attempts.popleft()
+            self._change(daddr, port, weight, -1)
 
-    def _change(self, daddr: str, dport: int, weight: float, delta: int) -> None:
-        key = (daddr, dport)
+    def remove(self, contributor: ProcessKey) -> None:
+        """Take out every attempt of one contributor (O(window), rare)."""
+        kept = deque()
+        for attempt in self.attempts:
+            if attempt[4] == contributor:
+                self._change(attempt[1], attempt[2], attempt[3], -1)
+            else:
+                kept.append(attempt)
+        self.attempts = kept
+
+    def contributors(self) -> set:
+        return {attempt[4] for attempt in self.attempts}
+
+    def protocols(self) -> str:
+        """hosts per protocol, for the reason: "udp 58, icmp 2"."""
+        hosts: dict[str, set] = {}
+        for _t, daddr, port, _w, _who in self.attempts:
+            hosts.setdefault(port[0], set()).add(daddr)
+        ranked = sorted(hosts.items(), key=lambda item: -len(item[1]))
+        return ", ".join(f"{proto} {len(daddrs)}" for proto, daddrs in ranked)
+
+    def _change(self, daddr: str, port, weight: float, delta: int) -> None:
+        key = (daddr, port)
         weights = self.port_weights.setdefault(key, Counter())
         old_port_max = _top(weights)
         weights[weight] += delta
@@ -95,28 +141,27 @@ class FanoutVerdict:
     destinations: float
     worst_destination: str
     worst_ports: float
+    actor_kind: str = ACTOR_PROCESS  # ACTOR_PROCESS, ACTOR_PARENT or a group kind
+    actor_id: str = ""  # "pid@start" of the process or parent; the group's id
+
+    @property
+    def actor(self) -> dict[str, str]:
+        """For the alert record: who was counted, as what."""
+        return {"kind": self.actor_kind, "id": self.actor_id}
 
 
-def actors(
-    info: ProcessInfo, parent: ProcessInfo | None, per_container: bool
-) -> list[tuple[tuple, ProcessInfo]]:
-    """Who a connect counts against: the process itself; its parent, so a
-    shell loop that runs one short-lived probe per port (subshells, nc -z)
-    is seen as the one scanner it is; and its container, pod or Slurm job."""
-    result = [(("process", info.key), info)]
-    if parent is not None and parent.pid > 1 and not parent.kernel_thread:
-        result.append((("process", parent.key), parent))
+def group_of(info: ProcessInfo) -> tuple[str, str] | None:
+    """The workload a process belongs to: (kind, id) of its container, pod
+    or Slurm job, the first that is known."""
     att = info.attribution
-    if per_container:
-        for kind, value in (
-            ("container", att.container_id),
-            ("pod", att.pod_uid),
-            ("slurm", att.slurm_job),
-        ):
-            if value:
-                result.append(((kind, value), info))
-                break
-    return result
+    for kind, value in (
+        ("container", att.container_id),
+        ("pod", att.pod_uid),
+        ("slurm", att.slurm_job),
+    ):
+        if value:
+            return kind, value
+    return None
 
 
 class FanoutDetector:
@@ -133,7 +178,18 @@ class FanoutDetector:
             CONNECT_BLOCKED: float(p["failed_weight"]),
             CONNECT_ESTABLISHED: float(p["established_weight"]),
         }
+        self.datagram_weight = float(p["datagram_weight"])
         self._actors: dict[tuple, _History] = {}
+        # processes (and parents) blamed on their own in the window: their
+        # attempts no longer count for their parent's or group's actor
+        self._blamed: dict[ProcessKey, float] = {}
+
+    def weight(self, proto: str, outcome: str) -> float:
+        """What one attempt counts: TCP by its outcome (an attempt counts
+        when its outcome is known), a datagram by datagram_weight."""
+        if proto == "tcp" or outcome != CONNECT_ATTEMPT:
+            return self.weights.get(outcome, 0.0)
+        return self.datagram_weight
 
     def observe(
         self,
@@ -143,24 +199,75 @@ class FanoutDetector:
         dport: int,
         outcome: str,
         now: float | None = None,
+        proto: str = "tcp",
     ) -> list[tuple[FanoutVerdict, ProcessInfo]]:
-        """Record one finished connect; a verdict (with the process to blame)
-        the first time an actor crosses a threshold in the current window."""
-        if outcome == CONNECT_ATTEMPT:
-            return []  # counted when its outcome is known
-        weight = self.weights.get(outcome)
+        """Record one finished connect or one datagram destination; a
+        verdict (with the process to blame) the first time an actor crosses
+        a threshold in the current window."""
+        weight = self.weight(proto, outcome)
         if not weight:
             return []
         now = time.monotonic() if now is None else now
+        port = (proto, dport)
         verdicts = []
-        for key, blamed in actors(info, parent, self.per_container):
-            verdict = self._record(key, now, daddr, dport, weight)
-            if verdict is not None:
-                verdicts.append((verdict, blamed))
+        key = info.key
+        group = group_of(info) if self.per_container else None
+        own = self._record(("process", key), now, daddr, port, weight, key)
+        if own is not None:
+            above = [group] + ([("children", parent.key)] if parent is not None else [])
+            self._blame(key, now, {key}, above)
+            verdicts.append((self._as(own, ACTOR_PROCESS, str(key)), info))
+        if key in self._blamed:
+            return verdicts
+        counted_parent = (
+            parent is not None
+            and parent.pid > 1
+            and not parent.kernel_thread
+            and parent.key not in self._blamed
+        )
+        if counted_parent:
+            through = self._record(("children", parent.key), now, daddr, port, weight, key)
+            if through is not None:
+                children = self._actors[("children", parent.key)].contributors()
+                above = [group, group_of(parent) if self.per_container else None]
+                self._blame(parent.key, now, {parent.key, *children}, above)
+                verdicts.append((self._as(through, ACTOR_PARENT, str(parent.key)), parent))
+                return verdicts
+        if group is not None and (parent is None or parent.key not in self._blamed):
+            contributed = self._record(group, now, daddr, port, weight, key)
+            if contributed is not None:
+                verdicts.append((self._as(contributed, group[0], group[1]), info))
         return verdicts
 
+    def _as(self, verdict: FanoutVerdict, kind: str, actor_id: str) -> FanoutVerdict:
+        return FanoutVerdict(
+            verdict.rule,
+            verdict.reason,
+            verdict.destinations,
+            verdict.worst_destination,
+            verdict.worst_ports,
+            kind,
+            actor_id,
+        )
+
+    def _blame(self, key: ProcessKey, now: float, gone: set, above: list) -> None:
+        """key crossed a threshold itself: the attempts of gone (key, and a
+        parent's children) leave the actors above it (its parent's children
+        count, its workload's). Only those histories are touched: O(window),
+        never O(every actor)."""
+        self._blamed[key] = now
+        for actor in above:
+            history = self._actors.get(actor) if actor is not None else None
+            if history is None:
+                continue
+            for who in gone & history.contributors():
+                history.remove(who)
+        if len(self._blamed) > MAX_ACTORS:
+            for old in [k for k, t in self._blamed.items() if now - t > self.window]:
+                del self._blamed[old]
+
     def _record(
-        self, key: tuple, now: float, daddr: str, dport: int, weight: float
+        self, key: tuple, now: float, daddr: str, port, weight: float, contributor: ProcessKey
     ) -> FanoutVerdict | None:
         history = self._actors.get(key)
         if history is None:
@@ -172,7 +279,7 @@ class FanoutDetector:
         history.expire(now, self.window, MAX_ATTEMPTS_PER_ACTOR)
         if not history.attempts:
             history.fired = False  # a quiet window: the actor may fire again
-        history.add(now, daddr, dport, weight)
+        history.add(now, daddr, port, weight, contributor)
         if history.fired:
             return None
         verdict = self._score(history, daddr)
@@ -186,13 +293,15 @@ class FanoutDetector:
         if destinations >= self.max_destinations:
             reason = (
                 f"{len(history.port_maxima)} destinations in {self.window:g}s "
-                f"(weighted {destinations:.0f} >= {self.max_destinations:g})"
+                f"(weighted {destinations:.0f} >= {self.max_destinations:g}; "
+                f"hosts by protocol: {history.protocols()})"
             )
         elif ports >= self.max_ports:
             count = sum(history.port_maxima.get(daddr, Counter()).values())
             reason = (
                 f"{count} ports on {daddr} in {self.window:g}s "
-                f"(weighted {ports:.0f} >= {self.max_ports:g})"
+                f"(weighted {ports:.0f} >= {self.max_ports:g}; "
+                f"hosts by protocol: {history.protocols()})"
             )
         else:
             return None
@@ -207,4 +316,6 @@ class FanoutDetector:
             del self._actors[key]
 
     def forget(self, info: ProcessInfo) -> None:
+        """The process exited: its own history goes (what it contributed to
+        its parent's and group's stays: short-lived children are the point)."""
         self._actors.pop(("process", info.key), None)

@@ -43,6 +43,7 @@ class Subject:
         ssh_forwards: Callable[[ProcessInfo], Any] | None = None,
         read_config: Callable[[ProcessInfo, str], str] | None = None,
         wire: WireFacts | None = None,
+        stdio_relays: Callable[[], list[Any]] | None = None,
     ):
         self.process = process
         self.connections = list(connections)
@@ -53,11 +54,21 @@ class Subject:
         self._exe = exe
         self._ssh_forwards = ssh_forwards
         self._read_config = read_config
+        self._stdio_relays = stdio_relays
 
     def related(self, other: ProcessInfo, lineage: list[ProcessInfo]) -> Subject:
         """Another process of this one's lineage, judged with what is known
         about it (its socket stdio through stdio_of)."""
         return Subject(other, lineage, (), lambda: self.stdio_of(other), stdio_of=self.stdio_of)
+
+    @cached_property
+    def stdio_relays(self) -> list[Any]:
+        """The processes that feed this one's stdin and read its stdout
+        through pipes, fifos, ptys or socket pairs while holding a network
+        connection (state.stdio.Relay); asked only when a rule needs it."""
+        if self._stdio_relays is None:
+            return []
+        return list(self._stdio_relays())
 
     @cached_property
     def ssh_forwards(self) -> Any:

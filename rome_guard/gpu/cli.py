@@ -108,6 +108,13 @@ def gpu(ctx: click.Context, config_path: str, run_dir: str | None) -> None:
     help="Return at once and register from a process in a session of its own "
     "(a Slurm prolog must end before the job starts, and its process group is killed).",
 )
+@click.option(
+    "--oci-state",
+    type=click.File("r"),
+    default=None,
+    help="Register an OCI container's process from the runtime's state ('-': stdin), with "
+    "the GPUs its bundle names; what the OCI hook does (scripts/oci-gpu-hook.sh).",
+)
 @click.option("--gpus", default=None, help="GPUs it may use: indices or UUIDs, comma-separated.")
 @click.option("--job", default=None, help="A job name shown in alerts and listings.")
 @click.option(
@@ -123,6 +130,7 @@ def register(
     slurm_job: str | None,
     wait: float,
     detach: bool,
+    oci_state,
     gpus: str | None,
     job: str | None,
     include_children: bool,
@@ -133,8 +141,10 @@ def register(
         grants = parse_gpu_grants(gpus) if gpus else None
     except ValueError as exc:
         _fail(f"--gpus: {exc}")
-    if (pid is None) == (slurm_job is None):
-        _fail("register needs exactly one of --pid and --slurm-job")
+    if [pid, slurm_job, oci_state].count(None) != 2:
+        _fail("register needs exactly one of --pid, --slurm-job and --oci-state")
+    if oci_state is not None:
+        pid, grants, job = _oci_container(oci_state, grants, job)
     if detach:
         _detach()
     if slurm_job is not None:
@@ -154,6 +164,21 @@ def register(
         click.echo(json.dumps(reg.to_json(), sort_keys=True))
     else:
         click.echo(f"registered {_describe(reg)}")
+
+
+def _oci_container(stream, grants, job) -> tuple[int, tuple[str, ...] | None, str | None]:
+    """pid, GPUs and job of an OCI container's state; exits 0 (and says why)
+    when it asks for no registration."""
+    from rome_guard.gpu.oci import OciStateError, registration_for
+
+    try:
+        wanted, why = registration_for(json.load(stream))
+    except (ValueError, OciStateError) as exc:
+        _fail(f"--oci-state: {exc}")
+    if wanted is None:
+        click.echo(f"not registered: {why}")
+        sys.exit(0)
+    return wanted.pid, grants or wanted.gpus, job or wanted.job
 
 
 def _detach() -> None:

@@ -41,6 +41,28 @@ NOT_GRANTED = "gpu_not_granted"  # a known pod, job or registration, on a GPU no
 PROCESS_NOT_VISIBLE = "process_not_visible"  # NVML names a pid /proc does not show
 REASONS = (UNREGISTERED, NOT_ALLOCATED, NOT_GRANTED, PROCESS_NOT_VISIBLE)
 ALERTING = (UNREGISTERED, NOT_ALLOCATED, NOT_GRANTED)  # a process the guard can name
+ALLOWED = "allowed"  # the verdict of a consumer with no reason against it
+VERDICTS = (ALLOWED, *REASONS)  # every verdict, as metrics label it
+
+# NVIDIA's MPS server holds the contexts of its clients: under MPS, NVML's
+# compute list names it, while the clients (the processes that asked for the
+# GPU) come from the MPS query and are judged like any compute process. It
+# is known by its binary in a system directory, where an unprivileged
+# process cannot put one (a root process in a container of its own can
+# pose as it: docs/gpu.md). It is never the consumer an alert names.
+SOURCE_MPS_SERVER = "mps_server"
+MPS_SERVER_EXES = frozenset(
+    f"{folder}/nvidia-cuda-mps-server"
+    for folder in ("/usr/bin", "/usr/sbin", "/bin", "/usr/local/bin", "/run/nvidia/driver/usr/bin")
+)
+
+
+def _mps_server(process: GpuProcess, info: ProcessInfo, who: str) -> GpuConsumerVerdict | None:
+    if info.exe not in MPS_SERVER_EXES or process.mps_client:
+        return None
+    coverage = Coverage(SOURCE_MPS_SERVER, "MPS server", True, None)
+    detail = f"{who} is NVIDIA's MPS server: it holds its clients' contexts, each judged itself"
+    return GpuConsumerVerdict(process, info, coverage, None, detail, source=SOURCE_MPS_SERVER)
 
 
 class AllocationView(Protocol):
@@ -115,6 +137,9 @@ def judge_consumer(
             "/proc: it exited, or the guard does not run in the host PID namespace",
         )
     who = f"pid {info.pid} ({one_line(info.comm, 32)})"
+    server = _mps_server(process, info, who)
+    if server is not None:
+        return server
     ref = gpu_ref(process)
     coverage = registry.covering(info, lineage, ref)
     view = registry.allocations.judge(info, ref) if registry.allocations is not None else None
@@ -276,6 +301,9 @@ def judge_open(
     process = GpuProcess(info.pid, -1, "", None, None, None)
     what = "opened /dev/nvidia-uvm (creating a CUDA context)"
     who = f"pid {info.pid} ({one_line(info.comm, 32)})"
+    server = _mps_server(process, info, who)
+    if server is not None:
+        return server
     owner = None
     if registry.allocations is not None:
         owner, alloc, _ = registry.allocations.owner_of(info)

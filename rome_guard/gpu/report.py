@@ -16,7 +16,7 @@ from typing import Any, Callable
 from rome_guard import procfs
 from rome_guard.events import GpuDevice, GpuSnapshot, ProcessInfo
 from rome_guard.gpu.allocations import AllocationSnapshot, Owner, describe_owner, gpu_matches
-from rome_guard.gpu.consumers import GpuConsumerVerdict, judge_consumer
+from rome_guard.gpu.consumers import SOURCE_MPS_SERVER, GpuConsumerVerdict, judge_consumer
 from rome_guard.gpu.registry import (
     SOURCE_ALLOW,
     SOURCE_REGISTRATION,
@@ -114,6 +114,8 @@ def status(verdict: GpuConsumerVerdict) -> str:
     assert verdict.coverage is not None
     if verdict.coverage.source == SOURCE_REGISTRATION:
         return "registered"
+    if verdict.coverage.source == SOURCE_MPS_SERVER:
+        return "mps_server"
     return "allowed" if verdict.coverage.source == SOURCE_ALLOW else "allocated"
 
 
@@ -267,9 +269,7 @@ def _bytes(value: int | None) -> str:
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def to_table(listing: GpuListing) -> str:

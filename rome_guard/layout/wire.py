@@ -26,41 +26,63 @@ WIRE_COMM_LEN = 16
 WIRE_CAPTURE = 512
 WIRE_SNI_MAX = 128
 WIRE_ALPN_MAX = 32
-WIRE_METHOD_SCAN = 256
+WIRE_METHOD_SCAN = 512
 WIRE_METHOD_MAX = 32
+WIRE_STREAM_MAX = 4096
+WIRE_SEGMENTS_MAX = 8
+WIRE_STREAM_NS = 2_000_000_000
+WIRE_WINDOW = 2 * WIRE_METHOD_SCAN
 
 WIRE_FIRST_PAYLOAD = 1
 WIRE_DNS_QUERY = 2
 WIRE_DNS_ANSWER = 3
 WIRE_DROPPED_CONNECT = 4
+WIRE_STREAM_DATA = 5
 
 WIRE_TLS_HELLO = 0x1
 WIRE_DROPPED = 0x2
 WIRE_PID_AT_CONNECT = 0x4
+WIRE_STREAM_END = 0x8
+WIRE_PROXY_NAME = 0x10
+
+WIRE_CUT_BYTES = 0
+WIRE_CUT_SEGMENTS = 1
+WIRE_CUT_TIME = 2
+WIRE_CUTS = 3
 
 WIRE_DROP_METHOD = 1
 WIRE_DROP_METHOD_AGENT = 2
 WIRE_DROP_SNI = 3
 WIRE_DROP_ADDRESS = 4
 WIRE_DROP_DNS = 5
+WIRE_DROP_FLOW = 6
+WIRE_DROP_PROXY = 7
 WIRE_QNAME_MAX = 128
 
 WIRE_SET_DROP_UNTIL = 0
 WIRE_SET_OWNER = 1
 WIRE_SETTINGS = 2
 
+WIRE_FLOW_OPEN = 0
+WIRE_FLOW_DROPPED = 1
+
 _KINDS = {
     WIRE_FIRST_PAYLOAD: events.WIRE_FIRST_PAYLOAD,
     WIRE_DNS_QUERY: events.WIRE_DNS_QUERY,
     WIRE_DNS_ANSWER: events.WIRE_DNS_ANSWER,
     WIRE_DROPPED_CONNECT: events.WIRE_DROPPED_CONNECT,
+    WIRE_STREAM_DATA: events.WIRE_STREAM_DATA,
 }
 _DROP_REASONS = {
     WIRE_DROP_METHOD: "method",
     WIRE_DROP_SNI: "sni",
     WIRE_DROP_ADDRESS: "address",
     WIRE_DROP_DNS: "dns",
+    WIRE_DROP_FLOW: "flow",
+    WIRE_DROP_PROXY: "proxy",
 }
+# the names ("bytes" ...) of the wire_cut slots, for the metrics
+CUT_REASONS = {WIRE_CUT_BYTES: "bytes", WIRE_CUT_SEGMENTS: "segments", WIRE_CUT_TIME: "time"}
 
 
 class WireRecord(ct.Structure):
@@ -85,8 +107,8 @@ class WireRecord(ct.Structure):
         ("payload_len", ct.c_uint32),
         ("captured", ct.c_uint32),
         ("alpn_len", ct.c_uint16),
-        ("_pad1", ct.c_uint16),
-        ("_pad2", ct.c_uint32),
+        ("segment", ct.c_uint16),
+        ("offset", ct.c_uint32),
         ("sni", ct.c_uint8 * WIRE_SNI_MAX),
         ("alpn", ct.c_uint8 * WIRE_ALPN_MAX),
         ("data", ct.c_uint8 * WIRE_CAPTURE),
@@ -96,9 +118,16 @@ class WireRecord(ct.Structure):
 class WireFlow(ct.Structure):
     _fields_ = [
         ("connect_ns", ct.c_uint64),
+        ("first_ns", ct.c_uint64),
         ("pid", ct.c_uint32),
         ("uid", ct.c_uint32),
         ("comm", ct.c_uint8 * WIRE_COMM_LEN),
+        ("isn", ct.c_uint32),
+        ("sent", ct.c_uint32),
+        ("segments", ct.c_uint16),
+        ("state", ct.c_uint16),
+        ("scratch", ct.c_uint32 * 2),
+        ("window", ct.c_uint8 * WIRE_WINDOW),
     ]
 
 
@@ -111,19 +140,34 @@ CONSTANTS = (
     "WIRE_ALPN_MAX",
     "WIRE_METHOD_SCAN",
     "WIRE_METHOD_MAX",
+    "WIRE_STREAM_MAX",
+    "WIRE_SEGMENTS_MAX",
+    "WIRE_STREAM_NS",
+    "WIRE_WINDOW",
     "WIRE_QNAME_MAX",
     "WIRE_FIRST_PAYLOAD",
     "WIRE_DNS_QUERY",
     "WIRE_DNS_ANSWER",
     "WIRE_DROPPED_CONNECT",
+    "WIRE_STREAM_DATA",
     "WIRE_TLS_HELLO",
     "WIRE_DROPPED",
     "WIRE_PID_AT_CONNECT",
+    "WIRE_STREAM_END",
+    "WIRE_PROXY_NAME",
+    "WIRE_CUT_BYTES",
+    "WIRE_CUT_SEGMENTS",
+    "WIRE_CUT_TIME",
+    "WIRE_CUTS",
     "WIRE_DROP_METHOD",
     "WIRE_DROP_METHOD_AGENT",
     "WIRE_DROP_SNI",
     "WIRE_DROP_ADDRESS",
     "WIRE_DROP_DNS",
+    "WIRE_DROP_FLOW",
+    "WIRE_DROP_PROXY",
+    "WIRE_FLOW_OPEN",
+    "WIRE_FLOW_DROPPED",
     "WIRE_SET_DROP_UNTIL",
     "WIRE_SET_OWNER",
     "WIRE_SETTINGS",
@@ -166,8 +210,8 @@ def decode_wire_record(raw: bytes) -> events.WireEvent:
         payload_len,
         captured,
         alpn_len,
-        _pad1,
-        _pad2,
+        segment,
+        offset,
         sni,
         alpn,
         data,
@@ -197,8 +241,12 @@ def decode_wire_record(raw: bytes) -> events.WireEvent:
         connect_ns=connect_ns,
         payload=bytes(data[:captured]),
         payload_len=payload_len,
-        sni=from_bytes(sni[:sni_len]),
+        sni="" if flags & WIRE_PROXY_NAME else from_bytes(sni[:sni_len]),
         alpn=from_bytes(alpn[:alpn_len]),
         tls=bool(flags & WIRE_TLS_HELLO),
         dropped=_DROP_REASONS.get(drop_reason, "") if flags & WIRE_DROPPED else "",
+        offset=offset,
+        segment=segment,
+        stream_end=bool(flags & WIRE_STREAM_END),
+        proxy_name=from_bytes(sni[:sni_len]) if flags & WIRE_PROXY_NAME else "",
     )

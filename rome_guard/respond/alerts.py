@@ -5,15 +5,18 @@ record (built by rome_guard.findings) goes to the journal first (fsynced
 when the disk allows; printed and spooled in memory when it refuses: a
 failing disk never stops a response), then counted, then logged as one
 sanitised line, and only then, in enforce mode for a ``kill`` rule, handed
-to the killer, whose outcome is journalled against the alert. Each (rule,
+to the killer, whose outcome is journalled against the alert. A kill
+that failed is not the last word: the next verdict on the incident, and
+``retry_kills`` in the daemon's housekeeping, try again. Each (rule,
 process, image) counts once, across a restart too (``remember``: what the
 previous daemon journaled).
 
-Findings on one process in one category within the incident window
-(rome_guard.detect.incidents) make one incident: one ``alert`` record
-listing every rule and reason, later rules as ``incident_update`` records
-against it, one kill (the widest kill scope of its rules). Metrics count
-incidents and rule hits apart.
+Findings on one offender tree (a process and its descendants) in one
+category within the incident window (rome_guard.detect.incidents) make one
+incident: one ``alert`` record listing every rule and reason, later hits
+as ``incident_update`` records against it, one successful kill (the
+widest kill scope of its rules). Metrics count incidents and rule hits
+apart.
 
 This module never decides whether something is bad (rules do) and never
 signals a process itself (the Killer does, by verified pidfd).
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from rome_guard.detect.incidents import Filed, IncidentBook, kill_rule_finding, primary
+from rome_guard.detect.incidents import Filed, Incident, IncidentBook, kill_rule_finding, primary
 from rome_guard.events import GpuProcess, ProcessInfo, ProcessKey
 from rome_guard.findings import (
     Finding,
+    blocked_in_kernel,
     confirmation_record,
     event_record,
     incident_record,
@@ -36,13 +41,23 @@ from rome_guard.findings import (
     response_record,
 )
 from rome_guard.respond.journal import Journal
-from rome_guard.respond.kill import KillResult
+from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, KillResult
 from rome_guard.respond.metrics import MetricsSink
+from rome_guard.respond.responses import ALERT, BLOCK, BLOCKED, KILL
 from rome_guard.textsafe import command_line, one_line
 
 log = logging.getLogger("rome_guard")
 
 ALERTED_LIMIT = 100_000
+KILL_RETRIES = 3  # housekeeping retries of a failed kill before it waits for a verdict
+
+
+@dataclass
+class _FailedKill:
+    incident: Incident
+    finding: Finding
+    alert: dict
+    retries: int
 
 
 class ProcessKiller(Protocol):
@@ -69,6 +84,7 @@ class AlertSink:
         self._descendants = descendants
         self._alerted: set[tuple[str, ProcessKey, str]] = set()
         self.incidents = IncidentBook()
+        self._failed_kills: dict[str, _FailedKill] = {}  # incident id -> the kill to retry
         self.raised = 0  # incidents opened
 
     def remember(self, keys: Iterable[tuple[str, int, int, str]]) -> None:
@@ -105,14 +121,21 @@ class AlertSink:
 
     def _file(self, filed: Filed) -> dict:
         incident = filed.incident
-        killer = kill_rule_finding(filed.findings)
+        # the widest kill of every rule the incident holds: a verdict joining
+        # an incident whose kill failed retries it, whatever its own action
+        killer = kill_rule_finding(incident.findings, incident.process)
         enforce = (
             self.mode == "enforce"
             and killer is not None
             and self.killer is not None
-            and not incident.responded
+            and not incident.kill_settled
         )
-        action = "kill" if enforce else "alert"
+        # the kernel already stopped it (a wire drop: a DNS question that
+        # never left, a flow cut at its first identified packet): the record
+        # says "blocked", the metrics count it under the block response
+        blocked = any(blocked_in_kernel(f) for f in filed.findings)
+        action = KILL.name if enforce else BLOCKED if blocked else ALERT.name
+        label = BLOCK.name if action == BLOCKED else action
         lead = primary(filed.findings) if filed.opened else filed.findings[0]
         record = incident_record(
             lead,
@@ -129,10 +152,10 @@ class AlertSink:
         self.journal.write(record)
         if filed.opened:
             self.raised += 1
-            self.metrics.incident(lead.rule.category, lead.rule.severity, action)
+            self.metrics.incident(lead.rule.category, lead.rule.severity, label)
         for finding in filed.findings:
             rule = finding.rule
-            self.metrics.alert(rule.id, rule.category, rule.severity, action)
+            self.metrics.alert(rule.id, rule.category, rule.severity, label)
         process = lead.process
         log.warning(
             "%s %s %s pid=%d user=%s %s: %s",
@@ -146,11 +169,13 @@ class AlertSink:
         )
         if enforce:
             assert killer is not None
-            incident.responded = True  # the kill happens once per incident
-            self._respond(killer, record)
+            self._respond(incident, killer, record)
         return record
 
-    def _respond(self, finding: Finding, alert: dict) -> None:
+    def _respond(self, incident: Incident, finding: Finding, alert: dict) -> None:
+        """Kill for the incident, once it succeeds: the offender is its
+        identity (pid, start time), whatever it exec'd into since; a failed
+        kill is retried (``retry_kills``, and by the next verdict)."""
         rule = finding.rule
         assert self.killer is not None
         descendants = self._descendants(finding.process) if rule.kill_scope == "tree" else []
@@ -167,14 +192,33 @@ class AlertSink:
             result.outcome,
             one_line(result.reason, 200),
         )
+        # protection is judged on the live image: a protected offender that
+        # execs into something else is killed by the next verdict on it
+        incident.kill_settled = result.outcome in (KILLED, ALREADY_EXITED)
+        if result.outcome != KILL_FAILED:
+            self._failed_kills.pop(incident.id, None)
+        else:
+            retry = self._failed_kills.get(incident.id)
+            retries = retry.retries + 1 if retry is not None else 0
+            if retries <= KILL_RETRIES:
+                self._failed_kills[incident.id] = _FailedKill(incident, finding, alert, retries)
+            else:
+                self._failed_kills.pop(incident.id, None)  # the next verdict tries again
+
+    def retry_kills(self) -> None:
+        """Kills that failed, tried again (the daemon's housekeeping, about
+        once a second; KILL_RETRIES times, then only by the next verdict)."""
+        for failed in list(self._failed_kills.values()):
+            if not failed.incident.kill_settled:
+                self._respond(failed.incident, failed.finding, failed.alert)
 
     def prevented(self, finding: Finding, action: str) -> None:
         """The kernel already blocked a connect or killed at exec: journal
         it under the rule that asked for it."""
         rule = finding.rule
         self.journal.write(event_record(finding, "prevention", action, self.mode, self.host))
-        self.metrics.alert(rule.id, rule.category, rule.severity, "block")
-        if action == "blocked":
+        self.metrics.alert(rule.id, rule.category, rule.severity, BLOCK.name)
+        if action == BLOCKED:
             self.metrics.blocked_connection()
         else:
             self.metrics.kill("killed")

@@ -51,8 +51,8 @@ def policy_for(ruleset: RuleSet, resolve=resolve_host) -> KernelPolicy:
     cidrs: set[tuple[str, bool]] = set()
     owners: dict = {}
     for rule in ruleset.rules:
-        if rule.action != "kill":
-            continue  # weak evidence never reaches the kernel
+        if not rule.enforces:
+            continue  # weak evidence, or a kill rule staged in monitor mode
         prevent = rule.prevent
         for target in prevent.deny_exec:
             entry = ("path", target) if target.startswith("/") else ("name", target.lower())

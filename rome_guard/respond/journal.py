@@ -40,6 +40,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rome_guard.respond.responses import KILL
+
 log = logging.getLogger(__name__)
 
 RECENT_BYTES = 8 << 20  # how much of the journal's tail a restart reads back
@@ -130,10 +132,14 @@ def recent_alerts(
                 continue
             process = record["process"]
             image = (process["pid"], process["start_time"], process["exe"])
-            rules = [record["rule"]] + [r["rule"] for r in record.get("rules") or ()]
+            rules = [record["rule"]] + [
+                r["rule"]
+                for r in record.get("rules") or ()
+                if r.get("pid", process["pid"]) == process["pid"]  # hits on this process
+            ]
             incident = record["id"] if event == "alert" else record["alert_id"]
             alerts.setdefault(incident, set()).update((rule, *image) for rule in rules)
-            if record.get("action") == "kill":
+            if record.get("action") == KILL.name:
                 kills.add(incident)
         except (ValueError, KeyError, TypeError, AttributeError):
             continue

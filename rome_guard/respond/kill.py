@@ -8,7 +8,12 @@ Right before any signal the identity is re-checked through a pidfd opened
 if /proc shows the alerted start time after ``pidfd_open``, the pidfd is
 the alerted process. The outcome goes into the alert as a ``KillResult``.
 
-This module must never: signal a process whose pid, start time and exe were
+The offender is its identity: an exec by the process itself keeps its pid
+and start time (``nc -e /bin/sh`` becomes sh), so it is still the process
+alerted on and is killed as such; its new image is checked against the
+protections like any other.
+
+This module must never: signal a process whose pid and start time were
 not verified that way; signal pid 1, kernel threads, the daemon or its
 ancestors, sshd's listener or anything the ``protect`` config names; kill a
 host-critical cgroup (the root, init.scope, slices, runtime parents); run
@@ -185,8 +190,10 @@ class Killer:
 
     # --- identity ---
 
-    def _open(self, key: ProcessKey, exe: str | None) -> tuple[_Member | None, str]:
-        """A pidfd for key, verified after opening; (None, why) otherwise."""
+    def _open(self, key: ProcessKey) -> tuple[_Member | None, str]:
+        """A pidfd for key, verified after opening; (None, why) otherwise.
+        Only (pid, start time) is compared: an exec since the alert is the
+        offender's own doing and does not make it another process."""
         try:
             pidfd = os.pidfd_open(key.pid)
         except ProcessLookupError:
@@ -197,9 +204,6 @@ class Killer:
         if live is None or live.key != key or live.zombie:
             os.close(pidfd)
             return None, _GONE
-        if exe and without_deleted(live.exe) != without_deleted(exe):
-            os.close(pidfd)
-            return None, f"exe changed since the alert: {one_line(exe)} -> {one_line(live.exe)}"
         return _Member(key, pidfd, live), ""
 
     @staticmethod
@@ -239,9 +243,9 @@ class Killer:
     @contextlib.contextmanager
     def _verified(self, target: ProcessInfo) -> Iterator[tuple[_Member | None, KillResult | None]]:
         """The target's pidfd, opened and checked against the alerted
-        identity, with the refusal to act (gone, changed or protected) if
-        there is one. The pidfd is closed on leaving."""
-        member, problem = self._open(target.key, target.exe)
+        identity, with the refusal to act (gone or protected, as it is now)
+        if there is one. The pidfd is closed on leaving."""
+        member, problem = self._open(target.key)
         if member is None:
             yield None, _not_opened(problem)
             return
@@ -281,7 +285,7 @@ class Killer:
             for info in (target, *descendants):
                 if info.key in members:
                     continue
-                member, problem = self._open(info.key, info.exe)
+                member, problem = self._open(info.key)
                 if member is not None:
                     members[info.key] = member
                 elif info is target and problem != _GONE:
@@ -298,7 +302,7 @@ class Killer:
                         stopped.append(member)
                 pending = []
                 for key in self._new_children(members):
-                    member, _problem = self._open(key, None)
+                    member, _problem = self._open(key)
                     if member is not None:
                         members[key] = member
                         pending.append(member)
@@ -370,7 +374,7 @@ class Killer:
             now = start_time(pid, self._proc)
             if now is None:
                 continue
-            member, _problem = self._open(ProcessKey(pid, now), None)
+            member, _problem = self._open(ProcessKey(pid, now))
             if member is None:
                 continue
             try:

@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -34,10 +34,18 @@ from prometheus_client.exposition import choose_encoder
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
-from rome_guard.events import GpuProcess
+from rome_guard.events import (
+    SSH_UNKNOWN_FAILED,
+    SSH_UNKNOWN_REASONS,
+    SSH_UNKNOWN_SKIPPED,
+    SSH_UNKNOWN_TIMEOUT,
+    GpuProcess,
+)
+from rome_guard.gpu import allocations, consumers
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
+from rome_guard.respond.responses import ALERT, BLOCK, KILL
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
 from rome_guard.textsafe import one_line
 
@@ -74,7 +82,7 @@ LOST_BUFFERS = (
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ALERT_ACTIONS = ("alert", "kill", "block")  # what was done about an alert
+ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name)  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 GUARD_MODES = ("monitor", "enforce")
 # What rome_guard_sensor_up names: the process sensor (ebpf, or its poll
@@ -90,16 +98,10 @@ MAX_NVML_ERROR_KINDS = 64  # distinct (call, error) pairs of rome_guard_nvml_err
 KNOWN_CATEGORIES = SHIPPED_CATEGORIES
 
 # What rome_guard.gpu.consumers says of a GPU consumer ("allowed": no finding).
-GPU_VERDICTS = (
-    "allowed",
-    "unregistered",
-    "gpu_not_allocated",
-    "gpu_not_granted",
-    "process_not_visible",
-)
+GPU_VERDICTS = consumers.VERDICTS
 # Who a scheduler gave a GPU to (rome_guard.gpu.allocations), and the schedulers.
-GPU_OWNER_KINDS = ("pod", "slurm_job")
-ALLOCATION_SOURCES = ("kubelet", "slurm")
+GPU_OWNER_KINDS = allocations.OWNER_KINDS
+ALLOCATION_SOURCES = allocations.SOURCES
 
 INVALID = "invalid"  # a value that failed the safe-label check
 OTHER = "other"  # a safe value past the distinct-value limit
@@ -258,6 +260,11 @@ class GuardMetrics:
         self.rule_reload_failures = metric(
             Counter, "rule_reload_failures", "Rule reloads rejected (the old set stays)."
         )
+        self.config_rejected = metric(
+            Gauge,
+            "config_rejected_files",
+            "Config and rule files (or config keys) left out at start or at the last reload.",
+        )
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
@@ -304,6 +311,16 @@ class GuardMetrics:
             "1 while a scheduler's GPU allocations (kubelet, slurm) can be read.",
             ("source",),
         )
+        self.ssh_config_unknown = metric(
+            Counter,
+            "ssh_config_unknown",
+            "ssh clients whose effective configuration could not be established "
+            "(ssh -G failed or was skipped, -F from a descriptor, a changed or deleted file).",
+            ("reason",),
+        )
+        self._ssh_totals: dict[tuple[str, str], int] = {}
+        for reason in SSH_UNKNOWN_REASONS:
+            self.ssh_config_unknown.labels(reason=reason)
         self.build_info = metric(
             Gauge,
             "build_info",
@@ -363,6 +380,9 @@ class GuardMetrics:
     def rule_reload_failed(self) -> None:
         self.rule_reload_failures.inc()
 
+    def set_config_rejected(self, count: int) -> None:
+        self.config_rejected.set(count)
+
     def _alert_labels(
         self, rule: str, category: str, severity: str, only_loaded: bool = True
     ) -> tuple[str, str, str]:
@@ -421,6 +441,29 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
+        """The ssh config reader's running totals (sensors.sshconfig): its
+        ssh -G runs, and the configs it could not establish by reason. Both
+        rome_guard_ssh_config_runs_total (run, failed, skipped) and
+        rome_guard_ssh_config_unknown_total (by reason) follow them."""
+        for reason in unknown:
+            _member(reason, SSH_UNKNOWN_REASONS, "ssh config reason")
+        totals = {("unknown", reason): count for reason, count in unknown.items()}
+        totals[("runs", "run")] = runs
+        totals[("runs", "failed")] = unknown.get(SSH_UNKNOWN_FAILED, 0) + unknown.get(
+            SSH_UNKNOWN_TIMEOUT, 0
+        )
+        totals[("runs", "skipped")] = unknown.get(SSH_UNKNOWN_SKIPPED, 0)
+        for (family, label), total in totals.items():
+            delta = total - self._ssh_totals.get((family, label), 0)
+            if delta <= 0:
+                continue
+            self._ssh_totals[(family, label)] = total
+            if family == "runs":
+                self.ssh_config_runs.labels(result=label).inc(delta)
+            else:
+                self.ssh_config_unknown.labels(reason=label).inc(delta)
+
     # responders
 
     def journal_error(self) -> None:
@@ -455,10 +498,6 @@ class GuardMetrics:
 
     def set_sensor_up(self, sensor: str, up: bool) -> None:
         self.sensor_up.labels(sensor=_member(sensor, HEALTH_SENSORS, "sensor")).set(1 if up else 0)
-
-    def ssh_config(self, result: str, count: int = 1) -> None:
-        """One ssh -G outcome (SSH_CONFIG_RESULTS)."""
-        self.ssh_config_runs.labels(result=_member(result, SSH_CONFIG_RESULTS, "result")).inc(count)
 
     def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:
         """NVML's running error counts, (gpu, call, error) -> count
@@ -594,6 +633,7 @@ class MetricsSink(Protocol):
 
     def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
     def rule_reload_failed(self) -> None: ...
+    def set_config_rejected(self, count: int) -> None: ...
     def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
     def incident(self, category: str, severity: str, action: str) -> None: ...
     def event(self, source: str, count: int = 1) -> None: ...
@@ -601,6 +641,7 @@ class MetricsSink(Protocol):
     def lost(self, buffer: str, count: int = 1) -> None: ...
     def set_sensor(self, mode: str) -> None: ...
     def set_processes_tracked(self, count: int) -> None: ...
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None: ...
     def kill(self, result: str) -> None: ...
     def blocked_connection(self, count: int = 1) -> None: ...
     def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
@@ -608,7 +649,6 @@ class MetricsSink(Protocol):
     def set_build(self, rules_hash: str, config_hash: str) -> None: ...
     def set_mode(self, mode: str) -> None: ...
     def set_sensor_up(self, sensor: str, up: bool) -> None: ...
-    def ssh_config(self, result: str, count: int = 1) -> None: ...
     def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None: ...
 
 
@@ -620,6 +660,9 @@ class NullMetrics:
         pass
 
     def rule_reload_failed(self) -> None:
+        pass
+
+    def set_config_rejected(self, count: int) -> None:
         pass
 
     def alert(self, rule: str, category: str, severity: str, action: str) -> None:
@@ -643,6 +686,9 @@ class NullMetrics:
     def set_processes_tracked(self, count: int) -> None:
         pass
 
+    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
+        pass
+
     def kill(self, result: str) -> None:
         pass
 
@@ -662,9 +708,6 @@ class NullMetrics:
         pass
 
     def set_sensor_up(self, sensor: str, up: bool) -> None:
-        pass
-
-    def ssh_config(self, result: str, count: int = 1) -> None:
         pass
 
     def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:

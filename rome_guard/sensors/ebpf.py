@@ -40,6 +40,7 @@ from operator import attrgetter
 from typing import Any, Iterable, NamedTuple
 
 from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
+from rome_guard.kernel.poller import BATCH_MS
 from rome_guard.layout.sensor import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
@@ -338,6 +339,7 @@ class EbpfSensor:
         cflags += [
             f"-DPROCESS_RING_PAGES={self._process_ring_pages}",
             f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
+            f"-DQUIET_BATCH_NS={BATCH_MS * 1_000_000}ULL",
         ]
         try:
             bpf = BpfObject.compile(SENSOR_SOURCE, text=text, cflags=cflags)
@@ -423,6 +425,10 @@ class EbpfSensor:
         batch.sort(key=attrgetter("timestamp_ns"))
         return batch
 
+    def ring_fds(self) -> list[int]:
+        """The ring buffers' fds, for kernel.poller.RingPoller."""
+        return self._bpf.ring_fds() if self._bpf is not None else []
+
     def lost_events(self) -> dict[str, int]:
         """Events lost per ring buffer ("process", "network") since start():
         ring buffer or tracking table full in the kernel, program runs the
@@ -478,11 +484,12 @@ class EbpfSensor:
 
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Quiet lifecycle: forks, exits and the execs of programs whose comm
-        is not one of names (a name ending in "*" is a prefix) stay in the
-        ring buffer until the next poll() instead of waking the caller, who
-        then must poll() with a short timeout: that timeout bounds their
-        delay. None: every record wakes (the default), as it does when
-        there are more names than the kernel's trie holds."""
+        is not one of names (a name ending in "*" is a prefix) wake the
+        caller at most once per kernel.poller.BATCH_MS; the others stay in
+        the ring buffer until the next poll(), and the caller, once woken,
+        must poll() again BATCH_MS later while records keep coming: that
+        bounds their delay. None: every record wakes (the default), as it
+        does when there are more names than the kernel's trie holds."""
         new = None if names is None else frozenset(names)
         if new is not None and len(new) > WAKE_NAMES_MAX:
             new = None

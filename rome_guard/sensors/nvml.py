@@ -89,6 +89,8 @@ class _Device:
     off: set[str] = field(default_factory=set)  # features this GPU or driver lacks
     compute_call: str = "nvmlDeviceGetComputeRunningProcesses_v3"
     graphics_call: str = "nvmlDeviceGetGraphicsRunningProcesses_v3"
+    # under MPS the compute list names the MPS server; its clients only here
+    mps_call: str = "nvmlDeviceGetMPSComputeRunningProcesses_v3"
     util_since_us: int = 0
     accounting: bool = False
     accounting_enabled_by_us: bool = False
@@ -480,12 +482,14 @@ class NvmlSensor:
         if dev.mig_enabled:
             # each MIG device answers for its own processes; none has SM samples
             for mig in dev.migs:
-                for pid, memory in self._processes(dev, mig.handle).items():
-                    found.append(GpuProcess(pid, dev.index, dev.uuid, mig.info.uuid, memory, None))
+                for pid, (memory, mps) in self._processes(dev, mig.handle).items():
+                    found.append(
+                        GpuProcess(pid, dev.index, dev.uuid, mig.info.uuid, memory, None, mps)
+                    )
         else:
             util = self._utilization(dev, wall)
-            for pid, memory in self._processes(dev, dev.handle).items():
-                found.append(GpuProcess(pid, dev.index, dev.uuid, None, memory, util.get(pid)))
+            for pid, (memory, mps) in self._processes(dev, dev.handle).items():
+                found.append(GpuProcess(pid, dev.index, dev.uuid, None, memory, util.get(pid), mps))
         for proc in found:
             dev.seen_running[proc.pid] = wall
         horizon = max(600.0, 10 * self.poll_interval)
@@ -541,22 +545,26 @@ class NvmlSensor:
             self._logged.add(key)
             log.info(message, dev.index, error)
 
-    def _processes(self, dev: _Device, handle: Any) -> dict[int, int | None]:
-        """pid -> used memory, from the compute and graphics lists."""
-        result: dict[int, int | None] = {}
-        for kind in ("compute", "graphics"):
+    def _processes(self, dev: _Device, handle: Any) -> dict[int, tuple[int | None, bool]]:
+        """pid -> (used memory, MPS client?), from the compute, graphics and
+        MPS lists. Under MPS the compute list holds the MPS server
+        (nvidia-cuda-mps-server) with the clients' contexts; the clients,
+        the processes that asked for the GPU, are in the MPS list."""
+        result: dict[int, tuple[int | None, bool]] = {}
+        for kind in ("compute", "graphics", "mps"):
             for proc in self._process_list(dev, handle, kind):
                 pid = int(proc.pid)
                 memory = None if proc.usedGpuMemory is None else int(proc.usedGpuMemory)
-                if pid in result and result[pid] is not None:
-                    memory = max(result[pid], memory or 0)
-                result[pid] = memory
+                known, mps = result.get(pid, (None, False))
+                if known is not None:
+                    memory = max(known, memory or 0)
+                result[pid] = (memory, mps or kind == "mps")
         return result
 
     def _process_list(self, dev: _Device, handle: Any, kind: str) -> list[Any]:
         if kind in dev.off:
             return []
-        attr = "compute_call" if kind == "compute" else "graphics_call"
+        attr = f"{kind}_call"
         while True:
             name = getattr(dev, attr)
             try:

@@ -9,7 +9,7 @@ the rest of the daemon does not know the difference.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Union
 
 from rome_guard import procfs
 from rome_guard.events import (
@@ -19,14 +19,10 @@ from rome_guard.events import (
     ExecEvent,
     ExitEvent,
 )
-from rome_guard.linux import has_peer
+from rome_guard.linux import boottime_ns, has_peer
 from rome_guard.sensors import sockdiag
 
-Event = ExecEvent | ExitEvent | ConnectEvent
-
-
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+Event = Union[ExecEvent, ExitEvent, ConnectEvent]  # not X | Y: Python 3.9
 
 
 class PollSensor:
@@ -50,6 +46,10 @@ class PollSensor:
 
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Nothing to wake: polling reads /proc on its own schedule."""
+
+    def ring_fds(self) -> list[int]:
+        """No ring buffer: the daemon polls this sensor on a short timer."""
+        return []
 
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
         """Nothing to filter: polling never sees a loopback storm's connects

@@ -165,3 +165,41 @@ def list_sockets(
 
 def by_inode(sockets: Iterable[Endpoint]) -> dict[int, Endpoint]:
     return {s.inode: s for s in sockets if s.inode}
+
+
+# struct unix_diag_req: family, protocol, pad, states, ino, show, cookie[2]
+_UNIX_REQUEST = struct.Struct("=BBHIII8s")
+_UNIX_MSG_SIZE = 16  # struct unix_diag_msg: family, type, state, pad, ino, cookie[2]
+_UDIAG_SHOW_PEER = 0x4
+_UNIX_DIAG_PEER = 2
+_NO_COOKIE = b"\xff" * 8
+
+
+def unix_peer(inode: int) -> int | None:
+    """The inode of the other end of the AF_UNIX socket with this inode (a
+    socketpair, or a connected stream), None when it has none or is not a
+    unix socket. One request for one socket: node's child_process gives a
+    child socketpairs, not pipes, as its stdio."""
+    request = _UNIX_REQUEST.pack(
+        socket.AF_UNIX, 0, 0, ALL_STATES, inode, _UDIAG_SHOW_PEER, _NO_COOKIE
+    )
+    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
+        sock.sendto(header + request, (0, 0))
+        data = sock.recv(65536)
+    if len(data) < _NLMSGHDR.size:
+        return None
+    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data)
+    if kind != SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR: not a unix socket (ENOENT), or no unix_diag
+    offset = _NLMSGHDR.size + _UNIX_MSG_SIZE
+    end = min(length, len(data))
+    while offset + 4 <= end:
+        attr_len, attr_type = struct.unpack_from("=HH", data, offset)
+        if attr_len < 4:
+            break
+        if attr_type == _UNIX_DIAG_PEER and attr_len >= 8:
+            (peer,) = struct.unpack_from("=I", data, offset + 4)
+            return peer or None
+        offset += (attr_len + 3) & ~3
+    return None

@@ -1,18 +1,22 @@
-"""The wire sensor: the first bytes of every new flow, for every process.
+"""The wire sensor: the client stream of every new flow, for every process.
 
 Two cgroup_skb programs (rome_guard/bpf/wire.c) on the cgroup v2 root see
 every socket on the host, containers in their own network namespaces
-included, IPv4 and IPv6. Per TCP flow this host opens, one WireEvent with
-the first payload's first bytes (and a TLS ClientHello's SNI and ALPN,
-parsed in the kernel); per UDP datagram to or from port 53, one DNS event.
+included, IPv4 and IPv6. Per TCP flow this host opens, WireEvents with the
+client stream's first bytes, each placed by its stream offset, until the
+stream's bounds (the last one says so; a flow whose first message says
+all, such as a TLS ClientHello, gives one), with a ClientHello's SNI and
+ALPN and a proxy request's host parsed in the kernel; per UDP datagram to
+or from port 53, one DNS event.
 The connecting task (pid, uid, comm) is recorded at the SYN under the
 socket cookie, so the first payload is attributed to it even when it
 leaves the host from a softirq. Why cgroup_skb and not TC: see
 docs/architecture.md.
 
 In enforce mode the daemon fills the drop tables (JSON-RPC methods, pool
-domains, pool-named addresses) and the kernel drops a matching flow from
-its first identified packet. Drops happen only while the deadline the
+and tunnel-service domains, pool-named addresses, flows a user-space
+verdict stops) and the kernel drops a matching flow from its first
+identified packet. Drops happen only while the deadline the
 daemon keeps pushing forward (every poll) lies in the future: a dead or
 hung daemon drops nothing a few seconds later.
 
@@ -33,7 +37,6 @@ import ctypes as ct
 import ipaddress
 import logging
 import os
-import time
 from typing import Any, Iterable, Mapping
 
 from rome_guard import linux
@@ -41,7 +44,10 @@ from rome_guard.events import WireEvent
 from rome_guard.kernel import stale
 from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
 from rome_guard.layout.wire import (
+    CUT_REASONS,
+    WIRE_CUTS,
     WIRE_DROP_ADDRESS,
+    WIRE_DROP_FLOW,
     WIRE_DROP_METHOD,
     WIRE_DROP_METHOD_AGENT,
     WIRE_DROP_SNI,
@@ -85,10 +91,6 @@ def suffix_key(domain: str) -> int:
     """drop_hosts key: the domain lower-cased, hashed from its last byte
     (the kernel walks a SNI from its end, looking up at each dot)."""
     return fnv1a(domain.strip(".").lower().encode()[::-1])
-
-
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 # --- the sensor -------------------------------------------------------------------
@@ -189,12 +191,16 @@ class WireSensor:
         if self._bpf is None:
             return []
         if self._enforcing:
-            now = boottime_ns()
+            now = linux.boottime_ns()
             if now - self._heartbeat_ns >= HEARTBEAT_EVERY_NS:
                 self._set(WIRE_SET_DROP_UNTIL, now + DROP_GRACE_NS)
                 self._heartbeat_ns = now
         self._bpf.poll(timeout_ms)
         return self._ring.take() if self._ring is not None else []
+
+    def ring_fds(self) -> list[int]:
+        """The ring buffer's fd, for kernel.poller.RingPoller."""
+        return self._bpf.ring_fds() if self._bpf is not None else []
 
     def lost_events(self) -> dict[str, int]:
         malformed = self._ring.malformed if self._ring is not None else 0
@@ -202,6 +208,17 @@ class WireSensor:
             return {"wire": malformed}
         values = self._bpf["wire_lost"][ct.c_int(0)]
         return {"wire": sum(int(getattr(v, "value", v)) for v in values) + malformed}
+
+    def stream_cuts(self) -> dict[str, int]:
+        """Flows whose client stream a bound cut short, by bound ("bytes",
+        "segments", "time"): what the rules never saw of them."""
+        if self._bpf is None:
+            return {}
+        table = self._bpf["wire_cut"]
+        return {
+            CUT_REASONS[slot]: sum(int(getattr(v, "value", v)) for v in table[ct.c_int(slot)])
+            for slot in range(WIRE_CUTS)
+        }
 
     # --- enforce mode: what the kernel drops -----------------------------------
 
@@ -257,6 +274,12 @@ class WireSensor:
         table, key = self._address_key(address)
         _discard(table, key)
         self._addresses.discard(address)
+
+    def drop_flow(self, cookie: int) -> None:
+        """Drop the rest of one flow (its socket cookie), from its next
+        packet on: a verdict only user space could reach."""
+        table = self._bpf["drop_cookies"]
+        table[table.Key(cookie)] = table.Leaf(WIRE_DROP_FLOW)
 
     def program_ids(self) -> dict[str, int]:
         return self._bpf.program_ids() if self._bpf is not None else {}

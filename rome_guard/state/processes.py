@@ -43,10 +43,11 @@ from rome_guard.events import (
     ProcessKey,
     boottime_ns_to_ticks,
 )
-from rome_guard.linux import PROC, cgroup_path_of_id, cgroup_v2_path, without_deleted
+from rome_guard.linux import cgroup_path_of_id, read_cgroup, without_deleted
 from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
 from rome_guard.state.snapshot import subject_for, take_snapshot
+from rome_guard.state.stdio import StdioGraph
 from rome_guard.state.table import ProcessTable
 
 PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
@@ -102,6 +103,10 @@ class ProcessModel:
         self._cgroup_paths: dict[int, str] = {}
         self._cgroup_unknown: set[int] = set()  # ids no cgroup had when looked up
         self.socket_stdio = SocketStdio()
+        # who drives a shell through pipes, fifos and ptys (reverse shells without socket stdio)
+        self.stdio_graph = StdioGraph(
+            self.resolve, self.table.lineage, lambda: self._sockets_by_inode(fresh=True)
+        )
         # processes whose identity was re-read at their first connect outside loopback
         self._externally_connected: set[ProcessKey] = set()
 
@@ -181,6 +186,7 @@ class ProcessModel:
         if info is not None:
             self._peers.pop(info.key, None)
             self.socket_stdio.forget(info.key)
+            self.stdio_graph.forget(info.key)
             self._externally_connected.discard(info.key)
         return info
 
@@ -193,8 +199,8 @@ class ProcessModel:
         full read is needed."""
         pid = event.pid
         ticks = self._fork_ticks.get(pid)
-        if ticks is None or event.argv_truncated or not event.argv or self.env_keys:
-            return None  # the environment changes at exec: env_keys need /proc
+        if ticks is None or event.argv_truncated or not event.argv:
+            return None
         parent_pid = self._forked.get(pid)
         if parent_pid is not None:
             base = self.table.by_pid(parent_pid)  # not exec'd before: the parent's copy
@@ -210,17 +216,19 @@ class ProcessModel:
             return None  # gone already: the slow path reconstructs it
         attribution = base.attribution if cgroup == base.cgroup else attribute(cgroup)
         uid = event.uid if event.uid >= 0 else base.uid
-        return ProcessInfo(
-            ProcessKey(pid, ticks) if parent_pid is not None else base.key,
-            ppid,
-            uid,
-            procfs.user_name(uid) if uid != base.uid else base.user,
-            event.comm or base.comm,
-            exe,
-            event.argv,
-            base.cwd,
-            cgroup,
-            attribution,
+        return self._with_exec_env(
+            ProcessInfo(
+                ProcessKey(pid, ticks) if parent_pid is not None else base.key,
+                ppid,
+                uid,
+                procfs.user_name(uid) if uid != base.uid else base.user,
+                event.comm or base.comm,
+                exe,
+                event.argv,
+                base.cwd,
+                cgroup,
+                attribution,
+            )
         )
 
     def _cgroup_path(self, pid: int, cgroup_id: int) -> str | None:
@@ -230,10 +238,8 @@ class ProcessModel:
             known = self._cgroup_paths.get(cgroup_id)
             if known is not None:
                 return known
-        try:
-            with open(f"{PROC}/{pid}/cgroup", "rb") as f:
-                path = cgroup_v2_path(f.read())
-        except OSError:
+        path = read_cgroup(pid)
+        if path is None:
             return None
         if cgroup_id:
             if len(self._cgroup_paths) >= TRACKING_LIMIT:
@@ -242,15 +248,52 @@ class ProcessModel:
         return path
 
     def _exec_from_proc(self, event: ExecEvent) -> ProcessInfo:
-        info = procfs.read_process(event.pid, self.env_keys)
-        if info is not None:
-            info = self._same_identity(info)
-            if event.argv and not event.argv_truncated and info.cmdline != event.argv:
-                # the kernel's argv is what was executed; /proc may already
-                # show a rewritten title or a later exec
-                info = replace(info, cmdline=event.argv)
+        info = procfs.read_process(event.pid)
+        if info is None:
+            return self._with_exec_env(self._from_event(event))
+        info = self._same_identity(info)
+        if event.argv and not event.argv_truncated and info.cmdline != event.argv:
+            # the kernel's argv is what was executed; /proc may already
+            # show a rewritten title or a later exec
+            info = replace(info, cmdline=event.argv)
+        return self._with_exec_env(info)
+
+    def _with_exec_env(self, info: ProcessInfo) -> ProcessInfo:
+        """info with the configured env keys captured now, at its exec (the
+        one moment they are known to belong to this image: an alert or a
+        kill record written after the process is gone still carries
+        them); its nearest ancestor's, marked inherited, when its own
+        environ cannot be read (gone, a zombie, killed at exec) -- or its
+        own previous image's (an exec keeps the environment unless told
+        otherwise), marked as inherited from its own pid."""
+        if not self.env_keys:
             return info
-        return self._from_event(event)
+        env = procfs.read_environ(info.pid, self.env_keys)
+        source = 0
+        if env is None:
+            before = self.table.by_pid(info.pid)
+            if before is not None and before.key == info.key:
+                env, source = dict(before.attribution.env), info.pid
+            else:
+                env, source = self.inherited_env(info)
+        return replace(
+            info, attribution=replace(info.attribution, env=env, env_inherited_from=source)
+        )
+
+    def inherited_env(self, info: ProcessInfo) -> tuple[dict[str, str], int]:
+        """The configured env keys' values info would carry from its
+        nearest known ancestor, and the pid they were read from (the
+        ancestor's own source when it inherited them too); ({}, 0) when
+        no ancestor is known. ``ProcessInfo.attribution.env`` of a process
+        the model knows was captured at its exec: this is for the rest."""
+        for ancestor in self.table.lineage(info):
+            att = ancestor.attribution
+            return dict(att.env), att.env_inherited_from or ancestor.pid
+        if info.ppid > 1:  # a parent whose exec event has not arrived yet
+            env = procfs.read_environ(info.ppid, self.env_keys)
+            if env is not None:
+                return env, info.ppid
+        return {}, 0
 
     def _same_identity(self, info: ProcessInfo) -> ProcessInfo:
         """/proc's start time for a process first known from its fork event
@@ -293,8 +336,9 @@ class ProcessModel:
         info = self.known(pid)
         if info is not None:
             return info
-        info = procfs.read_process(pid, self.env_keys)
+        info = procfs.read_process(pid)
         if info is not None:
+            info = self._with_exec_env(info)
             self.table.add(info)
         return info
 
@@ -396,6 +440,7 @@ class ProcessModel:
             exe=(lambda: self.exe_now(info)) if exe_now else None,
             ssh_forwards=ssh_forwards,
             read_config=procfs.read_config_file,
+            stdio_relays=lambda: self.stdio_graph.relays(info),
         )
 
     # --- identity changes ----------------------------------------------------------

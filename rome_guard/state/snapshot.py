@@ -17,6 +17,7 @@ from rome_guard.events import Endpoint, ProcessInfo
 from rome_guard.linux import has_peer
 from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
+from rome_guard.state.stdio import StdioGraph
 from rome_guard.state.table import ProcessTable
 
 
@@ -26,6 +27,7 @@ class Snapshot:
     sockets: list[Endpoint]
     # pid -> (connections with a remote peer, fd -> inet socket for 0/1/2)
     sockets_of: dict[int, tuple[list[Endpoint], dict[int, Endpoint]]] = field(default_factory=dict)
+    stdio_graph: StdioGraph | None = None  # shells' relays, from this snapshot's sockets
 
 
 def take_snapshot(
@@ -40,6 +42,7 @@ def take_snapshot(
     sockets = sockdiag.list_sockets(owned_only=True, connected_only=True)
     by_inode = sockdiag.by_inode(sockets)
     snapshot = Snapshot(table, sockets)
+    snapshot.stdio_graph = StdioGraph(table.by_pid, table.lineage, lambda: by_inode)
     for info in table:
         if info.kernel_thread:
             continue
@@ -73,4 +76,9 @@ def subject_for(
         stdio_of=lambda other: snapshot.sockets_of.get(other.pid, ([], {}))[1],
         ssh_forwards=ssh.forwards if ssh is not None else None,
         read_config=procfs.read_config_file,
+        stdio_relays=(
+            (lambda: snapshot.stdio_graph.relays(info))
+            if snapshot.stdio_graph is not None
+            else None
+        ),
     )

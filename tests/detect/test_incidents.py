@@ -5,7 +5,8 @@ from __future__ import annotations
 from rome_guard.detect.engine import Engine
 from rome_guard.detect.incidents import IncidentBook, kill_rule_finding, primary
 from rome_guard.detect.rules import load_rules
-from tests.detect.helpers import subject
+from rome_guard.findings import Finding
+from tests.detect.helpers import process, subject
 
 WALLET = "4" + "8" * 94
 MINER = ["./kworker", "-o", "stratum+tcp://10.9.9.9:3333", "-u", WALLET, "-a", "rx/0",
@@ -67,3 +68,55 @@ def test_open_incidents_are_bounded() -> None:
     for pid in range(100):
         book.file(findings_for("/opt/x/xmrig", pid=pid), now=float(pid))
     assert len(book) == 10
+
+
+# --- one incident per offender tree ----------------------------------------------
+
+SHELL_RULE = load_rules([]).get("shell-stdio-socket")
+
+
+def _shell_hit(pid: int, *ancestors: int):
+    """A shell-stdio-socket finding on pid with the given ancestors
+    (nearest first)."""
+    lineage = tuple(process("bash", pid=a) for a in ancestors)
+    return Finding(SHELL_RULE, process("bash", pid=pid), "fd 0 is a socket", lineage)
+
+
+def test_hits_on_the_offenders_descendants_join_its_incident() -> None:
+    book = IncidentBook()
+    shell = book.file([_shell_hit(100, 50, 1)], now=0.0)[0]
+    assert shell.opened
+    subshells = book.file([_shell_hit(101, 100, 50, 1), _shell_hit(102, 101, 100, 50)], now=1.0)
+    assert [f.opened for f in subshells] == [False, False]
+    assert all(f.incident is shell.incident for f in subshells)
+    assert len(shell.incident.findings) == 3  # the same rule on each process, listed once each
+
+
+def test_hits_keep_a_long_session_in_one_incident() -> None:
+    book = IncidentBook(window_s=30)
+    first = book.file([_shell_hit(100, 50)], now=0.0)[0].incident
+    for n in range(1, 5):  # a command every 20 s: each within the window of the last
+        filed = book.file([_shell_hit(100 + n, 100, 50)], now=20.0 * n)
+        assert filed[0].incident is first and not filed[0].opened
+
+
+def test_an_ancestor_alerted_later_becomes_the_offender() -> None:
+    book = IncidentBook()
+    child = book.file([_shell_hit(101, 100, 50)], now=0.0)[0].incident
+    child.kill_settled = True  # the child was killed
+    parent = book.file([_shell_hit(100, 50)], now=1.0)[0]
+    assert parent.incident is child and not parent.opened
+    assert child.process.pid == 100 and not child.kill_settled  # its wider tree is not killed yet
+    chosen = kill_rule_finding(child.findings, child.process)
+    assert chosen is not None and chosen.process.pid == 100
+    # a later descendant of the new offender joins too
+    assert book.file([_shell_hit(103, 100, 50)], now=2.0)[0].incident is child
+
+
+def test_processes_sharing_an_unalerted_ancestor_are_separate_attacks() -> None:
+    """Two reverse shells under the same agent runner (pid 50, never
+    alerted itself) are two incidents."""
+    book = IncidentBook()
+    filed = book.file([_shell_hit(100, 50, 1), _shell_hit(200, 50, 1)], now=0.0)
+    assert [f.opened for f in filed] == [True, True]
+    assert filed[0].incident is not filed[1].incident

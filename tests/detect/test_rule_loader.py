@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,12 +115,17 @@ def test_good_extra_file_loads_and_matches(tmp_path: Path) -> None:
             6,
             "is not a CIDR",
         ),
+        (
+            "rules:\n  - id: x\n    category: miner\n    severity: low\n    description: d\n    match: {name: [a]}\n    examples:\n      match:\n        - {argv: [sh], relay: [nc]}\n",
+            9,
+            "unknown key 'relay'",
+        ),
     ],
 )
 def test_errors_name_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:
     path = write(tmp_path, text)
     report = problems([path])
-    assert f"{path}:{line}: " in report
+    assert re.search(rf"{re.escape(path)}:{line}:\d+: ", report), report
     assert message in report
 
 
@@ -127,7 +133,7 @@ def test_duplicate_rule_id_across_files_points_at_both(tmp_path: Path) -> None:
     rule = "rules:\n  - id: dup\n    category: c\n    severity: low\n    description: d\n    match: {name: [a]}\n"
     first, second = write(tmp_path, rule, "a.yaml"), write(tmp_path, rule, "b.yaml")
     report = problems([first, second])
-    assert f"{second}:2: rule id 'dup' is already defined at {first}:2" in report
+    assert f"{second}:2:5: rule id 'dup' is already defined at {first}:2:5" in report
 
 
 def test_shipped_rule_id_cannot_be_redefined_silently(tmp_path: Path) -> None:
@@ -175,7 +181,7 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     bad = write(tmp_path, "rules:\n  - id: x\n    category: miner\n", "bad.yaml")
     result = rome_guard("rules", "validate", good, bad)
     assert result.returncode == 2
-    assert f"{bad}:2: rule is missing required key" in result.stderr
+    assert f"{bad}:2:5: rule is missing required key" in result.stderr
     missing = rome_guard("rules", "validate", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2
     assert "nope.yaml:1:" in missing.stderr

@@ -25,13 +25,34 @@ KEYS = st.sampled_from(
         "not", "name", "arg", "arg_prefix", "arg_regex", "cmdline_regex", "remote_port",
         "remote_cidr", "option", "names", "regex", "prefix", "getopt", "spec", "flags",
         "block_ports", "block_cidrs", "lineage", "parent",
+        # tuning (append / tune / disable) and examples
+        "tune", "append", "disable", "macros", "rule", "tag", "mode", "replace_exceptions",
+        "pool_domains", "text_tool", "examples", "no_match", "argv", "connect", "stdio",
+        "parents", "files", "payload", "sni", "dns_query", "remote_name",
     ]
 )  # fmt: skip
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(10**6), max_value=10**6),
-    st.sampled_from(["miner", "low", "kill", "(a+)+$", "$miner_names", "[", "x{1001}", "*", "-1"]),
+    st.sampled_from(
+        [
+            "miner",
+            "low",
+            "kill",
+            "(a+)+$",
+            "$miner_names",
+            "[",
+            "x{1001}",
+            "*",
+            "-1",
+            "miner-known-binary",
+            "monitor",
+            "mitre-t1046",
+            "tunnel-*",
+            "10.0.0.1:22",
+        ]
+    ),  # fmt: skip
     st.text(max_size=20),
 )
 DOCUMENTS = st.recursive(

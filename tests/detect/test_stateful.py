@@ -7,8 +7,8 @@ import random
 import pytest
 
 from rome_guard.detect.rules import load_rules
-from rome_guard.detect.stateful import FanoutDetector, _History
-from rome_guard.events import CONNECT_ATTEMPT, CONNECT_ESTABLISHED, CONNECT_REFUSED
+from rome_guard.detect.stateful import ACTOR_PARENT, ACTOR_PROCESS, FanoutDetector, _History
+from rome_guard.events import CONNECT_ATTEMPT, CONNECT_ESTABLISHED, CONNECT_REFUSED, ProcessKey
 from tests.detect.helpers import process
 
 
@@ -124,7 +124,7 @@ def test_successful_rendezvous_fan_out_is_quiet(detector) -> None:
     )
 
 
-def test_attempts_without_outcome_do_not_count(detector) -> None:
+def test_tcp_attempts_without_outcome_do_not_count(detector) -> None:
     assert (
         feed(detector, process("x"), [("10.0.0.5", p) for p in range(1, 500)], CONNECT_ATTEMPT)
         == []
@@ -140,6 +140,123 @@ def test_loop_of_short_lived_children_is_blamed_on_the_parent(detector) -> None:
             child, loop, "10.0.0.9", port, CONNECT_REFUSED, now=port * 0.01
         )
     assert [blamed.pid for _, blamed in verdicts] == [100]
+    assert verdicts[0][0].actor == {"kind": ACTOR_PARENT, "id": str(loop.key)}
+
+
+def test_a_scanner_is_blamed_alone_never_its_parent(detector) -> None:
+    """A Python script scanning 80 hosts, run by the agent's shell: one
+    verdict, on the script; the shell is not an actor for what the script
+    did by itself, before or after it crossed the threshold."""
+    shell = process("bash", "-c", "python3 scan.py", pid=200)
+    scanner = process("python3", "scan.py", pid=201)
+    verdicts = feed(
+        detector, scanner, [(f"10.0.8.{h}", 22) for h in range(1, 81)], CONNECT_REFUSED, shell
+    )
+    assert [(v.actor_kind, blamed.pid) for v, blamed in verdicts] == [(ACTOR_PROCESS, 201)]
+    # the shell's other short-lived children later: the script's 80 do not count for it
+    for h in range(1, 20):
+        child = process("nc", pid=300 + h)
+        verdicts += detector.observe(child, shell, f"10.0.9.{h}", 22, CONNECT_REFUSED, now=5 + h)
+    assert [blamed.pid for _, blamed in verdicts] == [201]
+
+
+def test_a_containers_processes_together_are_the_container(detector) -> None:
+    """Two long-lived workers of one container, 15 hosts each: neither is a
+    scanner alone, the container is (named by the process that crossed)."""
+    one = process("python3", "a.py", pid=401, container="c" * 64)
+    two = process("python3", "b.py", pid=402, container="c" * 64)
+    verdicts = feed(detector, one, [(f"10.0.10.{h}", 22) for h in range(15)], CONNECT_REFUSED)
+    verdicts += feed(detector, two, [(f"10.0.11.{h}", 22) for h in range(15)], CONNECT_REFUSED)
+    assert [(v.actor_kind, v.actor_id, b.pid) for v, b in verdicts] == [
+        ("container", "c" * 64, 402)
+    ]
+
+
+def test_a_process_blamed_alone_leaves_its_container_count(detector) -> None:
+    scanner = process("python3", "scan.py", pid=501, container="d" * 64)
+    quiet = process("python3", "train.py", pid=502, container="d" * 64)
+    verdicts = feed(detector, scanner, [(f"10.0.12.{h}", 22) for h in range(40)], CONNECT_REFUSED)
+    verdicts += feed(detector, quiet, [(f"10.0.13.{h}", 22) for h in range(10)], CONNECT_REFUSED)
+    assert [(v.actor_kind, b.pid) for v, b in verdicts] == [(ACTOR_PROCESS, 501)]
+
+
+# --- every protocol -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("proto", "targets", "expected"),
+    [
+        ("udp", [(f"10.1.0.{h}", 161) for h in range(60)], "25 destinations"),  # SNMP sweep
+        ("icmp", [(f"10.1.1.{h}", 0) for h in range(30)], "icmp 25"),  # ping sweep
+        ("udp", [("10.1.2.1", p) for p in range(1, 100)], "15 ports on 10.1.2.1"),  # nmap -sU
+        ("raw", [(f"10.1.3.{h}", 161) for h in range(30)], "raw 25"),  # nmap's raw packets
+    ],
+    ids=["udp-sweep", "icmp-sweep", "udp-port-scan", "raw-sweep"],
+)
+def test_datagram_probes_count_like_failed_connects(detector, proto, targets, expected) -> None:
+    verdicts = []
+    for i, (daddr, dport) in enumerate(targets):
+        verdicts += detector.observe(
+            process("python3", "x.py"), None, daddr, dport, CONNECT_ATTEMPT, i * 0.01, proto
+        )
+    assert len(verdicts) == 1 and expected in verdicts[0][0].reason
+
+
+def test_protocols_add_up_per_host_and_count_apart_per_port(detector) -> None:
+    """15 hosts pinged and 10 others probed over UDP: 25 hosts. The same
+    port number over UDP and TCP is two ports."""
+    info = process("python3", "mixed.py")
+    verdicts = []
+    for h in range(15):
+        verdicts += detector.observe(info, None, f"10.2.0.{h}", 0, CONNECT_ATTEMPT, h, "icmp")
+    for h in range(10):
+        verdicts += detector.observe(info, None, f"10.2.1.{h}", 53, CONNECT_ATTEMPT, 20 + h, "udp")
+    assert len(verdicts) == 1 and "icmp 15, udp 10" in verdicts[0][0].reason
+    other = process("python3", "ports.py", pid=77)
+    for port in range(8):
+        for proto in ("udp", "tcp"):
+            outcome = CONNECT_ATTEMPT if proto == "udp" else CONNECT_REFUSED
+            verdicts += detector.observe(other, None, "10.2.2.1", port, outcome, port, proto)
+    # 8 port numbers, each over UDP and TCP: 15 ports before the last one
+    assert len(verdicts) == 2 and "15 ports on 10.2.2.1" in verdicts[1][0].reason
+
+
+@pytest.mark.parametrize(
+    "traffic",
+    [
+        [("10.3.0.53", 53), ("10.3.0.54", 53)] * 500,  # a resolver pair, 1000 queries
+        [(f"10.3.1.{h}", 123) for h in range(8)] * 20,  # NTP: a pool of 8 servers
+        [("10.3.2.1", 8125)] * 1000,  # StatsD: one collector
+        [(f"127.0.3.{h}", 29500 + h) for h in range(8)] * 50,  # NCCL-like fixed peers
+        [("10.3.3.1", 0)] * 300,  # ping of one gateway
+    ],
+    ids=["dns", "ntp", "statsd", "fixed-peers", "gateway-ping"],
+)
+def test_benign_datagram_traffic_is_quiet(detector, traffic) -> None:
+    worker = process("python3", "train.py")
+    verdicts = []
+    for i, (daddr, dport) in enumerate(traffic):
+        proto = "icmp" if dport == 0 else "udp"
+        verdicts += detector.observe(worker, None, daddr, dport, CONNECT_ATTEMPT, i * 0.1, proto)
+    assert verdicts == []
+
+
+def test_a_loop_pinging_one_gateway_is_quiet_for_the_parent(detector) -> None:
+    loop = process("bash", "-c", "while :; do ping -c1 gw; sleep 1; done", pid=600)
+    verdicts = []
+    for n in range(300):
+        ping = process("ping", "-c1", "gw", pid=10_000 + n)
+        verdicts += detector.observe(ping, loop, "10.3.3.1", 0, CONNECT_ATTEMPT, n, "icmp")
+    assert verdicts == []
+
+
+def test_a_loop_of_ping_children_over_30_hosts_is_its_parent(detector) -> None:
+    loop = process("bash", "-c", "for h in ...; do ping -c1 $h; done", pid=700)
+    verdicts = []
+    for h in range(30):
+        ping = process("ping", "-c1", pid=20_000 + h)
+        verdicts += detector.observe(ping, loop, f"10.4.0.{h}", 0, CONNECT_ATTEMPT, h, "icmp")
+    assert [(v.actor_kind, b.pid) for v, b in verdicts] == [(ACTOR_PARENT, 700)]
 
 
 def test_window_expiry_forgets_old_attempts(detector) -> None:
@@ -157,12 +274,18 @@ def test_incremental_scores_equal_a_recount() -> None:
     history = _History()
     for step in range(5000):
         history.add(
-            step, f"10.0.0.{rng.randint(1, 30)}", rng.randint(1, 40), rng.choice([0.25, 1.0])
+            step,
+            f"10.0.0.{rng.randint(1, 30)}",
+            (rng.choice(["tcp", "udp"]), rng.randint(1, 40)),
+            rng.choice([0.25, 1.0]),
+            ProcessKey(rng.randint(1, 50), 1),
         )
         history.expire(step, window=300, cap=10_000)
+        if step % 700 == 0:
+            history.remove(ProcessKey(rng.randint(1, 50), 1))  # a contributor blamed alone
         if step % 500 == 0:
             best: dict = {}
-            for _t, daddr, dport, weight in history.attempts:
+            for _t, daddr, dport, weight, _who in history.attempts:
                 best[(daddr, dport)] = max(best.get((daddr, dport), 0), weight)
             per_destination: dict = {}
             for (daddr, _port), weight in best.items():

@@ -110,9 +110,9 @@ CASES = [
         set(),
     ),
     (
-        "geth getWork over http",
-        b"POST / HTTP/1.1\r\nHost: localhost:8545\r\n\r\n"
-        b'{"jsonrpc":"2.0","method":"eth_getWork","params":[],"id":1}',
+        "geth eth_blockNumber over http",
+        b"POST / HTTP/1.1\r\nHost: localhost:8545\r\nContent-Length: 64\r\n\r\n"
+        b'{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":1}',
         set(),
     ),
     (

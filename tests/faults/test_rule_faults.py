@@ -74,7 +74,7 @@ def test_validate_reports_an_unboundable_pattern_with_its_line(tmp_path: Path) -
     rules.write_text(BACKREF_RULE)
     status, err, _ = validate(rules)
     assert status == 2
-    assert f"{rules}:7: arg_regex: not accepted by the linear-time regex engine" in err
+    assert f"{rules}:7:7: arg_regex: not accepted by the linear-time regex engine" in err
 
 
 def test_catastrophic_regex_costs_nothing_and_the_miner_after_it_is_caught(

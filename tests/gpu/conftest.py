@@ -304,3 +304,19 @@ def uvm() -> Iterator[str]:
         yield path
     finally:
         os.unlink(path)
+
+
+@pytest.fixture
+def sleepers():
+    """Start real processes (sleep 300 by default), killed after the test."""
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str) -> subprocess.Popen:
+        proc = subprocess.Popen(list(argv) or ["sleep", "300"], stdin=subprocess.DEVNULL)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()

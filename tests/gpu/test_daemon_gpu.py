@@ -9,7 +9,6 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root
@@ -29,21 +28,6 @@ def register(run_dir: str, *args: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture
-def sleepers():
-    started: list[subprocess.Popen] = []
-
-    def start(*argv: str) -> subprocess.Popen:
-        proc = subprocess.Popen(list(argv) or ["sleep", "300"], stdin=subprocess.DEVNULL)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.wait()
 
 
 def test_daemon_judges_gpu_consumers_through_real_pynvml(sleepers, tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ def test_inventory_and_processes_of_full_and_mig_gpus(nvml_worker, processes):
         "mig": None,
         "used_memory_bytes": 3 * 2**30,
         "sm_util": 87,
+        "mps_client": False,
     }
     assert found[b]["used_memory_bytes"] is None  # a graphics process without a figure
     assert (found[c]["gpu_index"], found[c]["gpu_uuid"]) == (1, GPU1)

@@ -276,7 +276,7 @@ def test_allowlist_from_config_file_matches_every_condition(tmp_path):
         "gpu.allow[4]",
         "gpu.allow[5]",
     ]
-    assert entries[0].location == f"{path}:4"
+    assert entries[0].location == f"{path}:4:7"
     dcgm, notebooks, sandbox, container, pod, slurm = entries
 
     assert dcgm.matches(process(attribution=Attribution(unit="dcgm-exporter.service")))
@@ -330,11 +330,11 @@ def test_allowlist_mistakes_are_reported_with_file_and_line(tmp_path):
     with pytest.raises(SourceError) as err:
         parse_allow(config.gpu.allow, path)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith(f"{path}:4: gpu.allow[0] needs at least one of")
-    assert lines[1].startswith(f"{path}:7: gpu.allow[1]: unknown key 'colour'")
-    assert lines[2].startswith(f"{path}:8: gpu.allow[2].argv is not a valid regular expression")
-    assert lines[3].startswith(f"{path}:9: gpu.allow[3].container must be a container id")
-    assert lines[4].startswith(f"{path}:11: gpu.allow[4].gpus: 'cuda0' is not a GPU")
+    assert lines[0].startswith(f"{path}:4:7: gpu.allow[0] needs at least one of")
+    assert lines[1].startswith(f"{path}:7:7: gpu.allow[1]: unknown key 'colour'")
+    assert lines[2].startswith(f"{path}:8:7: gpu.allow[2].argv is not a valid regular expression")
+    assert lines[3].startswith(f"{path}:9:7: gpu.allow[3].container must be a container id")
+    assert lines[4].startswith(f"{path}:11:7: gpu.allow[4].gpus: 'cuda0' is not a GPU")
     assert "gpu.allow[5] must be a mapping" in lines[5]
 
 

@@ -22,6 +22,7 @@ import os
 import resource
 import signal
 import struct
+import subprocess
 import sys
 import traceback
 
@@ -145,6 +146,8 @@ def main() -> None:
     attempt("readlink_fd_other_user", lambda: os.readlink(f"/proc/{victim}/fd/0"))
     attempt("write_cgroup_kill", lambda: write(os.path.join(args.cgroup, "cgroup.kill"), b"1"))
     attempt("raise_memlock", lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (-1, -1)))
+    # how sensors/sshconfig.py runs ssh -G as a client's user
+    attempt("spawn_as_other_user", lambda: spawn_as(65534))
 
     from bcc import BPF
 
@@ -200,6 +203,10 @@ def probe_bpf(b, args, attempt, results: dict[str, str]) -> None:
     if ok:
         attempt("attach_tc_egress_filter", lambda: tc_attach_detach(args.ifname, cls))
     b.cleanup()
+
+
+def spawn_as(uid: int) -> None:
+    subprocess.run(["true"], user=uid, group=uid, extra_groups=[], check=True, timeout=30)
 
 
 def read(path: str) -> bytes:

@@ -43,6 +43,9 @@ NEEDED_FOR = {
         "readlink_fd_other_user",
         "read_environ_other_user",
     },
+    # ssh -G as the ssh client's user (sensors/sshconfig.py)
+    "cap_setuid": {"spawn_as_other_user"},
+    "cap_setgid": {"spawn_as_other_user"},
 }
 # What the unit's set deliberately cannot do (docs/install.md):
 #   raise_memlock  CAP_SYS_RESOURCE; the unit sets LimitMEMLOCK=infinity instead

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from rome_guard.detect.rules import load_rules
+from rome_guard.detect.rules import SEVERITIES, load_rules
 from rome_guard.respond.metrics import HEALTH_SENSORS, KNOWN_CATEGORIES, GpuUsage, GuardMetrics
 from rome_guard.respond.outputs.queue import OutputState
 from tests.conftest import require
@@ -160,10 +160,15 @@ def test_every_queried_metric_and_label_is_exported():
         for name, selector in SELECTOR.findall(expr):
             queried.add(name)
             assert name in names, f"{name} (in {expr!r}) is not exported"
-            for label, _, value in MATCHER.findall(selector or ""):
+            for label, op, value in MATCHER.findall(selector or ""):
                 assert label in names[name] | TARGET_LABELS, f"{name} has no label {label}"
                 if label == "category":
-                    assert value in KNOWN_CATEGORIES, f"unknown category {value!r}"
+                    values = value.split("|") if op in ("=~", "!~") else [value]
+                    for one in values:
+                        assert one in KNOWN_CATEGORIES, f"unknown category {one!r}"
+                if label == "severity":
+                    values = value.split("|") if op in ("=~", "!~") else [value]
+                    assert set(values) <= set(SEVERITIES), f"unknown severity {value!r}"
     # the dashboard covers what the issue asks for
     for name in (
         "rome_guard_alerts_total",
@@ -186,6 +191,20 @@ def test_every_queried_metric_and_label_is_exported():
         "rome_guard_journal_errors_total",
     ):
         assert name in queried
+
+
+def test_detections_page_by_severity_for_every_category():
+    """critical and high page, medium and low open a ticket, in the shipped
+    categories and in a site's own; the -L notebook forward (low) never
+    pages (promtool's cases in alerts_test.yml show each firing)."""
+    assert load_rules([]).get("tunnel-ssh-local-forward-persistent").severity == "low"
+    by_name = {rule["alert"]: rule for rule in alert_rules()}
+    for name in ("RomeGuardMinerDetected", "RomeGuardReverseTunnel", "RomeGuardReverseShell"):
+        assert 'severity=~"critical|high"' in by_name[name]["expr"], name
+    assert by_name["RomeGuardSiteDetection"]["labels"]["severity"] == "page"
+    assert 'category!~"' in by_name["RomeGuardSiteDetection"]["expr"]
+    assert by_name["RomeGuardLowSeverityDetection"]["labels"]["severity"] == "ticket"
+    assert 'severity!~"critical|high"' in by_name["RomeGuardLowSeverityDetection"]["expr"]
 
 
 def test_the_shipped_rule_categories_each_have_an_alert():
@@ -295,3 +314,32 @@ def test_a_real_prometheus_fires_the_miner_alert_and_runs_every_query(guard):
             _as_promql(next(e for e in dashboard_exprs() if "topk(10, sum by (rule" in e))
         )
         assert [r["metric"]["rule"] for r in top] == ["miner-pool-url"]
+
+
+def test_a_real_prometheus_tickets_the_notebook_forward_and_pages_a_site_rule(guard):
+    """The severity routing end to end through Prometheus' rule engine: the
+    shipped -L forward (low) opens a ticket and pages nobody; a site's own
+    category at high severity pages."""
+    require(available(), "prometheus (Debian package) not installed")
+    metrics, server = guard
+    metrics.set_rules(
+        [(r.id, r.category, r.severity) for r in load_rules([]).rules]
+        + [("site-dataset-exfil", "exfiltration", "high")]
+    )
+    with running_prometheus([f"127.0.0.1:{server.port}"], rule_files=[ALERTS]) as prom:
+        prom.wait_for("a scrape with the zeroed site rule", lambda: prom.query(
+            'rome_guard_alerts_total{rule="site-dataset-exfil", action="alert"} == 0'
+        ))  # fmt: skip
+        metrics.alert("tunnel-ssh-local-forward-persistent", "reverse_tunnel", "low", "alert")
+        metrics.alert("site-dataset-exfil", "exfiltration", "high", "alert")
+        (ticket,) = prom.wait_for(
+            "the low forward's ticket",
+            lambda: prom.firing("RomeGuardLowSeverityDetection", detection_severity="low"),
+        )
+        assert ticket["labels"]["severity"] == "ticket"
+        (page,) = prom.wait_for(
+            "the site rule's page",
+            lambda: prom.firing("RomeGuardSiteDetection", rule="site-dataset-exfil"),
+        )
+        assert page["labels"]["severity"] == "page" and page["labels"]["category"] == "exfiltration"
+        assert not prom.firing("RomeGuardReverseTunnel")

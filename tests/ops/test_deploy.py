@@ -72,9 +72,9 @@ def test_capabilities_are_the_measured_set_not_privileged():
     added = set(security["capabilities"]["add"])
     assert {"BPF", "PERFMON", "NET_ADMIN", "KILL", "SYS_PTRACE", "DAC_READ_SEARCH"} <= added
     assert "SYS_ADMIN" not in added
-    # the unit's set, plus SYS_RESOURCE in place of the unit's LimitMEMLOCK=
-    assert added - unit_capabilities() == {"SYS_RESOURCE"}
-    assert unit_capabilities() <= added
+    # the unit's set: no SYS_RESOURCE (memlock only matters before 5.11),
+    # which this VM's bounding set lacks (tests/deploy/test_container.py runs it)
+    assert added == unit_capabilities()
 
 
 def test_mounts_what_bcc_and_the_responders_need():

@@ -27,7 +27,11 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 UNIT = os.path.join(REPO, "systemd", "rome-guard.service")
 DEFAULT_CONFIG = os.path.join(REPO, "systemd", "config.yaml")
 INSTALLED_BIN = "/usr/local/bin/rome-guard"
-MAX_EXPOSURE = 4.0  # systemd-analyze security: "OK" and better
+# systemd-analyze security: "OK" and better. 4.2, not the 4.0 it was: the
+# ssh-config reader's CAP_SETUID/CAP_SETGID and ProtectHome=read-only cost
+# 0.4 (3.8 -> 4.2), the price of seeing forwards in ~/.ssh/config; nothing
+# scored that the guard could still work without is left (docs/install.md).
+MAX_EXPOSURE = 4.2
 
 
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +104,8 @@ def test_hardening_settings():
     unit = settings()
     for key, value in {
         "ProtectSystem": "strict",
-        "ProtectHome": "yes",
+        # read-only, not yes: ssh -G as the user reads ~/.ssh/config
+        "ProtectHome": "read-only",
         "PrivateTmp": "yes",
         "NoNewPrivileges": "yes",
         "SystemCallArchitectures": "native",
@@ -206,14 +211,26 @@ def test_make_install_into_a_scratch_root(tmp_path):
     assert "rome-guard" in version.stdout
     rules = subprocess.run([command, "rules", "list", "--json"], capture_output=True, text=True)
     assert rules.returncode == 0 and "miner" in rules.stdout
-    bcc = subprocess.run([paths["PREFIX"] / "bin" / "python", "-c", "import bcc"])
-    system_bcc = subprocess.run(["/usr/bin/python3", "-c", "import bcc"])
-    assert bcc.returncode == system_bcc.returncode
+    # the distribution's BCC (python3-bpfcc), linked in, on the system Python
+    assert os.path.realpath(paths["PREFIX"] / "bin" / "python").startswith("/usr/bin/python3")
+    bcc = subprocess.run(
+        [paths["PREFIX"] / "bin" / "python", "-c", "import bcc, os; print(os.path.realpath(bcc.__file__))"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    system_bcc = subprocess.run(
+        ["/usr/bin/python3", "-c", "import bcc, os; print(os.path.realpath(bcc.__file__))"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bcc.returncode == 0 and bcc.stdout == system_bcc.stdout, bcc.stderr
+    assert bcc.stdout.startswith("/usr/lib/python3/dist-packages/bcc/")
+    # the JSON Schemas are package data: the installed copy has them
+    schema = subprocess.run([command, "rules", "schema"], capture_output=True, text=True)
+    assert json.loads(schema.stdout)["title"] == "rome-guard rule file", schema.stderr
     config = paths["CONFDIR"] / "config.yaml"
     with open(DEFAULT_CONFIG) as f:
         assert config.read_text() == f.read()
     assert (paths["CONFDIR"] / "rules.d").is_dir()
-    for script in ("slurm-prolog.sh", "slurm-epilog.sh"):  # docs/gpu.md
+    for script in ("slurm-prolog.sh", "slurm-epilog.sh", "oci-gpu-hook.sh"):  # docs/gpu.md
         installed = paths["LIBEXECDIR"] / script
         assert os.access(installed, os.X_OK)
         assert f"ROME_GUARD:-{command}" in installed.read_text()
@@ -228,6 +245,26 @@ def test_make_install_into_a_scratch_root(tmp_path):
     result = subprocess.run(make, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert config.read_text() == "mode: enforce\n"
+
+
+def test_make_install_stops_naming_the_package_when_the_python_has_no_bcc(tmp_path):
+    """A Python without BCC (here the system one with its site-packages
+    cut off, as a pyenv or a second distribution Python would be): one line
+    naming the distribution's package, exit 2, nothing installed."""
+    require(os.access("/usr/bin/python3", os.X_OK), "no system python3")
+    bare = tmp_path / "python3-without-bcc"
+    bare.write_text('#!/bin/sh\nexec /usr/bin/python3 -S "$@"\n')
+    bare.chmod(0o755)
+    prefix = tmp_path / "opt"
+    make = ["make", "-s", "-C", REPO, "install", f"SYSTEM_PYTHON={bare}", f"PREFIX={prefix}"]
+    result = subprocess.run(make, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("install:")]
+    assert lines == [
+        f"install: {bare} has no BCC: install python3-bpfcc (or set SYSTEM_PYTHON= to "
+        "the Python your distribution built BCC for)"
+    ], result.stderr
+    assert not prefix.exists()
 
 
 # --- the unit's sandbox under a real systemd --------------------------------------

@@ -13,6 +13,7 @@ from rome_guard.detect.rules import Rule
 from rome_guard.findings import Finding
 from rome_guard.respond.alerts import AlertSink
 from rome_guard.respond.journal import Journal, recent_alerts
+from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED, KillResult
 from rome_guard.respond.metrics import NullMetrics
 
 RULE = Rule("test-rule", "mining", "high", "a test rule")
@@ -58,3 +59,67 @@ def test_lost_events_are_journaled_per_ring_with_the_totals(tmp_path):
     assert record["totals"] == {"process": 40, "network": 3, "parked": 1}
     assert record["host"] == "host-a" and record["mode"] == "enforce"
     assert record["id"] and record["time"]
+
+
+class ScriptedKiller:
+    """The Killer's outcomes in a given order (the Killer itself is tested
+    against real processes in test_kill.py; here: what AlertSink does with
+    a kill that failed)."""
+
+    def __init__(self, *outcomes: str):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def kill(self, target, scope="process", descendants=()):
+        self.calls += 1
+        return KillResult(self.outcomes.pop(0), "scripted")
+
+
+KILL_RULE = Rule("kill-rule", "reverse_shell", "critical", "kills", action="kill")
+OTHER_KILL_RULE = Rule("other-kill-rule", "reverse_shell", "high", "kills too", action="kill")
+ALERT_RULE = Rule("alert-rule", "reverse_shell", "medium", "alerts only")
+
+
+def test_a_failed_kill_is_retried_by_the_next_verdict_and_then_holds(tmp_path):
+    path = str(tmp_path / "alerts.jsonl")
+    killer = ScriptedKiller(KILL_FAILED, KILLED)
+    sink = AlertSink(Journal(path), NullMetrics(), "enforce", "host", killer=killer)
+    me = _me()
+    sink.raise_alert(Finding(KILL_RULE, me, "first verdict"))
+    # a later verdict on the same offender joins the incident: even an
+    # alert-only rule's verdict retries the incident's failed kill
+    update = sink.raise_alert(Finding(ALERT_RULE, me, "second verdict"))
+    assert update is not None and update["event"] == "incident_update"
+    assert update["action"] == "kill"
+    # killed now: no third kill for the same incident
+    sink.raise_alert(Finding(OTHER_KILL_RULE, me, "third verdict"))
+    sink.retry_kills()
+    assert killer.calls == 2
+    responses = [r for r in _records(path) if r["event"] == "response"]
+    assert [r["action"] for r in responses] == [KILL_FAILED, KILLED]
+
+
+def test_a_failed_kill_is_retried_without_a_new_verdict(tmp_path):
+    path = str(tmp_path / "alerts.jsonl")
+    killer = ScriptedKiller(KILL_FAILED, KILL_FAILED, ALREADY_EXITED)
+    sink = AlertSink(Journal(path), NullMetrics(), "enforce", "host", killer=killer)
+    sink.raise_alert(Finding(KILL_RULE, _me(), "verdict"))
+    sink.retry_kills()
+    sink.retry_kills()
+    sink.retry_kills()  # settled (gone) after the second retry: not tried again
+    assert killer.calls == 3
+
+
+def test_a_protected_offender_is_judged_again_by_the_next_verdict_only(tmp_path):
+    """Protection is a property of the live image: the next verdict asks
+    again (an offender that exec'd out of a protected program is killed),
+    housekeeping does not retry."""
+    path = str(tmp_path / "alerts.jsonl")
+    killer = ScriptedKiller(PROTECTED, KILLED)
+    sink = AlertSink(Journal(path), NullMetrics(), "enforce", "host", killer=killer)
+    me = _me()
+    sink.raise_alert(Finding(KILL_RULE, me, "verdict"))
+    sink.retry_kills()
+    assert killer.calls == 1
+    sink.raise_alert(Finding(ALERT_RULE, me, "after its exec"))
+    assert killer.calls == 2

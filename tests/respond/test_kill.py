@@ -35,7 +35,7 @@ from rome_guard.respond.kill import (
     critical_cgroup_reason,
 )
 from tests.conftest import require_root
-from tests.fixtures.network import sshd
+from tests.fixtures.network import sshd, wait_until
 from tests.fixtures.processes import process_info
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -284,14 +284,23 @@ def _ticks_now() -> int:
         return int(float(f.read().split()[0]) * 100)
 
 
-def test_changed_exe_is_refused(killer, procs) -> None:
-    target = _spawn()
+def test_an_exec_by_the_offender_itself_does_not_save_it(killer, procs, tmp_path) -> None:
+    """nc -e /bin/sh: alerted as one program, it execs another under the
+    same pid and start time. Still the offender: killed, not refused."""
+    marker = tmp_path / "execed"
+    target = _spawn(
+        ["sh", "-c", f"while [ ! -e {marker} ]; do sleep 0.05; done; exec {SLEEP} 1000"]
+    )
     procs.append(target)
-    info = replace(_info_of(target.pid), exe="/usr/bin/some-other-program")
-    result = killer.kill(info)
-    assert result.outcome == KILL_FAILED
-    assert "exe changed" in result.reason
-    assert _alive(target)
+    alerted = _info_of(target.pid)
+    marker.touch()
+    wait_until(lambda: (read_process(target.pid) or alerted).exe != alerted.exe)
+    now = read_process(target.pid)
+    assert now is not None and now.key == alerted.key and now.exe != alerted.exe
+    result = killer.kill(alerted)
+    assert result.outcome == KILLED, result.reason
+    target.wait(10)
+    assert not _alive(target)
 
 
 # --- protection ----------------------------------------------------------------------

@@ -75,6 +75,7 @@ def test_exports_the_documented_metrics_in_base_units():
         "rome_guard_gpu_processes",
         "rome_guard_gpu_unregistered_memory_bytes",
         "rome_guard_build_info",
+        "rome_guard_ssh_config_unknown_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
     ):
@@ -100,6 +101,7 @@ def test_loaded_rules_start_at_zero_so_the_first_alert_is_an_increase():
         lambda g: g.kill("killed\x1b[31m"),
         lambda g: g.set_sensor("kprobe"),
         lambda g: g.alert("miner-pool-url", "miner", "critical", "nuke"),
+        lambda g: g.set_ssh_config(1, {"/etc/passwd": 1}),
     ],
 )
 def test_fixed_enumerations_reject_unknown_values(call):
@@ -161,6 +163,19 @@ def test_lost_totals_from_a_kernel_counter_become_increments():
     assert value(metrics, "rome_guard_events_lost_total", buffer="process") == 14
     metrics.lost("parked", 3)
     assert value(metrics, "rome_guard_events_lost_total", buffer="parked") == 3
+
+
+def test_ssh_config_reader_totals_become_increments_by_reason():
+    metrics = GuardMetrics()
+    assert value(metrics, "rome_guard_ssh_config_unknown_total", reason="failed") == 0
+    metrics.set_ssh_config(3, {"failed": 2, "descriptor": 1})
+    metrics.set_ssh_config(9, {"failed": 5, "timeout": 1, "skipped": 2, "descriptor": 1})
+    assert value(metrics, "rome_guard_ssh_config_unknown_total", reason="failed") == 5
+    assert value(metrics, "rome_guard_ssh_config_unknown_total", reason="descriptor") == 1
+    # the runs counter follows the same totals: failed counts timeouts too
+    assert value(metrics, "rome_guard_ssh_config_runs_total", result="run") == 9
+    assert value(metrics, "rome_guard_ssh_config_runs_total", result="failed") == 6
+    assert value(metrics, "rome_guard_ssh_config_runs_total", result="skipped") == 2
 
 
 def test_sensor_info_names_only_the_current_mode():

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import require, require_root
-from tests.fixtures.daemon import by_pid, daemon
+from tests.fixtures.daemon import daemon
 from tests.fixtures.network import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,15 +55,8 @@ def test_logrotate_with_the_shipped_snippet_keeps_every_alert_once(tmp_path: Pat
     with daemon(config_text=config, alerts_file=alerts_file) as d:
         conf.write_text(_site_config(alerts_file, d.proc.pid))
         pids = []
-        for round_ in range(4):
-            for n in range(3):
-                home = tmp_path / f"{round_}-{n}"
-                home.mkdir()
-                shutil.copy("/bin/sleep", home / "xmrig")
-                proc = subprocess.Popen([str(home / "xmrig"), "0.02"])
-                proc.wait()
-                pids.append(proc.pid)
-                d.wait_alert(by_pid(proc.pid, "miner-known-binary"))
+        for _round in range(4):
+            pids += [d.caught_miner(str(tmp_path)) for _ in range(3)]
             reloads = d.log.count("reloaded:")
             result = subprocess.run(
                 [LOGROTATE, "--force", "--state", str(state), str(conf)],
@@ -89,15 +82,8 @@ def test_the_daemon_rotates_its_journal_by_size_and_keeps_the_retention(tmp_path
     alerts_file = str(journal_dir / "alerts.jsonl")
     config = "rules: []\njournal:\n  rotate_bytes: 3000\n  keep: 2\n"
     with daemon(config_text=config, alerts_file=alerts_file) as d:
-        pids = []
-        for n in range(6):  # an alert record is 1-3 KB: about one per file
-            home = tmp_path / str(n)
-            home.mkdir()
-            shutil.copy("/bin/sleep", home / "xmrig")
-            proc = subprocess.Popen([str(home / "xmrig"), "0.02"])
-            proc.wait()
-            pids.append(proc.pid)
-            d.wait_alert(by_pid(proc.pid, "miner-known-binary"))
+        # an alert record is 1-3 KB: about one per file
+        pids = [d.caught_miner(str(tmp_path)) for _ in range(6)]
         d.settle(1.5)
         with open(os.path.join(d.run_dir, "status.json")) as f:
             rotations = json.load(f)["journal"]["rotations"]

@@ -232,7 +232,10 @@ class Guard:
             self.ctx.metrics.rule_reload_failed()
             return False
         # what was fixed at start (command-line overrides, open files, the
-        # sensor) stays; rules, attribution, protection and web config apply
+        # sensor, the outputs' threads) stays; rules, attribution, protection,
+        # web config and the journal's rotation apply
+        if config.outputs != current.outputs:
+            log.warning("outputs changed in %s: they apply at the next restart", config.source)
         self.ctx.config = replace(
             config,
             mode=current.mode,
@@ -240,7 +243,9 @@ class Guard:
             alerts_file=current.alerts_file,
             run_dir=current.run_dir,
             state_dir=current.state_dir,
+            outputs=current.outputs,
         )
+        self.journal.set_rotation(config.journal.rotate_bytes, config.journal.keep)
         self.ctx.processes.env_keys = tuple(self.ctx.config.attribution.env_keys)
         if self.metrics_server is not None:
             try:

@@ -17,7 +17,6 @@ This module never hands a rule's pattern to Python's ``re``.
 from __future__ import annotations
 
 import re
-
 from typing import Any
 
 import re2

@@ -232,7 +232,10 @@ class Guard:
             self.ctx.metrics.rule_reload_failed()
             return False
         # what was fixed at start (command-line overrides, open files, the
-        # sensor) stays; rules, attribution, protection and web config apply
+        # sensor, the outputs' threads) stays; rules, attribution, protection,
+        # web config and the journal's rotation apply
+        if config.outputs != current.outputs:
+            log.warning("outputs changed in %s: they apply at the next restart", config.source)
         self.ctx.config = replace(
             config,
             mode=current.mode,
@@ -240,7 +243,9 @@ class Guard:
             alerts_file=current.alerts_file,
             run_dir=current.run_dir,
             state_dir=current.state_dir,
+            outputs=current.outputs,
         )
+        self.journal.set_rotation(config.journal.rotate_bytes, config.journal.keep)
         self.ctx.processes.env_keys = tuple(self.ctx.config.attribution.env_keys)
         if self.metrics_server is not None:
             try:
@@ -358,11 +363,24 @@ class Guard:
             "config_rejected": [r.to_status() for r in self.rejected],
             "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "wire": self.wire_status(),
             "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
             "time": time.time(),
+        }
+
+    def wire_status(self) -> dict[str, Any] | None:
+        """The client streams the wire sensor follows now, and the flows
+        whose stream a bound cut (bytes, segments, time): what no rule saw."""
+        if self.wire_sensor is None or self.ctx.wire is None:
+            return None
+        streams = self.ctx.wire.streams
+        return {
+            "streams_open": len(streams),
+            "streams_evicted": streams.evicted,
+            "streams_cut": self.wire_sensor.stream_cuts(),
         }
 
     def check_lost(self) -> None:

@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -281,7 +281,8 @@ class GuardMetrics:
             Counter,
             "kernel_process_table_evictions",
             "Processes the kernel's table dropped: exited ones beyond its bound, "
-            "new ones not tracked because the live table was full.",
+            "new ones not tracked because the live table was full, processes user "
+            "space could not mark held (held: their exit is not sent).",
             ("table",),
         )
         self.kernel_records_unsent = metric(
@@ -475,6 +476,7 @@ class GuardMetrics:
         totals = {
             ("evicted", "live"): stats.live_full,
             ("evicted", "exited"): stats.exited_evictions,
+            ("evicted", "held"): stats.held_full,
         }
         totals.update({("unsent", kind): n for kind, n in stats.unsent.items()})
         with self._lock:
@@ -672,95 +674,17 @@ class _OutputCollector:
 # --- the endpoint ----------------------------------------------------------------
 
 
-class MetricsSink(Protocol):
-    """What the daemon records; GuardMetrics, or NullMetrics when no
-    metrics are served."""
-
-    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
-    def rule_reload_failed(self) -> None: ...
-    def set_config_rejected(self, count: int) -> None: ...
-    def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
-    def incident(self, category: str, severity: str, action: str) -> None: ...
-    def event(self, source: str, count: int = 1) -> None: ...
-    def set_lost(self, buffer: str, total: int) -> None: ...
-    def lost(self, buffer: str, count: int = 1) -> None: ...
-    def set_sensor(self, mode: str) -> None: ...
-    def set_processes_tracked(self, count: int) -> None: ...
-    def set_kernel_table(self, stats: TableStats) -> None: ...
-    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None: ...
-    def kill(self, result: str) -> None: ...
-    def blocked_connection(self, count: int = 1) -> None: ...
-    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
-    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None: ...
-    def set_build(self, rules_hash: str, config_hash: str) -> None: ...
-    def set_mode(self, mode: str) -> None: ...
-    def set_sensor_up(self, sensor: str, up: bool) -> None: ...
-    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None: ...
+# What the daemon's parts record into: GuardMetrics, or NullMetrics when no
+# metrics are served. One class, so the two cannot drift apart.
+MetricsSink = GuardMetrics
 
 
-class NullMetrics:
-    """Records nothing: callers record unconditionally instead of asking
-    whether metrics are on."""
+class NullMetrics(GuardMetrics):
+    """Records into a registry nobody exposes: callers record
+    unconditionally instead of asking whether metrics are on."""
 
-    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None:
-        pass
-
-    def rule_reload_failed(self) -> None:
-        pass
-
-    def set_config_rejected(self, count: int) -> None:
-        pass
-
-    def alert(self, rule: str, category: str, severity: str, action: str) -> None:
-        pass
-
-    def incident(self, category: str, severity: str, action: str) -> None:
-        pass
-
-    def event(self, source: str, count: int = 1) -> None:
-        pass
-
-    def set_lost(self, buffer: str, total: int) -> None:
-        pass
-
-    def lost(self, buffer: str, count: int = 1) -> None:
-        pass
-
-    def set_sensor(self, mode: str) -> None:
-        pass
-
-    def set_processes_tracked(self, count: int) -> None:
-        pass
-
-    def set_kernel_table(self, stats: TableStats) -> None:
-        pass
-
-    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
-        pass
-
-    def kill(self, result: str) -> None:
-        pass
-
-    def blocked_connection(self, count: int = 1) -> None:
-        pass
-
-    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None:
-        pass
-
-    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None:
-        pass
-
-    def set_build(self, rules_hash: str, config_hash: str) -> None:
-        pass
-
-    def set_mode(self, mode: str) -> None:
-        pass
-
-    def set_sensor_up(self, sensor: str, up: bool) -> None:
-        pass
-
-    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:
-        pass
+    def __init__(self) -> None:
+        super().__init__(CollectorRegistry(), process_collector=False)
 
 
 def parse_listen_addr(addr: str) -> tuple[str, int] | None:

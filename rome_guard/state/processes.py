@@ -35,7 +35,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rome_guard import procfs
 from rome_guard.attribution import attribute
@@ -58,6 +58,9 @@ from rome_guard.state.kernel_table import KernelProcessTable, TableProcess
 from rome_guard.state.snapshot import subject_for, take_snapshot
 from rome_guard.state.stdio import StdioGraph
 from rome_guard.state.table import ProcessTable
+
+if TYPE_CHECKING:
+    from rome_guard.detect.payload import WireFacts
 
 PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 SOCKET_CACHE_S = 0.2  # a sock_diag dump answers stdio lookups this long
@@ -512,6 +515,7 @@ class ProcessModel:
         stdio: dict[int, Endpoint] | None = None,
         exe_now: bool = False,
         ssh_forwards: SshForwards | None = None,
+        wire: WireFacts | None = None,
     ) -> Subject:
         """What rules look at; lineage, stdio (remembered for the lineage of
         what it spawns), the exe link now (``exe_now``: a binary deleted
@@ -527,6 +531,7 @@ class ProcessModel:
             ssh_forwards=ssh_forwards,
             read_config=procfs.read_config_file,
             stdio_relays=lambda: self.stdio_graph.relays(info),
+            wire=wire,
         )
 
     # --- identity changes ----------------------------------------------------------

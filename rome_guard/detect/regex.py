@@ -48,7 +48,14 @@ class BoundedRegex:
         The match has ``group(0)``."""
         if len(text) > MAX_INPUT:
             text = text[:MAX_INPUT]
-        return self._compiled.search(text)
+        try:
+            return self._compiled.search(text)
+        except UnicodeEncodeError:
+            # invalid UTF-8 from the kernel arrives surrogate-escaped, which
+            # RE2 cannot encode: search the text with those bytes replaced,
+            # so that one odd byte in an argv does not switch a rule off
+            clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            return self._compiled.search(clean)
 
     def __repr__(self) -> str:
         return f"BoundedRegex({self.pattern!r})"

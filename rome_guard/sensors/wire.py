@@ -215,7 +215,7 @@ class WireSensor:
         "segments", "time"): what the rules never saw of them."""
         if self._bpf is None:
             return {}
-        table = self._bpf[b"wire_cut"]
+        table = self._bpf["wire_cut"]
         return {
             CUT_REASONS[slot]: sum(int(getattr(v, "value", v)) for v in table[ct.c_int(slot)])
             for slot in range(WIRE_CUTS)
@@ -279,7 +279,7 @@ class WireSensor:
     def drop_flow(self, cookie: int) -> None:
         """Drop the rest of one flow (its socket cookie), from its next
         packet on: a verdict only user space could reach."""
-        table = self._bpf[b"drop_cookies"]
+        table = self._bpf["drop_cookies"]
         table[table.Key(cookie)] = table.Leaf(WIRE_DROP_FLOW)
 
     def program_ids(self) -> dict[str, int]:

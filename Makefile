@@ -28,6 +28,7 @@ lint: setup-test
 	$(VENV)/bin/ruff check rome_guard tests bench
 	$(VENV)/bin/ruff format --check rome_guard tests bench
 	$(VENV)/bin/vermin -t=3.9- --no-tips --violations rome_guard
+	$(VENV)/bin/vulture
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -18,6 +18,7 @@ BENCHMARKS = (
     "bench.metrics_overhead",
     "bench.wire_bench",
     "bench.hostile_inputs",
+    "bench.outputs_bench",
 )
 
 

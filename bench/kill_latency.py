@@ -25,14 +25,11 @@ import threading
 import time
 
 from rome_guard.events import PREVENTION_KILLED_CONNECT, PREVENTION_KILLED_EXEC
+from rome_guard.linux import boottime_ns
 from rome_guard.respond.prevent import Prevention
 
 POOL = "127.0.3.5"
 DENIED_NAME = "rg-bench-xmrig"
-
-
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 def percentiles(samples_ns: list[int]) -> str:

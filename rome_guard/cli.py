@@ -14,7 +14,7 @@ import click
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_CONFIG_FILE, Config, load_config
-from rome_guard.detect.rules import RuleSet, load_rules, rules_for
+from rome_guard.detect.rules import RuleSet, load_rules, rule_files, rules_for
 from rome_guard.respond.responses import ALERT
 from rome_guard.yamlsrc import SourceError
 
@@ -208,12 +208,13 @@ def rules_validate(paths: tuple[str, ...]) -> None:
 
 
 @rules.command("test")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True)
 def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
-    """Run the examples of the rules these files define or tune (examples:
-    match / no_match), and say what their tuning changed. Exit 0 all pass,
-    1 any fails, 2 the files do not load."""
+    """Run the examples of the rules these files (or directories' files:
+    rules.d) define or tune (examples: match / no_match), and say what
+    their tuning changed. Exit 0 all pass, 1 any fails, 2 the files do not
+    load."""
     from rome_guard.detect.examples import concerned, disabled_by, run_examples
     from rome_guard.textsafe import command_line
 
@@ -222,10 +223,11 @@ def rules_test(paths: tuple[str, ...], as_json: bool) -> None:
     except SourceError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_ERROR)
-    results = run_examples(ruleset, set(paths))
+    files = set(rule_files(paths))
+    results = run_examples(ruleset, files)
     failed = [r for r in results if not r.passed]
-    tuned = [r for r in concerned(ruleset, set(paths)) if r.tuned_at]
-    disabled = disabled_by(ruleset, set(paths))
+    tuned = [r for r in concerned(ruleset, files) if r.tuned_at]
+    disabled = disabled_by(ruleset, files)
     if as_json:
         document = {
             "examples": [

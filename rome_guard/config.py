@@ -260,6 +260,8 @@ def _check_output(out: OutputConfig, raw: LineDict, name: str) -> None:
         fail("min_severity", f"must be one of {', '.join(OUTPUT_SEVERITIES)}")
     if out.queue_size < 1:
         fail("queue_size", "must be at least 1")
+    if out.timeout <= 0:
+        fail("timeout", "must be more than 0 seconds")
     if out.type == "syslog":
         scheme, sep, rest = out.address.partition(":")
         if not sep or scheme not in ("udp", "tcp", "unix") or not rest.strip("/"):

@@ -11,6 +11,12 @@ travels (docs/architecture.md has the picture):
                -> outputs (syslog, webhook, journald: queued, own threads)
             -> metrics -> Killer (enforce mode only)
 
+The loop sleeps in one epoll over every ring buffer (kernel.poller): woken
+by a record worth a wakeup, a signal or a GPU snapshot, it drains every
+source, and drains again BATCH_MS later for as long as records keep coming;
+with nothing to do it sleeps until its next timer (the status file, once a
+second).
+
 Start-up misses nothing: the sensor attaches first, then the model is
 seeded from /proc (processes marked pre-existing) and evaluated, then
 events are drained. After any lost event /proc is read again (at most every
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -44,6 +51,8 @@ from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.fd import judge_pending_shells
 from rome_guard.handlers.table import dispatch
+from rome_guard.kernel.loader import release_compiler_memory
+from rome_guard.kernel.poller import BATCH_MS, RingPoller
 from rome_guard.linux import in_host_pid_namespace
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
@@ -53,6 +62,7 @@ from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.respond.outputs import Outputs
 from rome_guard.sensors.poll import PollSensor
 from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
+from rome_guard.state.kernel_table import KernelProcessTable
 from rome_guard.state.processes import ProcessModel
 from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
 from rome_guard.textsafe import one_line
@@ -69,10 +79,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rome_guard")
 
 STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
-# The sensor wakes the loop at once for what rules name; everything else
-# (forks, exits, execs of unnamed programs) waits at most this long, in
-# batches: one wakeup per batch instead of one per event.
-DRAIN_EVERY_MS = 10
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
@@ -159,6 +165,7 @@ class Guard:
         self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
         self._next_resync = 0.0
         self._next_watchdog = self._next_status = 0.0  # run()'s timers
+        self._poller: RingPoller | None = None  # while run() runs
         metrics = metrics if metrics is not None else NullMetrics()
         processes = ProcessModel(config.attribution.env_keys)
         alerts = AlertSink(
@@ -191,6 +198,7 @@ class Guard:
             self.ctx.wire.install(rules.ruleset)
         if self.ctx.sensor is not None:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
+            self.ctx.sensor.set_exec_needles(rules.engine.exec_needles)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
         self.ctx.metrics.set_mode(self.ctx.config.mode)
         if rules.ruleset.staged:
@@ -224,7 +232,10 @@ class Guard:
             self.ctx.metrics.rule_reload_failed()
             return False
         # what was fixed at start (command-line overrides, open files, the
-        # sensor) stays; rules, attribution, protection and web config apply
+        # sensor, the outputs' threads) stays; rules, attribution, protection,
+        # web config and the journal's rotation apply
+        if config.outputs != current.outputs:
+            log.warning("outputs changed in %s: they apply at the next restart", config.source)
         self.ctx.config = replace(
             config,
             mode=current.mode,
@@ -232,7 +243,9 @@ class Guard:
             alerts_file=current.alerts_file,
             run_dir=current.run_dir,
             state_dir=current.state_dir,
+            outputs=current.outputs,
         )
+        self.journal.set_rotation(config.journal.rotate_bytes, config.journal.keep)
         self.ctx.processes.env_keys = tuple(self.ctx.config.attribution.env_keys)
         if self.metrics_server is not None:
             try:
@@ -281,6 +294,10 @@ class Guard:
     def attach(self, sensor: Sensor, mode: str) -> None:
         self.ctx.sensor = sensor
         sensor.set_wake_names(self.ctx.rules.engine.exec_names)
+        sensor.set_exec_needles(self.ctx.rules.engine.exec_needles)
+        maps = getattr(sensor, "process_table_maps", lambda: None)()
+        if maps is not None:  # the eBPF sensor: benign execs stay in its process table
+            self.ctx.processes.kernel = KernelProcessTable(maps)
         self.sensor_mode = mode
         self.ctx.metrics.set_sensor(mode)
 
@@ -318,9 +335,16 @@ class Guard:
 
     def request_stop(self, *_args: Any) -> None:
         self._stop.set()
+        self.wake()
 
     def request_reload(self, *_args: Any) -> None:
         self._reload.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make run() look at every source now (any thread, signal handlers)."""
+        if self._poller is not None:
+            self._poller.wake()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -339,11 +363,24 @@ class Guard:
             "config_rejected": [r.to_status() for r in self.rejected],
             "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "wire": self.wire_status(),
             "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
             "time": time.time(),
+        }
+
+    def wire_status(self) -> dict[str, Any] | None:
+        """The client streams the wire sensor follows now, and the flows
+        whose stream a bound cut (bytes, segments, time): what no rule saw."""
+        if self.wire_sensor is None or self.ctx.wire is None:
+            return None
+        streams = self.ctx.wire.streams
+        return {
+            "streams_open": len(streams),
+            "streams_evicted": streams.evicted,
+            "streams_cut": self.wire_sensor.stream_cuts(),
         }
 
     def check_lost(self) -> None:
@@ -400,6 +437,8 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        if self.ctx.processes.kernel is not None:
+            self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
         self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
@@ -411,29 +450,59 @@ class Guard:
         """Drain events until SIGTERM/SIGINT."""
         sensor, gpu = self.ctx.sensor, self.ctx.gpu
         assert sensor is not None
+        poller = self._poller = RingPoller()
+        for source in (sensor, self.prevention, self.wire_sensor):
+            if source is not None:
+                poller.watch(source.ring_fds())
         self._next_watchdog = self._next_status = time.monotonic()
-        while not self._stop.is_set():
-            for count, event in enumerate(sensor.poll(DRAIN_EVERY_MS), 1):
-                if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
-                    break
+        busy = True
+        try:
+            while not self._stop.is_set():
+                poller.wait(self._wait_ms(busy, notifier))
+                busy = self._drain(sensor, notifier, status_path)
+                if gpu is not None:
+                    for snapshot in gpu.snapshots():
+                        dispatch(self.ctx, snapshot)
+                if self._reload.is_set():
+                    self._reload.clear()
+                    notifier.reloading()
+                    self.reload()
+                    notifier.ready(self.status_line())
+                self.pulse(notifier, status_path)
+        finally:
+            self._poller = None
+            poller.close()
+
+    def _drain(self, sensor: Sensor, notifier: Notifier, status_path: str | None) -> bool:
+        """Every ring's records, in one pass; True when there were any."""
+        count = 0
+        for count, event in enumerate(sensor.poll(0), 1):
+            if self._stop.is_set():  # SIGTERM within a flood's backlog: stop now
+                break
+            self.handle(event)
+            if count % PULSE_EVERY_EVENTS == 0:  # a full ring's backlog takes seconds
+                self.pulse(notifier, status_path)
+        if self.prevention is not None:
+            for event in self.prevention.poll(0):
+                count += 1
+                dispatch(self.ctx, event)
+        if self.wire_sensor is not None:
+            for event in self.wire_sensor.poll(0):
+                count += 1
                 self.handle(event)
-                if count % PULSE_EVERY_EVENTS == 0:  # a full ring's backlog takes seconds
-                    self.pulse(notifier, status_path)
-            if self.prevention is not None:
-                for event in self.prevention.poll(0):
-                    dispatch(self.ctx, event)
-            if self.wire_sensor is not None:
-                for event in self.wire_sensor.poll(0):
-                    self.handle(event)
-            if gpu is not None:
-                for snapshot in gpu.snapshots():
-                    dispatch(self.ctx, snapshot)
-            if self._reload.is_set():
-                self._reload.clear()
-                notifier.reloading()
-                self.reload()
-                notifier.ready(self.status_line())
-            self.pulse(notifier, status_path)
+        return count > 0
+
+    def _wait_ms(self, busy: bool, notifier: Notifier) -> int:
+        """How long run() may sleep: BATCH_MS after a drain that found
+        records (quiet ones may be waiting), while connects are parked, or
+        when no ring can wake it (the /proc sensor); else until the next
+        timer."""
+        if busy or self.ctx.parked or self._poller is None or not self._poller.watching:
+            return BATCH_MS
+        due = self._next_status
+        if notifier.watchdog_interval_s:
+            due = min(due, self._next_watchdog)
+        return max(0, math.ceil((due - time.monotonic()) * 1000))
 
     def pulse(self, notifier: Notifier, status_path: str | None) -> None:
         """The timers: housekeeping (journal retry, lost events and the
@@ -608,8 +677,9 @@ def main(
     wire = _wire_sensor()
     if wire is not None:
         guard.attach_wire(wire)
+    release_compiler_memory()  # every BPF object is compiled by now
     if gpu is not None:
-        gpu.start()
+        gpu.start(notify=guard.wake)
     status_path = None
     try:
         os.makedirs(config.run_dir, exist_ok=True)

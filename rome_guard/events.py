@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from rome_guard.linux import is_deleted, is_memfd
-
 
 @dataclass(frozen=True, order=True)
 class ProcessKey:
@@ -66,14 +64,6 @@ class ProcessInfo:
     def pid(self) -> int:
         return self.key.pid
 
-    @property
-    def exe_deleted(self) -> bool:
-        return is_deleted(self.exe)
-
-    @property
-    def exe_memfd(self) -> bool:
-        return is_memfd(self.exe)
-
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -108,6 +98,9 @@ class ExecEvent:
     # argv is incomplete (cut, or not captured): read /proc/PID/cmdline if it matters
     argv_truncated: bool = False
     cgroup_id: int = 0  # cgroup v2 id (inode of the cgroup dir), 0 when unknown
+    # its fork (CLOCK_BOOTTIME) and its parent's, from the kernel's process table; 0 unknown
+    start_ns: int = 0
+    parent_start_ns: int = 0
 
 
 @dataclass(frozen=True)

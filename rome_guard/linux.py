@@ -2,7 +2,7 @@
 
 Every format the kernel exposes outside /proc/PID's process files lives
 here, once: the cgroup v2 line of /proc/PID/cgroup and a cgroup's id, the
-mount table, effective capabilities, the " (deleted)" suffix of an exe
+mount table, effective capabilities, the boot-time clock, the " (deleted)" suffix of an exe
 link, the listening TCP sockets of /proc/PID/net/tcp and what makes a
 socket "have a peer". Readers return plain values and treat a vanished
 process or file as normal (None, empty); pure parsers take bytes or text
@@ -15,15 +15,19 @@ one; it only reads and parses.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import time
 
+from rome_guard.events import Endpoint
 from rome_guard.textsafe import from_bytes
-
-if TYPE_CHECKING:  # events imports this module for the exe marker
-    from rome_guard.events import Endpoint
 
 PROC = "/proc"
 MOUNTS = "/proc/mounts"
+
+
+def boottime_ns() -> int:
+    """Now on CLOCK_BOOTTIME, the clock of every kernel record's timestamp."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
 
 # --- exe links ----------------------------------------------------------------
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from rome_guard.respond.outputs import syslog
@@ -49,11 +47,8 @@ def test_an_attack_reaches_rsyslog_and_the_webhook_once_each_after_the_journal(t
         )
         with daemon(config_text=config, alerts_file=alerts_file) as d:
             # the attack: a miner, then a /dev/tcp reverse shell
-            miner = tmp_path / "xmrig"
-            shutil.copy("/bin/sleep", miner)
-            proc = subprocess.Popen([str(miner), "0.05"])
-            proc.wait()
-            mined = d.wait_alert(by_pid(proc.pid, "miner-known-binary"))
+            miner = d.caught_miner(str(tmp_path))
+            mined = d.wait_alert(by_pid(miner, "miner-known-binary"))
             with listener("127.0.6.7", 0) as attacker, reverse_shell(attacker) as shell:
                 launched = d.wait_alert(by_pid(shell.pid, "shell-dev-tcp-redirect"))
                 stdio = d.wait_reverse_shell_alerts(shell.pid, "127.0.6.7")
@@ -95,16 +90,8 @@ def test_with_the_receiver_down_records_queue_to_the_bound_and_the_rest_are_drop
         "    queue_size: 2\n    max_backoff: 1\n"
     )
     with daemon(config_text=config) as d:
-        pids = []
-        for n in range(5):
-            (tmp_path / str(n)).mkdir()
-            miner = tmp_path / str(n) / "xmrig"
-            shutil.copy("/bin/sleep", miner)
-            proc = subprocess.Popen([str(miner), "0.02"])
-            proc.wait()
-            pids.append(proc.pid)
-        for pid in pids:
-            d.wait_alert(by_pid(pid, "miner-known-binary"))
+        for _ in range(5):
+            d.caught_miner(str(tmp_path))
         wait_until(lambda: d.metric("rome_guard_output_failed_total", output="siem") >= 2, 30)
 
         def settled():  # every journal record is either queued or counted as dropped

@@ -41,8 +41,9 @@ class Incident:
     category: str
     opened: float  # monotonic seconds
     findings: list[Finding] = field(default_factory=list)
-    # the kill is done with: killed, found gone or refused as protected (a
-    # kill that failed is not: the next verdict, or the retry, tries again)
+    # the kill is done with: killed, or found gone (one that failed, or was
+    # refused as protected, is not: the next verdict tries again, and a
+    # failed one is retried by the daemon's housekeeping)
     kill_settled: bool = False
     last: float = 0.0  # monotonic seconds of the latest hit
     # the offender's ancestors: a later hit on one of them re-roots the incident there

@@ -206,7 +206,7 @@ class RuleSet:
     @property
     def staged(self) -> list[str]:
         """Ids of kill rules staged in ``mode: monitor``: they alert, never kill."""
-        return [r.id for r in self.rules if r.action == "kill" and not r.enforces]
+        return [r.id for r in self.rules if r.action == KILL.name and not r.enforces]
 
 
 def shipped_rules_dir() -> str:

@@ -41,6 +41,8 @@ NOT_GRANTED = "gpu_not_granted"  # a known pod, job or registration, on a GPU no
 PROCESS_NOT_VISIBLE = "process_not_visible"  # NVML names a pid /proc does not show
 REASONS = (UNREGISTERED, NOT_ALLOCATED, NOT_GRANTED, PROCESS_NOT_VISIBLE)
 ALERTING = (UNREGISTERED, NOT_ALLOCATED, NOT_GRANTED)  # a process the guard can name
+ALLOWED = "allowed"  # the verdict of a consumer with no reason against it
+VERDICTS = (ALLOWED, *REASONS)  # every verdict, as metrics label it
 
 # NVIDIA's MPS server holds the contexts of its clients: under MPS, NVML's
 # compute list names it, while the clients (the processes that asked for the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Callable
 
 from rome_guard.config import Config
 from rome_guard.events import GpuSnapshot
@@ -34,9 +35,8 @@ def on_gpu(grant: str, index: int, uuid: str, migs: tuple[str, ...]) -> bool:
 
 class GpuWatch:
     def __init__(self, config: Config):
-        self.registry = GpuRegistry.from_config(config)
         self.allocations = allocations.from_config(config)
-        self.registry.allocations = self.allocations
+        self.registry = GpuRegistry.from_config(config, self.allocations)
         self.sensor = NvmlSensor(config.gpu.poll_interval, config.gpu.accounting)
         self._snapshots: queue.SimpleQueue[GpuSnapshot] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -44,9 +44,16 @@ class GpuWatch:
         self.available: bool | None = None
         self._migs: dict[str, tuple[str, ...]] = {}  # GPU UUID -> its MIG devices' UUIDs
 
-    def start(self) -> None:
+    def start(self, notify: Callable[[], None] = lambda: None) -> None:
+        """Poll NVML on a thread of its own; notify() is called (on that
+        thread) after each snapshot is queued for snapshots()."""
+
+        def queue_snapshot(snapshot: GpuSnapshot) -> None:
+            self._snapshots.put(snapshot)
+            notify()
+
         self._thread = threading.Thread(
-            target=self.sensor.run, args=(self._snapshots.put, self._stop), name="nvml", daemon=True
+            target=self.sensor.run, args=(queue_snapshot, self._stop), name="nvml", daemon=True
         )
         self._thread.start()
         self.allocations.start()

@@ -36,11 +36,15 @@ class Sensor(Protocol):
 
     def poll(self, timeout_ms: int) -> list: ...
 
+    def ring_fds(self) -> list[int]: ...
+
     def lost_events(self) -> dict[str, int]: ...
 
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None: ...
 
     def set_wake_names(self, names: Iterable[str] | None) -> None: ...
+
+    def set_exec_needles(self, needles: Iterable[str] | None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -83,15 +87,14 @@ class Context:
     metrics: MetricsSink
     sensor: Sensor | None = None
     gpu: GpuWatch | None = None
-    # the wire sensor's handler state (DNS names, drop policy), while it runs
-    wire: WireHandler | None = None
     # ssh clients' effective forwards (ssh -G as the process's user), cached
     ssh: EffectiveSshConfig = field(default_factory=EffectiveSshConfig)
     parked: deque[Parked] = field(default_factory=deque)
     # key -> (alert id, rule id) of GPU-open alerts awaiting NVML's confirmation
     gpu_alerts: dict[ProcessKey, tuple[str, str]] = field(default_factory=dict)
     loopback_ignored: set[int] = field(default_factory=set)  # cgroup ids the sensor drops
-    wire: WireHandler | None = None  # the wire sensor's handler, while it runs
+    # the wire sensor's handler state (DNS names, drop policy), while it runs
+    wire: WireHandler | None = None
     lost: dict[str, int] = field(default_factory=dict)  # per buffer, as last reported
     parked_dropped: int = 0  # parked connects dropped unresolved (the "parked" buffer's total)
     failed_events: int = 0  # events a handler raised on (handlers.table.dispatch)

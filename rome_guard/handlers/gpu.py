@@ -22,6 +22,7 @@ from rome_guard.events import GpuOpenEvent, GpuProcess, GpuSnapshot, ProcessInfo
 from rome_guard.findings import Finding
 from rome_guard.gpu.consumers import (
     ALERTING,
+    ALLOWED,
     GpuConsumerVerdict,
     judge_consumer,
     judge_open,
@@ -55,7 +56,7 @@ def on_gpu_snapshot(ctx: Context, snapshot: GpuSnapshot) -> None:
         info = ctx.processes.resolve(device.pid)
         lineage = ctx.processes.lineage(info) if info is not None else []
         verdict = judge_consumer(device, info, lineage, ctx.gpu.registry)
-        verdicts[(device.gpu_index, device.gpu_uuid, device.pid)] = verdict.reason or "allowed"
+        verdicts[(device.gpu_index, device.gpu_uuid, device.pid)] = verdict.reason or ALLOWED
         if ctx.rules.gpu and verdict.reason in ALERTING and info is not None:
             _alert(ctx, verdict, info, lineage, "nvml")
 
@@ -66,7 +67,7 @@ def on_gpu_snapshot(ctx: Context, snapshot: GpuSnapshot) -> None:
     ctx.metrics.set_gpu_usage(
         gpu_usage(
             snapshot.processes,
-            lambda p: verdict_of(p) == "allowed",
+            lambda p: verdict_of(p) == ALLOWED,
             gpus,
             verdict_of,
             ctx.gpu.owner_kinds,

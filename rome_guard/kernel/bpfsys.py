@@ -180,11 +180,6 @@ class CgroupAttachments:
     def active(self) -> bool:
         return bool(self._links or self._attached)
 
-    @property
-    def die_with_process(self) -> bool:
-        """True when every attachment is a link (the crash policy holds)."""
-        return not self._attached
-
     def close(self) -> None:
         """Detach everything attached here. Idempotent."""
         for prog_fd, attach_type in self._attached:

@@ -49,6 +49,56 @@ def raise_memlock() -> None:
         )
 
 
+# the compiler's libraries: Debian's libbcc links LLVM and clang as shared
+# libraries, other builds link them into libbcc itself
+COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc")
+_MADV_DONTNEED = 4
+
+
+def release_compiler_memory(smaps: str = "/proc/self/smaps") -> None:
+    """After the last compile: give back what compiling left resident. The
+    heap LLVM freed goes back to the system (malloc_trim), and the
+    compiler's code pages, read once per compile, leave this process's
+    resident set (MADV_DONTNEED on its mappings that are read-only and hold
+    no page of their own: a later compile reads them in again from the page
+    cache). Half of an idle daemon's RSS was these. Best effort: nothing
+    here can fail the daemon."""
+    libc = ct.CDLL(None, use_errno=True)
+    with contextlib.suppress(AttributeError):
+        libc.malloc_trim(0)  # glibc only
+    libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
+    for start, end in _clean_compiler_mappings(smaps):
+        libc.madvise(start, end - start, _MADV_DONTNEED)
+
+
+def _clean_compiler_mappings(smaps: str) -> list[tuple[int, int]]:
+    """Address ranges of the compiler libraries' mappings that are not
+    writable and have no anonymous (copied-on-write, e.g. relocated) page:
+    dropping one of those would lose what was written into it."""
+    found: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    try:
+        with open(smaps) as f:
+            for line in f:
+                fields = line.split()
+                if not fields:
+                    continue
+                if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                    path = fields[5] if len(fields) > 5 else ""
+                    wanted = "w" not in fields[1] and any(
+                        name in os.path.basename(path) for name in COMPILER_LIBRARIES
+                    )
+                    start, _, end = fields[0].partition("-")
+                    current = (int(start, 16), int(end, 16)) if wanted else None
+                elif fields[0] == "Anonymous:" and current is not None:
+                    if int(fields[1]) == 0:
+                        found.append(current)
+                    current = None
+    except (OSError, ValueError):
+        return []
+    return found
+
+
 def bcc_bpf() -> Any:
     """bcc's BPF class; LoadError when bcc is not importable."""
     try:
@@ -98,6 +148,7 @@ class BpfObject:
         self._pins: list[str] = []
         self._cgroups: dict[str, bpfsys.CgroupAttachments] = {}
         self._rings: list[Ring[Any]] = []
+        self._ring_fds: list[int] = []
         self.degraded: list[str] = []  # what this object cannot do here, for the operator
 
     @classmethod
@@ -140,11 +191,21 @@ class BpfObject:
         ring: Ring[Record] = Ring(name or table, decode, malformed)
         self[table].open_ring_buffer(ring.on_record)
         self._rings.append(ring)
+        self._ring_fds.append(self[table].map_fd)
         return ring
 
+    def ring_fds(self) -> list[int]:
+        """The map fds of every open ring, for kernel.poller.RingPoller."""
+        return list(self._ring_fds) if self.bpf is not None else []
+
     def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for a record in any ring, then drain them."""
-        if self._rings:
+        """Wait up to timeout_ms for a record in any ring, then drain them
+        (0: drain without waiting; kernel.poller.RingPoller does the waiting)."""
+        if not self._rings:
+            return
+        if timeout_ms == 0:
+            self.bpf.ring_buffer_consume()
+        else:
             self.bpf.ring_buffer_poll(timeout_ms)
 
     def consume(self) -> None:
@@ -160,6 +221,17 @@ class BpfObject:
         except Exception as exc:
             raise LoadError(
                 f"attaching {program} to {tracepoint} failed (verifier log on stderr): {exc}"
+            ) from exc
+
+    def attach_raw_tracepoint(self, tracepoint: str, program: str) -> None:
+        """program on the raw tracepoint named like tracepoint's event."""
+        event = tracepoint.split(":")[-1]
+        try:
+            self.bpf.attach_raw_tracepoint(tp=event.encode(), fn_name=program.encode())
+        except Exception as exc:
+            raise LoadError(
+                f"attaching {program} to raw tracepoint {event} failed (verifier log on "
+                f"stderr): {exc}"
             ) from exc
 
     def load_func(self, program: str, prog_type: int, attach_type: int | None = None) -> Any:
@@ -270,6 +342,7 @@ class BpfObject:
             bpf.cleanup()  # tracepoints, program and map fds
             atexit.unregister(bpf.cleanup)  # bcc's own, which would run it again at exit
         self._rings.clear()
+        self._ring_fds.clear()
 
 
 def _detach_tracepoints(bpf: Any) -> None:

@@ -11,11 +11,12 @@ that failed is not the last word: the next verdict on the incident, and
 process, image) counts once, across a restart too (``remember``: what the
 previous daemon journaled).
 
-Findings on one process in one category within the incident window
-(rome_guard.detect.incidents) make one incident: one ``alert`` record
-listing every rule and reason, later rules as ``incident_update`` records
-against it, one successful kill (the widest kill scope of its rules). Metrics count
-incidents and rule hits apart.
+Findings on one offender tree (a process and its descendants) in one
+category within the incident window (rome_guard.detect.incidents) make one
+incident: one ``alert`` record listing every rule and reason, later hits
+as ``incident_update`` records against it, one successful kill (the
+widest kill scope of its rules). Metrics count incidents and rule hits
+apart.
 
 This module never decides whether something is bad (rules do) and never
 signals a process itself (the Killer does, by verified pidfd).
@@ -40,7 +41,7 @@ from rome_guard.findings import (
     response_record,
 )
 from rome_guard.respond.journal import Journal
-from rome_guard.respond.kill import KILL_FAILED, KillResult
+from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, KillResult
 from rome_guard.respond.metrics import MetricsSink
 from rome_guard.respond.responses import ALERT, BLOCK, BLOCKED, KILL
 from rome_guard.textsafe import command_line, one_line
@@ -191,8 +192,10 @@ class AlertSink:
             result.outcome,
             one_line(result.reason, 200),
         )
-        incident.kill_settled = result.outcome != KILL_FAILED
-        if incident.kill_settled:
+        # protection is judged on the live image: a protected offender that
+        # execs into something else is killed by the next verdict on it
+        incident.kill_settled = result.outcome in (KILLED, ALREADY_EXITED)
+        if result.outcome != KILL_FAILED:
             self._failed_kills.pop(incident.id, None)
         else:
             retry = self._failed_kills.get(incident.id)

@@ -85,25 +85,35 @@ def open_journal(path: str, rotate_bytes: int = 0, keep: int = 0) -> Journal:
         raise JournalError(f"cannot open alerts file {path} ({where}: {_describe(exc)})") from None
 
 
-def recent_alerts(
-    path: str, mode: str, tail_bytes: int = RECENT_BYTES
-) -> set[tuple[str, int, int, str]]:
-    """(rule, pid, start time, exe) of the alerts in the journal's last
-    tail_bytes that were fully handled in this mode: a restarted daemon does
-    not alert again on a process the previous one already reported. An
-    alert from another mode, or a kill alert with no response record (the
-    daemon died between the two), is left out so that it is judged and acted
-    on again. Unreadable or torn lines are skipped."""
+def _tail_lines(path: str, tail_bytes: int) -> list[bytes]:
+    """The whole lines in the last tail_bytes of path ([] when unreadable)."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - tail_bytes))
             data = f.read(tail_bytes)
     except OSError:
-        return set()
+        return []
     lines = data.split(b"\n")
     if size > tail_bytes:
         lines = lines[1:]  # the first line is cut
+    return [line for line in lines if line]
+
+
+def recent_alerts(
+    path: str, mode: str, tail_bytes: int = RECENT_BYTES
+) -> set[tuple[str, int, int, str]]:
+    """(rule, pid, start time, exe) of the alerts in the journal's last
+    tail_bytes (reaching into alerts.jsonl.1 right after a rotation) that
+    were fully handled in this mode: a restarted daemon does
+    not alert again on a process the previous one already reported. An
+    alert from another mode, or a kill alert with no response record (the
+    daemon died between the two), is left out so that it is judged and acted
+    on again. Unreadable or torn lines are skipped."""
+    lines = _tail_lines(path, tail_bytes)
+    short = tail_bytes - sum(len(line) + 1 for line in lines)
+    if short > 0:  # just rotated: the tail continues in the newest rotated file
+        lines = _tail_lines(f"{path}.1", short) + lines
     # incident (alert id) -> the (rule, process image) keys filed under it:
     # the alert's own and every rule its incident_update records added
     alerts: dict[str, set[tuple[str, int, int, str]]] = {}
@@ -164,8 +174,8 @@ class Journal:
         self.path = path
         self._fd = _open_append(path)
         self._lock = threading.Lock()
-        self.rotate_bytes = rotate_bytes if keep > 0 else 0  # 0: never rotates itself
-        self.keep = keep
+        self.rotate_bytes = self.keep = 0
+        self.set_rotation(rotate_bytes, keep)
         self.rotations = 0
         self._forward: Callable[[dict[str, Any]], None] | None = None
         self._spool: deque[bytes] = deque()
@@ -179,6 +189,13 @@ class Journal:
     def set_error_hook(self, on_error: Callable[[], None] | None) -> None:
         """Called once per failed write or fsync (the metrics counter)."""
         self._on_error = on_error
+
+    def set_rotation(self, rotate_bytes: int, keep: int) -> None:
+        """Rotate before a record would pass rotate_bytes, keeping keep
+        files; never when either is 0."""
+        with self._lock:
+            self.rotate_bytes = rotate_bytes if keep > 0 else 0
+            self.keep = keep
 
     def set_forward(self, forward: Callable[[dict[str, Any]], None] | None) -> None:
         """Called with each record once the journal has it (the outputs)."""

@@ -198,6 +198,10 @@ class Prevention:
         `bpftool prog show id N` and run-time statistics."""
         return self._bpf.program_ids() if self._bpf is not None else {}
 
+    def ring_fds(self) -> list[int]:
+        """The ring buffer's fd, for kernel.poller.RingPoller."""
+        return self._bpf.ring_fds() if self._bpf is not None else []
+
     def lost_events(self) -> int:
         """Events the kernel could not report because the ring buffer was
         full, and records that did not decode."""

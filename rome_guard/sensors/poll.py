@@ -19,14 +19,10 @@ from rome_guard.events import (
     ExecEvent,
     ExitEvent,
 )
-from rome_guard.linux import has_peer
+from rome_guard.linux import boottime_ns, has_peer
 from rome_guard.sensors import sockdiag
 
 Event = Union[ExecEvent, ExitEvent, ConnectEvent]  # not X | Y: Python 3.9
-
-
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 class PollSensor:
@@ -50,6 +46,13 @@ class PollSensor:
 
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Nothing to wake: polling reads /proc on its own schedule."""
+
+    def set_exec_needles(self, needles: Iterable[str] | None) -> None:
+        """Nothing to filter: polling sees what /proc shows at each tick."""
+
+    def ring_fds(self) -> list[int]:
+        """No ring buffer: the daemon polls this sensor on a short timer."""
+        return []
 
     def set_loopback_ignore_cgroups(self, cgroup_ids: Iterable[int]) -> None:
         """Nothing to filter: polling never sees a loopback storm's connects

@@ -37,7 +37,6 @@ import ctypes as ct
 import ipaddress
 import logging
 import os
-import time
 from typing import Any, Iterable, Mapping
 
 from rome_guard import linux
@@ -92,10 +91,6 @@ def suffix_key(domain: str) -> int:
     """drop_hosts key: the domain lower-cased, hashed from its last byte
     (the kernel walks a SNI from its end, looking up at each dot)."""
     return fnv1a(domain.strip(".").lower().encode()[::-1])
-
-
-def boottime_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 # --- the sensor -------------------------------------------------------------------
@@ -196,12 +191,16 @@ class WireSensor:
         if self._bpf is None:
             return []
         if self._enforcing:
-            now = boottime_ns()
+            now = linux.boottime_ns()
             if now - self._heartbeat_ns >= HEARTBEAT_EVERY_NS:
                 self._set(WIRE_SET_DROP_UNTIL, now + DROP_GRACE_NS)
                 self._heartbeat_ns = now
         self._bpf.poll(timeout_ms)
         return self._ring.take() if self._ring is not None else []
+
+    def ring_fds(self) -> list[int]:
+        """The ring buffer's fd, for kernel.poller.RingPoller."""
+        return self._bpf.ring_fds() if self._bpf is not None else []
 
     def lost_events(self) -> dict[str, int]:
         malformed = self._ring.malformed if self._ring is not None else 0

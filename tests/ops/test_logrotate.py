@@ -9,11 +9,12 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 from tests.conftest import require, require_root
-from tests.fixtures.daemon import by_pid, daemon
+from tests.fixtures.daemon import daemon
 from tests.fixtures.network import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,15 +55,8 @@ def test_logrotate_with_the_shipped_snippet_keeps_every_alert_once(tmp_path: Pat
     with daemon(config_text=config, alerts_file=alerts_file) as d:
         conf.write_text(_site_config(alerts_file, d.proc.pid))
         pids = []
-        for round_ in range(4):
-            for n in range(3):
-                home = tmp_path / f"{round_}-{n}"
-                home.mkdir()
-                shutil.copy("/bin/sleep", home / "xmrig")
-                proc = subprocess.Popen([str(home / "xmrig"), "0.02"])
-                proc.wait()
-                pids.append(proc.pid)
-                d.wait_alert(by_pid(proc.pid, "miner-known-binary"))
+        for _round in range(4):
+            pids += [d.caught_miner(str(tmp_path)) for _ in range(3)]
             reloads = d.log.count("reloaded:")
             result = subprocess.run(
                 [LOGROTATE, "--force", "--state", str(state), str(conf)],
@@ -79,3 +73,38 @@ def test_logrotate_with_the_shipped_snippet_keeps_every_alert_once(tmp_path: Pat
     assert sorted(p for p in miners if p in pids) == sorted(pids)  # each alert once
     # after the last rotation and SIGHUP the daemon writes the new file again
     assert os.path.exists(alerts_file)
+
+
+def test_the_daemon_rotates_its_journal_by_size_and_keeps_the_retention(tmp_path: Path):
+    require_root()
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir(mode=0o750)
+    alerts_file = str(journal_dir / "alerts.jsonl")
+    config = "rules: []\njournal:\n  rotate_bytes: 3000\n  keep: 2\n"
+    with daemon(config_text=config, alerts_file=alerts_file) as d:
+        # an alert record is 1-3 KB: about one per file
+        pids = [d.caught_miner(str(tmp_path)) for _ in range(6)]
+        d.settle(1.5)
+        with open(os.path.join(d.run_dir, "status.json")) as f:
+            rotations = json.load(f)["journal"]["rotations"]
+        # a reload that changes the outputs says they wait for a restart
+        with open(d.config, "a") as f:
+            f.write("outputs:\n  - type: journald\n")
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded:")
+        assert "outputs changed in" in d.log and "apply at the next restart" in d.log
+    files = sorted(p.name for p in journal_dir.iterdir())
+    assert files == ["alerts.jsonl", "alerts.jsonl.1", "alerts.jsonl.2"]  # keep: 2
+    assert rotations >= 3
+    assert all(
+        p.stat().st_size <= 3000 or len(_every_line_of(p)) == 1 for p in journal_dir.iterdir()
+    )
+    oldest_first = [journal_dir / f"alerts.jsonl{ext}" for ext in (".2", ".1", "")]
+    records = [json.loads(line) for path in oldest_first for line in _every_line_of(path)]
+    kept = [r["process"]["pid"] for r in records if r.get("rule") == "miner-known-binary"]
+    assert kept and kept == [p for p in pids if p in kept]  # the newest, in order
+    assert kept[-1] == pids[-1]
+
+
+def _every_line_of(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]

@@ -13,7 +13,7 @@ from rome_guard.detect.rules import Rule
 from rome_guard.findings import Finding
 from rome_guard.respond.alerts import AlertSink
 from rome_guard.respond.journal import Journal, recent_alerts
-from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, KillResult
+from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED, KillResult
 from rome_guard.respond.metrics import NullMetrics
 
 RULE = Rule("test-rule", "mining", "high", "a test rule")
@@ -108,3 +108,18 @@ def test_a_failed_kill_is_retried_without_a_new_verdict(tmp_path):
     sink.retry_kills()
     sink.retry_kills()  # settled (gone) after the second retry: not tried again
     assert killer.calls == 3
+
+
+def test_a_protected_offender_is_judged_again_by_the_next_verdict_only(tmp_path):
+    """Protection is a property of the live image: the next verdict asks
+    again (an offender that exec'd out of a protected program is killed),
+    housekeeping does not retry."""
+    path = str(tmp_path / "alerts.jsonl")
+    killer = ScriptedKiller(PROTECTED, KILLED)
+    sink = AlertSink(Journal(path), NullMetrics(), "enforce", "host", killer=killer)
+    me = _me()
+    sink.raise_alert(Finding(KILL_RULE, me, "verdict"))
+    sink.retry_kills()
+    assert killer.calls == 1
+    sink.raise_alert(Finding(ALERT_RULE, me, "after its exec"))
+    assert killer.calls == 2

@@ -16,7 +16,7 @@ from rome_guard.detect.rules import Rule
 from rome_guard.events import ProcessKey
 from rome_guard.findings import Finding
 from rome_guard.respond.alerts import AlertSink
-from rome_guard.respond.journal import Journal
+from rome_guard.respond.journal import Journal, recent_alerts
 from rome_guard.respond.metrics import NullMetrics
 
 RULE = Rule("miner-known-binary", "miner", "critical", "a known miner binary")
@@ -111,3 +111,18 @@ def test_rotation_off_by_default_and_reopen_follows_a_rename(tmp_path):
     assert [json.loads(x)["n"] for x in _lines([path + ".old"])] == [1, 2]
     assert [json.loads(x)["n"] for x in _lines([path])] == [3]
     assert journal.rotations == 0
+
+
+def test_a_restart_right_after_a_rotation_still_remembers_what_was_alerted(tmp_path):
+    path = str(tmp_path / "alerts.jsonl")
+    me = procfs.read_process(os.getpid())
+    assert me is not None
+    sink = AlertSink(Journal(path, rotate_bytes=1, keep=2), NullMetrics(), "monitor", "h")
+    assert sink.raise_alert(Finding(RULE, me, "first")) is not None
+    sink.events_lost({"process": 1}, {"process": 1})  # rotates: the alert is now in .1
+    sink.journal.close()
+    assert [r.get("rule") for r in map(json.loads, _lines([path + ".1"]))] == ["miner-known-binary"]
+    assert [r["event"] for r in map(json.loads, _lines([path]))] == ["events_lost"]
+    restarted = AlertSink(Journal(path), NullMetrics(), "monitor", "h")
+    restarted.remember(recent_alerts(path, "monitor"))
+    assert restarted.raise_alert(Finding(RULE, me, "again")) is None

@@ -94,21 +94,12 @@ class SyslogTransport:
         self._sock: socket.socket | None = None
 
     def _connect(self) -> socket.socket:
-        if self.protocol == "unix":
-            try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                sock.settimeout(self.timeout)
-                sock.connect(self.host)
-            except OSError as exc:
-                sock.close()
-                if exc.errno != 91:  # EPROTOTYPE: a stream socket (syslog-ng's default)
-                    raise
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-                sock.settimeout(self.timeout)
-                sock.connect(self.host)
-            return sock
-        kind = socket.SOCK_DGRAM if self.protocol == "udp" else socket.SOCK_STREAM
-        family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self.port, type=kind)[0]
+        sockaddr: Any
+        if self.protocol == "unix":  # a datagram socket, as /dev/log is
+            family, kind, sockaddr = socket.AF_UNIX, socket.SOCK_DGRAM, self.host
+        else:
+            kind = socket.SOCK_DGRAM if self.protocol == "udp" else socket.SOCK_STREAM
+            family, _, _, _, sockaddr = socket.getaddrinfo(self.host, self.port, type=kind)[0]
         sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(self.timeout)

@@ -20,3 +20,11 @@ def test_invalid_utf8_alone_is_no_match_and_no_error() -> None:
     regex = compile_rule_regex(r"xmrig")
     assert regex.search(INVALID_UTF8 * 1000) is None
     assert regex.search("\ud800 lone high surrogate xmrig") is not None
+
+
+def test_an_anchored_pattern_on_invalid_utf8_is_searched_not_an_error() -> None:
+    pattern = compile_rule_regex("^(client|server)$")
+    hostile = b"\xff\xfe\xfd".decode("utf-8", "surrogateescape")
+    assert pattern.search(hostile) is None
+    assert pattern.search("client") is not None
+    assert compile_rule_regex("xmrig").search(hostile + "xmrig") is not None

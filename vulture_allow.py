@@ -45,6 +45,10 @@ sensor.SOURCE_SEND
 sensor.SOURCE_UDP_SENDMSG
 sensor.GPU_PATH_PREFIX_LEN
 sensor.LOST_SLOTS
+sensor.TABLE_SLOTS
+sensor.PROC_EXITED
+sensor.PROC_HELD
+sensor.NEEDLE_SCAN_MAX
 wire.WIRE_METHOD_SCAN
 wire.WIRE_PID_AT_CONNECT
 wire.WIRE_QNAME_MAX
@@ -54,6 +58,7 @@ wire.WIRE_SEGMENTS_MAX
 wire.WIRE_STREAM_NS
 wire.WIRE_FLOW_OPEN
 wire.WIRE_FLOW_DROPPED
+wire.WIRE_FLOW_ENDED
 # record fields: a finding's facts, read by whoever inspects the verdict
 stateful.FanoutVerdict.worst_destination
 stateful.FanoutVerdict.worst_ports

@@ -7,7 +7,10 @@
 - what the kernel measured for each program (BPF run-time statistics):
   nanoseconds added per packet, independent of other load on the host;
 - the whole daemon at a paced 20,000 new flows/s, each with a first
-  payload: wire events lost (target: 0) and daemon CPU per new flow.
+  payload: wire events lost (target: 0) and daemon CPU per new flow;
+- with --against REV, the kernel's per-packet figures of that git
+  revision's wire programs too, measured in the same run, rounds
+  alternating (a loaded host moves both alike).
 
 Rounds alternate none/attached so drifting host load hits both alike.
 Needs root, iperf3 and gcc. Nothing leaves loopback; everything is
@@ -25,10 +28,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from bench.daemon_bench import cpu_seconds, status
 from bench.ebpf_storm import bpf_run_time_stats, build_load, run_load
 from bench.prevention_overhead import run_time
+from rome_guard.sensors import wire
 from rome_guard.sensors.wire import WireSensor
 from tests.fixtures.daemon import Daemon
 from tests.fixtures.network import free_port
@@ -107,11 +112,38 @@ def side_by_side(args: argparse.Namespace, binary: str) -> dict:
     return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in samples.items()}
 
 
-def in_kernel_cost(binary: str, count: int) -> dict[str, float]:
+@contextlib.contextmanager
+def programs_of(revision: str | None):
+    """The wire programs of a git revision (None: the working tree's) for
+    WireSensor to load while the block runs."""
+    if revision is None:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="rg-wire-rev-") as tmp:
+        for name in ("wire.c", "wire.h"):
+            text = subprocess.run(
+                ["git", "show", f"{revision}:rome_guard/bpf/{name}"],
+                cwd=Path(wire.__file__).resolve().parents[2],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            # the loader puts this tree's bpf/ on the include path: the
+            # revision's own header is named by its path
+            text = text.replace('#include "wire.h"', f'#include "{tmp}/wire.h"')
+            Path(tmp, name).write_text(text)
+        saved, wire.WIRE_SOURCE = wire.WIRE_SOURCE, Path(tmp, "wire.c")
+        try:
+            yield
+        finally:
+            wire.WIRE_SOURCE = saved
+
+
+def in_kernel_cost(binary: str, count: int, revision: str | None = None) -> dict[str, float]:
     """ns per program run, from the kernel's stats, while connections
     without payload and then flows with a first line are made."""
     costs = {}
-    with bpf_run_time_stats(), WireSensor() as sensor:
+    with programs_of(revision), bpf_run_time_stats(), WireSensor() as sensor:
         drain = Drain(sensor)
         drain.start()
         try:
@@ -120,7 +152,7 @@ def in_kernel_cost(binary: str, count: int) -> dict[str, float]:
                 before = {name: run_time(i) for name, i in ids.items()}
                 rate(binary, mode, count)
                 for name, prog_id in ids.items():
-                    delta = zip(run_time(prog_id), before[name], strict=True)
+                    delta = zip(run_time(prog_id), before[name])
                     ns, runs = (a - b for a, b in delta)
                     costs[f"{name} ({mode})"] = ns / runs if runs else 0.0
         finally:
@@ -160,23 +192,40 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--against", metavar="REV", help="also measure REV's wire programs")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rg-wire-bench-")
     try:
         binary = build_load(work)
         results = side_by_side(args, binary)
         kernel = in_kernel_cost(binary, args.connects)
+        against: dict[str, list[float]] = {}
+        if args.against:
+            ours: dict[str, list[float]] = {}
+            for _ in range(args.rounds):
+                for name, ns in in_kernel_cost(binary, args.connects, args.against).items():
+                    against.setdefault(name, []).append(ns)
+                for name, ns in in_kernel_cost(binary, args.connects).items():
+                    ours.setdefault(name, []).append(ns)
+            kernel = {name: statistics.median(v) for name, v in ours.items()}
         daemon = daemon_at_rate(binary, args.rate, args.seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps({"side_by_side": results, "kernel_ns": kernel, "daemon": daemon}))
+        print(
+            json.dumps(
+                {"side_by_side": results, "kernel_ns": kernel, "against": against, "daemon": daemon}
+            )
+        )
         return
     print(f"{'measure':34} {'none':>12} {'wire':>12} {'slowdown':>9}")
     for name, (none, attached) in results.items():
         print(f"{name:34} {none:12.2f} {attached:12.2f} {100 * (1 - attached / none):8.1f}%")
     for name, ns in kernel.items():
-        print(f"in-kernel {name}: {ns:.0f} ns per packet (BPF run-time stats)")
+        line = f"in-kernel {name}: {ns:.0f} ns per packet (BPF run-time stats)"
+        if name in against:
+            line += f"; {args.against}: {statistics.median(against[name]):.0f} ns"
+        print(line)
     print(
         f"daemon at {daemon['achieved_flows_per_s']:.0f} new flows/s ({daemon['flows']} flows): "
         f"{daemon['wire_events_lost']} wire events lost ({daemon['all_events_lost']} in all), "

@@ -62,6 +62,7 @@ from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.respond.outputs import Outputs
 from rome_guard.sensors.poll import PollSensor
 from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
+from rome_guard.state.kernel_table import KernelProcessTable
 from rome_guard.state.processes import ProcessModel
 from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
 from rome_guard.textsafe import one_line
@@ -197,6 +198,7 @@ class Guard:
             self.ctx.wire.install(rules.ruleset)
         if self.ctx.sensor is not None:
             self.ctx.sensor.set_wake_names(rules.engine.exec_names)
+            self.ctx.sensor.set_exec_needles(rules.engine.exec_needles)
         self.ctx.metrics.set_rules((r.id, r.category, r.severity) for r in rules.ruleset.rules)
         self.ctx.metrics.set_mode(self.ctx.config.mode)
         if rules.ruleset.staged:
@@ -292,6 +294,10 @@ class Guard:
     def attach(self, sensor: Sensor, mode: str) -> None:
         self.ctx.sensor = sensor
         sensor.set_wake_names(self.ctx.rules.engine.exec_names)
+        sensor.set_exec_needles(self.ctx.rules.engine.exec_needles)
+        maps = getattr(sensor, "process_table_maps", lambda: None)()
+        if maps is not None:  # the eBPF sensor: benign execs stay in its process table
+            self.ctx.processes.kernel = KernelProcessTable(maps)
         self.sensor_mode = mode
         self.ctx.metrics.set_sensor(mode)
 
@@ -357,11 +363,24 @@ class Guard:
             "config_rejected": [r.to_status() for r in self.rejected],
             "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
+            "wire": self.wire_status(),
             "ssh_config": self.ctx.ssh.status(),
             "journal": {**asdict(self.journal.state()), "rotations": self.journal.rotations},
             "outputs": [asdict(state) for state in self.outputs.states()],
             "rules_hash": self.rules_hash,
             "time": time.time(),
+        }
+
+    def wire_status(self) -> dict[str, Any] | None:
+        """The client streams the wire sensor follows now, and the flows
+        whose stream a bound cut (bytes, segments, time): what no rule saw."""
+        if self.wire_sensor is None or self.ctx.wire is None:
+            return None
+        streams = self.ctx.wire.streams
+        return {
+            "streams_open": len(streams),
+            "streams_evicted": streams.evicted,
+            "streams_cut": self.wire_sensor.stream_cuts(),
         }
 
     def check_lost(self) -> None:
@@ -418,6 +437,8 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        if self.ctx.processes.kernel is not None:
+            self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
         self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):

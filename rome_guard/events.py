@@ -98,6 +98,9 @@ class ExecEvent:
     # argv is incomplete (cut, or not captured): read /proc/PID/cmdline if it matters
     argv_truncated: bool = False
     cgroup_id: int = 0  # cgroup v2 id (inode of the cgroup dir), 0 when unknown
+    # its fork (CLOCK_BOOTTIME) and its parent's, from the kernel's process table; 0 unknown
+    start_ns: int = 0
+    parent_start_ns: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -20,9 +23,11 @@ from tests.fixtures.network import XMRIG_LOGIN
 from tests.fixtures.wire import (
     CountingServer,
     DnsServer,
+    FakeProxy,
     client,
     fake_miner,
     netns_pair,
+    split_client_binary,
     tls_context,
 )
 
@@ -33,6 +38,8 @@ SUBSCRIBE_SPACED = b'{"id": 1, "method": "mining.subscribe", "params": ["cpumine
 AUTHORIZE_COMPACT = b'{"params":["wallet.rig1","x"],"id":2,"method":"mining.authorize"}\n'
 ETH_PROXY_LOGIN = b'{"id":1,"jsonrpc":"2.0","method":"eth_submitLogin","params":["0xabc"]}\n'
 POOL_NAME = "pool.supportxmr.com"
+# the key that joins an alert to the agent's trajectory
+ROLLOUT_CONFIG = "rules: []\nattribution:\n  env_keys: [ROME_ROLLOUT]\n"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,7 @@ def workdir():
 @pytest.fixture(scope="module")
 def monitor():
     require_root()
-    with daemon(mode="monitor") as d:
+    with daemon(mode="monitor", config_text=ROLLOUT_CONFIG) as d:
         yield d
 
 
@@ -224,8 +231,10 @@ def test_ordinary_traffic_stays_clean(monitor, tls):
             "send",
             plain.host,
             str(plain.port),
+            # a node's own RPC over HTTP (eth_getWork there is ethminer's getwork
+            # mining: tests/detect/test_wire_rules.py)
             b"POST / HTTP/1.1\r\nHost: localhost:8545\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 64\r\n\r\n{"jsonrpc":"2.0","method":"eth_getWork","params":[],"id":1}'.hex(),
+            b'Content-Length: 63\r\n\r\n{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":1}'.hex(),
         ),
         (
             "send",
@@ -270,7 +279,7 @@ def test_ordinary_traffic_stays_clean(monitor, tls):
         tls_server.close()
     assert codes == [0] * len(cases)
     pids = {p.pid for p in procs}
-    assert [r["rule"] for r in monitor.records() if r["process"]["pid"] in pids] == []
+    assert [r["rule"] for r in monitor.records() if r.get("process", {}).get("pid") in pids] == []
 
 
 def test_hostile_payload_keeps_the_journal_and_metrics_clean(monitor, workdir):
@@ -298,6 +307,217 @@ def test_hostile_payload_keeps_the_journal_and_metrics_clean(monitor, workdir):
     assert alert["wire"]["payload_bytes"] >= 512
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{monitor.metrics_port}/metrics").read()
     assert b"AAAAAAAA" not in metrics and b"\xff" not in metrics and b"subscribe" not in metrics
+
+
+# --- client streams: pieces, preambles, framings ------------------------------
+
+# the login in three writes, as the issue found it: the first is `{"id":1,`
+LOGIN_PIECES = [XMRIG_LINE[:8], XMRIG_LINE[8:60], XMRIG_LINE[60:]]
+ETH_PROXY_METHOD_LAST = (
+    b'{"worker": "", "jsonrpc": "2.0", "params": ["0x52908400098527886E0F7030069857D2E4169EE7", '
+    b'"x"], "id": 2, "method": "eth_submitLogin"}\n'
+)
+GET_BLOCK_TEMPLATE = (
+    b'{"jsonrpc":"2.0","id":"0","method":"get_block_template","params":{"wallet_address":"4'
+    + b"8" * 94
+    + b'","reserve_size":60}}'
+)
+
+
+def _spawn(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _fed(argv: list[str], pieces: list[bytes], gap_s: float) -> subprocess.Popen:
+    """A tool reading its stdin (socat), fed the pieces gap_s apart: each
+    piece is one read for it, and so one write to its socket."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+    def feed() -> None:
+        try:
+            for piece in pieces:
+                proc.stdin.write(piece)
+                proc.stdin.flush()
+                time.sleep(gap_s)
+            time.sleep(2)
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass  # killed
+
+    threading.Thread(target=feed, daemon=True).start()
+    return proc
+
+
+def _pieces(spelling: str, host: str, port: int, pieces: list[bytes], workdir: str):
+    if spelling == "python":
+        return client("pieces", host, str(port), "0.3", *(p.hex() for p in pieces))
+    if spelling == "c":
+        return _spawn(
+            split_client_binary(workdir), host, str(port), "300", *(p.hex() for p in pieces)
+        )
+    return _fed(["socat", "-u", "-", f"TCP:{host}:{port},nodelay"], pieces, 0.3)
+
+
+@pytest.mark.parametrize("spelling", ["python", "c", "socat"])
+def test_login_in_pieces_is_read_whole(monitor, workdir, spelling):
+    pool = CountingServer("127.10.60.1", 0)
+    try:
+        proc = _pieces(spelling, pool.host, pool.port, LOGIN_PIECES, workdir)
+        alert = _wire_alert(monitor, proc.pid, "miner-stratum-login")
+        _done(proc)
+    finally:
+        pool.close()
+    assert alert["category"] == "miner" and alert["wire"]["method"] == "login"
+    # monitor mode: this daemon dropped nothing (an enforcing daemon of another
+    # suite on this host may cut the rest)
+    assert pool.received and pool.received[0].startswith(LOGIN_PIECES[0])
+
+
+def _through_proxy(spelling: str, proxy: FakeProxy, name: str, port: int, payload: bytes):
+    """A client asking proxy for name:port, then sending payload (python) or
+    an HTTP request (curl). curl reads its URL and proxy from a config on
+    stdin: the name is on the wire only, never in argv."""
+    if spelling == "python-socks5":
+        return client("socks5", proxy.host, str(proxy.port), name, str(port), payload.hex())
+    if spelling == "curl-socks4a":
+        option = "socks4a"
+        config = f'{option} = "{proxy.host}:{proxy.port}"\nurl = "http://{name}:{port}/"\n'
+        return _fed(["curl", "-s", "-m", "5", "-K", "-"], [config.encode()], 0)
+    option = "socks5-hostname" if spelling == "curl-socks5h" else "proxytunnel\nproxy"
+    config = f'{option} = "{proxy.host}:{proxy.port}"\nurl = "http://{name}:{port}/"\n'
+    return _fed(["curl", "-s", "-m", "5", "-K", "-"], [config.encode()], 0)
+
+
+@pytest.mark.parametrize("spelling", ["python-socks5", "curl-socks5h", "curl-http-connect"])
+def test_pool_named_to_a_proxy(monitor, spelling):
+    proxy = FakeProxy("127.10.61.1", 0)
+    try:
+        proc = _through_proxy(spelling, proxy, POOL_NAME, 3333, XMRIG_LINE)
+        alert = _wire_alert(monitor, proc.pid, "miner-pool-named-address")
+        _done(proc)
+    finally:
+        proxy.close()
+    assert alert["wire"]["proxy_host"] == POOL_NAME and alert["wire"]["remote_name"] == POOL_NAME
+    if spelling == "python-socks5":  # a login followed the reply
+        _wire_alert(monitor, proc.pid, "miner-stratum-login")
+
+
+def _jsonrpc(spelling: str, host: str, port: int):
+    if spelling == "python-key-order":
+        return client("send", host, str(port), ETH_PROXY_METHOD_LAST.hex(), "1")
+    if spelling == "curl-monerod-http":  # the body on stdin: the wallet is not in argv
+        return _fed(
+            ["curl", "-s", "-m", "5", "-H", "Content-Type: application/json", "--data-binary", "@-",
+             f"http://{host}:{port}/json_rpc"],
+            [GET_BLOCK_TEMPLATE], 0,
+        )  # fmt: skip
+    # a WebSocket upgrade, then the subscribe in a masked text frame
+    key = b"\x11\x22\x33\x44"
+    frame = b"\x81" + bytes([0x80 | len(SUBSCRIBE_SPACED)]) + key
+    frame += bytes(c ^ key[i % 4] for i, c in enumerate(SUBSCRIBE_SPACED))
+    upgrade = (
+        f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    return client("pieces", host, str(port), "0.2", upgrade.hex(), frame.hex())
+
+
+@pytest.mark.parametrize("spelling", ["python-key-order", "curl-monerod-http", "python-websocket"])
+def test_mining_jsonrpc_in_any_order_and_framing(monitor, spelling):
+    node = CountingServer("127.10.62.1", 0)
+    try:
+        proc = _jsonrpc(spelling, node.host, node.port)
+        alert = _wire_alert(monitor, proc.pid, "miner-stratum-method")
+        _done(proc)
+    finally:
+        node.close()
+    assert alert["category"] == "miner"
+    assert (
+        alert["wire"]["method"] in (b"eth_submitLogin get_block_template mining.subscribe").decode()
+    )
+
+
+def _tls(spelling: str, host: str, sni: str):
+    if spelling == "python":
+        return client("tls", host, "443", sni)
+    if spelling == "openssl":
+        return subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"{host}:443", "-servername", sni, "-quiet"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    return _spawn(
+        "curl", "-s", "-k", "-m", "5", "--resolve", f"{sni}:443:{host}", f"https://{sni}/"
+    )
+
+
+@pytest.mark.parametrize(
+    "spelling,sni",
+    [
+        ("python", "connect.ngrok-agent.com"),
+        ("openssl", "region1.v2.argotunnel.com"),
+        ("curl", "a.pinggy.io"),
+    ],
+)
+def test_tunnel_service_named_in_tls(monitor, tls, spelling, sni):
+    server = CountingServer("127.10.63.1", 443, tls=tls)
+    try:
+        proc = _tls(spelling, server.host, sni)
+        alert = _wire_alert(monitor, proc.pid, "tunnel-service-sni")
+        proc.kill()
+        proc.wait(10)
+    finally:
+        server.close()
+    assert alert["category"] == "reverse_tunnel" and alert["wire"]["sni"] == sni
+
+
+def test_stream_twins_stay_clean(monitor, tls, workdir):
+    """Proxies to package indexes and model hubs, a node's RPC in pieces and
+    over HTTP, TLS to a model hub: nothing fires."""
+    plain = CountingServer("127.10.64.1", 0)
+    proxy = FakeProxy("127.10.64.2", 0)
+    hub = CountingServer("127.10.64.3", 443, tls=tls)
+    block_number = b'{"jsonrpc":"2.0","method":"eth_blockNumber","params":[],"id":83}\n'
+    try:
+        procs = [
+            _pieces("c", plain.host, plain.port, [block_number[:9], block_number[9:]], workdir),
+            _spawn("curl", "-s", "-m", "5", "--data-binary", block_number.decode(), f"http://{plain.host}:{plain.port}/"),
+            _through_proxy("curl-socks5h", proxy, "pypi.org", 443, b""),
+            _through_proxy("curl-http-connect", proxy, "huggingface.co", 443, b""),
+            _tls("curl", hub.host, "huggingface.co"),
+        ]  # fmt: skip
+        for proc in procs:
+            proc.wait(30)
+        monitor.settle(3.0)
+    finally:
+        plain.close()
+        proxy.close()
+        hub.close()
+    assert len(proxy.requests) == 2
+    pids = {p.pid for p in procs}
+    assert [r["rule"] for r in monitor.records() if r.get("process", {}).get("pid") in pids] == []
+
+
+def test_wire_and_dns_alerts_carry_the_process_attribution(monitor, tls):
+    """The same process object as exec alerts: the configured env keys
+    (the rollout id) included, on a wire alert and on a DNS alert."""
+    pool = CountingServer("127.10.69.1", 0)
+    resolver = DnsServer("127.10.53.70", {})
+    rollout = {"ROME_ROLLOUT": "rollout-4711"}
+    try:
+        wire = client("send", pool.host, str(pool.port), SUBSCRIBE_SPACED.hex(), "1", env=rollout)
+        dns = client("resolve", resolver.host, "xmr.2miners.com", "443", env=rollout)
+        wire_alert = _wire_alert(monitor, wire.pid, "miner-stratum-method")
+        dns_alert = _wire_alert(monitor, dns.pid, "miner-pool-dns-query")
+        _done(wire)
+        _done(dns)
+    finally:
+        pool.close()
+        resolver.close()
+    for alert in (wire_alert, dns_alert):
+        assert alert["process"]["env"] == rollout
+        assert alert["process"]["cmdline"][1].endswith("wire_client.py")
 
 
 # --- enforce mode: dropped in the kernel, killed ----------------------------
@@ -386,3 +606,94 @@ def test_enforce_lets_ordinary_flows_through(enforce, tls):
     assert tls_server.bytes_received > 0
     pids = {p.pid for p in procs}
     assert [r["rule"] for r in enforce.records() if r["process"]["pid"] in pids] == []
+
+
+@pytest.mark.parametrize("spelling", ["python", "c", "socat"])
+def test_enforce_login_in_pieces_never_arrives_whole(enforce, workdir, spelling):
+    pool = CountingServer("127.10.65.1", 0)
+    try:
+        proc = _pieces(spelling, pool.host, pool.port, LOGIN_PIECES, workdir)
+        response = _killed(enforce, proc.pid, "miner-stratum-login")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        pool.close()
+    assert response["action"] == "killed" and response["wire"]["dropped"] == "method"
+    # the piece that makes it a miner's login (its "agent") never left
+    assert pool.received == [LOGIN_PIECES[0] + LOGIN_PIECES[1]]
+    assert b'"agent"' in LOGIN_PIECES[2] and len(pool.received[0]) < len(XMRIG_LINE)
+
+
+@pytest.mark.parametrize(
+    "spelling", ["python-socks5", "curl-socks5h", "curl-socks4a", "curl-http-connect"]
+)
+def test_enforce_pool_named_to_a_proxy_is_stopped_at_the_request(enforce, spelling):
+    proxy = FakeProxy("127.10.66.1", 0)
+    try:
+        proc = _through_proxy(spelling, proxy, POOL_NAME, 3333, XMRIG_LINE)
+        response = _killed(enforce, proc.pid, "miner-pool-named-address")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        proxy.close()
+    assert response["wire"]["dropped"] == "proxy"
+    assert proxy.requests == [] and proxy.bytes_received == 0  # the request never arrived
+
+
+def test_enforce_tunnel_service_sni_is_stopped(enforce, tls):
+    server = CountingServer("127.10.67.1", 443, tls=tls)
+    try:
+        proc = _tls("openssl", server.host, "connect.ngrok-agent.com")
+        response = _killed(enforce, proc.pid, "tunnel-service-sni")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        server.close()
+    assert response["wire"]["dropped"] == "sni" and server.bytes_received == 0
+
+
+def test_enforce_chisel_upgrade_is_dropped_and_killed(enforce):
+    server = CountingServer("127.10.68.1", 0)
+    upgrade = (
+        b"GET / HTTP/1.1\r\nHost: 127.10.68.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: chisel-v3\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    try:
+        proc = client(
+            "pieces", server.host, str(server.port), "1.0", upgrade.hex(), (b"x" * 64).hex()
+        )
+        response = _killed(enforce, proc.pid, "tunnel-chisel-websocket")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        server.close()
+    assert response["action"] == "killed"
+    assert server.received == [upgrade]  # what followed the verdict never left
+
+
+def test_enforce_dns_question_dropped_is_journaled_as_blocked(enforce):
+    resolver = DnsServer("127.10.53.69", {"pinggy.io": "127.10.77.9"})
+    try:
+        proc = client("resolve", resolver.host, "a.pinggy.io", "443")
+        alert = _wire_alert(enforce, proc.pid, "tunnel-service-dns-query")
+        assert _done(proc) == 3
+    finally:
+        resolver.close()
+    assert alert["action"] == "blocked" and alert["wire"]["dropped"] == "dns"
+    assert resolver.questions == []
+
+
+@pytest.mark.parametrize("spelling", ["python-key-order", "curl-monerod-http"])
+def test_enforce_mining_jsonrpc_in_any_order_and_framing_never_arrives(enforce, spelling):
+    node = CountingServer("127.10.70.1", 0)
+    try:
+        proc = _jsonrpc(spelling, node.host, node.port)
+        response = _killed(enforce, proc.pid, "miner-stratum-method")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        node.close()
+    assert response["wire"]["dropped"] == "method"
+    received = b"".join(node.received)
+    assert b"eth_submitLogin" not in received and b"get_block_template" not in received

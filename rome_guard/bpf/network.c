@@ -118,13 +118,11 @@ static __always_inline void tcp_repeat_check(const struct tcp_sock_view *v,
 	struct sensor_config *config = sensor_config.lookup(&zero);
 	struct tcp_seen fresh = {};
 	struct tcp_seen *seen;
-	struct proc_state *ps;
 	__u64 now = bpf_ktime_get_boot_ns();
 
 	if (!config || !config->tcp_repeat_ns)
 		return;
-	ps = procs.lookup(&tgid);
-	attempt->seen_key.generation_ns = ps ? ps->generation_ns : 0;
+	attempt->seen_key.generation_ns = generation_of(tgid);
 	attempt->seen_key.pid = tgid;
 	attempt->seen_key.family = v->family;
 	attempt->seen_key.protocol = IPPROTO_TCP;
@@ -225,6 +223,56 @@ int rgs_tcp_state(struct tracepoint__sock__inet_sock_set_state *args)
 	return tcp_left_syn_sent(&v, newstate);
 }
 
+#ifdef HAVE_RAW_TCP_STATE
+/* The same transitions from the raw tracepoint, which is what user space
+ * attaches when the running kernel's BTF gives the offsets below: a raw
+ * tracepoint program is skipped only when it interrupts itself, whereas a
+ * perf-event one is skipped whenever any other tracing program runs on that
+ * CPU (the outcome transitions come in softirq, over other programs). The
+ * struct sock and inet_sock members are read at offsets from the running
+ * kernel's BTF (rome_guard/kernel/btf.py, RG_OFF_* macros), never at the
+ * compile-time headers' offsets. */
+#define RG_READ(dst, sk, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (char *)(sk) + (off))
+
+int rgs_tcp_state_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct tcp_sock_view v = {};
+	void *sk = (void *)ctx->args[0];
+	int oldstate = (int)ctx->args[1];
+	int newstate = (int)ctx->args[2];
+	__u16 protocol = 0, family = 0, sport = 0, dport = 0;
+
+	if (newstate == RG_TCP_SYN_SENT) {
+		if (oldstate != RG_TCP_CLOSE)
+			return 0;
+	} else if (oldstate != RG_TCP_SYN_SENT && oldstate != RG_TCP_SYN_RECV) {
+		return 0;
+	}
+	RG_READ(protocol, sk, RG_OFF_SK_PROTOCOL);
+	if (protocol != IPPROTO_TCP)
+		return 0;
+	RG_READ(family, sk, RG_OFF_SKC_FAMILY);
+	RG_READ(sport, sk, RG_OFF_INET_SPORT);
+	RG_READ(dport, sk, RG_OFF_SKC_DPORT);
+	v.sk = (__u64)sk;
+	v.family = family;
+	v.sport = RG_NTOHS(sport);
+	v.dport = RG_NTOHS(dport);
+	if (family == RG_AF_INET) {
+		bpf_probe_read_kernel(v.saddr, 4, (char *)sk + RG_OFF_INET_SADDR);
+		bpf_probe_read_kernel(v.daddr, 4, (char *)sk + RG_OFF_SKC_DADDR);
+	} else if (family == RG_AF_INET6) {
+		bpf_probe_read_kernel(v.saddr, 16, (char *)sk + RG_OFF_SKC_V6_RCV_SADDR);
+		bpf_probe_read_kernel(v.daddr, 16, (char *)sk + RG_OFF_SKC_V6_DADDR);
+	} else {
+		return 0;
+	}
+	if (newstate == RG_TCP_SYN_SENT)
+		return tcp_syn_sent(&v);
+	return tcp_left_syn_sent(&v, newstate);
+}
+#endif
+
 int rgs_tcp_reset(struct tracepoint__tcp__tcp_receive_reset *args)
 {
 	__u64 sk = (__u64)args->skaddr;
@@ -292,7 +340,6 @@ static __always_inline int emit_datagram(const struct datagram_dest *d, __u8 pro
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct sensor_config *config = sensor_config.lookup(&zero);
 	struct datagram_key key = {};
-	struct proc_state *ps;
 	struct connect_record *r;
 	__u64 now = bpf_ktime_get_boot_ns();
 	__u64 *seen;
@@ -300,8 +347,7 @@ static __always_inline int emit_datagram(const struct datagram_dest *d, __u8 pro
 	if (addr_is_loopback(d->family, d->daddr) && cgroup_ignores_loopback())
 		return 0;
 	if (config && config->datagram_repeat_ns) {
-		ps = procs.lookup(&tgid);
-		key.generation_ns = ps ? ps->generation_ns : 0;
+		key.generation_ns = generation_of(tgid);
 		key.pid = tgid;
 		key.family = d->family;
 		key.protocol = protocol;

@@ -172,17 +172,229 @@ int rgs_prep_exec(struct tracepoint__sched__sched_prepare_exec *args)
 }
 #endif
 
+/* --- the process table ------------------------------------------------- */
+
+/* A fresh entry for the current process, first met now (not at its fork). */
+static __always_inline struct proc_entry *scratch_entry(__u32 pid)
+{
+	__u32 zero = 0;
+	struct proc_entry *e = proc_scratch.lookup(&zero);
+
+	if (!e)
+		return NULL;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->pid = pid;
+	e->exit_code = -1;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	return e;
+}
+
+/* Insert value under pid; an old entry there (its exit went unseen) is
+ * replaced. A full table is counted: that process stays untracked (its
+ * records are sent, user space reads it from /proc). */
+static __always_inline struct proc_entry *table_insert(__u32 pid, struct proc_entry *value)
+{
+	long ret = proc_live.insert(&pid, value);
+
+	if (ret == 0)
+		count_table(TABLE_LIVE_INSERTS);
+	else if (ret == -RG_EEXIST)
+		proc_live.update(&pid, value);
+	else {
+		count_table(TABLE_LIVE_FULL);
+		return NULL;
+	}
+	return proc_live.lookup(&pid);
+}
+
+/* The child starts as a copy of its parent's image under its own identity. */
+static __always_inline void table_fork(__u32 child_pid, __u64 now)
+{
+	__u32 ppid = bpf_get_current_pid_tgid() >> 32;
+	struct proc_entry *parent = proc_live.lookup(&ppid);
+	struct proc_entry *child;
+	__u64 parent_start = 0;
+
+	if (parent)
+		parent_start = parent->start_ns;
+	else
+		parent = scratch_entry(ppid);
+	if (!parent)
+		return;
+	child = table_insert(child_pid, parent);
+	if (!child)
+		return;
+	child->pid = child_pid;
+	child->ppid = ppid;
+	child->start_ns = now;
+	child->parent_start_ns = parent_start;
+	child->exec_ns = 0;
+	child->exit_ns = 0;
+	child->exit_code = -1;
+	child->flags = (child->flags & (PROC_EXEC_SEEN | PROC_ARGS_CUT)) | PROC_FORK_SEEN;
+}
+
+/* --- the exec filter ---------------------------------------------------- */
+
+/* A name as (length, hash) without a branch or a variable offset (either
+ * makes the verifier walk a scan once per way it can go): c is the next
+ * byte, live whether it still belongs to the string. */
+struct name_hash {
+	__u64 hash;
+	__u64 len;
+};
+
+static __always_inline void name_hash_add(struct name_hash *h, __u64 c, __u64 live)
+{
+	__u64 slash = byte_is(c, '/') * live;
+	__u64 letter = live * (1 - slash) * (1 - byte_is(c, 0));
+	__u64 keep = (1 - letter) * (1 - slash); /* a NUL or past the end: unchanged */
+
+	h->hash = (h->hash * 131 + c + 1) * letter + h->hash * keep;
+	h->len = (h->len + 1) * letter + h->len * keep;
+}
+
+/* argv[0]'s basename is not the exec'd file's (comm, already looked up):
+ * a name user space looks up too, so the exec is sent (1). So is an
+ * argv[0] longer than the scan, or a basename longer than comm holds. */
+#define ARG0_SCAN 128
+static __always_inline int arg0_differs(const struct exec_record *rec)
+{
+	struct name_hash arg0 = {}, comm = {};
+	__u64 ended = 0, comm_ended = 0;
+	__u32 i;
+
+	if (rec->args_count == 0)
+		return 0;
+	for (i = 0; i < ARG0_SCAN; i++) {
+		__u64 c = (__u8)rec->data[i];
+
+		name_hash_add(&arg0, c, 1 - ended);
+		ended |= byte_is(c, 0);
+	}
+	for (i = 0; i < TASK_COMM_LEN; i++) {
+		__u64 c = (__u8)rec->hdr.comm[i];
+
+		name_hash_add(&comm, c, 1 - comm_ended);
+		comm_ended |= byte_is(c, 0);
+	}
+	return !ended || arg0.len != comm.len || arg0.hash != comm.hash;
+}
+
+/* One loop over the command line, in a program of its own (rgs_exec_scan,
+ * reached by tail call): after rgs_exec's argv[0] loop the verifier would
+ * walk it once per way that loop can end. */
+static __always_inline int needles_match(const struct exec_record *rec)
+{
+	__u32 zero = 0;
+	struct needle_dfa *dfa = needle_dfa.lookup(&zero);
+	__u32 size = rec->args_size;
+	__u32 state = 0;
+	__u32 i;
+
+	if (!dfa)
+		return 1;
+	if (size > NEEDLE_SCAN_MAX + 1)
+		return 1;
+	for (i = 0; i < NEEDLE_SCAN_MAX + 1; i++) {
+		__u8 cls;
+
+		if (i >= size)
+			break;
+		cls = dfa->classes[(__u8)rec->data[i]];
+		state = dfa->next[(state & (NEEDLE_STATES - 1)) * NEEDLE_CLASSES +
+				  (cls & (NEEDLE_CLASSES - 1))];
+		if (state == NEEDLE_MATCH)
+			return 1;
+	}
+	return 0;
+}
+
+/* exec'd through a descriptor (fexecve, a memfd): its name is not in argv */
+static __always_inline int exec_via_fd(const struct exec_record *rec, __u64 name_off)
+{
+	char head[8] = {};
+
+	if (name_off > ARGV_LIMIT)
+		return 1;
+	__builtin_memcpy(head, &rec->data[name_off], sizeof(head));
+	return (head[0] == '/' && head[1] == 'd' && head[2] == 'e' && head[3] == 'v' &&
+		head[4] == '/' && head[5] == 'f' && head[6] == 'd' && head[7] == '/') ||
+	       (head[0] == '/' && head[1] == 'p' && head[2] == 'r' && head[3] == 'o' &&
+		head[4] == 'c' && head[5] == '/');
+}
+
+/* Whether some rule may concern this exec by its names, or because argv
+ * is not all there (the needles are scanned by rgs_exec_scan). */
+static __always_inline int exec_wanted(const struct exec_record *rec, __u64 name_off)
+{
+	if (rec->flags & (EXEC_ARGV_MISSING | EXEC_ARGV_TRUNCATED | EXEC_ARGV_FAULT |
+			  EXEC_FILENAME_TRUNCATED))
+		return 1;
+	if (name_wanted(rec->hdr.comm) || arg0_differs(rec))
+		return 1;
+	return exec_via_fd(rec, name_off);
+}
+
+/* The entry of the process that just exec'd: its new image. */
+static __always_inline void table_exec(struct proc_entry *e, const struct exec_record *rec,
+				       __u64 name_off)
+{
+	e->exec_ns = rec->hdr.timestamp_ns;
+	e->uid = rec->hdr.uid;
+	e->cgroup_id = rec->hdr.cgroup_id;
+	__builtin_memcpy(e->comm, rec->hdr.comm, TASK_COMM_LEN);
+	e->argc = rec->argc;
+	e->args_size = rec->args_size < PROC_ARGS_MAX ? rec->args_size : PROC_ARGS_MAX;
+	bpf_probe_read_kernel(e->args, PROC_ARGS_MAX, rec->data);
+	if (name_off <= ARGV_LIMIT)
+		bpf_probe_read_kernel_str(e->filename, PROC_FILENAME_MAX, &rec->data[name_off]);
+	e->flags |= PROC_EXEC_SEEN;
+	if (rec->args_size > PROC_ARGS_MAX || rec->argc > rec->args_count ||
+	    (rec->flags & (EXEC_ARGV_MISSING | EXEC_ARGV_TRUNCATED)))
+		e->flags |= PROC_ARGS_CUT;
+	else
+		e->flags &= ~PROC_ARGS_CUT;
+}
+
+/* Send the exec record (name_size bytes of filename after the arguments)
+ * and drop its pending state; user space holds the process from now on. */
+static __always_inline int send_exec(struct exec_record *rec, __u32 old_pid, int pending,
+				     __u64 name_off, long name_size, int wanted)
+{
+	struct proc_entry *e = proc_live.lookup(&rec->hdr.pid);
+	__u64 size;
+
+	if (e)
+		e->flags |= PROC_HELD;
+	if (name_off > ARGV_LIMIT)
+		name_off = ARGV_LIMIT;
+	if (name_size < 0 || name_size > FILENAME_MAX_LEN)
+		name_size = 0;
+	size = offsetof(struct exec_record, data) + name_off + (__u64)name_size;
+	if (size > sizeof(*rec))
+		size = sizeof(*rec);
+	if (process_events.ringbuf_output(rec, size, wanted_flags(wanted)) < 0)
+		count_lost(LOST_PROCESS);
+	if (pending)
+		exec_pending.delete(&old_pid);
+	exec_retry.delete(&old_pid);
+	return 0;
+}
+
 int rgs_exec(struct tracepoint__sched__sched_process_exec *args)
 {
 	__u32 zero = 0;
 	__u32 old_pid = args->old_pid;
 	struct exec_record *rec = exec_pending.lookup(&old_pid);
 	int pending = rec != NULL;
-	struct proc_state *ps;
-	struct proc_state fresh = {};
+	struct proc_entry *e;
 	unsigned short loc_off = args->data_loc_filename & 0xFFFF;
 	unsigned short loc_len = args->data_loc_filename >> 16;
-	__u64 off, size;
+	__u64 off;
+	int held, wanted;
 	long n;
 
 	if (!rec) {
@@ -200,16 +412,6 @@ int rgs_exec(struct tracepoint__sched__sched_process_exec *args)
 	fill_header(&rec->hdr, RECORD_EXEC);
 	rec->old_pid = old_pid;
 
-	ps = procs.lookup(&rec->hdr.pid);
-	if (ps) {
-		rec->ppid = ps->ppid;
-		ps->generation_ns = rec->hdr.timestamp_ns;
-	} else {
-		rec->ppid = 0;
-		fresh.generation_ns = rec->hdr.timestamp_ns;
-		procs.update(&rec->hdr.pid, &fresh);
-	}
-
 	off = rec->args_size;
 	if (off > ARGV_LIMIT)
 		off = ARGV_LIMIT;
@@ -220,12 +422,63 @@ int rgs_exec(struct tracepoint__sched__sched_process_exec *args)
 		rec->flags |= EXEC_FILENAME_TRUNCATED;
 	rec->filename_size = n;
 
-	size = offsetof(struct exec_record, data) + off + (__u64)n;
-	if (size > sizeof(*rec))
-		size = sizeof(*rec);
-	if (process_events.ringbuf_output(rec, size, exec_flags(rec->hdr.comm)) < 0)
-		count_lost(LOST_PROCESS);
-	if (pending)
+	/* a process first met here predates the sensor (user space read it
+	 * at start-up) or was not tracked: it is held */
+	e = proc_live.lookup(&rec->hdr.pid);
+	held = e == NULL;
+	if (!e) {
+		e = scratch_entry(rec->hdr.pid);
+		if (e) {
+			e->flags = PROC_HELD;
+			e = table_insert(rec->hdr.pid, e);
+		}
+	}
+	rec->ppid = 0;
+	rec->start_ns = 0;
+	rec->parent_start_ns = 0;
+	if (e) {
+		held = held || (e->flags & PROC_HELD);
+		rec->ppid = e->ppid;
+		if (e->flags & PROC_FORK_SEEN)
+			rec->start_ns = e->start_ns;
+		rec->parent_start_ns = e->parent_start_ns;
+		table_exec(e, rec, off);
+	}
+	held = held || held_pids.lookup(&rec->hdr.pid) != NULL;
+	wanted = exec_wanted(rec, off);
+	if (!wanted && !held && exec_filter_on()) {
+		struct exec_scan *scan = exec_scan_state.lookup(&zero);
+
+		if (scan) {
+			scan->old_pid = old_pid;
+			scan->pending = pending;
+			scan->name_off = off;
+			scan->name_size = n;
+			exec_tail.call(args, EXEC_TAIL_SCAN);
+		}
+		/* no scan program: sent, never guessed benign */
+	}
+	return send_exec(rec, old_pid, pending, off, n, wanted);
+}
+
+/* The needle scan of an exec rgs_exec could not send or drop on its own. */
+int rgs_exec_scan(void *ctx)
+{
+	__u32 zero = 0;
+	struct exec_scan *scan = exec_scan_state.lookup(&zero);
+	struct exec_record *rec;
+	__u32 old_pid;
+
+	if (!scan)
+		return 0;
+	old_pid = scan->old_pid;
+	rec = scan->pending ? exec_pending.lookup(&old_pid) : exec_scratch.lookup(&zero);
+	if (!rec)
+		return 0;
+	if (needles_match(rec))
+		return send_exec(rec, old_pid, scan->pending, scan->name_off, scan->name_size, 1);
+	count_table(TABLE_EXECS_UNSENT);
+	if (scan->pending)
 		exec_pending.delete(&old_pid);
 	exec_retry.delete(&old_pid);
 	return 0;
@@ -234,23 +487,28 @@ int rgs_exec(struct tracepoint__sched__sched_process_exec *args)
 int rgs_newtask(struct tracepoint__task__task_newtask *args)
 {
 	struct fork_record *r;
-	struct proc_state child = {};
 	__u32 child_pid = args->pid;
+	__u64 now;
 
 	if (args->clone_flags & RG_CLONE_THREAD)
 		return 0;
+	now = bpf_ktime_get_boot_ns();
+	table_fork(child_pid, now);
+	if (exec_filter_on()) {
+		/* the child is in proc_live: user space reads it if it asks */
+		count_table(TABLE_FORKS_UNSENT);
+		return 0;
+	}
 	r = process_events.ringbuf_reserve(sizeof(*r));
 	if (!r) {
 		count_lost(LOST_PROCESS);
 		return 0;
 	}
 	fill_header(&r->hdr, RECORD_FORK);
+	r->hdr.timestamp_ns = now; /* the child's start_ns in proc_live */
 	r->child_pid = child_pid;
 	r->_pad = 0;
 	r->clone_flags = args->clone_flags;
-	child.ppid = r->hdr.pid;
-	child.generation_ns = r->hdr.timestamp_ns;
-	procs.update(&child_pid, &child);
 	process_events.ringbuf_submit(r, lifecycle_flags());
 	return 0;
 }
@@ -440,7 +698,7 @@ int rgs_rename(struct tracepoint__task__task_rename *args)
 	bpf_probe_read_kernel_str(r->newcomm, sizeof(r->newcomm), args->newcomm);
 	/* renamed to a name the rules know: wake user space now; any other
 	 * rename (an argv rewrite) is judged at the next drain, within 10 ms */
-	process_events.ringbuf_submit(r, exec_flags(r->newcomm));
+	process_events.ringbuf_submit(r, wanted_flags(name_wanted(r->newcomm)));
 	return 0;
 }
 
@@ -459,7 +717,10 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	__u32 tid = (__u32)pid_tgid;
 	__u32 tgid = pid_tgid >> 32;
 	struct exit_record *r;
+	struct proc_entry *e;
+	__s32 exit_code;
 	__s32 *code;
+	int send;
 
 	/* per-thread state of the other families */
 	exec_pending.delete(&tid);
@@ -477,18 +738,35 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	if (tid != tgid)
 		return 0;
 #endif
-	procs.delete(&tgid);
+	code = exit_codes.lookup(&tgid);
+	exit_code = code ? *code : -1;
+	exit_codes.delete(&tgid);
+	/* sent when user space holds the process: it read it (held_pids, or
+	 * no entry: it predates the sensor) or was sent its exec */
+	e = proc_live.lookup(&tgid);
+	send = !e || (e->flags & PROC_HELD) || held_pids.lookup(&tgid) || !exec_filter_on();
+	held_pids.delete(&tgid);
+	if (e) {
+		e->exit_ns = bpf_ktime_get_boot_ns();
+		e->exit_code = exit_code;
+		e->flags |= PROC_EXITED;
+		proc_exited.update(&tgid, e);
+		count_table(TABLE_EXITED_INSERTS);
+		proc_live.delete(&tgid);
+		count_table(TABLE_LIVE_DELETES);
+	}
+	if (!send) {
+		count_table(TABLE_EXITS_UNSENT);
+		return 0;
+	}
 	r = process_events.ringbuf_reserve(sizeof(*r));
 	if (!r) {
 		count_lost(LOST_PROCESS);
-		exit_codes.delete(&tgid);
 		return 0;
 	}
 	fill_header(&r->hdr, RECORD_EXIT);
-	code = exit_codes.lookup(&tgid);
-	r->exit_code = code ? *code : -1;
+	r->exit_code = exit_code;
 	r->_pad = 0;
 	process_events.ringbuf_submit(r, lifecycle_flags());
-	exit_codes.delete(&tgid);
 	return 0;
 }

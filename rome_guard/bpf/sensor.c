@@ -22,6 +22,13 @@
 #ifndef PROCESS_RING_PAGES
 #define PROCESS_RING_PAGES 4096 /* 16 MiB */
 #endif
+#ifndef PROC_LIVE_MAX
+#define PROC_LIVE_MAX 32768 /* live processes tracked (a full table is counted) */
+#endif
+#ifndef PROC_EXITED_MAX
+#define PROC_EXITED_MAX 16384 /* exited processes kept for lineage, oldest evicted */
+#endif
+#define HELD_PIDS_MAX 65536
 #ifndef NETWORK_RING_PAGES
 #define NETWORK_RING_PAGES 2048 /* 8 MiB */
 #endif
@@ -36,6 +43,7 @@
 #define RG_AF_INET6 10
 #define RG_CLONE_THREAD 0x00010000
 #define RG_IPPROTO_ICMPV6 58
+#define RG_EEXIST 17
 #define RG_IPPROTO_RAW 255 /* raw IP sockets with their own headers (nmap) */
 /* include/net/tcp_states.h */
 #define RG_TCP_ESTABLISHED 1
@@ -55,12 +63,6 @@ _Static_assert(FILENAME_MAX_LEN >= ARG_MAX_LEN, "argv reads need ARG_MAX_LEN spa
 _Static_assert(ARGV_MAX_ARGS <= 64, "args_cut is a 64-bit mask");
 
 /* --- internal state (not records: no ctypes mirror needed) --------------- */
-
-struct proc_state {
-	__u32 ppid; /* tgid of the process that created it */
-	__u32 _pad;
-	__u64 generation_ns; /* time of its fork or last exec */
-};
 
 struct datagram_dest {
 	__u8 family;
@@ -133,7 +135,25 @@ BPF_LPM_TRIE(wake_names, struct wake_name, __u8, 4096);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_record, 1);
 BPF_HASH(exec_pending, __u32, struct exec_record, 512);
 BPF_HASH(exec_retry, __u32, __u64, 512); /* tid -> argv to read again */
-BPF_TABLE("lru_hash", __u32, struct proc_state, procs, 131072);
+/* the process table: live processes by pid, then the recently exited
+ * (lineage of an offender whose ancestors are gone); held_pids: processes
+ * user space read on its own (seed, /proc), whose exit it needs */
+BPF_HASH(proc_live, __u32, struct proc_entry, PROC_LIVE_MAX);
+BPF_TABLE("lru_hash", __u32, struct proc_entry, proc_exited, PROC_EXITED_MAX);
+BPF_PERCPU_ARRAY(proc_scratch, struct proc_entry, 1);
+BPF_HASH(held_pids, __u32, __u64, HELD_PIDS_MAX);
+BPF_PERCPU_ARRAY(table_counters, __u64, TABLE_SLOTS);
+BPF_ARRAY(needle_dfa, struct needle_dfa, 1);
+/* rgs_exec -> rgs_exec_scan: the exec it hands over */
+struct exec_scan {
+	__u32 old_pid;
+	__u32 pending; /* the record is exec_pending[old_pid], else exec_scratch */
+	__u64 name_off;
+	long name_size;
+};
+#define EXEC_TAIL_SCAN 0
+BPF_PERCPU_ARRAY(exec_scan_state, struct exec_scan, 1);
+BPF_PROG_ARRAY(exec_tail, 1);
 BPF_TABLE("lru_hash", __u32, __s32, exit_codes, 16384);
 /* inet sockets made by socket(2), by process and descriptor. Entries are
  * not removed at close (close is too hot to trace): a stale one only makes
@@ -173,6 +193,25 @@ static __always_inline void count_lost(__u32 slot)
 
 	if (n)
 		*n += 1; /* per-CPU slot: no other writer */
+}
+
+static __always_inline void count_table(__u32 slot)
+{
+	__u64 *n = table_counters.lookup(&slot);
+
+	if (n)
+		*n += 1;
+}
+
+/* a process's exec generation (its fork or last exec), 0 untracked: what
+ * the repeat-suppression keys of network.c are per */
+static __always_inline __u64 generation_of(__u32 tgid)
+{
+	struct proc_entry *e = proc_live.lookup(&tgid);
+
+	if (!e)
+		return 0;
+	return e->exec_ns ? e->exec_ns : e->start_ns;
 }
 
 static __always_inline __u32 current_tid(void)
@@ -228,17 +267,65 @@ static __always_inline __u64 lifecycle_flags(void)
 	return *written % LIFECYCLE_WAKE_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
 }
 
-/* An exec of a program some rule names wakes user space at once; in quiet
- * mode the others are quiet records. */
-static __always_inline __u64 exec_flags(const char *comm)
+static __always_inline int exec_filter_on(void)
+{
+	__u32 zero = 0;
+	struct sensor_config *config = sensor_config.lookup(&zero);
+
+	return config && config->exec_filter;
+}
+
+/* 1 when byte c is v, else 0, without a branch (a branch per byte of a
+ * scan multiplies the states the verifier walks) */
+static __always_inline __u32 byte_is(__u32 c, __u32 v)
+{
+	return (((c ^ v) & 0xff) - 1) >> 31;
+}
+
+/* ASCII upper case to lower, eight bytes at a time and without a branch
+ * (a branch per byte doubles the paths the verifier walks each time) */
+static __always_inline __u64 lower_word(__u64 x)
+{
+	__u64 low7 = x & 0x7f7f7f7f7f7f7f7fULL;
+	__u64 ge_a = low7 + 0x3f3f3f3f3f3f3f3fULL; /* high bit: >= 'A' */
+	__u64 gt_z = low7 + 0x2525252525252525ULL; /* high bit: > 'Z' */
+	__u64 upper = ~x & (ge_a ^ gt_z) & 0x8080808080808080ULL;
+
+	return x | (upper >> 2);
+}
+
+/* Whether some rule names a program called name (TASK_COMM_LEN bytes
+ * readable; a longer name cut to TASK_COMM_LEN - 1, as comm is): the
+ * first len bytes, compared lower-cased, as the rules' names are. */
+static __always_inline int name_wanted_len(const char *name, __u32 len)
 {
 	struct wake_name key = {};
+	__u64 words[2];
 
+	if (len > TASK_COMM_LEN - 1)
+		len = TASK_COMM_LEN - 1;
+	key.prefixlen = (len + 1) * 8; /* the name and its NUL; the trie ignores the rest */
+	__builtin_memcpy(words, name, TASK_COMM_LEN);
+	words[0] = lower_word(words[0]);
+	words[1] = lower_word(words[1]);
+	__builtin_memcpy(key.name, words, TASK_COMM_LEN);
+	key.name[TASK_COMM_LEN - 1] = 0;
+	return wake_names.lookup(&key) != NULL;
+}
+
+/* the same for a NUL-padded comm */
+static __always_inline int name_wanted(const char *comm)
+{
+	return name_wanted_len(comm, TASK_COMM_LEN - 1);
+}
+
+/* A record some rule may concern wakes user space at once; in quiet mode
+ * the others are quiet records (quiet_flags). */
+static __always_inline __u64 wanted_flags(int wanted)
+{
 	if (!quiet_mode())
 		return 0;
-	key.prefixlen = TASK_COMM_LEN * 8;
-	__builtin_memcpy(key.name, comm, TASK_COMM_LEN);
-	return wake_names.lookup(&key) ? BPF_RB_FORCE_WAKEUP : quiet_flags();
+	return wanted ? BPF_RB_FORCE_WAKEUP : quiet_flags();
 }
 
 /* A record that asks user space to judge a process again now (an inet

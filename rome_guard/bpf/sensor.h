@@ -67,6 +67,36 @@
 #define GPU_PATH_PREFIX "/dev/nvidia"
 #define GPU_PATH_PREFIX_LEN 11
 
+/* in-kernel process table (proc_live, proc_exited): what is kept of argv
+ * and the filename; a longer one is cut (PROC_ARGS_CUT) */
+#define PROC_FILENAME_MAX 256
+#define PROC_ARGS_MAX 256
+
+/* proc_entry.flags */
+#define PROC_FORK_SEEN 0x1 /* start_ns is its fork time, else when first met */
+#define PROC_EXEC_SEEN 0x2 /* filename, args: its last exec; else its parent's */
+#define PROC_HELD 0x4 /* user space holds it: its execs and exit are sent */
+#define PROC_ARGS_CUT 0x8 /* args holds only the head of argv */
+#define PROC_EXITED 0x10 /* in proc_exited: exit_ns, exit_code are set */
+
+/* table_counters indexes (per-CPU array): the process table's bounds and
+ * the records the exec filter did not send */
+#define TABLE_LIVE_INSERTS 0
+#define TABLE_LIVE_DELETES 1
+#define TABLE_LIVE_FULL 2 /* a new process not tracked: proc_live was full */
+#define TABLE_EXITED_INSERTS 3 /* over PROC_EXITED_MAX: the oldest evicted */
+#define TABLE_EXECS_UNSENT 4
+#define TABLE_FORKS_UNSENT 5
+#define TABLE_EXITS_UNSENT 6
+#define TABLE_SLOTS 7
+
+/* needle_dfa: the command-line test of the rules no name narrows, as one
+ * automaton over the lower-cased argv (rome_guard/layout/needles.py) */
+#define NEEDLE_CLASSES 64
+#define NEEDLE_STATES 2048
+#define NEEDLE_MATCH 0xFFFF /* a needle occurs: send the exec */
+#define NEEDLE_SCAN_MAX 1024 /* longer command lines are sent unscanned */
+
 /* lost_counters indexes (per-CPU array) */
 #define LOST_PROCESS 0
 #define LOST_NETWORK 1
@@ -97,6 +127,8 @@ struct exec_record {
 	__u32 flags; /* EXEC_* */
 	__u32 _pad;
 	__u64 args_cut; /* bit i: argument i was cut */
+	__u64 start_ns; /* the process's identity in proc_live (its fork), 0 unknown */
+	__u64 parent_start_ns; /* the parent's, 0 unknown */
 	char data[EXEC_DATA_SIZE];
 };
 
@@ -159,7 +191,37 @@ struct sensor_config {
 	__u32 quiet_lifecycle; /* 1: fork, exit and the execs of programs not in
 				  wake_names do not wake user space (it drains
 				  them on its own schedule); 0: every record wakes */
+	__u32 exec_filter; /* 1: an exec no rule can concern (wake_names,
+			      needle_dfa) is kept in proc_live, not sent; forks
+			      are not sent, exits only of held processes */
+};
+
+/* One process in proc_live (pid -> entry) or, after its exit, proc_exited.
+ * A child starts as a copy of its parent (comm, filename, args) until it
+ * execs. Times are CLOCK_BOOTTIME. */
+struct proc_entry {
+	__u32 pid;
+	__u32 ppid; /* the creating process, 0 unknown */
+	__u64 start_ns;
+	__u64 parent_start_ns; /* 0 unknown (the parent predates the sensor) */
+	__u64 exec_ns; /* its last exec, 0 none seen */
+	__u64 exit_ns;
+	__u64 cgroup_id;
+	__u32 uid;
+	__s32 exit_code; /* -1 when exit() was not called */
+	__u32 flags; /* PROC_* */
+	__u32 argc;
+	__u32 args_size; /* bytes of args holding NUL-terminated arguments */
 	__u32 _pad;
+	char comm[TASK_COMM_LEN];
+	char filename[PROC_FILENAME_MAX];
+	char args[PROC_ARGS_MAX];
+};
+
+/* needle_dfa[0], written by user space */
+struct needle_dfa {
+	__u8 classes[256]; /* byte -> character class */
+	__u16 next[NEEDLE_STATES * NEEDLE_CLASSES]; /* state * classes + class */
 };
 
 /* wake_names key (LPM trie over the exec'd task's comm): an exact name is

@@ -24,7 +24,7 @@
  * to drop are filled by the daemon from its rules. A flow is dropped from
  * its first identified packet: the SYN to an address DNS named as a pool;
  * the segment that completes a listed JSON-RPC method in the stream's
- * first WIRE_METHOD_SCAN bytes (kept in the flow's window, so a login
+ * first WIRE_METHOD_SCAN bytes (kept in the flow's window while dropping, so a login
  * written in pieces is cut before it is whole); a ClientHello whose SNI,
  * or a proxy request whose host, is listed; any flow whose cookie the
  * daemon put in drop_cookies (a verdict only user space could reach). The
@@ -62,6 +62,8 @@ BPF_PERCPU_ARRAY(wire_cut, __u64, WIRE_CUTS);
 BPF_ARRAY(wire_settings, __u64, WIRE_SETTINGS);
 /* every new TCP flow's state, from its SYN until its stream ends */
 BPF_SK_STORAGE(wire_flows, struct wire_flow);
+/* its first bytes, while dropping (enforce mode) only */
+BPF_SK_STORAGE(wire_windows, struct wire_window);
 /* written by the daemon: flows a user-space verdict stops (enforce mode) */
 BPF_TABLE("lru_hash", __u64, __u32, drop_cookies, 16384);
 /* written by the daemon from its rules (enforce mode only) */
@@ -390,29 +392,35 @@ static __always_inline __u32 window_len(struct wire_flow *f)
 	return n;
 }
 
-static __always_inline int has_agent(struct wire_flow *f)
+static __always_inline int has_agent(struct wire_window *w, struct wire_flow *f)
 {
 	__u32 n = window_len(f);
 
 	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
 		if (i + 8 > n)
 			break;
-		if (word_at(f->window, i) == AGENT_WORD)
+		if (word_at(w->data, i) == AGENT_WORD)
 			return 1;
 	}
 	return 0;
 }
 
-/* An HTTP request head in the first chunk asks to upgrade the connection
- * (a WebSocket: what follows is frames, still to be read). */
-static __always_inline int asks_upgrade(struct wire_flow *f)
+/* An HTTP request head in the flow's first record asks to upgrade the
+ * connection (a WebSocket: what follows is frames, still to be read). */
+static __always_inline int asks_upgrade(struct wire_record *r)
 {
-	__u32 n = window_len(f);
+	__u32 n = r->captured;
 
-	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
+	for (__u32 i = 0; i < WIRE_CAPTURE - 8; i++) {
+		__u32 j = i;
+
 		if (i + 8 > n)
 			break;
-		if ((word_at(f->window, i) | LOWER_WORD) == UPGRADE_WORD)
+		OPAQUE(j);
+		j &= WIRE_CAPTURE - 1;
+		if (j > WIRE_CAPTURE - 8)
+			break;
+		if ((*(__u64 *)&r->data[j] | LOWER_WORD) == UPGRADE_WORD)
 			return 1;
 	}
 	return 0;
@@ -422,7 +430,7 @@ static __always_inline int asks_upgrade(struct wire_flow *f)
  * WIRE_METHOD_SCAN) bytes, hashed and looked up once it is whole. Escaped
  * spellings, and methods only a later message names, are left to user
  * space (whose verdict reaches the kernel through drop_cookies). */
-static __always_inline __u32 method_listed(struct wire_flow *f)
+static __always_inline __u32 method_listed(struct wire_window *w, struct wire_flow *f)
 {
 	__u32 at = 0, n = window_len(f);
 	__u64 h = FNV_OFFSET;
@@ -431,7 +439,7 @@ static __always_inline __u32 method_listed(struct wire_flow *f)
 	for (__u32 i = 0; i < WIRE_METHOD_SCAN; i++) {
 		if (i + 8 > n)
 			return 0;
-		if (word_at(f->window, i) == METHOD_WORD) {
+		if (word_at(w->data, i) == METHOD_WORD) {
 			at = i + 8;
 			break;
 		}
@@ -448,7 +456,7 @@ static __always_inline __u32 method_listed(struct wire_flow *f)
 
 		if (at >= n)
 			return 0;
-		c = f->window[at & (WIRE_WINDOW - 1)];
+		c = w->data[at & (WIRE_WINDOW - 1)];
 		at++;
 		if (c == '"')
 			break;
@@ -460,7 +468,7 @@ static __always_inline __u32 method_listed(struct wire_flow *f)
 
 		if (at + i >= n)
 			return 0;
-		c = f->window[(at + i) & (WIRE_WINDOW - 1)];
+		c = w->data[(at + i) & (WIRE_WINDOW - 1)];
 		if (c == '"')
 			break;
 		h = (h ^ c) * FNV_PRIME;
@@ -468,7 +476,7 @@ static __always_inline __u32 method_listed(struct wire_flow *f)
 	verdict = drop_methods.lookup(&h);
 	if (!verdict)
 		return 0;
-	if (*verdict == WIRE_DROP_METHOD_AGENT && !has_agent(f))
+	if (*verdict == WIRE_DROP_METHOD_AGENT && !has_agent(w, f))
 		return 0;
 	return WIRE_DROP_METHOD;
 }
@@ -546,9 +554,42 @@ static __always_inline __u32 address_listed(struct packet *p)
 
 #define CONNECT_WORD 0x205443454e4e4f43ULL /* "CONNECT " */
 
+/* SOCKS4a: 04 01 port(2) 0.0.0.x userid NUL host NUL; the host into sni[] */
+static __always_inline int socks4a_name(struct wire_record *r)
+{
+	__u32 start = 0, n = 0;
+
+	for (__u32 i = 8; i < 8 + 64; i++) {
+		if (i >= r->captured)
+			return 0;
+		if (r->data[i & (WIRE_CAPTURE - 1)] == 0) {
+			start = i + 1;
+			break;
+		}
+	}
+	/* through memory (see method_listed; alpn[] is unused without a
+	 * ClientHello): the copy is walked once */
+	*(volatile __u32 *)r->alpn = start;
+	start = *(volatile __u32 *)r->alpn;
+	*(__u32 *)r->alpn = 0;
+	for (int i = 0; i < WIRE_SNI_MAX; i++) {
+		__u8 c;
+
+		if (start == 0 || start + i >= r->captured)
+			break;
+		c = r->data[(start + i) & (WIRE_CAPTURE - 1)];
+		if (c == 0)
+			break;
+		r->sni[i & (WIRE_SNI_MAX - 1)] = c;
+		n++;
+	}
+	r->sni_len = n;
+	return n > 0;
+}
+
 /* The host a proxy request in this chunk names, copied into sni[]: a
  * SOCKS5 CONNECT by domain name (alone, or after a one-method greeting
- * in the same write) or an HTTP CONNECT host:port. */
+ * in the same write), a SOCKS4a request or an HTTP CONNECT host:port. */
 static __always_inline int proxy_name(struct wire_record *r, struct __sk_buff *skb,
 				      struct packet *p, __u32 skip)
 {
@@ -572,6 +613,9 @@ static __always_inline int proxy_name(struct wire_record *r, struct __sk_buff *s
 		r->sni_len = n;
 		return 1;
 	}
+	if (r->data[0] == 4 && r->data[1] == 1 && r->data[4] == 0 && r->data[5] == 0 &&
+	    r->data[6] == 0 && r->data[7] != 0)
+		return socks4a_name(r);
 	if (*(__u64 *)r->data != CONNECT_WORD)
 		return 0;
 	n = 0;
@@ -601,7 +645,7 @@ static __always_inline void count_cut(__u32 slot)
 /* A first message that says all there is to say: the rest of the flow is
  * encrypted (TLS, SSH) or an answer is awaited first (an HTTP GET/HEAD
  * that upgrades nothing). The stream is not followed further. */
-static __always_inline int quiet(struct wire_record *r, struct wire_flow *f)
+static __always_inline int quiet(struct wire_record *r)
 {
 	__u32 w;
 	if (r->flags & WIRE_TLS_HELLO)
@@ -612,7 +656,7 @@ static __always_inline int quiet(struct wire_record *r, struct wire_flow *f)
 	if (w == 0x2d485353) /* "SSH-" */
 		return 1;
 	if (w == 0x20544547 || w == 0x44414548) /* "GET ", "HEAD" */
-		return !asks_upgrade(f);
+		return !asks_upgrade(r);
 	return 0;
 }
 
@@ -667,8 +711,16 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struc
 	return 0;
 }
 
+/* the stream is no longer followed: the flow costs one lookup a packet */
+static __always_inline void end_flow(struct bpf_sock *sk)
+{
+	wire_flows.sk_storage_delete(sk);
+	wire_windows.sk_storage_delete(sk);
+}
+
 /* the verdict on a flow's segment, from its first record and the window */
-static __always_inline __u32 segment_listed(struct wire_record *r, struct wire_flow *f)
+static __always_inline __u32 segment_listed(struct wire_record *r, struct wire_flow *f,
+					    struct wire_window *w)
 {
 	__u32 reason = 0;
 
@@ -677,8 +729,8 @@ static __always_inline __u32 segment_listed(struct wire_record *r, struct wire_f
 		if (reason && (r->flags & WIRE_PROXY_NAME))
 			reason = WIRE_DROP_PROXY;
 	}
-	if (!reason)
-		reason = method_listed(f);
+	if (!reason && w)
+		reason = method_listed(w, f);
 	return reason;
 }
 
@@ -688,12 +740,19 @@ static __always_inline __u32 segment_listed(struct wire_record *r, struct wire_f
 static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 				      struct bpf_sock *sk, struct wire_flow *flow)
 {
+	struct wire_window *window = 0;
 	struct wire_record *r;
 	__u64 now = bpf_ktime_get_boot_ns();
 	__u32 off, skip = 0, at, take, reason = 0, cut = WIRE_CUTS, ended;
 
 	if (flow->state == WIRE_FLOW_DROPPED)
 		return dropping() ? 0 : 1;
+	if (flow->state == WIRE_FLOW_ENDED) {
+		/* more than a bound let through: counted once, then let go */
+		count_cut(flow->segments >= WIRE_SEGMENTS_MAX ? WIRE_CUT_SEGMENTS : WIRE_CUT_BYTES);
+		end_flow(sk);
+		return 1;
+	}
 	/* a SYN's payload (TCP Fast Open) starts at isn + 1 */
 	off = p->seq - flow->isn - ((p->tcp_flags & TCP_SYN) ? 0 : 1);
 	if (off < flow->sent) {
@@ -706,12 +765,12 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 		flow->first_ns = now;
 	} else if (now - flow->first_ns > WIRE_STREAM_NS) {
 		count_cut(WIRE_CUT_TIME);
-		wire_flows.sk_storage_delete(sk);
+		end_flow(sk);
 		return 1;
 	}
 	if (at >= WIRE_STREAM_MAX || flow->segments >= WIRE_SEGMENTS_MAX) {
 		count_cut(flow->segments >= WIRE_SEGMENTS_MAX ? WIRE_CUT_SEGMENTS : WIRE_CUT_BYTES);
-		wire_flows.sk_storage_delete(sk);
+		end_flow(sk);
 		return 1;
 	}
 	take = p->payload_len - skip;
@@ -720,12 +779,15 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 		cut = WIRE_CUT_BYTES;
 	}
 	flow->segments++;
-	if (at < WIRE_METHOD_SCAN && take > 0) {
+	if (dropping() && at < WIRE_METHOD_SCAN && take > 0) {
 		__u32 n = take < WIRE_METHOD_SCAN - at ? take : WIRE_METHOD_SCAN - at;
 
+		window = wire_windows.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		OPAQUE(at);
-		bpf_skb_load_bytes(skb, p->payload + skip, &flow->window[at & (WIRE_METHOD_SCAN - 1)],
-				   BOUNDED(n, WIRE_METHOD_SCAN));
+		if (window)
+			bpf_skb_load_bytes(skb, p->payload + skip,
+					   &window->data[at & (WIRE_METHOD_SCAN - 1)],
+					   BOUNDED(n, WIRE_METHOD_SCAN));
 	}
 	if (at + take > flow->sent)
 		flow->sent = at + take;
@@ -745,13 +807,13 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 		else if (proxy_name(r, skb, p, skip))
 			r->flags |= WIRE_PROXY_NAME;
 		if (dropping())
-			reason = segment_listed(r, flow);
+			reason = segment_listed(r, flow, window);
 		if (reason) {
 			r->flags |= WIRE_DROPPED;
 			r->drop_reason = reason;
 			flow->state = WIRE_FLOW_DROPPED;
-		} else if (at == 0 && quiet(r, flow)) {
-			ended = 1;
+		} else if (at == 0 && quiet(r)) {
+			ended = 2;
 		}
 		if (ended && take <= WIRE_CAPTURE)
 			r->flags |= WIRE_STREAM_END;
@@ -785,10 +847,15 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 			r->flags |= WIRE_STREAM_END;
 		wire_events.ringbuf_submit(r, 0);
 	}
-	if (cut != WIRE_CUTS)
-		count_cut(cut);
-	if (ended)
-		wire_flows.sk_storage_delete(sk);
+	if (cut != WIRE_CUTS) {
+		count_cut(cut); /* this very segment went past the byte bound */
+		end_flow(sk);
+	} else if (ended == 1) {
+		flow->state = WIRE_FLOW_ENDED; /* a later segment is a cut */
+		wire_windows.sk_storage_delete(sk);
+	} else if (ended) {
+		end_flow(sk); /* a quiet first message: nothing was cut */
+	}
 	return 1;
 }
 

@@ -96,10 +96,11 @@ struct wire_record {
 /* wire_flow.state */
 #define WIRE_FLOW_OPEN 0 /* reporting the client stream */
 #define WIRE_FLOW_DROPPED 1 /* every later packet is dropped */
+#define WIRE_FLOW_ENDED 2 /* a bound reached: the next payload is a cut */
 
 /* A new TCP flow, in its socket's storage from the SYN until its stream
  * ends (bound reached, or a quiet first message): what the SYN told (the
- * connecting task) and the client stream's first bytes. */
+ * connecting task) and how far its client stream has been reported. */
 struct wire_flow {
 	__u64 connect_ns;
 	__u64 first_ns; /* first payload, 0 none yet */
@@ -111,7 +112,13 @@ struct wire_flow {
 	__u16 segments; /* client segments with payload so far */
 	__u16 state; /* WIRE_FLOW_* */
 	__u32 scratch[2]; /* see method_listed */
-	__u8 window[WIRE_WINDOW];
+};
+
+/* The client stream's first WIRE_METHOD_SCAN bytes, for the kernel's own
+ * verdicts: a second socket storage, made at the first payload and only
+ * while dropping (enforce mode), freed with the flow's. */
+struct wire_window {
+	__u8 data[WIRE_WINDOW];
 };
 
 #endif

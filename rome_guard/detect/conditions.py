@@ -794,7 +794,7 @@ def _address_number(address: str) -> int | None:
 
 # --- wire conditions: what a new flow said first (Subject.wire) ---------------
 
-PAYLOAD_REGEX_LIMIT = 512  # characters searched: the kernel captures no more
+PAYLOAD_REGEX_LIMIT = 8192  # characters searched: a client stream (4 KiB) and its decoded bodies
 
 
 def _wire_names(c: Compiler, value: Any, loc: Location, what: str, facts) -> Predicate:

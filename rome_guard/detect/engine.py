@@ -46,6 +46,13 @@ class Engine:
         may alert on at once: the sensor wakes the daemon for those."""
         return self._match_rules.indexed_names
 
+    @property
+    def exec_needles(self) -> frozenset[str] | None:
+        """What the command line of an exec whose names no rule indexes
+        must contain for some rule to be evaluated on it (see
+        RuleIndex.needles); None: every exec must be evaluated."""
+        return self._match_rules.needles
+
     def evaluate(
         self, subject: Subject, trigger: Endpoint | None = None, network_only: bool = False
     ) -> list[Finding]:
@@ -93,12 +100,15 @@ class RuleIndex:
         self._always: list[tuple[Rule, re.Pattern[str] | None, bool]] = []
         self._by_name: dict[str, list[Rule]] = {}
         self._by_prefix: dict[str, list[Rule]] = {}
+        needles: set[str] | None = set()
         for rule in rules:
             names = required_names(rule.match)
             if names is None:
-                self._always.append(
-                    (rule, _text_test(required_text(rule.match)), requires_connection(rule.match))
-                )
+                text = required_text(rule.match)
+                needs_connection = requires_connection(rule.match)
+                self._always.append((rule, _text_test(text), needs_connection))
+                if needles is not None and not needs_connection:
+                    needles = None if text is None else needles | text
                 continue
             for name in names:
                 if name.endswith("*"):
@@ -107,6 +117,10 @@ class RuleIndex:
                     self._by_name.setdefault(name, []).append(rule)
         self._prefixes = tuple(self._by_prefix.items())
         self._prefix_test = _prefix_test(self._by_prefix)
+        # an exec (no connections yet) of no indexed name is a candidate of
+        # some rule only if its command line contains one of these, or is
+        # longer than TEXT_TEST_MAX; None: of some rule always
+        self.needles = None if needles is None else frozenset(needles)
 
     def __len__(self) -> int:
         return len(self._order)

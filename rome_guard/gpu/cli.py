@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -39,7 +39,7 @@ class _Options:
         except (SourceError, OSError) as exc:
             _fail(f"config {self.config_path}: {exc}")
 
-    def registry(self, with_allowlist: bool) -> GpuRegistry:
+    def registry(self, with_allowlist: bool, allocations: Any = None) -> GpuRegistry:
         if not with_allowlist and self.run_dir:
             return GpuRegistry(self.run_dir)
         config = self.config()
@@ -48,7 +48,7 @@ class _Options:
         if not with_allowlist:
             return GpuRegistry(config.run_dir)
         try:
-            return GpuRegistry.from_config(config)
+            return GpuRegistry.from_config(config, allocations)
         except SourceError as exc:
             _fail(str(exc))
 
@@ -269,9 +269,7 @@ def list_consumers(opts: _Options, as_json: bool) -> None:
     from rome_guard.sensors.nvml import NvmlSensor
 
     config = opts.config()
-    registry = opts.registry(with_allowlist=True)
-    registry.allocations = allocations.from_config(config)
-    registry.trust = config.gpu.trust
+    registry = opts.registry(with_allowlist=True, allocations=allocations.from_config(config))
     # a listing must not change device settings: accounting mode stays as it is
     with NvmlSensor(poll_interval=config.gpu.poll_interval, accounting=False) as sensor:
         snapshot = sensor.poll()

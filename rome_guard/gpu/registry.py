@@ -348,6 +348,8 @@ class GpuRegistry:
         user_registration: bool = False,
         container_names: Callable[[str], str | None] = docker_container_name,
         proc: str = procfs.PROC,
+        allocations: Any = None,
+        trust: str = "process",
     ):
         self.run_dir = run_dir
         self.directory = os.path.join(run_dir, REGISTRATIONS)
@@ -361,22 +363,24 @@ class GpuRegistry:
         self._files: dict[str, tuple[tuple[int, int, int], Registration | None]] = {}
         self._by_key: dict[ProcessKey, list[Registration]] = {}
         self._rejected: set[tuple[str, int]] = set()
-        # the schedulers' word (rome_guard.gpu.allocations), set by whoever
-        # runs the sources: the daemon's GpuWatch, `gpu list`
-        self.allocations: Any = None
-        self.trust = "process"
+        # the schedulers' word (rome_guard.gpu.allocations.Allocations), run by
+        # whoever built this registry: the daemon's GpuWatch, `gpu list`
+        self.allocations: Any = allocations
+        self.trust = trust
         self._unreadable_since: float | None = None  # the directory could not be read
 
     @classmethod
-    def from_config(cls, config: Any) -> GpuRegistry:
-        """From a rome_guard.config.Config; raises SourceError for a bad gpu.allow."""
-        registry = cls(
+    def from_config(cls, config: Any, allocations: Any = None) -> GpuRegistry:
+        """From a rome_guard.config.Config, judging with allocations (the
+        schedulers' sources) when given; raises SourceError for a bad
+        gpu.allow."""
+        return cls(
             run_dir_from_env(config.run_dir),
             parse_allow(config.gpu.allow, config.source or "gpu.allow"),
             user_registration=bool(getattr(config.gpu, "user_registration", False)),
+            allocations=allocations,
+            trust=config.gpu.trust,
         )
-        registry.trust = config.gpu.trust
-        return registry
 
     # --- reading --------------------------------------------------------
 

@@ -35,9 +35,8 @@ def on_gpu(grant: str, index: int, uuid: str, migs: tuple[str, ...]) -> bool:
 
 class GpuWatch:
     def __init__(self, config: Config):
-        self.registry = GpuRegistry.from_config(config)
         self.allocations = allocations.from_config(config)
-        self.registry.allocations = self.allocations
+        self.registry = GpuRegistry.from_config(config, self.allocations)
         self.sensor = NvmlSensor(config.gpu.poll_interval, config.gpu.accounting)
         self._snapshots: queue.SimpleQueue[GpuSnapshot] = queue.SimpleQueue()
         self._stop = threading.Event()

@@ -31,10 +31,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from rome_guard.detect import argv as argvlib
 from rome_guard.detect.payload import dns_payload, facts_for, parse_dns
 from rome_guard.detect.rules import RuleSet
-from rome_guard.detect.subject import Subject
 from rome_guard.events import (
     WIRE_DNS_ANSWER,
     WIRE_DNS_QUERY,
@@ -43,6 +41,7 @@ from rome_guard.events import (
     WireEvent,
 )
 from rome_guard.findings import Finding, wire_record
+from rome_guard.respond.enforce import WirePolicy, wire_policy
 from rome_guard.respond.responses import KILL
 from rome_guard.textsafe import one_line
 
@@ -76,6 +75,7 @@ class ClientStream:
     proxy_name: str = ""
     judged: set = field(default_factory=set)  # rule ids already raised on it
     seen: float = 0.0
+    ended: bool = False  # the kernel sent the stream's last record
 
     def add(self, event: WireEvent) -> None:
         if event.offset < STREAM_BYTES_MAX and event.offset not in self.chunks:
@@ -84,6 +84,11 @@ class ClientStream:
         self.alpn = self.alpn or event.alpn
         self.dropped = self.dropped or event.dropped
         self.proxy_name = self.proxy_name or event.proxy_name
+
+    def whole(self) -> bool:
+        """No gap between the first chunk and the last."""
+        end = max(at + len(c) for at, c in self.chunks.items()) if self.chunks else 0
+        return len(self.data()) == end - (min(self.chunks) if self.chunks else 0)
 
     def data(self) -> bytes:
         """The stream from its first byte (or its first record seen) up to
@@ -109,6 +114,9 @@ class ClientStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def __contains__(self, cookie: int) -> bool:
+        return cookie in self._streams
+
     def add(self, event: WireEvent, now: float) -> ClientStream:
         stream = self._streams.get(event.cookie)
         if stream is None:
@@ -119,8 +127,9 @@ class ClientStreams:
                 self.evicted += 1
         stream.add(event)
         stream.seen = now
-        if event.stream_end:
-            del self._streams[event.cookie]
+        stream.ended = stream.ended or event.stream_end
+        if stream.ended and stream.whole():
+            del self._streams[event.cookie]  # a gap waits for its record, or the time
         return stream
 
     def expire(self, now: float) -> None:
@@ -163,32 +172,6 @@ class DnsNames:
 def _plain(address: str) -> str:
     """::ffff:1.2.3.4 (a v4 peer of a v6 socket) is 1.2.3.4."""
     return address[7:] if address.startswith("::ffff:") and "." in address else address
-
-
-@dataclass(frozen=True)
-class WirePolicy:
-    """What the kernel drops, from the kill rules' prevent blocks."""
-
-    methods: dict[str, bool] = field(default_factory=dict)  # method -> needs "agent"
-    hosts: tuple[str, ...] = ()  # domain suffixes (SNI and DNS-named addresses)
-
-    def names_pool(self, name: str) -> bool:
-        return any(argvlib.domain_matches(name, h) for h in self.hosts)
-
-
-def wire_policy(ruleset: RuleSet) -> WirePolicy:
-    methods: dict[str, bool] = {}
-    hosts: set[str] = set()
-    for rule in ruleset.rules:
-        if not rule.enforces:
-            continue  # weak evidence, or a kill rule staged in monitor mode
-        for method in rule.prevent.wire_methods:
-            if not any(c in method for c in "*?["):
-                methods[method] = False
-        for method in rule.prevent.wire_agent_methods:
-            methods.setdefault(method, True)
-        hosts.update(h.lower().strip(".") for h in rule.prevent.wire_hosts)
-    return WirePolicy(methods, tuple(sorted(hosts)))
 
 
 class WireHandler:
@@ -265,6 +248,10 @@ class WireHandler:
         if event.kind in (WIRE_DNS_QUERY, WIRE_DROPPED_CONNECT):
             self._judge(event, event.payload, event.sni, event.alpn, event.dropped, set(), now)
             return
+        if event.offset == 0 and event.stream_end and event.cookie not in self.streams:
+            # a flow whose first message said all (TLS, SSH, a plain GET): no state
+            self._judge(event, event.payload, event.sni, event.alpn, event.dropped, set(), now)
+            return
         stream = self.streams.add(event, now)
         self._judge(
             stream.first, stream.data(), stream.sni, stream.alpn, stream.dropped, stream.judged, now
@@ -292,7 +279,9 @@ class WireHandler:
             dropped=dropped,
         )
         info = self.process_of(event)
-        subject = Subject(info, lambda: self.processes.lineage(info), [event.endpoint], wire=facts)
+        # built by the process model, as for exec alerts: the same process
+        # object (attribution, env keys), lineage and stdio
+        subject = self.processes.subject(info, [event.endpoint], wire=facts)
         findings = [f for f in self.evaluate(subject, event.endpoint) if f.rule.id not in judged]
         if findings:
             judged.update(f.rule.id for f in findings)

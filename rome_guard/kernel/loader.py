@@ -223,6 +223,17 @@ class BpfObject:
                 f"attaching {program} to {tracepoint} failed (verifier log on stderr): {exc}"
             ) from exc
 
+    def attach_raw_tracepoint(self, tracepoint: str, program: str) -> None:
+        """program on the raw tracepoint named like tracepoint's event."""
+        event = tracepoint.split(":")[-1]
+        try:
+            self.bpf.attach_raw_tracepoint(tp=event.encode(), fn_name=program.encode())
+        except Exception as exc:
+            raise LoadError(
+                f"attaching {program} to raw tracepoint {event} failed (verifier log on "
+                f"stderr): {exc}"
+            ) from exc
+
     def load_func(self, program: str, prog_type: int, attach_type: int | None = None) -> Any:
         try:
             if attach_type is None:

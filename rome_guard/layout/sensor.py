@@ -18,6 +18,7 @@ import ctypes as ct
 import socket
 import struct
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Union
 
@@ -85,6 +86,28 @@ SOURCE_UDP_SENDMSG = 4
 GPU_PATH_MAX = 128
 GPU_PATH_PREFIX_LEN = 11
 
+PROC_FILENAME_MAX = 256
+PROC_ARGS_MAX = 256
+PROC_FORK_SEEN = 0x1
+PROC_EXEC_SEEN = 0x2
+PROC_HELD = 0x4
+PROC_ARGS_CUT = 0x8
+PROC_EXITED = 0x10
+
+TABLE_LIVE_INSERTS = 0
+TABLE_LIVE_DELETES = 1
+TABLE_LIVE_FULL = 2
+TABLE_EXITED_INSERTS = 3
+TABLE_EXECS_UNSENT = 4
+TABLE_FORKS_UNSENT = 5
+TABLE_EXITS_UNSENT = 6
+TABLE_SLOTS = 7
+
+NEEDLE_CLASSES = 64
+NEEDLE_STATES = 2048
+NEEDLE_MATCH = 0xFFFF
+NEEDLE_SCAN_MAX = 1024
+
 LOST_PROCESS = 0
 LOST_NETWORK = 1
 LOST_SLOTS = 2
@@ -117,6 +140,8 @@ _EXEC_FIXED_FIELDS = [
     ("flags", ct.c_uint32),
     ("_pad", ct.c_uint32),
     ("args_cut", ct.c_uint64),
+    ("start_ns", ct.c_uint64),
+    ("parent_start_ns", ct.c_uint64),
 ]
 
 
@@ -193,7 +218,39 @@ class SensorConfig(ct.Structure):
         ("datagram_repeat_ns", ct.c_uint64),
         ("tcp_repeat_ns", ct.c_uint64),
         ("quiet_lifecycle", ct.c_uint32),
+        ("exec_filter", ct.c_uint32),
+    ]
+
+
+class ProcEntry(ct.Structure):
+    """struct proc_entry: one process of the in-kernel process table."""
+
+    _fields_ = [
+        ("pid", ct.c_uint32),
+        ("ppid", ct.c_uint32),
+        ("start_ns", ct.c_uint64),
+        ("parent_start_ns", ct.c_uint64),
+        ("exec_ns", ct.c_uint64),
+        ("exit_ns", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64),
+        ("uid", ct.c_uint32),
+        ("exit_code", ct.c_int32),
+        ("flags", ct.c_uint32),
+        ("argc", ct.c_uint32),
+        ("args_size", ct.c_uint32),
         ("_pad", ct.c_uint32),
+        ("comm", ct.c_uint8 * TASK_COMM_LEN),
+        ("filename", ct.c_uint8 * PROC_FILENAME_MAX),
+        ("args", ct.c_uint8 * PROC_ARGS_MAX),
+    ]
+
+
+class NeedleDfa(ct.Structure):
+    """struct needle_dfa: the exec filter's command-line automaton."""
+
+    _fields_ = [
+        ("classes", ct.c_uint8 * 256),
+        ("next", ct.c_uint16 * (NEEDLE_STATES * NEEDLE_CLASSES)),
     ]
 
 
@@ -260,6 +317,25 @@ CONSTANTS = (
     "SOURCE_UDP_SENDMSG",
     "GPU_PATH_MAX",
     "GPU_PATH_PREFIX_LEN",
+    "PROC_FILENAME_MAX",
+    "PROC_ARGS_MAX",
+    "PROC_FORK_SEEN",
+    "PROC_EXEC_SEEN",
+    "PROC_HELD",
+    "PROC_ARGS_CUT",
+    "PROC_EXITED",
+    "TABLE_LIVE_INSERTS",
+    "TABLE_LIVE_DELETES",
+    "TABLE_LIVE_FULL",
+    "TABLE_EXITED_INSERTS",
+    "TABLE_EXECS_UNSENT",
+    "TABLE_FORKS_UNSENT",
+    "TABLE_EXITS_UNSENT",
+    "TABLE_SLOTS",
+    "NEEDLE_CLASSES",
+    "NEEDLE_STATES",
+    "NEEDLE_MATCH",
+    "NEEDLE_SCAN_MAX",
     "LOST_PROCESS",
     "LOST_NETWORK",
     "LOST_SLOTS",
@@ -277,6 +353,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "rename_record": RenameRecord,
     "sensor_config": SensorConfig,
     "wake_name": WakeName,
+    "proc_entry": ProcEntry,
+    "needle_dfa": NeedleDfa,
 }
 
 EXEC_DATA_OFFSET = ExecRecord.data.offset
@@ -305,13 +383,14 @@ class MalformedRecord(ValueError):
 # same layout (checked against the mirrors in the layout test), several
 # times faster, and the daemon decodes tens of thousands of records a second.
 _HEADER = "IIIIQQ16s"  # struct record_header
-EXEC_HEAD_FORMAT = struct.Struct("=" + _HEADER + "IIIIIIIIQ")
+EXEC_HEAD_FORMAT = struct.Struct("=" + _HEADER + "IIIIIIIIQQQ")
 FORK_FORMAT = struct.Struct("=" + _HEADER + "IIQ")
 EXIT_FORMAT = struct.Struct("=" + _HEADER + "iI")
 CONNECT_FORMAT = struct.Struct("=" + _HEADER + "BBBBHH16s16siI")
 GPU_OPEN_FORMAT = struct.Struct("=" + _HEADER + "iI128s")
 FD_FORMAT = struct.Struct("=" + _HEADER + "iiII")
 RENAME_FORMAT = struct.Struct("=" + _HEADER + "16s")
+PROC_ENTRY_FORMAT = struct.Struct("=IIQQQQQIiIIII16s256s256s")  # struct proc_entry
 # mirror -> format, for the layout test
 FORMATS = {
     ExecRecordHead: EXEC_HEAD_FORMAT,
@@ -321,6 +400,7 @@ FORMATS = {
     GpuOpenRecord: GPU_OPEN_FORMAT,
     FdRecord: FD_FORMAT,
     RenameRecord: RENAME_FORMAT,
+    ProcEntry: PROC_ENTRY_FORMAT,
 }
 
 
@@ -352,6 +432,7 @@ def decode_exec(raw: bytes) -> ExecEvent:
     fields = _unpack(EXEC_HEAD_FORMAT, raw, "exec record")
     _, pid, _, uid, ts, cgroup, comm, ppid = fields[:8]
     args_count, args_size, name_size, flags = fields[10:14]
+    start_ns, parent_start_ns = fields[16:18]
     start = EXEC_HEAD_FORMAT.size
     args_end = start + args_size
     name_end = args_end + name_size
@@ -368,6 +449,8 @@ def decode_exec(raw: bytes) -> ExecEvent:
         comm=_text(comm),
         argv_truncated=bool(flags & (EXEC_ARGV_MISSING | EXEC_ARGV_TRUNCATED)),
         cgroup_id=cgroup,
+        start_ns=start_ns,
+        parent_start_ns=parent_start_ns,
     )
 
 
@@ -447,6 +530,54 @@ def decode_rename(raw: bytes) -> RenameEvent:
         old_comm=_text(fields[6]),
         new_comm=_text(fields[7]),
         timestamp_ns=fields[4],
+    )
+
+
+@dataclass(frozen=True)
+class TableProcess:
+    """One entry of the in-kernel process table (struct proc_entry)."""
+
+    pid: int
+    ppid: int
+    start_ns: int  # its fork, CLOCK_BOOTTIME; 0 when not seen forked
+    parent_start_ns: int  # 0 unknown
+    exec_ns: int
+    exit_ns: int  # 0 while it lives
+    cgroup_id: int
+    uid: int
+    exit_code: int
+    flags: int
+    comm: str
+    filename: str  # what it last exec'd (or its parent did), not resolved
+    args: tuple[str, ...]  # the head of argv
+    args_cut: bool
+
+
+def decode_proc_entry(raw: bytes) -> TableProcess:
+    fields = _unpack(PROC_ENTRY_FORMAT, raw, "process table entry")
+    pid, ppid, start, parent_start, exec_ns, exit_ns, cgroup, uid, code, flags = fields[:10]
+    args_size = min(fields[11], PROC_ARGS_MAX)
+    args = fields[15][:args_size].split(b"\0")
+    if args and not args[-1]:
+        args.pop()  # the last argument's NUL
+    cut = bool(flags & PROC_ARGS_CUT)
+    if cut and args_size == PROC_ARGS_MAX and args:
+        args.pop()  # an argument cut mid-way is not one
+    return TableProcess(
+        pid=pid,
+        ppid=ppid,
+        start_ns=start if flags & PROC_FORK_SEEN else 0,
+        parent_start_ns=parent_start,
+        exec_ns=exec_ns,
+        exit_ns=exit_ns,
+        cgroup_id=cgroup,
+        uid=uid,
+        exit_code=code,
+        flags=flags,
+        comm=_text(fields[13]),
+        filename=_text(fields[14]),
+        args=tuple(from_bytes(arg) for arg in args),
+        args_cut=cut,
     )
 
 

@@ -65,6 +65,7 @@ WIRE_SETTINGS = 2
 
 WIRE_FLOW_OPEN = 0
 WIRE_FLOW_DROPPED = 1
+WIRE_FLOW_ENDED = 2
 
 _KINDS = {
     WIRE_FIRST_PAYLOAD: events.WIRE_FIRST_PAYLOAD,
@@ -127,12 +128,19 @@ class WireFlow(ct.Structure):
         ("segments", ct.c_uint16),
         ("state", ct.c_uint16),
         ("scratch", ct.c_uint32 * 2),
-        ("window", ct.c_uint8 * WIRE_WINDOW),
     ]
 
 
+class WireWindow(ct.Structure):
+    _fields_ = [("data", ct.c_uint8 * WIRE_WINDOW)]
+
+
 # C struct name -> mirror, and the constants copied, for the layout table
-MIRRORS: dict[str, type[ct.Structure]] = {"wire_record": WireRecord, "wire_flow": WireFlow}
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "wire_record": WireRecord,
+    "wire_flow": WireFlow,
+    "wire_window": WireWindow,
+}
 CONSTANTS = (
     "WIRE_COMM_LEN",
     "WIRE_CAPTURE",
@@ -168,6 +176,7 @@ CONSTANTS = (
     "WIRE_DROP_PROXY",
     "WIRE_FLOW_OPEN",
     "WIRE_FLOW_DROPPED",
+    "WIRE_FLOW_ENDED",
     "WIRE_SET_DROP_UNTIL",
     "WIRE_SET_OWNER",
     "WIRE_SETTINGS",

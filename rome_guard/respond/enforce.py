@@ -2,8 +2,10 @@
 
 Rules with ``action: kill`` and a ``prevent`` block ask the kernel to act
 before user space sees anything: SIGKILL at exec for deny-listed programs,
-EPERM (or SIGKILL) at connect for blocked destinations. ``KernelPolicy``
-is the pure, comparable description of those lists, so a reload applies
+EPERM (or SIGKILL) at connect for blocked destinations, and the wire
+programs' drops (JSON-RPC methods, pool domains: ``WirePolicy``, which
+handlers/wire.py hands to the wire sensor). ``KernelPolicy``
+is the pure, comparable description of the prevention lists, so a reload applies
 only the difference; ``rule_for`` maps a kernel report back to the rule
 that asked for it, for the journal. Host names are resolved here, with a
 short timeout, and a name that does not resolve is logged, never fatal.
@@ -16,7 +18,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
-from rome_guard.detect.argv import basename
+from rome_guard.detect.argv import basename, domain_matches
 from rome_guard.detect.rules import Rule, RuleSet
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,33 @@ def policy_for(ruleset: RuleSet, resolve=resolve_host) -> KernelPolicy:
     return KernelPolicy(
         frozenset(names), frozenset(paths), frozenset(ports), frozenset(cidrs), owners
     )
+
+
+@dataclass(frozen=True)
+class WirePolicy:
+    """What the kernel drops, from the kill rules' prevent blocks."""
+
+    methods: dict[str, bool] = field(default_factory=dict)  # method -> needs "agent"
+    hosts: tuple[str, ...] = ()  # domain suffixes (SNI and DNS-named addresses)
+
+    def names_pool(self, name: str) -> bool:
+        return any(domain_matches(name, h) for h in self.hosts)
+
+
+def wire_policy(ruleset: RuleSet) -> WirePolicy:
+    """What the wire programs drop for a rule set (sensors.wire holds it)."""
+    methods: dict[str, bool] = {}
+    hosts: set[str] = set()
+    for rule in ruleset.rules:
+        if not rule.enforces:
+            continue  # weak evidence, or a kill rule staged in monitor mode
+        for method in rule.prevent.wire_methods:
+            if not any(c in method for c in "*?["):
+                methods[method] = False
+        for method in rule.prevent.wire_agent_methods:
+            methods.setdefault(method, True)
+        hosts.update(h.lower().strip(".") for h in rule.prevent.wire_hosts)
+    return WirePolicy(methods, tuple(sorted(hosts)))
 
 
 def apply_policy(prevention, new: KernelPolicy, old: KernelPolicy | None = None) -> None:

@@ -24,7 +24,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -48,6 +48,9 @@ from rome_guard.respond.outputs.queue import OutputState
 from rome_guard.respond.responses import ALERT, BLOCK, KILL
 from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
 from rome_guard.textsafe import one_line
+
+if TYPE_CHECKING:
+    from rome_guard.state.kernel_table import TableStats
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +271,27 @@ class GuardMetrics:
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
+        self.kernel_table_entries = metric(
+            Gauge,
+            "kernel_process_table_entries",
+            "Processes in the eBPF sensor's process table (live, exited) and its bound.",
+            ("table", "of"),
+        )
+        self.kernel_table_evictions = metric(
+            Counter,
+            "kernel_process_table_evictions",
+            "Processes the kernel's table dropped: exited ones beyond its bound, "
+            "new ones not tracked because the live table was full, processes user "
+            "space could not mark held (held: their exit is not sent).",
+            ("table",),
+        )
+        self.kernel_records_unsent = metric(
+            Counter,
+            "kernel_records_unsent",
+            "Records the exec filter kept in the kernel: no rule could concern them.",
+            ("kind",),
+        )
+        self._kernel_totals: dict[tuple[str, str], int] = {}
         self.kills = metric(Counter, "kills", "Kill attempts by outcome.", ("result",))
         self.journal_errors = metric(
             Counter,
@@ -440,6 +464,29 @@ class GuardMetrics:
 
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
+
+    def set_kernel_table(self, stats: TableStats) -> None:
+        """The eBPF sensor's process table (state.kernel_table.TableStats)."""
+        for table, entries, bound in (
+            ("live", stats.live_entries, stats.live_capacity),
+            ("exited", stats.exited_entries, stats.exited_capacity),
+        ):
+            self.kernel_table_entries.labels(table=table, of="entries").set(entries)
+            self.kernel_table_entries.labels(table=table, of="capacity").set(bound)
+        totals = {
+            ("evicted", "live"): stats.live_full,
+            ("evicted", "exited"): stats.exited_evictions,
+            ("evicted", "held"): stats.held_full,
+        }
+        totals.update({("unsent", kind): n for kind, n in stats.unsent.items()})
+        with self._lock:
+            deltas = {k: n - self._kernel_totals.get(k, 0) for k, n in totals.items()}
+            self._kernel_totals.update(totals)
+        for (what, label), delta in deltas.items():
+            if delta > 0 and what == "evicted":
+                self.kernel_table_evictions.labels(table=label).inc(delta)
+            elif delta > 0:
+                self.kernel_records_unsent.labels(kind=label).inc(delta)
 
     def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
         """The ssh config reader's running totals (sensors.sshconfig): its
@@ -627,91 +674,17 @@ class _OutputCollector:
 # --- the endpoint ----------------------------------------------------------------
 
 
-class MetricsSink(Protocol):
-    """What the daemon records; GuardMetrics, or NullMetrics when no
-    metrics are served."""
-
-    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None: ...
-    def rule_reload_failed(self) -> None: ...
-    def set_config_rejected(self, count: int) -> None: ...
-    def alert(self, rule: str, category: str, severity: str, action: str) -> None: ...
-    def incident(self, category: str, severity: str, action: str) -> None: ...
-    def event(self, source: str, count: int = 1) -> None: ...
-    def set_lost(self, buffer: str, total: int) -> None: ...
-    def lost(self, buffer: str, count: int = 1) -> None: ...
-    def set_sensor(self, mode: str) -> None: ...
-    def set_processes_tracked(self, count: int) -> None: ...
-    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None: ...
-    def kill(self, result: str) -> None: ...
-    def blocked_connection(self, count: int = 1) -> None: ...
-    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None: ...
-    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None: ...
-    def set_build(self, rules_hash: str, config_hash: str) -> None: ...
-    def set_mode(self, mode: str) -> None: ...
-    def set_sensor_up(self, sensor: str, up: bool) -> None: ...
-    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None: ...
+# What the daemon's parts record into: GuardMetrics, or NullMetrics when no
+# metrics are served. One class, so the two cannot drift apart.
+MetricsSink = GuardMetrics
 
 
-class NullMetrics:
-    """Records nothing: callers record unconditionally instead of asking
-    whether metrics are on."""
+class NullMetrics(GuardMetrics):
+    """Records into a registry nobody exposes: callers record
+    unconditionally instead of asking whether metrics are on."""
 
-    def set_rules(self, rules: Iterable[tuple[str, str, str]]) -> None:
-        pass
-
-    def rule_reload_failed(self) -> None:
-        pass
-
-    def set_config_rejected(self, count: int) -> None:
-        pass
-
-    def alert(self, rule: str, category: str, severity: str, action: str) -> None:
-        pass
-
-    def incident(self, category: str, severity: str, action: str) -> None:
-        pass
-
-    def event(self, source: str, count: int = 1) -> None:
-        pass
-
-    def set_lost(self, buffer: str, total: int) -> None:
-        pass
-
-    def lost(self, buffer: str, count: int = 1) -> None:
-        pass
-
-    def set_sensor(self, mode: str) -> None:
-        pass
-
-    def set_processes_tracked(self, count: int) -> None:
-        pass
-
-    def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
-        pass
-
-    def kill(self, result: str) -> None:
-        pass
-
-    def blocked_connection(self, count: int = 1) -> None:
-        pass
-
-    def set_gpu_usage(self, usage: Iterable[GpuUsage]) -> None:
-        pass
-
-    def set_allocation_sources(self, live: Iterable[tuple[str, bool]]) -> None:
-        pass
-
-    def set_build(self, rules_hash: str, config_hash: str) -> None:
-        pass
-
-    def set_mode(self, mode: str) -> None:
-        pass
-
-    def set_sensor_up(self, sensor: str, up: bool) -> None:
-        pass
-
-    def set_nvml_errors(self, totals: dict[tuple[str, str, str], int]) -> None:
-        pass
+    def __init__(self) -> None:
+        super().__init__(CollectorRegistry(), process_collector=False)
 
 
 def parse_listen_addr(addr: str) -> tuple[str, int] | None:

@@ -35,12 +35,15 @@ import errno
 import importlib.util
 import os
 import re
+import struct
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Iterable, NamedTuple
 
+from rome_guard.kernel import btf
 from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
 from rome_guard.kernel.poller import BATCH_MS
+from rome_guard.layout.needles import TooComplex, build_dfa
 from rome_guard.layout.sensor import (
     LOST_SLOT_NAMES,
     BpfProgInfoHead,
@@ -69,6 +72,12 @@ DEFAULT_DATAGRAM_REPEAT_NS = 1_000_000_000
 # once per this long; rules look at distinct destinations and worst outcomes
 DEFAULT_TCP_REPEAT_NS = 1_000_000_000
 WAKE_NAMES_MAX = 4096  # entries of the wake_names trie (sensor.c)
+# the process table (sensor.c): live processes tracked, exited ones kept for lineage
+DEFAULT_LIVE_TABLE_SIZE = 32768
+RAW_TCP_STATE_FEATURE = "HAVE_RAW_TCP_STATE"
+DEFAULT_EXITED_TABLE_SIZE = 16384
+EXEC_SCAN_PROGRAM = "rgs_exec_scan"  # tail-called by rgs_exec (exec_tail)
+PROCESS_TABLE_MAPS = ("proc_live", "proc_exited", "held_pids", "table_counters")
 
 # cgroup/udp{4,6}_sendmsg hooks (enum bpf_attach_type): unconnected UDP sends
 # that no send syscall carries (io_uring's IORING_OP_SENDMSG)
@@ -85,6 +94,8 @@ class Attachment:
     program: str  # function in rome_guard/bpf/*.c
     feature: str | None = None  # -D macro compiling it in; None: required
     ring: str = "network"  # the ring buffer its events go to
+    raw: bool = False  # a raw tracepoint (the event of tracepoint), not a perf-event one
+    replaces: str | None = None  # the program it stands in for when its feature is there
 
 
 def _process(tracepoint: str, program: str, feature: str | None = None) -> Attachment:
@@ -117,6 +128,14 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("syscalls:sys_exit_fcntl", "rgs_fcntl_ret"),
     _process("task:task_rename", "rgs_rename"),
     Attachment("sock:inet_sock_set_state", "rgs_tcp_state"),
+    # where the running kernel's BTF names struct sock's members (RAW_TCP_STATE_MEMBERS)
+    Attachment(
+        "sock:inet_sock_set_state",
+        "rgs_tcp_state_raw",
+        RAW_TCP_STATE_FEATURE,
+        raw=True,
+        replaces="rgs_tcp_state",
+    ),
     Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset"),
     Attachment("syscalls:sys_enter_connect", "rgs_connect"),
     Attachment("syscalls:sys_exit_connect", "rgs_connect_ret"),
@@ -133,6 +152,19 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     Attachment("syscalls:sys_exit_open", "rgs_open_ret", "HAVE_OPEN"),
     Attachment("syscalls:sys_enter_openat2", "rgs_openat2", "HAVE_OPENAT2"),
     Attachment("syscalls:sys_exit_openat2", "rgs_openat2_ret", "HAVE_OPENAT2"),
+)
+
+
+# struct members rgs_tcp_state_raw reads, by the -D macro that carries each offset
+RAW_TCP_STATE_MEMBERS = (
+    ("RG_OFF_SK_PROTOCOL", "sock", "sk_protocol"),
+    ("RG_OFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("RG_OFF_SKC_DPORT", "sock_common", "skc_dport"),
+    ("RG_OFF_SKC_DADDR", "sock_common", "skc_daddr"),
+    ("RG_OFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+    ("RG_OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
+    ("RG_OFF_INET_SPORT", "inet_sock", "inet_sport"),
+    ("RG_OFF_INET_SADDR", "inet_sock", "inet_saddr"),
 )
 
 
@@ -185,7 +217,18 @@ def available_features(tracefs: str) -> set[str]:
 
 
 def attachments_for(features: set[str]) -> list[Attachment]:
-    return [a for a in ATTACHMENTS if a.feature is None or a.feature in features]
+    chosen = [a for a in ATTACHMENTS if a.feature is None or a.feature in features]
+    replaced = {a.replaces for a in chosen if a.replaces}
+    return [a for a in chosen if a.program not in replaced]
+
+
+def struct_offsets() -> dict[str, int] | None:
+    """The RG_OFF_* offsets of RAW_TCP_STATE_MEMBERS in the running
+    kernel (its BTF); None where it has no BTF or lacks one of them."""
+    try:
+        return btf.offsets(btf.Btf.of_running_kernel(), RAW_TCP_STATE_MEMBERS)
+    except (OSError, btf.BtfError, struct.error):
+        return None
 
 
 def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
@@ -301,14 +344,18 @@ class EbpfSensor:
         datagram_repeat_ns: int = DEFAULT_DATAGRAM_REPEAT_NS,
         tcp_repeat_ns: int = DEFAULT_TCP_REPEAT_NS,
         disable_features: Iterable[str] = (),
+        live_table_size: int = DEFAULT_LIVE_TABLE_SIZE,
+        exited_table_size: int = DEFAULT_EXITED_TABLE_SIZE,
     ):
         self._ignore_pids = set(ignore_pids)
         self._loopback_ignore_cgroups: set[int] = set()
         self._wake_names: frozenset[str] | None = None  # None: every record wakes
+        self._needles: Any = None  # NeedleDfa of the exec filter; None: every exec is sent
         self._process_ring_pages = process_ring_pages
         self._network_ring_pages = network_ring_pages
         self._datagram_repeat_ns = datagram_repeat_ns
         self._tcp_repeat_ns = tcp_repeat_ns
+        self._table_sizes = (live_table_size, exited_table_size)
         # optional tracepoints not to use (HAVE_* names), as on older kernels
         self._disable_features = set(disable_features)
         self._bpf: BpfObject | None = None
@@ -316,6 +363,7 @@ class EbpfSensor:
         self.features: set[str] = set()
         self.attached: list[Attachment] = []
         self.linked: list[str] = []  # programs linked to the cgroup2 root
+        self.tail_called: list[str] = []  # programs loaded for tail calls only
         self.degraded: list[str] = []  # what is not seen here, and why
 
     @property
@@ -335,10 +383,20 @@ class EbpfSensor:
         if missing:
             raise EbpfUnavailable(f"tracepoints missing in {tracefs}/events: {', '.join(missing)}")
         self.features = available_features(tracefs) - self._disable_features
+        offsets = struct_offsets() if RAW_TCP_STATE_FEATURE in self.features else None
+        if offsets is None and RAW_TCP_STATE_FEATURE in self.features:
+            self.features.discard(RAW_TCP_STATE_FEATURE)
+            self.degraded.append(
+                "TCP outcomes from the sock:inet_sock_set_state tracepoint: no kernel BTF for "
+                "struct sock, so another tracing program on the CPU can make one be missed"
+            )
         text, cflags = compile_unit(self.features)
+        cflags += [f"-D{name}={value}" for name, value in sorted((offsets or {}).items())]
         cflags += [
             f"-DPROCESS_RING_PAGES={self._process_ring_pages}",
             f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
+            f"-DPROC_LIVE_MAX={self._table_sizes[0]}",
+            f"-DPROC_EXITED_MAX={self._table_sizes[1]}",
             f"-DQUIET_BATCH_NS={BATCH_MS * 1_000_000}ULL",
         ]
         try:
@@ -348,11 +406,21 @@ class EbpfSensor:
         try:
             for attachment in attachments_for(self.features):
                 try:
-                    bpf.attach_tracepoint(attachment.tracepoint, attachment.program)
+                    if attachment.raw:
+                        bpf.attach_raw_tracepoint(attachment.tracepoint, attachment.program)
+                    else:
+                        bpf.attach_tracepoint(attachment.tracepoint, attachment.program)
                 except LoadError as exc:
                     raise EbpfUnavailable(str(exc)) from exc
                 self.attached.append(attachment)
             self._attach_udp_sendmsg(bpf)
+            # rgs_exec hands the exec filter's needle scan to this one
+            try:
+                scan = bpf.load_func(EXEC_SCAN_PROGRAM, bcc_bpf().TRACEPOINT)
+            except LoadError as exc:
+                raise EbpfUnavailable(str(exc)) from exc
+            bpf["exec_tail"][ct.c_int(0)] = ct.c_int(scan.fd)
+            self.tail_called.append(EXEC_SCAN_PROGRAM)
             self._bpf = bpf
             self._write_config()
             self._sync_set("ignored_pids", ct.c_uint32, set(), self._ignore_pids)
@@ -361,6 +429,8 @@ class EbpfSensor:
             )
             if self._wake_names is not None:
                 self._sync_wake_names(frozenset(), self._wake_names)
+            if self._needles is not None:
+                self._bpf["needle_dfa"][ct.c_int(0)] = self._needles
             # consume() drains rings in this order: process last, so an exec
             # is never returned after a connect it preceded.
             self._rings = [
@@ -371,6 +441,7 @@ class EbpfSensor:
             self._bpf = None
             self.attached.clear()
             self.linked.clear()
+            self.tail_called.clear()
             self._rings = []
             bpf.close()
             raise
@@ -405,6 +476,7 @@ class EbpfSensor:
             datagram_repeat_ns=self._datagram_repeat_ns,
             tcp_repeat_ns=self._tcp_repeat_ns,
             quiet_lifecycle=int(self._wake_names is not None),
+            exec_filter=int(self._wake_names is not None and self._needles is not None),
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
@@ -499,6 +571,33 @@ class EbpfSensor:
             self._write_config()
         self._wake_names = new
 
+    def set_exec_needles(self, needles: Iterable[str] | None) -> None:
+        """The exec filter: with wake names set (set_wake_names), an exec
+        whose names are none of them and whose command line holds none of
+        needles (engine.exec_needles) is kept in the kernel's process table
+        and not sent; forks are not sent, and exits only of processes user
+        space holds (it was sent their exec, or hold() them). None: every
+        exec is sent (a rule evaluates every command line), as when the
+        needles do not fit the kernel's automaton (degraded says so)."""
+        dfa = None
+        if needles is not None:
+            try:
+                dfa = build_dfa(needles)
+            except TooComplex as exc:
+                self.degraded.append(f"every exec is sent to user space: {exc}")
+        if self._bpf is not None and dfa is not None:
+            self._bpf["needle_dfa"][ct.c_int(0)] = dfa
+        self._needles = dfa
+        if self._bpf is not None:
+            self._write_config()
+
+    def process_table_maps(self) -> dict[str, Any] | None:
+        """The maps of the kernel's process table (PROCESS_TABLE_MAPS), for
+        rome_guard.state.kernel_table to read what it was not sent."""
+        if self._bpf is None:
+            return None
+        return {name: self._bpf[name] for name in PROCESS_TABLE_MAPS}
+
     def _sync_wake_names(self, old: frozenset[str], new: frozenset[str]) -> None:
         table = self._bpf["wake_names"]
 
@@ -516,6 +615,7 @@ class EbpfSensor:
         bpf, self._bpf = self._bpf, None
         self.attached.clear()
         self.linked.clear()
+        self.tail_called.clear()
         if bpf is not None:
             bpf.close()
 

@@ -47,6 +47,9 @@ class PollSensor:
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Nothing to wake: polling reads /proc on its own schedule."""
 
+    def set_exec_needles(self, needles: Iterable[str] | None) -> None:
+        """Nothing to filter: polling sees what /proc shows at each tick."""
+
     def ring_fds(self) -> list[int]:
         """No ring buffer: the daemon polls this sensor on a short timer."""
         return []

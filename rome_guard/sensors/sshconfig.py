@@ -8,7 +8,8 @@ process's user (whose ``~/.ssh/config`` and permissions apply), in its
 working directory (a relative ``-F``), with a minimal environment and a
 timeout, and always the system's ssh, never the watched process's binary.
 
-Costs one short ssh run per distinct (user, cwd, argv), cached, within a
+Costs one short ssh run per distinct (user, cwd, argv, identity of the
+config file: inode, size, mtime, ctime), cached, within a
 budget (5 s of ssh -G per minute; a user whose config timed out is not
 asked again for 5 minutes), because the daemon's loop waits on it. Never run
 for an argv that already has ``-G`` (the guard's own run is an ssh exec

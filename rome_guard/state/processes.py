@@ -18,6 +18,12 @@ changed, the exe link again when a rule asks at judgement time (a binary
 deleted since exec), a config file a rule names, and comm/cmdline/exe
 afresh after a rename and at a process's first connect outside loopback.
 
+With the eBPF sensor's exec filter on, most processes are never sent: they
+live in the kernel's process table (state.kernel_table), read here when an
+event needs one the model does not hold (``resolve``, lineage through a
+parent that exited unseen); what the model reads from /proc on its own it
+``hold()``s there, so that the kernel sends its exit.
+
 Socket stdio is remembered (``SocketStdio``) for processes seen with a
 connected inet socket on fd 0-2, so a shell's lineage (a pty driven by
 such a process) is judged from memory, not from /proc at every exec.
@@ -29,12 +35,13 @@ import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rome_guard import procfs
 from rome_guard.attribution import attribute
 from rome_guard.detect.subject import Subject
 from rome_guard.events import (
+    USER_HZ,
     Attribution,
     Endpoint,
     ExecEvent,
@@ -43,17 +50,23 @@ from rome_guard.events import (
     ProcessKey,
     boottime_ns_to_ticks,
 )
+from rome_guard.layout.sensor import PROC_EXEC_SEEN
 from rome_guard.linux import cgroup_path_of_id, read_cgroup, without_deleted
 from rome_guard.sensors import sockdiag
 from rome_guard.sensors.sshconfig import EffectiveSshConfig
+from rome_guard.state.kernel_table import KernelProcessTable, TableProcess
 from rome_guard.state.snapshot import subject_for, take_snapshot
 from rome_guard.state.stdio import StdioGraph
 from rome_guard.state.table import ProcessTable
+
+if TYPE_CHECKING:
+    from rome_guard.detect.payload import WireFacts
 
 PEERS_PER_PROCESS = 32  # recent distinct peers kept for network rules
 SOCKET_CACHE_S = 0.2  # a sock_diag dump answers stdio lookups this long
 TRACKING_LIMIT = 65536
 SOCKET_STDIO_LIMIT = 16384  # processes remembered with socket stdio
+TICK_NS = 1_000_000_000 // USER_HZ
 
 SshForwards = Callable[[ProcessInfo], Any]  # sensors.sshconfig.EffectiveSshConfig.forwards
 
@@ -109,6 +122,8 @@ class ProcessModel:
         )
         # processes whose identity was re-read at their first connect outside loopback
         self._externally_connected: set[ProcessKey] = set()
+        # the eBPF sensor's process table, when its exec filter keeps processes there
+        self.kernel: KernelProcessTable | None = None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -128,7 +143,7 @@ class ProcessModel:
         subjects = []
         for info in snapshot.table:
             if not resync or self.table.get(self._same_identity(info).key) is None:
-                self.table.add(info)
+                self._hold(info)
         for info in snapshot.table:
             if info.pid == own:
                 continue
@@ -150,12 +165,14 @@ class ProcessModel:
         self._fork_ticks[event.child_pid] = event.child_start_ticks
         self._forked[event.child_pid] = event.parent_pid
 
-    def _materialize(self, pid: int) -> ProcessInfo | None:
-        """The record of a child known only from its fork, now in the table."""
+    def _materialize(self, pid: int, started_by: int | None = None) -> ProcessInfo | None:
+        """The record of a child known only from its fork, or of a process
+        only the kernel's table holds (one that started by started_by
+        ticks), now in the table."""
         parent_pid = self._forked.pop(pid, None)
         parent = self.table.by_pid(parent_pid) if parent_pid is not None else None
         if parent is None:
-            return None
+            return self._from_kernel(pid, started_by)
         key = ProcessKey(pid, self._fork_ticks[pid])
         info = replace(parent, key=key, ppid=parent.pid, pre_existing=False)
         self.table.add(info)
@@ -231,6 +248,66 @@ class ProcessModel:
             )
         )
 
+    # --- the kernel's process table ----------------------------------------------
+
+    def _hold(self, info: ProcessInfo) -> None:
+        """info (read from /proc, not from an exec record) into the table;
+        the kernel is asked for its exit."""
+        self.table.add(info)
+        if self.kernel is not None:
+            self.kernel.hold(info.pid)
+
+    def _from_kernel(self, pid: int, started_by: int | None = None) -> ProcessInfo | None:
+        """pid as the kernel's process table has it (live, or exited not
+        long ago: lineage through ancestors that are gone), now in the
+        table; None when the kernel does not know it either."""
+        if self.kernel is None:
+            return None
+        before_ns = None if started_by is None else (started_by + 1) * TICK_NS
+        entry = self.kernel.lookup(pid, before_ns)
+        if entry is None:
+            return None
+        info = self._info_of_entry(entry)
+        self.table.add(info)  # older than the pid's current process: kept by key only
+        if self.table.by_pid(pid) is info:
+            if entry.exit_ns:
+                self.table.exit(pid)
+            else:
+                self.kernel.hold(pid)
+        return info
+
+    def _as_execed(self, info: ProcessInfo) -> ProcessInfo:
+        """info (read from /proc now) with the name and argv the kernel saw
+        at its exec, for a process whose exec was not sent: a title it
+        rewrote since (no rename) is then judged at its first connect
+        outside loopback (first_external_connect), as when the model holds
+        the exec. Unchanged when the kernel has not seen it exec, or its
+        argv was longer than the table keeps and /proc starts the same."""
+        entry = self.kernel.lookup(info.pid) if self.kernel is not None else None
+        if entry is None or entry.exit_ns or not entry.flags & PROC_EXEC_SEEN:
+            return info
+        if entry.start_ns and abs(boottime_ns_to_ticks(entry.start_ns) - info.key.start_time) > 1:
+            return info  # another process under that pid
+        if entry.args_cut and info.cmdline[: len(entry.args)] == entry.args:
+            return info
+        return replace(info, comm=entry.comm, cmdline=entry.args)
+
+    def _info_of_entry(self, entry: TableProcess) -> ProcessInfo:
+        cgroup = self.cgroup_path_of(entry.cgroup_id)
+        return ProcessInfo(
+            key=ProcessKey(entry.pid, boottime_ns_to_ticks(entry.start_ns)),
+            ppid=entry.ppid,
+            uid=entry.uid,
+            user=procfs.user_name(entry.uid),
+            comm=entry.comm,
+            exe=entry.filename,
+            cmdline=entry.args,
+            cwd="",
+            cgroup=cgroup,
+            attribution=attribute(cgroup),
+            zombie=bool(entry.exit_ns),
+        )
+
     def _cgroup_path(self, pid: int, cgroup_id: int) -> str | None:
         """The cgroup path of pid, from the kernel's cgroup id where it was
         seen before; None if the process is gone."""
@@ -252,6 +329,10 @@ class ProcessModel:
         if info is None:
             return self._with_exec_env(self._from_event(event))
         info = self._same_identity(info)
+        if event.ppid and info.ppid != event.ppid:
+            # the kernel's parent is who created it; /proc names the
+            # reaper once that one has exited
+            info = replace(info, ppid=event.ppid)
         if event.argv and not event.argv_truncated and info.cmdline != event.argv:
             # the kernel's argv is what was executed; /proc may already
             # show a rewritten title or a later exec
@@ -307,9 +388,13 @@ class ProcessModel:
             return replace(info, key=known.key)
         return info
 
-    def _start_ticks(self, pid: int, fallback_ns: int) -> int:
+    def _start_ticks(self, pid: int, fallback_ns: int, start_ns: int = 0) -> int:
+        """pid's start: from its fork event, else from the kernel's table
+        (start_ns), else fallback_ns."""
         ticks = self._fork_ticks.get(pid)
-        return ticks if ticks is not None else boottime_ns_to_ticks(fallback_ns)
+        if ticks is not None:
+            return ticks
+        return boottime_ns_to_ticks(start_ns or fallback_ns)
 
     def _from_event(self, event: ExecEvent) -> ProcessInfo:
         """The process exited before /proc could be read: what the kernel
@@ -317,7 +402,9 @@ class ProcessModel:
         parent = self.known(event.ppid) if event.ppid else None
         uid = event.uid if event.uid >= 0 else (parent.uid if parent else -1)
         return ProcessInfo(
-            key=ProcessKey(event.pid, self._start_ticks(event.pid, event.timestamp_ns)),
+            key=ProcessKey(
+                event.pid, self._start_ticks(event.pid, event.timestamp_ns, event.start_ns)
+            ),
             ppid=event.ppid,
             uid=uid,
             user=procfs.user_name(uid) if uid >= 0 else "",
@@ -332,15 +419,17 @@ class ProcessModel:
     # --- lookups -------------------------------------------------------------------
 
     def resolve(self, pid: int) -> ProcessInfo | None:
-        """The model's process for pid, else read it from /proc now."""
+        """The model's process for pid, else read it from /proc now, else
+        from the kernel's process table (gone already)."""
         info = self.known(pid)
         if info is not None:
             return info
         info = procfs.read_process(pid)
         if info is not None:
-            info = self._with_exec_env(info)
-            self.table.add(info)
-        return info
+            info = self._with_exec_env(self._as_execed(info))
+            self._hold(info)
+            return info
+        return self._from_kernel(pid)
 
     def unattributed(self, pid: int, comm: str, timestamp_ns: int) -> ProcessInfo:
         """A process that came and went before anything could be read
@@ -426,6 +515,7 @@ class ProcessModel:
         stdio: dict[int, Endpoint] | None = None,
         exe_now: bool = False,
         ssh_forwards: SshForwards | None = None,
+        wire: WireFacts | None = None,
     ) -> Subject:
         """What rules look at; lineage, stdio (remembered for the lineage of
         what it spawns), the exe link now (``exe_now``: a binary deleted
@@ -441,6 +531,7 @@ class ProcessModel:
             ssh_forwards=ssh_forwards,
             read_config=procfs.read_config_file,
             stdio_relays=lambda: self.stdio_graph.relays(info),
+            wire=wire,
         )
 
     # --- identity changes ----------------------------------------------------------

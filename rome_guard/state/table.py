@@ -18,14 +18,15 @@ LINEAGE_LIMIT = 64  # deeper trees are cut, not looped
 
 
 class ProcessTable:
-    """``missing`` may supply a pid the table does not hold yet (the
-    process model's forked-but-not-exec'd children), so lineage walks
-    through them."""
+    """``missing(pid, started_by)`` may supply a pid the table does not
+    hold (the process model's forked-but-not-exec'd children, the kernel's
+    process table), one that started no later than started_by (ticks), so
+    lineage walks through them."""
 
     def __init__(
         self,
         exited_grace_s: float = 30.0,
-        missing: Callable[[int], ProcessInfo | None] | None = None,
+        missing: Callable[[int, int], ProcessInfo | None] | None = None,
     ):
         self._missing = missing
         self._by_key: dict[ProcessKey, ProcessInfo] = {}
@@ -70,8 +71,9 @@ class ProcessTable:
         if info.ppid <= 0:
             return None
         candidate = self.by_pid(info.ppid)
-        if candidate is None and self._missing is not None:
-            candidate = self._missing(info.ppid)
+        too_new = candidate is not None and candidate.key.start_time > info.key.start_time
+        if (candidate is None or too_new) and self._missing is not None:
+            candidate = self._missing(info.ppid, info.key.start_time)
         if candidate is None or candidate.key.start_time > info.key.start_time:
             return None
         return candidate

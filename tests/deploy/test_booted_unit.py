@@ -46,6 +46,19 @@ gpu:
   poll_interval: 0.3
   accounting: false
 """
+# a site rule in rules.d: the offender only this guard knows, so that the
+# other daemons on a shared test host (same kernel, enforce mode) never kill
+# it first
+SITE_RULE = """\
+rules:
+  - id: site-booted-offender
+    category: custom
+    severity: high
+    description: the booted suite's offender
+    action: kill
+    match:
+      name: [rg-offender]
+"""
 # the stand-in libnvidia-ml for the unit: a drop-in, as a site would add one
 DROP_IN = f"""\
 [Service]
@@ -117,7 +130,9 @@ class Unit:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             pid = self.host.main_pid(f"{unit}.service")
-            if pid:
+            # started means exec'd: until then the pid is systemd's fork
+            exe = self.host.run(["readlink", f"/proc/{pid}/exe"], check=False).stdout.strip()
+            if pid and exe and exe != "/usr/lib/systemd/systemd":
                 return pid
             time.sleep(0.1)
         raise AssertionError(f"{unit} did not start")
@@ -167,6 +182,7 @@ def unit():
         host.sh(f"mkdir -p {os.path.dirname(NVML_STATE)} /etc/systemd/system/rome-guard.service.d")
         host.write(NVML_STATE, state.render())
         host.write("/etc/systemd/system/rome-guard.service.d/test-nvml.conf", DROP_IN)
+        host.write("/etc/rome-guard/rules.d/50-booted.yaml", SITE_RULE)
         host.sh("touch /dev/nvidia0 && chmod 0666 /dev/nvidia0")  # a stand-in device node
         started = host.sh(
             "systemctl daemon-reload && systemctl start rome-guard", check=False, timeout=200
@@ -197,12 +213,14 @@ def test_the_installed_unit_runs_on_the_distributions_python_and_bcc(unit: Unit)
     assert "GPU features on: 1 GPU(s)" in log
 
 
-def test_exec_of_a_miner_is_alerted_and_attributed_to_its_unit(unit: Unit) -> None:
-    unit.start("rg-exec", "sh", "-c", "cp /bin/sleep /tmp/xmrig && exec /tmp/xmrig 60")
+def test_exec_of_a_scanner_is_alerted_and_attributed_to_its_unit(unit: Unit) -> None:
+    """probe-scanner-binary, an alert-only rule: the other daemons on a
+    shared test host (enforce mode, same kernel) leave the process alone."""
+    unit.start("rg-exec", "sh", "-c", "cp /bin/sleep /tmp/masscan && exec /tmp/masscan 60")
     unit.start("rg-exec-clean", "sleep", "60")
     try:
-        alert = unit.wait_alert(of_unit("rg-exec", "miner-known-binary"))
-        assert alert["process"]["exe"] == "/tmp/xmrig"
+        alert = unit.wait_alert(of_unit("rg-exec", "probe-scanner-binary"))
+        assert alert["process"]["exe"] == "/tmp/masscan"
         assert alert["process"]["cgroup"] == "/system.slice/rg-exec.service"
         unit.settle()
         assert unit.alerts_of("rg-exec-clean") == []
@@ -329,15 +347,18 @@ def test_enforce_mode_kills_the_offender_under_the_unit(unit: Unit) -> None:
     unit.configure("enforce")
     unit.host.run(["systemctl", "restart", "rome-guard"], timeout=200)
     try:
-        pid = unit.start("rg-kill", "sh", "-c", "cp /bin/sleep /tmp/xmrig && exec /tmp/xmrig 60")
+        # started without waiting for it: the guard may kill it at once
+        unit.host.start_unit(
+            "rg-kill", ["sh", "-c", "cp /bin/sleep /tmp/xmrig && exec /tmp/xmrig 60"]
+        )
         alert = unit.wait_alert(of_unit("rg-kill", "miner-known-binary"))
-        assert alert["action"] == "kill" and alert["process"]["pid"] == pid
+        assert alert["action"] == "kill" and alert["mode"] == "enforce"
         response = unit.wait_alert(
             lambda r: r.get("event") == "response" and r["alert_id"] == alert["id"]
         )
-        assert response["action"] == "killed"
-        gone = unit.host.run(["kill", "-0", str(pid)], check=False)
-        assert gone.returncode != 0
+        assert response["action"] == "killed"  # by this guard, not another one on the host
+        pid = alert["process"]["pid"]
+        assert unit.host.run(["kill", "-0", str(pid)], check=False).returncode != 0
     finally:
         unit.stop("rg-kill")
         unit.configure("monitor")

@@ -17,8 +17,7 @@ from rome_guard.detect.engine import Engine
 from rome_guard.detect.incidents import kill_rule_finding
 from rome_guard.detect.rules import load_rules
 from rome_guard.findings import Finding, finding_record, rules_record
-from rome_guard.handlers.wire import wire_policy
-from rome_guard.respond.enforce import policy_for
+from rome_guard.respond.enforce import policy_for, wire_policy
 from tests.detect.helpers import subject
 from tests.detect.test_rule_loader import problems, rome_guard, write
 

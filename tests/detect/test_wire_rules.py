@@ -9,7 +9,16 @@ import json
 import pytest
 
 from rome_guard.detect.engine import Engine
-from rome_guard.detect.payload import facts_for, first_line_method, http_head, parse_dns
+from rome_guard.detect.payload import (
+    Preamble,
+    facts_for,
+    first_line_method,
+    http_head,
+    jsonrpc_methods,
+    parse_dns,
+    peel_preamble,
+    websocket_messages,
+)
 from rome_guard.detect.rules import load_rules
 from rome_guard.detect.subject import Subject
 from tests.detect.helpers import process, tcp
@@ -141,6 +150,155 @@ CASES = [
     ("redis", b"*1\r\n$4\r\nPING\r\n", set()),
     ("hostile bytes", b'\xff\xfe\x00{"method\x00":"mining.subscribe"}\n' + b"\x00" * 400, set()),
 ]
+
+
+def socks5(host: bytes, port: int = 3333, auth: bool = False) -> bytes:
+    """A SOCKS5 client's greeting (and RFC 1929 login), then CONNECT by name."""
+    greeting = b"\x05\x01\x02" + b"\x01\x04user\x04pass" if auth else b"\x05\x01\x00"
+    return greeting + b"\x05\x01\x00\x03" + bytes([len(host)]) + host + port.to_bytes(2, "big")
+
+
+def ws_frame(text: bytes, key: bytes = b"\x37\xfa\x21\x3d") -> bytes:
+    """One masked client text frame (RFC 6455)."""
+    head = b"\x81" + (
+        bytes([0x80 | len(text)]) if len(text) < 126 else b"\xfe" + len(text).to_bytes(2, "big")
+    )
+    return head + key + bytes(c ^ key[i % 4] for i, c in enumerate(text))
+
+
+WS_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: 10.0.0.9\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SUBSCRIBE_LINE = b'{"id":1,"method":"mining.subscribe","params":["x"]}\n'
+GBT = b'{"method":"get_block_template","params":{"wallet_address":"4abc","reserve_size":60}}'
+JUPYTER = b'{"header":{"msg_type":"execute_request"},"content":{"code":"1+1"}}'
+
+STREAMS = [
+    # --- key order, framing, batches
+    (
+        "eth-proxy, method last",
+        b'{"worker": "", "jsonrpc": "2.0", "params": ["0xab", "x"], "id": 2, '
+        b'"method": "eth_submitLogin"}\n',
+        {"miner-stratum-method"},
+    ),
+    (
+        "monerod over HTTP",
+        b"POST /json_rpc HTTP/1.1\r\nHost: 10.0.0.9:18081\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(GBT), GBT),
+        {"miner-stratum-method"},
+    ),
+    (
+        "bitcoind chunked",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (len(SUBSCRIBE_LINE), SUBSCRIBE_LINE.replace(b"mining.subscribe", b"getblocktemplate")),
+        {"miner-stratum-method"},
+    ),
+    (
+        "stratum in WebSocket frames",
+        WS_UPGRADE + ws_frame(SUBSCRIBE_LINE),
+        {"miner-stratum-method"},
+    ),
+    # the login's "agent" lies past the first 512 characters of what was read
+    ("xmrig login in WebSocket frames", WS_UPGRADE + ws_frame(XMRIG_LINE), {"miner-stratum-login"}),
+    (
+        "ethminer getwork over HTTP",
+        b"POST / HTTP/1.1\r\nHost: localhost:8545\r\n\r\n"
+        b'{"jsonrpc":"2.0","method":"eth_getWork","params":[],"id":1}',
+        {"miner-stratum-method"},
+    ),
+    (
+        "batch array",
+        b'[{"jsonrpc":"2.0","id":1,"method":"eth_chainId"},'
+        b'{"jsonrpc":"2.0","id":2,"method":"eth_getWork"}]\n',
+        {"miner-stratum-method"},
+    ),
+    (
+        "a second message mines",
+        b'{"id":1,"method":"eth_blockNumber"}\n{"id":2,"method":"mining.authorize","params":[]}\n',
+        {"miner-stratum-method"},
+    ),
+    # --- preambles
+    ("socks5 then login", socks5(b"10.0.0.9") + XMRIG_LINE, {"miner-stratum-login"}),
+    (
+        "socks5 with a login, to a pool name",
+        socks5(b"pool.supportxmr.com", auth=True) + XMRIG_LINE,
+        {"miner-stratum-login", "miner-pool-named-address"},
+    ),
+    (
+        "socks4a to a pool name",
+        b"\x04\x01\x0d\x05\x00\x00\x00\x01\x00xmr.2miners.com\x00" + SUBSCRIBE_LINE,
+        {"miner-stratum-method", "miner-pool-named-address"},
+    ),
+    (
+        "socks4 by address",
+        b"\x04\x01\x0d\x05\x0a\x00\x00\x09user\x00" + SUBSCRIBE_LINE,
+        {"miner-stratum-method"},
+    ),
+    (
+        "http connect",
+        b"CONNECT 10.0.0.9:3333 HTTP/1.1\r\nHost: 10.0.0.9:3333\r\n\r\n" + SUBSCRIBE_LINE,
+        {"miner-stratum-method"},
+    ),
+    (
+        "socks5 to a tunnel service",
+        socks5(b"connect.ngrok-agent.com", 443),
+        {"tunnel-service-named-address"},
+    ),
+    # --- the benign twins
+    ("socks5 to a package index", socks5(b"pypi.org", 443) + b"\x16\x03\x01\x02\x00\x01", set()),
+    (
+        "http connect to a model hub",
+        b"CONNECT huggingface.co:443 HTTP/1.1\r\nHost: huggingface.co:443\r\n\r\n",
+        set(),
+    ),
+    ("jupyter frames", WS_UPGRADE + ws_frame(JUPYTER), set()),
+    (
+        "node RPC batch",
+        b'[{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber"},'
+        b'{"jsonrpc":"2.0","id":2,"method":"eth_getBalance","params":["0x0","latest"]}]',
+        set(),
+    ),
+    (
+        "monerod get_info",
+        b"POST /json_rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 42\r\n\r\n"
+        b'{"jsonrpc":"2.0","id":0,"method":"get_info"}',
+        set(),
+    ),
+    ("deep nesting", b'{"method":"login","params":' + b"[" * 5000 + b"]" * 5000 + b"}\n", set()),
+]
+
+
+@pytest.mark.parametrize("name,stream,expected", STREAMS, ids=[c[0] for c in STREAMS])
+def test_client_stream(engine, name, stream, expected):
+    assert fired(engine, wire_subject(stream, dport=1080)) == expected
+
+
+def test_preamble_peeled_and_named():
+    preamble, rest = peel_preamble(socks5(b"Pool.SupportXMR.com", 443, auth=True) + b"hi")
+    assert preamble == Preamble("socks5", "pool.supportxmr.com", 443) and rest == b"hi"
+    assert peel_preamble(b"\x05\x01\x00")[0] == Preamble("socks5")  # request not sent yet
+    assert peel_preamble(b"CONNECT [::1]:22 HTTP/1.1\r\n\r\nSSH-2.0-x") == (
+        Preamble("http-connect", "::1", 22),
+        b"SSH-2.0-x",
+    )
+    assert peel_preamble(b"GET / HTTP/1.1\r\n\r\n")[0] is None
+
+
+def test_websocket_frames_are_unmasked_each_with_its_key():
+    frames = ws_frame(b'{"a":', key=b"\x01\x02\x03\x04")
+    frames = b"\x01" + frames[1:]  # not FIN: the message goes on
+    frames += b"\x89\x00"  # a ping in between
+    frames += ws_frame(b"1}", key=b"\xff\xee\xdd\xcc")
+    frames = frames[: len(frames) - 3] + frames[len(frames) - 3 :]
+    assert websocket_messages(frames) == [b'{"a":1}']
+
+
+def test_jsonrpc_methods_bounded():
+    assert jsonrpc_methods([b'{"id":1,"result":true}\n']) == (True, ())
+    assert jsonrpc_methods([b"[" * 100_000]) == (False, ())
+    many = b"".join(b'{"id":%d,"method":"m%d"}\n' % (i, i) for i in range(500))
+    assert len(jsonrpc_methods([many])[1]) <= 32
 
 
 @pytest.mark.parametrize("name,payload,expected", CASES, ids=[c[0] for c in CASES])

@@ -62,9 +62,8 @@ def job(job_id: str, *gpus: str) -> Allocation:
 
 
 def registry(tmp_path, *allocs: Allocation, source: str = SOURCE_KUBELET, live=True, pids=None):
-    reg = GpuRegistry(str(tmp_path))
     snap = AllocationSnapshot(source, live, "", tuple(allocs), pids=pids or {})
-    reg.allocations = Allocations([FixedSource(snap)])
+    reg = GpuRegistry(str(tmp_path), allocations=Allocations([FixedSource(snap)]))
     reg.allocations.refresh()
     return reg
 

@@ -7,6 +7,7 @@ ones are exercised in tests/sensors/test_wire_sensor.py and tests/test_wire.py."
 from __future__ import annotations
 
 import ctypes as ct
+import json
 
 import pytest
 
@@ -14,20 +15,25 @@ from rome_guard.detect.engine import Engine
 from rome_guard.detect.rules import load_rules
 from rome_guard.events import (
     WIRE_DNS_ANSWER,
+    WIRE_DNS_QUERY,
     WIRE_FIRST_PAYLOAD,
+    WIRE_STREAM_DATA,
     Endpoint,
     WireEvent,
 )
+from rome_guard.findings import blocked_in_kernel
 from rome_guard.handlers.wire import (
     NAME_TTL_MAX_S,
     NAME_TTL_MIN_S,
+    ClientStreams,
     DnsNames,
     WireHandler,
-    wire_policy,
 )
 from rome_guard.layout import wire as layout
+from rome_guard.respond.enforce import wire_policy
 from rome_guard.sensors import wire
 from rome_guard.state.processes import ProcessModel
+from tests.fixtures.network import XMRIG_LOGIN
 from tests.fixtures.processes import process_info
 from tests.fixtures.wire import dns_answer, dns_query
 
@@ -220,3 +226,98 @@ def test_decoder_format_matches_the_mirror():
         flat.append(bytes(value) if isinstance(value, ct.Array) else value)
     assert layout.WIRE_FORMAT.size == ct.sizeof(layout.WireRecord)
     assert list(layout.WIRE_FORMAT.unpack(raw)) == flat
+
+
+# --- client streams ----------------------------------------------------------
+
+LOGIN = json.dumps(XMRIG_LOGIN, separators=(",", ":")).encode() + b"\n"
+
+
+def stream_events(data: bytes, cuts: list[int], cookie: int = 99, **kw) -> list[WireEvent]:
+    """data as the kernel reports it when the client writes it in pieces
+    ending at cuts: one record per piece, placed by its stream offset."""
+    ends = [*cuts, len(data)]
+    events, start = [], 0
+    for i, end in enumerate(ends):
+        piece = data[start:end]
+        events.append(
+            event(
+                kind=WIRE_FIRST_PAYLOAD if start == 0 else WIRE_STREAM_DATA,
+                payload=piece,
+                offset=start,
+                segment=i + 1,
+                cookie=cookie,
+                stream_end=i == len(ends) - 1,
+                **kw,
+            )
+        )
+        start = end
+    return events
+
+
+@pytest.mark.parametrize("cuts", [[8], [8, 40], [1, 2, 3, 200], [len(LOGIN) - 1]])
+def test_a_login_written_in_pieces_is_judged_whole(cuts):
+    h, alerts, _ = handler({4242: process_info(4242, start=1990)})
+    for e in stream_events(LOGIN, cuts):
+        h.handle(e)
+    assert [a.rule.id for a in alerts] == ["miner-stratum-login"]  # once, not per piece
+    assert alerts[0].extra["wire"]["first_bytes"].startswith('{"id":1,"jsonrpc"')
+    assert len(h.streams) == 0  # the stream's last record lets it go
+
+
+def test_pieces_out_of_order_and_retransmitted_still_make_the_stream():
+    h, alerts, _ = handler({4242: process_info(4242, start=1990)})
+    first, second, third = stream_events(LOGIN, [10, 30])
+    for e in (first, third, first, second):
+        h.handle(e)
+    assert [a.rule.id for a in alerts] == ["miner-stratum-login"]
+
+
+def test_streams_are_bounded_in_count_and_time():
+    h, _, clock = handler({4242: process_info(4242, start=1990)})
+    h.streams = ClientStreams(limit=3, ttl_s=2.0)
+    for cookie in range(5):
+        h.handle(event(payload=b'{"id":1,', cookie=cookie))
+    assert len(h.streams) == 3 and h.streams.evicted == 2
+    clock[0] += 5
+    h.handle(event(payload=b"x", cookie=77, stream_end=True))
+    assert len(h.streams) == 0
+
+
+def test_a_quiet_stream_gives_no_alert_while_it_grows():
+    h, alerts, _ = handler({4242: process_info(4242, start=1990)})
+    body = b'{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber","params":[]}\n' * 3
+    for e in stream_events(body, [20, 64, 100]):
+        h.handle(e)
+    assert alerts == []
+
+
+class DroppingKernel(Kernel):
+    def __init__(self):
+        super().__init__()
+        self.flows: list[int] = []
+
+    def drop_flow(self, cookie):
+        self.flows.append(cookie)
+
+
+def test_enforce_a_verdict_the_kernel_could_not_reach_drops_the_rest_of_the_flow():
+    kernel = DroppingKernel()
+    h, alerts, _ = handler({4242: process_info(4242, start=1990)}, kernel=kernel, enforce=True)
+    upgrade = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: x\r\nSec-WebSocket-Protocol: chisel-v3\r\n\r\n"
+    )
+    h.handle(event(payload=upgrade, cookie=5))
+    assert [a.rule.id for a in alerts] == ["tunnel-chisel-websocket"]
+    assert kernel.flows == [5]
+    # a flow the kernel dropped itself needs nothing more
+    h.handle(event(payload=SUBSCRIBE, cookie=6, dropped="method", pid=4242))
+    assert kernel.flows == [5]
+
+
+def test_dns_question_dropped_in_the_kernel_is_marked_on_the_finding():
+    h, alerts, _ = handler({4242: process_info(4242, start=1990)})
+    h.handle(event(kind=WIRE_DNS_QUERY, dport=53, payload=dns_query("a.pinggy.io"), dropped="dns"))
+    assert [a.rule.id for a in alerts] == ["tunnel-service-dns-query"]
+    assert blocked_in_kernel(alerts[0])

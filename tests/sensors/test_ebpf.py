@@ -44,6 +44,7 @@ from rome_guard.sensors.ebpf import (
 )
 from rome_guard.textsafe import from_bytes
 from tests.conftest import require
+from tests.fixtures.daemon import owned_bpf_maps, owned_bpf_programs
 
 pytestmark = pytest.mark.ebpf
 
@@ -496,11 +497,16 @@ def test_fallbacks_work_and_close_leaves_nothing_loaded(fork_exec_literal):
     try:
         s.start()
         assert s.features == set()
-        ours = {p["id"] for p in _bpftool("prog") if p.get("name", "").startswith(PROGRAM_PREFIX)}
+        ours = {
+            p["id"]
+            for p in _bpftool("prog")
+            if p.get("name", "").startswith(PROGRAM_PREFIX)
+            and p["id"] in owned_bpf_programs(os.getpid())
+        }
         ours -= progs_before
         assert s.linked  # the cgroup udp_sendmsg hooks (io_uring datagrams)
-        assert len(ours) == len(s.attached) + len(s.linked)
-        our_maps = {m["id"] for m in _bpftool("map")} - maps_before
+        assert len(ours) == len(s.attached) + len(s.linked) + len(s.tail_called)
+        our_maps = ({m["id"] for m in _bpftool("map")} - maps_before) & owned_bpf_maps(os.getpid())
         assert our_maps
 
         child = subprocess.Popen(["/bin/sh", "-c", "exit 5"])

@@ -1,4 +1,4 @@
-"""The wire sensor against the real kernel: one record per flow, blamed on
+"""The wire sensor against the real kernel: each client stream by offset, blamed on
 the task that connected; drops only while the owner keeps its deadline
 fresh. (Detaching: tests/sensors/test_wire_cleanup.py, in a process
 holding no other sensor.)"""
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rome_guard.events import WIRE_DROPPED_CONNECT, WIRE_FIRST_PAYLOAD
+from rome_guard.events import WIRE_DROPPED_CONNECT, WIRE_FIRST_PAYLOAD, WIRE_STREAM_DATA
 from rome_guard.sensors.wire import DROP_GRACE_NS, WireSensor
 from tests.conftest import require_root
 from tests.fixtures.wire import CountingServer, client
@@ -82,3 +82,39 @@ def test_drops_only_while_the_owner_keeps_its_deadline(sensor):
         sensor.undrop_address(server.host)
         server.close()
     assert server.accepted == 2
+
+
+def test_client_stream_reported_by_offset_until_its_bound(sensor):
+    """Nine small writes: the first eight segments come back in order,
+    placed by their stream offset, the eighth marked as the end; the ninth
+    is cut by the segment bound, and counted."""
+    server = CountingServer("127.10.20.3", 0)
+    pieces = [bytes([0x61 + i]) * 10 for i in range(9)]
+    cut_before = sensor.stream_cuts()["segments"]
+    try:
+        proc = client("pieces", server.host, str(server.port), "0.1", *(p.hex() for p in pieces))
+        proc.wait(30)
+        events = _events(sensor, lambda e: e.endpoint.dport == server.port, want=9, timeout=3)
+    finally:
+        server.close()
+    assert [e.kind for e in events] == [WIRE_FIRST_PAYLOAD] + [WIRE_STREAM_DATA] * 7
+    assert [(e.offset, e.segment, e.payload) for e in events] == [
+        (10 * i, i + 1, pieces[i]) for i in range(8)
+    ]
+    assert [e.stream_end for e in events] == [False] * 7 + [True]
+    assert all(e.pid == proc.pid and e.cookie == events[0].cookie for e in events)
+    assert sensor.stream_cuts()["segments"] == cut_before + 1
+
+
+def test_a_first_message_that_says_all_is_one_record(sensor):
+    """An HTTP GET that upgrades nothing: one record, the stream's end; the
+    request after it on the same connection is not followed."""
+    server = CountingServer("127.10.20.4", 0)
+    get = b"GET /simple/torch/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n"
+    try:
+        proc = client("pieces", server.host, str(server.port), "0.2", get.hex(), get.hex())
+        proc.wait(30)
+        events = _events(sensor, lambda e: e.endpoint.dport == server.port, want=2, timeout=3)
+    finally:
+        server.close()
+    assert [(e.payload, e.stream_end) for e in events] == [(get, True)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -201,3 +202,41 @@ def test_socket_stdio_is_remembered_for_lineage_and_forgotten_at_exit():
     model.table.add(mine)
     model.exited(4242)
     assert model.socket_stdio.of(mine) == {}
+
+
+# A parent with the rollout id in its environment forks a child that exits
+# at once and is never reaped: the child's environ reads as empty (a zombie,
+# like a miner killed at exec), so its exec can only carry its parent's.
+ZOMBIE_PARENT = (
+    "import os, sys, time\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os._exit(0)\n"
+    "print(pid, flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_env_keys_are_captured_at_exec_and_inherited_when_unreadable():
+    env = dict(os.environ, RG_ROLLOUT_ID="rollout-7")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ZOMBIE_PARENT], env=env, stdout=subprocess.PIPE
+    )
+    try:
+        child = int(parent.stdout.readline())
+        model = ProcessModel(env_keys=["RG_ROLLOUT_ID"])
+        known = model.resolve(parent.pid)
+        assert known is not None
+        assert dict(known.attribution.env) == {"RG_ROLLOUT_ID": "rollout-7"}
+        assert known.attribution.env_inherited_from == 0  # its own, read now
+        while procfs.read_stat(child).state != "Z":
+            time.sleep(0.01)
+        exec_event = ExecEvent(
+            child, parent.pid, "/tmp/xmrig", ("/tmp/xmrig",), time.monotonic_ns()
+        )
+        info = model.execed(exec_event)
+        assert dict(info.attribution.env) == {"RG_ROLLOUT_ID": "rollout-7"}
+        assert info.attribution.env_inherited_from == parent.pid
+    finally:
+        parent.kill()
+        parent.wait()

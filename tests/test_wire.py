@@ -697,3 +697,20 @@ def test_enforce_mining_jsonrpc_in_any_order_and_framing_never_arrives(enforce, 
     assert response["wire"]["dropped"] == "method"
     received = b"".join(node.received)
     assert b"eth_submitLogin" not in received and b"get_block_template" not in received
+
+
+def test_enforce_drops_after_the_daemon_sat_idle(enforce):
+    """The loop sleeps in one epoll while nothing happens; it still wakes to
+    keep the kernel's drop deadline fresh, so the first flow after a quiet
+    spell (longer than the deadline's 3 s and the 5 s status timer) is
+    dropped, not let through."""
+    pool = CountingServer("127.10.71.1", 0)
+    try:
+        enforce.settle(7.0)  # this suite sends nothing meanwhile
+        proc = client("send", pool.host, str(pool.port), AUTHORIZE_COMPACT.hex())
+        response = _killed(enforce, proc.pid, "miner-stratum-method")
+        assert _done(proc) == -9
+        enforce.settle(1.0)
+    finally:
+        pool.close()
+    assert response["wire"]["dropped"] == "method" and pool.bytes_received == 0

@@ -16,6 +16,7 @@ This module never hands a rule's pattern to Python's ``re``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import re2
@@ -34,6 +35,11 @@ class RegexError(ValueError):
     """The pattern cannot be used; the message says why, in one line."""
 
 
+# lone surrogates (undecodable bytes under surrogateescape), which UTF-8 cannot
+# carry; stdlib re on one character class is linear
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class BoundedRegex:
     """A compiled rule regex: case-insensitive, linear-time ``search``."""
 
@@ -48,7 +54,13 @@ class BoundedRegex:
         The match has ``group(0)``."""
         if len(text) > MAX_INPUT:
             text = text[:MAX_INPUT]
-        return self._compiled.search(text)
+        try:
+            return self._compiled.search(text)
+        except UnicodeEncodeError:
+            # argv, comm and paths arrive decoded with surrogateescape, and RE2
+            # takes UTF-8 only: invalid UTF-8 in an attacker's command line must
+            # not switch a rule off. Each lone surrogate becomes U+FFFD.
+            return self._compiled.search(_SURROGATE.sub("\ufffd", text))
 
     def __repr__(self) -> str:
         return f"BoundedRegex({self.pattern!r})"

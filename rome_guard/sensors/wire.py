@@ -198,6 +198,16 @@ class WireSensor:
         self._bpf.poll(timeout_ms)
         return self._ring.take() if self._ring is not None else []
 
+    def heartbeat_in_s(self) -> float | None:
+        """Seconds until poll() must run again to keep drops on (the
+        deadline is renewed every HEARTBEAT_EVERY_NS, good for
+        DROP_GRACE_NS): an idle daemon's loop must wake for it. None when
+        not enforcing."""
+        if self._bpf is None or not self._enforcing:
+            return None
+        due = self._heartbeat_ns + HEARTBEAT_EVERY_NS - linux.boottime_ns()
+        return max(0.0, due / 1e9)
+
     def ring_fds(self) -> list[int]:
         """The ring buffer's fd, for kernel.poller.RingPoller."""
         return self._bpf.ring_fds() if self._bpf is not None else []

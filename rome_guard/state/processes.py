@@ -505,7 +505,39 @@ class ProcessModel:
         return self.table.lineage(info)
 
     def descendants(self, info: ProcessInfo) -> list[ProcessInfo]:
-        return self.table.descendants(info)
+        """info's descendants the model holds, and those only the kernel's
+        table does (their forks and benign execs were not sent): a child
+        counts only when its parent identity (pid and fork time) is the
+        node's, so a reused pid never makes a stranger a descendant."""
+        found = self.table.descendants(info)
+        if self.kernel is None:
+            return found
+        live = {entry.pid: entry for entry in self.kernel.live()}
+        root = live.get(info.pid)
+        if root is None or not root.start_ns or not self._same_start(info, root.start_ns):
+            return found
+        children: dict[tuple[int, int], list[TableProcess]] = {}
+        for entry in live.values():
+            children.setdefault((entry.ppid, entry.parent_start_ns), []).append(entry)
+        held = {p.pid for p in found}
+        frontier = [root]
+        while frontier:
+            node = frontier.pop()
+            for child in children.get((node.pid, node.start_ns), ()):
+                frontier.append(child)
+                if child.pid in held:
+                    continue
+                proc = self.resolve(child.pid)
+                if proc is not None and self._same_start(proc, child.start_ns):
+                    held.add(child.pid)
+                    found.append(proc)
+        return found
+
+    @staticmethod
+    def _same_start(info: ProcessInfo, start_ns: int) -> bool:
+        """info started at start_ns (its fork, CLOCK_BOOTTIME), within the
+        tick /proc and the fork event may differ by."""
+        return abs(info.key.start_time - boottime_ns_to_ticks(start_ns)) <= 1
 
     def subject(
         self,

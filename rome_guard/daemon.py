@@ -437,6 +437,11 @@ class Guard:
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
+        self.export_health()
+
+    def export_health(self) -> None:
+        """The health series (kernel table, ssh -G, sensors up, NVML errors): at start, so
+        that they exist from the first scrape, and at every housekeeping."""
         if self.ctx.processes.kernel is not None:
             self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
         self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
@@ -691,6 +696,7 @@ def main(
         log.warning("no status file: %s", exc)
     try:
         seeded = guard.seed()
+        guard.export_health()
         log.info(
             "rome-guard running: %s mode, %s sensor, %d rules, %d pre-existing processes, "
             "alerts to %s%s",

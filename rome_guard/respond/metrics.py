@@ -483,10 +483,13 @@ class GuardMetrics:
             deltas = {k: n - self._kernel_totals.get(k, 0) for k, n in totals.items()}
             self._kernel_totals.update(totals)
         for (what, label), delta in deltas.items():
-            if delta > 0 and what == "evicted":
-                self.kernel_table_evictions.labels(table=label).inc(delta)
-            elif delta > 0:
-                self.kernel_records_unsent.labels(kind=label).inc(delta)
+            # every series exists from the first call on, at 0 until it counts
+            if what == "evicted":
+                child = self.kernel_table_evictions.labels(table=label)
+            else:
+                child = self.kernel_records_unsent.labels(kind=label)
+            if delta > 0:
+                child.inc(delta)
 
     def set_ssh_config(self, runs: int, unknown: Mapping[str, int]) -> None:
         """The ssh config reader's running totals (sensors.sshconfig): its

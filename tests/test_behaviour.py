@@ -22,8 +22,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root
+from tests.fixtures import ssh_client
 from tests.fixtures.daemon import Daemon, by_pid, daemon, rule_ids
 from tests.fixtures.network import free_port, listener, sshd, wait_until, write_fake_miner
+from tests.fixtures.ssh_client import (
+    SSH_HOST,
+    install_client_key,
+    listening,
+    until_listening,
+    write_as,
+)
 
 WALLET = "4" + "8" * 94
 
@@ -444,17 +452,6 @@ def test_memfd_of_a_jit_is_clean(guard: Daemon) -> None:
 
 # --- ssh forwards that live in config files ----------------------------------
 
-SSH_HOST = """Host {alias}
-  HostName 127.0.0.1
-  Port {port}
-  User root
-  IdentityFile {key}
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  BatchMode yes
-  LogLevel ERROR
-"""
-
 
 @pytest.fixture
 def ssh_user():
@@ -473,31 +470,11 @@ def ssh_user():
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _write_as(entry, path: str, text: str, mode: int = 0o600) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-    for p in (os.path.dirname(path), path):
-        os.chown(p, entry.pw_uid, entry.pw_gid)
-
-
-def _until_listening(port: int, proc: subprocess.Popen) -> None:
-    wait_until(lambda: proc.poll() is not None or _listening("127.0.0.1", port), timeout=20)
-    assert proc.poll() is None, "ssh exited"
-
-
 def _connect_or_none(host: str, port: int) -> socket.socket | None:
     try:
         return socket.create_connection((host, port), timeout=1)
     except OSError:
         return None
-
-
-def _listening(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
 
 
 def test_remote_forward_in_a_config_file(guard: Daemon, tmp_path: Path) -> None:
@@ -515,7 +492,7 @@ def test_remote_forward_in_a_config_file(guard: Daemon, tmp_path: Path) -> None:
         tunnel = subprocess.Popen(["ssh", "-F", str(cfg), "-N", "h1"], stderr=subprocess.DEVNULL)
         quiet = subprocess.Popen(["ssh", "-F", str(plain), "h1", "true"])
         try:
-            _until_listening(forward, tunnel)
+            until_listening(forward, tunnel)
             alert = guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"))
             assert alert["category"] == "reverse_tunnel"
             assert "effective ssh config has remote forward" in alert["reason"]
@@ -536,28 +513,20 @@ def test_remote_forward_in_the_users_config_through_include(
     forward = free_port()
     home = ssh_user.pw_dir
     with sshd("127.0.0.1") as server:
-        key = os.path.join(home, ".ssh", "id_test")
-        with open(server.client_key) as f:
-            _write_as(ssh_user, key, f.read())
-        _write_as(ssh_user, os.path.join(home, ".ssh", "config"), "Include config.d/*.conf\n")
-        _write_as(
+        key = install_client_key(ssh_user, server)
+        write_as(ssh_user, os.path.join(home, ".ssh", "config"), "Include config.d/*.conf\n")
+        write_as(
             ssh_user,
             os.path.join(home, ".ssh", "config.d", "dev.conf"),
             SSH_HOST.format(alias="devbox", port=server.port, key=key)
             + f"  RemoteForward 127.0.0.1:{forward} localhost:22\n"
             + SSH_HOST.format(alias="devbox-plain", port=server.port, key=key),
         )
-        as_user = dict(
-            user=ssh_user.pw_uid,
-            group=ssh_user.pw_gid,
-            extra_groups=[],
-            cwd=home,
-            env={"HOME": home, "PATH": "/usr/bin:/bin", "USER": ssh_user.pw_name},
-        )
+        as_user = ssh_client.as_user(ssh_user)
         tunnel = subprocess.Popen(["ssh", "-N", "devbox"], stderr=subprocess.DEVNULL, **as_user)
         quiet = subprocess.Popen(["ssh", "devbox-plain", "true"], **as_user)
         try:
-            _until_listening(forward, tunnel)
+            until_listening(forward, tunnel)
             alert = guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"))
             assert alert["process"]["uid"] == ssh_user.pw_uid
             assert alert["category"] == "reverse_tunnel"
@@ -698,7 +667,7 @@ def test_scan_and_run_report_the_same_rules(guard: Daemon, tmp_path: Path) -> No
                 env=dict(os.environ, LINGER_S=keep),
             )
             procs += [shell_driver, renamer, deleted, memfd, tunnel, tool]
-            _until_listening(forward, tunnel)
+            until_listening(forward, tunnel)
             spawned_shell = guard.wait_alert(
                 lambda r: (
                     "shell-under-socket-stdio" in rule_ids(r)
@@ -805,7 +774,7 @@ def far_host():
             ]
         )  # fmt: skip
         try:
-            wait_until(lambda: _listening("10.203.0.2", 3333), timeout=20)
+            wait_until(lambda: listening(3333, "10.203.0.2"), timeout=20)
             yield "10.203.0.2"
         finally:
             server.kill()

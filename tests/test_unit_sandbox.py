@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require, require_root
+from tests.fixtures import ssh_client
 from tests.fixtures.daemon import Daemon, by_pid, daemon, rule_ids
 from tests.fixtures.network import free_port, sshd, wait_until
+from tests.fixtures.ssh_client import (
+    SSH_HOST,
+    install_client_key,
+    listening,
+    until_listening,
+    write_as,
+)
 from tests.fixtures.unit_sandbox import UnitSandbox
 
 pytestmark = pytest.mark.ebpf
@@ -31,17 +38,6 @@ pytestmark = pytest.mark.ebpf
 # (a patience, not a timed assertion: a daemon behind drains its backlog,
 # and a process whose exec was lost is judged at the re-read that follows)
 PATIENCE_S = 60.0
-
-SSH_HOST = """Host {alias}
-  HostName 127.0.0.1
-  Port {port}
-  User root
-  IdentityFile {key}
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  BatchMode yes
-  LogLevel ERROR
-"""
 
 
 def _host_bounding_set() -> set[str]:
@@ -87,26 +83,6 @@ def home_user():
     finally:
         subprocess.run(["userdel", "-r", name], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _write_as(entry, path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
-    for p in (os.path.dirname(path), path):
-        os.chown(p, entry.pw_uid, entry.pw_gid)
-
-
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
-
-
-def _until_listening(port: int, proc: subprocess.Popen) -> None:
-    wait_until(lambda: proc.poll() is not None or _listening(port), timeout=20)
-    assert proc.poll() is None, "ssh exited"
 
 
 @contextlib.contextmanager
@@ -196,28 +172,20 @@ def test_a_remote_forward_in_the_users_home_config_is_alerted_under_the_unit(
     forward = free_port()
     home = home_user.pw_dir
     with sshd("127.0.0.1") as server:
-        key = os.path.join(home, ".ssh", "id_test")
-        with open(server.client_key) as f:
-            _write_as(home_user, key, f.read())
-        _write_as(
+        key = install_client_key(home_user, server)
+        write_as(
             home_user,
             os.path.join(home, ".ssh", "config"),
             SSH_HOST.format(alias="devbox", port=server.port, key=key)
             + f"  RemoteForward 127.0.0.1:{forward} localhost:22\n"
             + SSH_HOST.format(alias="devbox-plain", port=server.port, key=key),
         )
-        as_user = dict(
-            user=home_user.pw_uid,
-            group=home_user.pw_gid,
-            extra_groups=[],
-            cwd=home,
-            env={"HOME": home, "PATH": "/usr/bin:/bin", "USER": home_user.pw_name},
-        )
+        as_user = ssh_client.as_user(home_user)
         with _running(
             _start(["ssh", "-N", "devbox"], **as_user),
             _start(["ssh", "devbox-plain", "true"], **as_user),
         ) as (tunnel, quiet):
-            _until_listening(forward, tunnel)
+            until_listening(forward, tunnel)
             alert = guard.wait_alert(
                 by_pid(tunnel.pid, "tunnel-ssh-remote-forward"), timeout=PATIENCE_S
             )
@@ -241,10 +209,8 @@ def test_in_enforce_mode_the_hidden_forward_is_killed_under_the_unit(
         enforcing = stack.enter_context(
             daemon(mode="enforce", wrapper=lambda workdir: unit.wrapper((workdir,)))
         )
-        key = os.path.join(home, ".ssh", "id_test")
-        with open(server.client_key) as f:
-            _write_as(home_user, key, f.read())
-        _write_as(
+        key = install_client_key(home_user, server)
+        write_as(
             home_user,
             os.path.join(home, ".ssh", "config"),
             SSH_HOST.format(alias="devbox", port=server.port, key=key)
@@ -252,11 +218,7 @@ def test_in_enforce_mode_the_hidden_forward_is_killed_under_the_unit(
         )
         tunnel = _start(
             ["ssh", "-N", "devbox"],
-            user=home_user.pw_uid,
-            group=home_user.pw_gid,
-            extra_groups=[],
-            cwd=home,
-            env={"HOME": home, "PATH": "/usr/bin:/bin", "USER": home_user.pw_name},
+            **ssh_client.as_user(home_user),
         )
         with _running(tunnel):
             assert tunnel.wait(30) == -signal.SIGKILL
@@ -265,7 +227,7 @@ def test_in_enforce_mode_the_hidden_forward_is_killed_under_the_unit(
             response = next(r for r in records if r.get("event") == "response")
             assert alert["action"] == "kill" and response["action"] == "killed"
             assert records.index(alert) < records.index(response)
-            assert not _listening(forward)
+            assert not listening(forward)
 
 
 def test_a_config_file_in_tmp_is_read_through_the_clients_root(
@@ -281,7 +243,7 @@ def test_a_config_file_in_tmp_is_read_through_the_clients_root(
             + f"  RemoteForward 127.0.0.1:{forward} localhost:22\n"
         )
         with _running(_start(["ssh", "-F", str(cfg), "-N", "h1"])) as (tunnel,):
-            _until_listening(forward, tunnel)
+            until_listening(forward, tunnel)
             guard.wait_alert(by_pid(tunnel.pid, "tunnel-ssh-remote-forward"), timeout=PATIENCE_S)
 
 
@@ -320,7 +282,7 @@ def test_an_ssh_config_from_a_descriptor_is_a_probable_tunnel(
         line = command.format(cfg=cfg, text=_bash_quote(text))
         with _running(_start(["bash", "-c", line])) as (shell,):
             if comes_up:
-                wait_until(lambda: _listening(forward), timeout=20)
+                wait_until(lambda: listening(forward), timeout=20)
             alert = guard.wait_alert(
                 lambda r: (
                     "tunnel-ssh-config-unknown" in rule_ids(r)
@@ -332,7 +294,7 @@ def test_an_ssh_config_from_a_descriptor_is_a_probable_tunnel(
             assert alert["category"] == "reverse_tunnel" and alert["severity"] == "high"
             assert "descriptor" in alert["reason"]
             if not comes_up:
-                assert shell.wait(30) != 0 and not _listening(forward)
+                assert shell.wait(30) != 0 and not listening(forward)
 
 
 def test_a_command_with_a_config_on_stdin_is_not_tunnel_shaped(
@@ -365,7 +327,7 @@ def test_a_config_gone_or_rewritten_right_after_the_start_is_a_probable_tunnel(
         try:
             tunnel = _start(["ssh", "-F", str(cfg), "-N", "h1"])
             with _running(tunnel):
-                _until_listening(forward, tunnel)
+                until_listening(forward, tunnel)
                 if change == "deleted":
                     cfg.unlink()
                 else:
@@ -424,7 +386,7 @@ def test_a_notebook_port_forward_is_low_and_counted_as_low(guard: Daemon, tmp_pa
         cfg.write_text(SSH_HOST.format(alias="gpu-box", port=server.port, key=server.client_key))
         argv = ["ssh", "-F", str(cfg), "-N", "-L", f"{local}:127.0.0.1:{server.port}", "gpu-box"]
         with _running(_start(argv)) as (forward,):
-            _until_listening(local, forward)
+            until_listening(local, forward)
             alert = guard.wait_alert(
                 by_pid(forward.pid, "tunnel-ssh-local-forward-persistent"), timeout=PATIENCE_S
             )

@@ -150,9 +150,10 @@ WIRE_DROPPED_CONNECT = "dropped_connect"  # a SYN to a pool-named address, dropp
 @dataclass(frozen=True)
 class WireEvent:
     """What a flow said first, seen leaving (or, for DNS answers, reaching)
-    the host. ``pid`` is the task that sent the flow's SYN (its connect),
-    0 when unknown; ``connect_ns`` is when, so a reused pid can be told
-    apart. ``payload`` is attacker-controlled bytes: never print it raw."""
+    the host. ``pid`` is the task that sent the flow's first payload (in
+    its own context; the SYN's for a dropped connect), 0 when unknown;
+    ``connect_ns`` is when, so a reused pid can be told apart.
+    ``payload`` is attacker-controlled bytes: never print it raw."""
 
     kind: str  # one of WIRE_*
     pid: int
@@ -162,7 +163,7 @@ class WireEvent:
     cookie: int  # the kernel's socket cookie
     endpoint: Endpoint
     timestamp_ns: int  # CLOCK_BOOTTIME of the packet
-    connect_ns: int  # CLOCK_BOOTTIME of the SYN, 0 unknown
+    connect_ns: int  # CLOCK_BOOTTIME the sender was seen (see above), 0 unknown
     payload: bytes  # the first bytes of the payload
     payload_len: int  # payload bytes in that packet
     sni: str = ""  # TLS ClientHello server_name, parsed in the kernel

@@ -4,9 +4,12 @@
  * on the host (containers in their own network namespaces included) passes
  * through them; offset 0 of the skb is the IP header:
  *
- * - rgw_wire_out (egress): a TCP SYN creates the flow's socket storage
- *   (struct wire_flow: the task that connected, the SYN's sequence
- *   number). The client stream that follows is reported in order, each
+ * - rgw_wire_out (egress): the first payload of a flow this host opened
+ *   creates the flow's socket storage (struct wire_flow: the task that
+ *   sent it, the SYN's sequence number); a packet that carries nothing
+ *   (handshake, ACK, FIN, RST) costs its header parse and no map
+ *   operation, a bare SYN one storage lookup. The client stream that
+ *   follows is reported in order, each
  *   segment's bytes as one or more records placed by their stream offset,
  *   until a bound (WIRE_STREAM_MAX bytes, WIRE_SEGMENTS_MAX segments,
  *   WIRE_STREAM_NS after the first payload; wire_cut counts the flows a
@@ -82,7 +85,7 @@ struct packet {
 	__u8 tcp_flags;
 	__u16 sport;
 	__u16 dport;
-	__u8 saddr[16];
+	__u8 saddr[16]; /* see read_addresses */
 	__u8 daddr[16];
 };
 
@@ -91,8 +94,10 @@ struct packet {
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
-/* IPv4 without options or IPv6, then TCP: the headers of nearly every
- * packet a host sends, read in place when they are in the linear part */
+/* IPv4 without options or IPv6, then TCP up to its flags: the headers
+ * of nearly every packet a host sends, read in place when they are in
+ * the linear part (a pure IPv4 ACK is 52 bytes: IPv4 asks for less) */
+#define FAST_HEADERS_V4 34
 #define FAST_HEADERS 54
 
 static __always_inline int parse_l4(struct packet *p, const __u8 *l4, int is_tcp)
@@ -122,16 +127,12 @@ static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 		p->family = 4;
 		p->protocol = ip[9];
 		p->l4 = (ip[0] & 0xf) * 4;
-		__builtin_memcpy(p->saddr, &ip[12], 4);
-		__builtin_memcpy(p->daddr, &ip[16], 4);
 	} else if ((ip[0] >> 4) == 6) {
 		if (bpf_skb_load_bytes(skb, 0, ip, 40) < 0)
 			return -1;
 		p->family = 6;
 		p->protocol = ip[6]; /* extension headers are not followed */
 		p->l4 = 40;
-		__builtin_memcpy(p->saddr, &ip[8], 16);
-		__builtin_memcpy(p->daddr, &ip[24], 16);
 	} else {
 		return -1;
 	}
@@ -148,26 +149,28 @@ static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 	return -1;
 }
 
-/* The first FAST_HEADERS bytes at h (in the packet or copied): 0 parsed,
- * 1 not the common shape (parse_slow decides), -1 not TCP/UDP. */
-static __always_inline int parse_fast(struct packet *p, const __u8 *h)
+/* The headers in place (direct packet access, no copy): 0 parsed, 1 not
+ * the common shape or not in the linear part (parse_slow decides), -1
+ * neither TCP nor UDP. */
+static __always_inline int parse_fast(struct __sk_buff *skb, struct packet *p)
 {
+	const __u8 *h = (const __u8 *)(long)skb->data;
+	const __u8 *end = (const __u8 *)(long)skb->data_end;
+
+	if (h + FAST_HEADERS_V4 > end)
+		return 1;
 	if (h[0] == 0x45) { /* IPv4, no options */
 		p->family = 4;
 		p->protocol = h[9];
 		p->l4 = 20;
-		__builtin_memcpy(p->saddr, &h[12], 4);
-		__builtin_memcpy(p->daddr, &h[16], 4);
 		if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
 			return parse_l4(p, &h[20], p->protocol == IPPROTO_TCP);
 		return -1;
 	}
-	if ((h[0] >> 4) == 6) {
+	if ((h[0] >> 4) == 6 && h + FAST_HEADERS <= end) {
 		p->family = 6;
 		p->protocol = h[6];
 		p->l4 = 40;
-		__builtin_memcpy(p->saddr, &h[8], 16);
-		__builtin_memcpy(p->daddr, &h[24], 16);
 		if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
 			return parse_l4(p, &h[40], p->protocol == IPPROTO_TCP);
 		return -1;
@@ -177,18 +180,8 @@ static __always_inline int parse_fast(struct packet *p, const __u8 *h)
 
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
 {
-	const __u8 *data = (const __u8 *)(long)skb->data;
-	const __u8 *end = (const __u8 *)(long)skb->data_end;
-	__u8 h[FAST_HEADERS];
-	int ret;
+	int ret = parse_fast(skb, p);
 
-	if (data + FAST_HEADERS <= end) {
-		ret = parse_fast(p, data); /* direct packet access: no copy */
-	} else if (skb->len >= FAST_HEADERS && bpf_skb_load_bytes(skb, 0, h, FAST_HEADERS) == 0) {
-		ret = parse_fast(p, h);
-	} else {
-		ret = 1;
-	}
 	if (ret > 0)
 		ret = parse_slow(skb, p);
 	if (ret < 0)
@@ -197,12 +190,27 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *p)
 	return 0;
 }
 
+/* The packet's addresses into p (IPv4 in the first 4 bytes, the rest
+ * zero, as p starts): read once a packet may be reported or its address
+ * looked up, never for the packets that pass on their headers alone. */
+static __always_inline void read_addresses(struct __sk_buff *skb, struct packet *p)
+{
+	if (p->family == 4) {
+		bpf_skb_load_bytes(skb, 12, p->saddr, 4);
+		bpf_skb_load_bytes(skb, 16, p->daddr, 4);
+	} else {
+		bpf_skb_load_bytes(skb, 8, p->saddr, 16);
+		bpf_skb_load_bytes(skb, 24, p->daddr, 16);
+	}
+}
+
 static __always_inline int dropping(void)
 {
 	int slot = WIRE_SET_DROP_UNTIL;
 	__u64 *until = wire_settings.lookup(&slot);
 
-	return until && *until > bpf_ktime_get_boot_ns();
+	/* monitor mode (0) reads no clock */
+	return until && *until && *until > bpf_ktime_get_boot_ns();
 }
 
 static __always_inline int is_owner(void)
@@ -662,40 +670,88 @@ static __always_inline int quiet(struct wire_record *r)
 
 static __always_inline void own(struct wire_record *r, struct wire_flow *f)
 {
-	/* the SYN was sent by connect() in the connecting task: that task is
-	 * the flow's owner even when this segment leaves from a softirq */
+	/* the flow's sender, seen in its own task when its state was made
+	 * (connect() for a SYN, send() for a first payload): a later
+	 * segment may leave the host from a softirq */
 	r->pid = f->pid;
 	r->uid = f->uid;
 	r->connect_ns = f->connect_ns;
 	__builtin_memcpy(r->comm, f->comm, WIRE_COMM_LEN);
-	r->flags = WIRE_PID_AT_CONNECT;
+	r->flags = WIRE_PID_OF_FLOW;
 }
 
-static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struct bpf_sock *sk)
+/* A flow's state, made in the sending task; isn is the flow's SYN's
+ * sequence number (the stream's first byte is at isn + 1). */
+static __always_inline struct wire_flow *open_flow(struct bpf_sock *sk, __u32 isn)
 {
-	struct wire_flow *flow;
-	struct wire_record *r;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 reason;
+	struct wire_flow *flow;
 
 	flow = wire_flows.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!flow)
-		return 1;
-	if (flow->connect_ns && flow->state == WIRE_FLOW_DROPPED)
-		return dropping() ? 0 : 1; /* a retransmitted SYN */
+		return 0;
 	flow->connect_ns = bpf_ktime_get_boot_ns();
 	flow->first_ns = 0;
 	flow->pid = pid_tgid >> 32;
 	flow->uid = (__u32)bpf_get_current_uid_gid();
 	bpf_get_current_comm(flow->comm, sizeof(flow->comm));
-	flow->isn = p->seq;
+	flow->isn = isn;
 	flow->sent = 0;
 	flow->segments = 0;
 	flow->state = WIRE_FLOW_OPEN;
-	if (!dropping())
+	return flow;
+}
+
+/* A payload on a socket without flow state starts a client stream only
+ * when it is the socket's first data transmission (data_segs_out counts
+ * retransmissions too) at stream offset 0 of a flow this host opened:
+ * snd_una - bytes_acked is the ISN of a socket that sent a SYN (its SYN
+ * counts as acked) and ISN + 1 of an accepted one. So a server's reply,
+ * a flow older than the sensor and a retransmission after the stream
+ * ended all pass without state, and a bare SYN needs none. */
+static __always_inline int starts_client_stream(struct __sk_buff *skb, struct packet *p,
+						struct bpf_sock *sk)
+{
+	struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+	__u32 segments = skb->gso_segs ? skb->gso_segs : 1;
+
+	if (!tp || tp->data_segs_out != segments)
+		return 0;
+	return p->seq - (tp->snd_una - (__u32)tp->bytes_acked) == 1;
+}
+
+/* the stream is no longer followed: the flow costs one lookup a packet */
+static __always_inline void end_flow(struct bpf_sock *sk)
+{
+	wire_flows.sk_storage_delete(sk);
+	wire_windows.sk_storage_delete(sk);
+}
+
+/* A SYN: the state a reused socket kept from its last flow goes (a
+ * retransmitted SYN keeps it: same sequence number); in enforce mode a
+ * SYN to an address DNS named as a pool is dropped, and only then is the
+ * flow's state made here, to drop its retransmissions quietly. 0: drop. */
+static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struct bpf_sock *sk)
+{
+	struct wire_flow *flow = wire_flows.sk_storage_get(sk, 0, 0);
+	struct wire_record *r;
+	__u32 reason;
+
+	if (flow && flow->isn == p->seq) {
+		if (flow->state == WIRE_FLOW_DROPPED)
+			return dropping() ? 0 : 1;
 		return 1;
+	}
+	if (flow)
+		end_flow(sk);
+	if (!dropping() || is_owner())
+		return 1;
+	read_addresses(skb, p);
 	reason = address_listed(p);
 	if (!reason)
+		return 1;
+	flow = open_flow(sk, p->seq);
+	if (!flow)
 		return 1;
 	flow->state = WIRE_FLOW_DROPPED;
 	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
@@ -705,17 +761,10 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struc
 	}
 	fill(r, skb, p, WIRE_DROPPED_CONNECT);
 	own(r, flow);
-	r->flags = WIRE_DROPPED | WIRE_PID_AT_CONNECT;
+	r->flags = WIRE_DROPPED | WIRE_PID_OF_FLOW;
 	r->drop_reason = reason;
 	wire_events.ringbuf_submit(r, 0);
 	return 0;
-}
-
-/* the stream is no longer followed: the flow costs one lookup a packet */
-static __always_inline void end_flow(struct bpf_sock *sk)
-{
-	wire_flows.sk_storage_delete(sk);
-	wire_windows.sk_storage_delete(sk);
 }
 
 /* the verdict on a flow's segment, from its first record and the window */
@@ -874,6 +923,7 @@ int rgw_wire_out(struct __sk_buff *skb)
 	if (p.protocol == IPPROTO_UDP) {
 		if (p.dport != 53 || p.payload_len == 0 || is_owner())
 			return 1;
+		read_addresses(skb, &p);
 		r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
 		if (!r) {
 			count_lost();
@@ -908,18 +958,25 @@ int rgw_wire_out(struct __sk_buff *skb)
 	if (!sk)
 		return 1;
 	if (syn) {
-		if (is_owner())
-			return 1;
 		if (!on_syn(skb, &p, sk))
 			return 0;
 		/* TCP Fast Open: the SYN carries the first payload */
 		if (p.payload_len == 0)
 			return 1;
 	}
-	/* a flow that ends silent, or whose stream ended, holds no storage */
 	flow = wire_flows.sk_storage_get(sk, 0, 0);
-	if (!flow)
-		return 1;
+	if (!flow) {
+		if (!syn && !starts_client_stream(skb, &p, sk))
+			return 1;
+		if (is_owner())
+			return 1;
+		/* a first payload sits at isn + 1; a SYN's (TCP Fast Open) at
+		 * its own sequence number + 1 */
+		flow = open_flow(sk, syn ? p.seq : p.seq - 1);
+		if (!flow)
+			return 1;
+	}
+	read_addresses(skb, &p);
 	return on_segment(skb, &p, sk, flow);
 }
 
@@ -931,6 +988,7 @@ int rgw_wire_in(struct __sk_buff *skb)
 	if (parse_packet(skb, &p) < 0 || p.protocol != IPPROTO_UDP || p.sport != 53 ||
 	    p.payload_len == 0)
 		return 1;
+	read_addresses(skb, &p);
 	r = wire_events.ringbuf_reserve(sizeof(struct wire_record));
 	if (!r) {
 		count_lost();

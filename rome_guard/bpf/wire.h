@@ -39,7 +39,7 @@
 /* wire_record.flags */
 #define WIRE_TLS_HELLO 0x1 /* payload starts a TLS ClientHello; sni/alpn parsed */
 #define WIRE_DROPPED 0x2 /* the kernel dropped this packet and the rest of the flow */
-#define WIRE_PID_AT_CONNECT 0x4 /* pid/uid/comm are the connecting task's (SYN) */
+#define WIRE_PID_OF_FLOW 0x4 /* pid/uid/comm: the flow's sender (see wire_flow) */
 #define WIRE_STREAM_END 0x8 /* the last record of this flow's stream */
 #define WIRE_PROXY_NAME 0x10 /* sni[] holds the host a SOCKS5 request names */
 
@@ -72,7 +72,7 @@ struct wire_record {
 	__u16 flags;
 	__u16 drop_reason;
 	__u64 timestamp_ns; /* CLOCK_BOOTTIME of this packet */
-	__u64 connect_ns; /* CLOCK_BOOTTIME of the flow's SYN, 0 unknown */
+	__u64 connect_ns; /* CLOCK_BOOTTIME the flow's sender was seen, 0 unknown */
 	__u64 cookie; /* socket cookie */
 	__u64 cgroup_id; /* cgroup v2 id of the socket */
 	__u8 comm[WIRE_COMM_LEN];
@@ -98,9 +98,13 @@ struct wire_record {
 #define WIRE_FLOW_DROPPED 1 /* every later packet is dropped */
 #define WIRE_FLOW_ENDED 2 /* a bound reached: the next payload is a cut */
 
-/* A new TCP flow, in its socket's storage from the SYN until its stream
- * ends (bound reached, or a quiet first message): what the SYN told (the
- * connecting task) and how far its client stream has been reported. */
+/* A new TCP flow, in its socket's storage from its first payload until
+ * its stream ends (bound reached, or a quiet first message): the task
+ * that sent that payload, in its own context (the task that connected,
+ * unless it handed the socket on), when (connect_ns: no process started
+ * later is the sender), and how far its client stream has been reported.
+ * A bare SYN makes no state, except one that enforce mode drops (then
+ * connect_ns and the task are the SYN's). */
 struct wire_flow {
 	__u64 connect_ns;
 	__u64 first_ns; /* first payload, 0 none yet */

@@ -4,8 +4,8 @@ The kernel reports each new TCP flow's client stream as records placed by
 their stream offset (rome_guard.sensors.wire); ClientStreams puts them back
 together, bounded per flow and in total, until the stream's last record
 (or its time runs out). At each record the handler finds the process that
-connected (the pid the kernel recorded at the SYN, checked against its
-start time so a reused pid is never blamed), names the destination from
+opened the flow (the pid the kernel recorded with its first payload,
+checked against its start time so a reused pid is never blamed), names the destination from
 recent DNS answers, parses the stream so far into WireFacts and runs the
 wire rules over them: a verdict never depends on where the kernel cut.
 DNS answers only teach addresses their names (for a bounded time); in

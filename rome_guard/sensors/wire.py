@@ -8,9 +8,11 @@ stream's bounds (the last one says so; a flow whose first message says
 all, such as a TLS ClientHello, gives one), with a ClientHello's SNI and
 ALPN and a proxy request's host parsed in the kernel; per UDP datagram to
 or from port 53, one DNS event.
-The connecting task (pid, uid, comm) is recorded at the SYN under the
-socket cookie, so the first payload is attributed to it even when it
-leaves the host from a softirq. Why cgroup_skb and not TC: see
+The task that sends a flow's first payload (pid, uid, comm: in its own
+context, the task that connected unless it handed the socket on) is
+recorded in the socket's storage, so the stream's later segments are
+attributed to it even when they leave the host from a softirq; a bare
+SYN, ACK or FIN makes no state and costs no map operation. Why cgroup_skb and not TC: see
 docs/architecture.md.
 
 In enforce mode the daemon fills the drop tables (JSON-RPC methods, pool

@@ -1,10 +1,16 @@
 """The wire sensor against the real kernel: each client stream by offset, blamed on
-the task that connected; drops only while the owner keeps its deadline
-fresh. (Detaching: tests/sensors/test_wire_cleanup.py, in a process
+the task that sent it; only flows this host opened, from their first byte
+(a server's replies, a flow older than the sensor and a reused socket's
+old flow are not client streams); drops only while the owner keeps its
+deadline fresh. (Detaching: tests/sensors/test_wire_cleanup.py, in a process
 holding no other sensor.)"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +18,8 @@ import pytest
 from rome_guard.events import WIRE_DROPPED_CONNECT, WIRE_FIRST_PAYLOAD, WIRE_STREAM_DATA
 from rome_guard.sensors.wire import DROP_GRACE_NS, WireSensor
 from tests.conftest import require_root
-from tests.fixtures.wire import CountingServer, client
+from tests.fixtures.network import free_port
+from tests.fixtures.wire import CLIENT, CountingServer, client
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
@@ -118,3 +125,89 @@ def test_a_first_message_that_says_all_is_one_record(sensor):
     finally:
         server.close()
     assert [(e.payload, e.stream_end) for e in events] == [(get, True)]
+
+
+STRATUM = b'{"id":1,"method":"mining.subscribe","params":["xmrig/6.21"]}\n'
+# what clients send here: a line no guard drops (other daemons on this host
+# may enforce, and would drop a miner's line in their kernel window)
+LINE = b'{"id":2,"method":"status","params":[]}\n'
+
+
+def test_a_servers_replies_are_no_client_stream(sensor):
+    """The accepted side of a flow (a server this host runs) sends one
+    byte, then, once it is acked, a line that would be a miner's: neither
+    is a client stream. The client answering after the server spoke first
+    is one, from its own first byte."""
+    host = "127.10.20.5"
+    port = free_port(host)
+    server = client("answer", host, str(port), b"+".hex(), "0.3", STRATUM.hex())
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        proc = client("pieces", host, str(port), "0.6", b"".hex(), b"ok\n".hex())
+        proc.wait(30)
+        server.wait(30)
+        events = _events(sensor, lambda e: port in (e.endpoint.sport, e.endpoint.dport), 3, 3)
+    finally:
+        for p in (server, proc):
+            if p.poll() is None:
+                p.kill()
+    assert [(e.pid, e.endpoint.dport, e.offset, e.payload) for e in events] == [
+        (proc.pid, port, 0, b"ok\n")
+    ]
+    assert events[0].kind == WIRE_FIRST_PAYLOAD
+
+
+def test_a_reused_socket_starts_a_new_stream(sensor):
+    """A socket disconnected (connect AF_UNSPEC) while its first stream is
+    still followed, then connected to another host: the new flow is
+    reported from its own first byte, not placed by the old flow's
+    sequence numbers."""
+    first, second = CountingServer("127.10.20.6", 0), CountingServer("127.10.20.7", 0)
+    try:
+        proc = client(
+            "reconnect", first.host, str(first.port), b"hello\n".hex(),
+            second.host, str(second.port), LINE.hex(),
+        )  # fmt: skip
+        proc.wait(30)
+        events = _events(sensor, lambda e: e.endpoint.dport == second.port, 1, 5)
+    finally:
+        first.close()
+        second.close()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert [(e.kind, e.offset, e.payload, e.pid) for e in events] == [
+        (WIRE_FIRST_PAYLOAD, 0, LINE, proc.pid)
+    ]
+
+
+def test_a_flow_older_than_the_sensor_is_not_a_stream():
+    """A connection that spoke before this sensor started: its later bytes
+    are not reported as a first payload (their offset is unknown)."""
+    require_root()
+    pin_root = f"/sys/fs/bpf/rome-guard-test-late-{os.getpid()}"
+    server = CountingServer("127.10.20.8", 0)
+    proc = subprocess.Popen(
+        [sys.executable, CLIENT, "later", server.host, str(server.port),
+         b"hello\n".hex(), LINE.hex()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while server.bytes_received < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # pinned apart from the module's sensor, which this process holds too
+        os.makedirs(pin_root, exist_ok=True)
+        with WireSensor(pin_root=pin_root) as late:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            proc.wait(30)
+            deadline = time.monotonic() + 10
+            while server.bytes_received < 6 + len(LINE) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            events = _events(late, lambda e: e.endpoint.dport == server.port, 1, 2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+        shutil.rmtree(pin_root, ignore_errors=True)
+    assert server.bytes_received == 6 + len(LINE)
+    assert events == []

@@ -59,6 +59,7 @@ wire.WIRE_STREAM_NS
 wire.WIRE_FLOW_OPEN
 wire.WIRE_FLOW_DROPPED
 wire.WIRE_FLOW_ENDED
+wire.WIRE_FLOW_DONE
 # record fields: a finding's facts, read by whoever inspects the verdict
 stateful.FanoutVerdict.worst_destination
 stateful.FanoutVerdict.worst_ports

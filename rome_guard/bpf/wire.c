@@ -15,7 +15,8 @@
  *   WIRE_STREAM_NS after the first payload; wire_cut counts the flows a
  *   bound cut) or a first message that says all there is to say (a TLS
  *   ClientHello, an SSH banner, an HTTP GET/HEAD that upgrades nothing):
- *   then the storage is freed and the flow costs one lookup per packet.
+ *   then the flow costs one storage lookup per packet (its storage is
+ *   freed with the socket).
  *   A TLS ClientHello's SNI and ALPN, and the host a SOCKS5 or HTTP
  *   CONNECT request names, are parsed here from any segment. UDP datagrams
  *   to port 53 are reported (DNS questions).
@@ -45,6 +46,9 @@
 #ifndef WIRE_RING_PAGES
 #define WIRE_RING_PAGES 4096
 #endif
+#ifndef WIRE_BATCH_NS
+#define WIRE_BATCH_NS 10000000ULL /* kernel.poller.BATCH_MS */
+#endif
 
 #define FNV_OFFSET 0xcbf29ce484222325ULL
 #define FNV_PRIME 0x100000001b3ULL
@@ -63,6 +67,8 @@ BPF_RINGBUF_OUTPUT(wire_events, WIRE_RING_PAGES);
 BPF_PERCPU_ARRAY(wire_lost, __u64, 1);
 BPF_PERCPU_ARRAY(wire_cut, __u64, WIRE_CUTS);
 BPF_ARRAY(wire_settings, __u64, WIRE_SETTINGS);
+/* CLOCK_BOOTTIME of the last record that woke user space (wake_flags) */
+BPF_ARRAY(wire_woke, __u64, 1);
 /* every new TCP flow's state, from its SYN until its stream ends */
 BPF_SK_STORAGE(wire_flows, struct wire_flow);
 /* its first bytes, while dropping (enforce mode) only */
@@ -228,6 +234,28 @@ static __always_inline void count_lost(void)
 
 	if (n)
 		*n += 1;
+}
+
+/* A record waits for user space's next drain instead of waking it (the
+ * wakeup cost the sending CPU more than the rest of a first payload's
+ * work), unless no record woke it for WIRE_BATCH_NS: user space drains
+ * again BATCH_MS (= WIRE_BATCH_NS) after every drain that found records
+ * (rome_guard/kernel/poller.py), so no record waits longer than that, and
+ * a burst costs one wakeup per batch. A drop (enforce mode) wakes at once:
+ * a kill may follow. Two CPUs racing here cost one extra wakeup at most. */
+static __always_inline __u64 wake_flags(struct wire_record *r)
+{
+	int slot = 0;
+	__u64 *woke;
+
+	if (r->flags & WIRE_DROPPED)
+		return BPF_RB_FORCE_WAKEUP;
+	woke = wire_woke.lookup(&slot);
+	if (woke && r->timestamp_ns - *woke < WIRE_BATCH_NS)
+		return BPF_RB_NO_WAKEUP;
+	if (woke)
+		*woke = r->timestamp_ns;
+	return BPF_RB_FORCE_WAKEUP;
 }
 
 static __always_inline void fill(struct wire_record *r, struct __sk_buff *skb,
@@ -720,8 +748,21 @@ static __always_inline int starts_client_stream(struct __sk_buff *skb, struct pa
 	return p->seq - (tp->snd_una - (__u32)tp->bytes_acked) == 1;
 }
 
-/* the stream is no longer followed: the flow costs one lookup a packet */
-static __always_inline void end_flow(struct bpf_sock *sk)
+/* The stream is no longer followed: the flow costs one lookup a packet.
+ * Its state stays until the socket is freed (deleting it cost a first
+ * payload more than the rest of its work, and the socket's end frees it
+ * anyway); the window goes at once (enforce mode only: the window exists
+ * only while dropping, and a window left by a mode change goes with the
+ * socket). */
+static __always_inline void end_flow(struct bpf_sock *sk, struct wire_flow *flow)
+{
+	flow->state = WIRE_FLOW_DONE;
+	if (dropping())
+		wire_windows.sk_storage_delete(sk);
+}
+
+/* a reused socket's last flow, forgotten */
+static __always_inline void forget_flow(struct bpf_sock *sk)
 {
 	wire_flows.sk_storage_delete(sk);
 	wire_windows.sk_storage_delete(sk);
@@ -743,7 +784,7 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struc
 		return 1;
 	}
 	if (flow)
-		end_flow(sk);
+		forget_flow(sk);
 	if (!dropping() || is_owner())
 		return 1;
 	read_addresses(skb, p);
@@ -763,7 +804,7 @@ static __always_inline int on_syn(struct __sk_buff *skb, struct packet *p, struc
 	own(r, flow);
 	r->flags = WIRE_DROPPED | WIRE_PID_OF_FLOW;
 	r->drop_reason = reason;
-	wire_events.ringbuf_submit(r, 0);
+	wire_events.ringbuf_submit(r, wake_flags(r));
 	return 0;
 }
 
@@ -796,10 +837,12 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 
 	if (flow->state == WIRE_FLOW_DROPPED)
 		return dropping() ? 0 : 1;
+	if (flow->state == WIRE_FLOW_DONE)
+		return 1;
 	if (flow->state == WIRE_FLOW_ENDED) {
 		/* more than a bound let through: counted once, then let go */
 		count_cut(flow->segments >= WIRE_SEGMENTS_MAX ? WIRE_CUT_SEGMENTS : WIRE_CUT_BYTES);
-		end_flow(sk);
+		end_flow(sk, flow);
 		return 1;
 	}
 	/* a SYN's payload (TCP Fast Open) starts at isn + 1 */
@@ -814,12 +857,12 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 		flow->first_ns = now;
 	} else if (now - flow->first_ns > WIRE_STREAM_NS) {
 		count_cut(WIRE_CUT_TIME);
-		end_flow(sk);
+		end_flow(sk, flow);
 		return 1;
 	}
 	if (at >= WIRE_STREAM_MAX || flow->segments >= WIRE_SEGMENTS_MAX) {
 		count_cut(flow->segments >= WIRE_SEGMENTS_MAX ? WIRE_CUT_SEGMENTS : WIRE_CUT_BYTES);
-		end_flow(sk);
+		end_flow(sk, flow);
 		return 1;
 	}
 	take = p->payload_len - skip;
@@ -866,7 +909,7 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 		}
 		if (ended && take <= WIRE_CAPTURE)
 			r->flags |= WIRE_STREAM_END;
-		wire_events.ringbuf_submit(r, 0);
+		wire_events.ringbuf_submit(r, wake_flags(r));
 	}
 	if (reason)
 		return 0;
@@ -894,16 +937,17 @@ static __always_inline int on_segment(struct __sk_buff *skb, struct packet *p,
 		capture(r, skb, p, skip + from, take - from);
 		if (ended && take - from <= WIRE_CAPTURE)
 			r->flags |= WIRE_STREAM_END;
-		wire_events.ringbuf_submit(r, 0);
+		wire_events.ringbuf_submit(r, wake_flags(r));
 	}
 	if (cut != WIRE_CUTS) {
 		count_cut(cut); /* this very segment went past the byte bound */
-		end_flow(sk);
+		end_flow(sk, flow);
 	} else if (ended == 1) {
 		flow->state = WIRE_FLOW_ENDED; /* a later segment is a cut */
-		wire_windows.sk_storage_delete(sk);
+		if (dropping())
+			wire_windows.sk_storage_delete(sk);
 	} else if (ended) {
-		end_flow(sk); /* a quiet first message: nothing was cut */
+		end_flow(sk, flow); /* a quiet first message: nothing was cut */
 	}
 	return 1;
 }
@@ -936,7 +980,7 @@ int rgw_wire_out(struct __sk_buff *skb)
 			r->flags |= WIRE_DROPPED;
 			r->drop_reason = reason;
 		}
-		wire_events.ringbuf_submit(r, 0);
+		wire_events.ringbuf_submit(r, wake_flags(r));
 		return reason ? 0 : 1;
 	}
 	/* monitor mode (no deadline) never looks the cookie up */
@@ -999,6 +1043,6 @@ int rgw_wire_in(struct __sk_buff *skb)
 	r->uid = 0;
 	__builtin_memset(r->comm, 0, WIRE_COMM_LEN);
 	capture(r, skb, &p, 0, p.payload_len);
-	wire_events.ringbuf_submit(r, 0);
+	wire_events.ringbuf_submit(r, wake_flags(r));
 	return 1;
 }

@@ -97,9 +97,10 @@ struct wire_record {
 #define WIRE_FLOW_OPEN 0 /* reporting the client stream */
 #define WIRE_FLOW_DROPPED 1 /* every later packet is dropped */
 #define WIRE_FLOW_ENDED 2 /* a bound reached: the next payload is a cut */
+#define WIRE_FLOW_DONE 3 /* the stream is not followed further */
 
-/* A new TCP flow, in its socket's storage from its first payload until
- * its stream ends (bound reached, or a quiet first message): the task
+/* A new TCP flow, in its socket's storage from its first payload (done
+ * once its stream ends: bound reached, or a quiet first message): the task
  * that sent that payload, in its own context (the task that connected,
  * unless it handed the socket on), when (connect_ns: no process started
  * later is the sender), and how far its client stream has been reported.

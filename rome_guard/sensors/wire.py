@@ -45,6 +45,7 @@ from rome_guard import linux
 from rome_guard.events import WireEvent
 from rome_guard.kernel import stale
 from rome_guard.kernel.loader import BPF_DIR, BpfObject, LoadError, Ring, bcc_bpf
+from rome_guard.kernel.poller import BATCH_MS
 from rome_guard.layout.wire import (
     CUT_REASONS,
     WIRE_CUTS,
@@ -142,7 +143,12 @@ class WireSensor:
         try:
             bpf = BpfObject.compile(
                 WIRE_SOURCE,
-                cflags=[f"-DWIRE_RING_PAGES={self._ring_pages}"],
+                # a record wakes user space at most once per batch: the
+                # daemon drains again BATCH_MS after any drain that found some
+                cflags=[
+                    f"-DWIRE_RING_PAGES={self._ring_pages}",
+                    f"-DWIRE_BATCH_NS={BATCH_MS * 1_000_000}ULL",
+                ],
                 pin_root=self._pin_root or stale.PIN_ROOT,
             )
         except LoadError as exc:
@@ -189,7 +195,10 @@ class WireSensor:
 
     def poll(self, timeout_ms: int) -> list[WireEvent]:
         """Records since the last poll (waits up to timeout_ms for the
-        first); in enforce mode also pushes the drop deadline forward."""
+        first); in enforce mode also pushes the drop deadline forward.
+        Within BATCH_MS of the record that woke the reader, records do not
+        wake it: a caller that found records polls again within BATCH_MS
+        (as the daemon does), or they wait for its next poll."""
         if self._bpf is None:
             return []
         if self._enforcing:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -184,15 +186,29 @@ def test_a_flow_older_than_the_sensor_is_not_a_stream():
     are not reported as a first payload (their offset is unknown)."""
     require_root()
     pin_root = f"/sys/fs/bpf/rome-guard-test-late-{os.getpid()}"
-    server = CountingServer("127.10.20.8", 0)
+    listener = socket.socket()
+    listener.bind(("127.10.20.8", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    received = bytearray()
+
+    def serve() -> None:  # no idle timeout: the sensor's compile takes seconds
+        conn, _ = listener.accept()
+        with conn:
+            data = conn.recv(65536)
+            while data:
+                received.extend(data)
+                data = conn.recv(65536)
+
+    reader = threading.Thread(target=serve, daemon=True)
+    reader.start()
     proc = subprocess.Popen(
-        [sys.executable, CLIENT, "later", server.host, str(server.port),
-         b"hello\n".hex(), LINE.hex()],
+        [sys.executable, CLIENT, "later", "127.10.20.8", str(port), b"hello\n".hex(), LINE.hex()],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 10
-        while server.bytes_received < 6 and time.monotonic() < deadline:
+        while len(received) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
         # pinned apart from the module's sensor, which this process holds too
         os.makedirs(pin_root, exist_ok=True)
@@ -200,14 +216,12 @@ def test_a_flow_older_than_the_sensor_is_not_a_stream():
             proc.stdin.write("go\n")
             proc.stdin.flush()
             proc.wait(30)
-            deadline = time.monotonic() + 10
-            while server.bytes_received < 6 + len(LINE) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            events = _events(late, lambda e: e.endpoint.dport == server.port, 1, 2)
+            reader.join(10)
+            events = _events(late, lambda e: e.endpoint.dport == port, 1, 2)
     finally:
         if proc.poll() is None:
             proc.kill()
-        server.close()
+        listener.close()
         shutil.rmtree(pin_root, ignore_errors=True)
-    assert server.bytes_received == 6 + len(LINE)
+    assert bytes(received) == b"hello\n" + LINE
     assert events == []

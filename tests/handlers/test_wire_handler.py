@@ -217,6 +217,32 @@ def test_record_decodes():
         layout.decode_wire_record(bytes(rec))
 
 
+def test_decoded_events_are_what_their_constructors_build():
+    """The decoder builds WireEvent and Endpoint without their __init__:
+    every field set, equal to the constructors' own (proxy name and SNI
+    flavours alike)."""
+    rec = layout.WireRecord(kind=layout.WIRE_STREAM_DATA, pid=7, uid=3, family=4, protocol=6)
+    rec.flags = layout.WIRE_PROXY_NAME | layout.WIRE_STREAM_END | layout.WIRE_PID_OF_FLOW
+    rec.sport, rec.dport, rec.offset, rec.segment, rec.cookie = 40000, 1080, 12, 2, 99
+    rec.saddr[:4], rec.daddr[:4] = (127, 0, 0, 1), (127, 0, 0, 2)
+    ct.memmove(rec.comm, b"worker", 6)
+    ct.memmove(rec.sni, b"pool.example", 12)
+    rec.sni_len = 12
+    ct.memmove(rec.data, b"\x05\x01\x00", 3)
+    rec.captured = rec.payload_len = 3
+    decoded = layout.decode_wire_record(bytes(rec))
+    endpoint = Endpoint("tcp", 4, "127.0.0.1", 40000, "127.0.0.2", 1080)
+    assert decoded.endpoint == endpoint and vars(decoded.endpoint) == vars(endpoint)
+    built = WireEvent(
+        kind=WIRE_STREAM_DATA, pid=7, uid=3, comm="worker", cgroup_id=0, cookie=99,
+        endpoint=endpoint, timestamp_ns=0, connect_ns=0, payload=b"\x05\x01\x00",
+        payload_len=3, offset=12, segment=2, stream_end=True, proxy_name="pool.example",
+    )  # fmt: skip
+    assert decoded == built and vars(decoded) == vars(built)
+    assert set(vars(decoded)) == layout.WIRE_EVENT_FIELDS
+    assert set(vars(decoded.endpoint)) == layout.ENDPOINT_FIELDS
+
+
 def test_decoder_format_matches_the_mirror():
     raw = bytes((i * 7 + 3) % 251 for i in range(ct.sizeof(layout.WireRecord)))
     record = layout.WireRecord.from_buffer_copy(raw)

@@ -57,6 +57,7 @@ from rome_guard.linux import in_host_pid_namespace
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
+from rome_guard.respond.exposition import serve_metrics
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.respond.outputs import Outputs
@@ -71,7 +72,7 @@ from rome_guard.yamlsrc import SourceError
 if TYPE_CHECKING:
     from rome_guard.gpu.watch import GpuWatch
     from rome_guard.handlers.wire import WireHandler
-    from rome_guard.respond.metrics import MetricsServer
+    from rome_guard.respond.exposition import MetricsServer
     from rome_guard.respond.prevent import Prevention
     from rome_guard.sdnotify import Notifier
     from rome_guard.sensors.wire import WireSensor
@@ -281,7 +282,7 @@ class Guard:
             return
         addr, web_config_file = self._metrics_retry
         try:
-            self.metrics_server = self.ctx.metrics.serve(addr, web_config_file)
+            self.metrics_server = serve_metrics(self.ctx.metrics, addr, web_config_file)
         except OSError as exc:
             self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
             log.debug("metrics on %s still unavailable: %s", addr, exc)
@@ -643,7 +644,7 @@ def main(
     metrics.watch_outputs(outputs.states)
     metrics_busy = None
     try:
-        server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
+        server = serve_metrics(metrics, addr, config.metrics.web_config_file) if addr else None
     except OSError as exc:
         metrics_busy = exc
         log.error(

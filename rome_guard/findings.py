@@ -127,7 +127,7 @@ def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
     }
 
 
-def blocked_in_kernel(finding: Finding) -> bool:
+def dropped_in_kernel(finding: Finding) -> bool:
     """The kernel already stopped what the finding is about: the wire
     sensor dropped the flow or the DNS question it was found in."""
     return bool(finding.extra.get("wire", {}).get("dropped"))

@@ -39,7 +39,7 @@ from rome_guard.gpu import allocations, consumers
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
-from rome_guard.respond.responses import ALERT, BLOCK, KILL
+from rome_guard.respond.responses import ALERT, BLOCK, DROP, KILL
 
 if TYPE_CHECKING:
     from rome_guard.state.kernel_table import TableStats
@@ -72,7 +72,7 @@ LOST_BUFFERS = (
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name)  # what was done about an alert
+ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name, DROP.name)  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 GUARD_MODES = ("monitor", "enforce")
 # What rome_guard_sensor_up names: the process sensor (ebpf, or its poll

@@ -441,11 +441,13 @@ class Guard:
         self.export_health()
 
     def export_health(self) -> None:
-        """The health series (kernel table, ssh -G, sensors up, NVML errors): at start, so
-        that they exist from the first scrape, and at every housekeeping."""
+        """The health series (kernel table, ssh -G, stdio relay deferrals, sensors up,
+        NVML errors): at start, so that they exist from the first scrape, and at every
+        housekeeping."""
         if self.ctx.processes.kernel is not None:
             self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
         self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
+        self.ctx.metrics.set_stdio_deferred(self.ctx.processes.stdio_graph.deferred)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
             self.ctx.metrics.set_sensor_up(sensor, up)

@@ -152,6 +152,23 @@ class _BoundedValues:
         return label
 
 
+class _RunningTotals:
+    """Totals counted elsewhere (a BPF map's counter, a reader's or a
+    graph's count), read now and then, as counter increments. A total below
+    the last one means that count restarted: all of it is new."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, ...], int] = {}
+        self._lock = threading.Lock()
+
+    def delta(self, key: tuple[str, ...], total: int) -> int:
+        """How much the total under key grew since the last reading."""
+        with self._lock:
+            last = self._last.get(key, 0)
+            self._last[key] = total
+        return total - last if total >= last else total
+
+
 # --- GPU snapshot (pure) -----------------------------------------------------
 
 
@@ -220,7 +237,7 @@ class GuardMetrics:
         self._categories = _BoundedValues(MAX_CATEGORIES)
         self._severities = _BoundedValues(MAX_SEVERITIES)
         self._loaded_rules: frozenset[str] | None = None
-        self._lost_totals: dict[str, int] = {}
+        self._totals = _RunningTotals()
         self._gpu_labels: set[tuple[str, str]] = set()
         self._sensor_mode = ""
 
@@ -258,6 +275,12 @@ class GuardMetrics:
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
+        self.stdio_relay_deferred = metric(
+            Counter,
+            "stdio_relay_judgements_deferred",
+            "Shells on pipes whose relay search was put off: that second's /proc read "
+            "budget was spent (the 1 s sweep judges them).",
+        )
         self.kernel_table_entries = metric(
             Gauge,
             "kernel_process_table_entries",
@@ -278,7 +301,6 @@ class GuardMetrics:
             "Records the exec filter kept in the kernel: no rule could concern them.",
             ("kind",),
         )
-        self._kernel_totals: dict[tuple[str, str], int] = {}
         self.kills = metric(Counter, "kills", "Kill attempts by outcome.", ("result",))
         self.journal_errors = metric(
             Counter,
@@ -329,7 +351,6 @@ class GuardMetrics:
             "(ssh -G failed or was skipped, -F from a descriptor, a changed or deleted file).",
             ("reason",),
         )
-        self._ssh_totals: dict[tuple[str, str], int] = {}
         for reason in SSH_UNKNOWN_REASONS:
             self.ssh_config_unknown.labels(reason=reason)
         self.build_info = metric(
@@ -358,7 +379,6 @@ class GuardMetrics:
             Counter, "nvml_errors", "NVML calls that failed, by call and error.", ("call", "error")
         )
         self._nvml_kinds: set[tuple[str, str]] = set()
-        self._nvml_totals: dict[tuple[str, str], int] = {}
         if process_collector:
             ProcessCollector(registry=self.registry)
         # Bounded enumerations start at zero, so that increase() sees the
@@ -430,10 +450,7 @@ class GuardMetrics:
         """The running total of lost events a buffer reports (e.g. a BPF map
         counter); a total below the last one means the counter restarted."""
         _member(buffer, LOST_BUFFERS, "buffer")
-        with self._lock:
-            last = self._lost_totals.get(buffer, 0)
-            delta = total - last if total >= last else total
-            self._lost_totals[buffer] = total
+        delta = self._totals.delta(("lost", buffer), total)
         if delta > 0:
             self.events_lost.labels(buffer=buffer).inc(delta)
 
@@ -452,6 +469,13 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_stdio_deferred(self, total: int) -> None:
+        """The stdio graph's running count of relay judgements it put off
+        for want of its read budget (state.stdio.StdioGraph.deferred)."""
+        delta = self._totals.delta(("stdio", "deferred"), total)
+        if delta > 0:
+            self.stdio_relay_deferred.inc(delta)
+
     def set_kernel_table(self, stats: TableStats) -> None:
         """The eBPF sensor's process table (state.kernel_table.TableStats)."""
         for table, entries, bound in (
@@ -466,15 +490,13 @@ class GuardMetrics:
             ("evicted", "held"): stats.held_full,
         }
         totals.update({("unsent", kind): n for kind, n in stats.unsent.items()})
-        with self._lock:
-            deltas = {k: n - self._kernel_totals.get(k, 0) for k, n in totals.items()}
-            self._kernel_totals.update(totals)
-        for (what, label), delta in deltas.items():
+        for (what, label), total in totals.items():
             # every series exists from the first call on, at 0 until it counts
             if what == "evicted":
                 child = self.kernel_table_evictions.labels(table=label)
             else:
                 child = self.kernel_records_unsent.labels(kind=label)
+            delta = self._totals.delta(("kernel", what, label), total)
             if delta > 0:
                 child.inc(delta)
 
@@ -492,10 +514,9 @@ class GuardMetrics:
         )
         totals[("runs", "skipped")] = unknown.get(SSH_UNKNOWN_SKIPPED, 0)
         for (family, label), total in totals.items():
-            delta = total - self._ssh_totals.get((family, label), 0)
+            delta = self._totals.delta(("ssh", family, label), total)
             if delta <= 0:
                 continue
-            self._ssh_totals[(family, label)] = total
             if family == "runs":
                 self.ssh_config_runs.labels(result=label).inc(delta)
             else:
@@ -544,8 +565,7 @@ class GuardMetrics:
             summed[(call, error)] = summed.get((call, error), 0) + count
         with self._lock:
             for key, total in summed.items():
-                delta = total - self._nvml_totals.get(key, 0)
-                self._nvml_totals[key] = total
+                delta = self._totals.delta(("nvml", *key), total)
                 if delta > 0:
                     labels = (safe_label(key[0]), safe_label(key[1]))
                     if labels not in self._nvml_kinds:

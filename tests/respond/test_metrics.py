@@ -295,3 +295,13 @@ def test_thousands_of_hostile_processes_leave_the_series_count_flat(tmp_path):
             assert m.safe_label(label) == label
     rules = {s.labels["rule"] for s in samples(metrics) if s.name == "rome_guard_alerts_total"}
     assert rules == {r for r, _, _ in RULES} | {"unknown", "invalid"}
+
+
+def test_running_totals_kept_elsewhere_become_increments_once():
+    metrics = GuardMetrics()
+    name = "rome_guard_stdio_relay_judgements_deferred_total"
+    for total in (0, 4, 4, 9):
+        metrics.set_stdio_deferred(total)
+    assert value(metrics, name) == 9
+    metrics.set_stdio_deferred(2)  # the count restarted (a new graph): all of it is new
+    assert value(metrics, name) == 11

@@ -222,14 +222,15 @@ class Condition:
     # names (lower-case) of which a subject must go by at least one for test
     # to hold, or None when any subject might match; an entry ending in "*"
     # is a name prefix (from a glob such as "python3*"). The engine indexes
-    # rules by these, and the eBPF sensor wakes the daemon at once for execs
-    # of these names (rome_guard/bpf/sensor.c, exec_flags).
+    # rules by these, and the eBPF sensor sends (and wakes the daemon for)
+    # the execs of these names (wake_names; rome_guard/bpf/process.c).
     names: frozenset[str] | None = None
     # lower-case strings of which the lower-cased command line must contain
     # at least one for test to hold, or None when nothing is known; one led
     # by AT_ARGUMENT must start an argument there. A cheap test the engine
     # runs before a rule no name narrows (a pool URL, a miner-only flag
-    # under any program name).
+    # under any program name), and the kernel's exec filter before it sends
+    # an exec no name wants (layout/needles.py).
     text: frozenset[str] | None = None
     # holds only for a subject with connections (remote_port, remote_cidr):
     # an exec, which has none yet, skips it

@@ -6,7 +6,7 @@ and a listen address parsed in one place.
 What is counted lives in rome_guard.respond.metrics; this module only
 serves it. It never records a metric, never logs what a client sent except
 as one sanitised debug line, and never blocks the daemon: a busy port is
-the caller's to report and retry (daemon.Guard.serve_metrics_later).
+reported and tried again (``MetricsEndpoint``) while detection goes on.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from rome_guard import __version__
 from rome_guard.config import DEFAULT_METRICS_PORT
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # how often the server loop checks for shutdown: part of the daemon's 2 s
 # budget for SIGTERM (the default 0.5 s alone would take a quarter of it)
 SHUTDOWN_POLL_S = 0.05
+RETRY_S = 10.0  # an address in use is tried again this often
 
 
 def serve_metrics(
@@ -47,6 +49,70 @@ def serve_metrics(
         return None
     config = load_web_config(web_config_file) if web_config_file else WebConfig()
     return MetricsServer(metrics, listen[0], listen[1], config)
+
+
+class MetricsEndpoint:
+    """The daemon's endpoint over its life: served at start or, when the
+    address is taken, tried again at most every RETRY_S (``retry()``, from
+    the daemon's housekeeping: detection and the journal never wait for
+    it); its web config re-read on SIGHUP; closed at stop."""
+
+    def __init__(
+        self,
+        metrics: GuardMetrics,
+        addr: str,
+        web_config_file: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.metrics = metrics
+        self.addr = addr
+        self.web_config_file = web_config_file
+        self.server: MetricsServer | None = None
+        self.busy: OSError | None = None  # why addr is not served yet
+        self._clock = clock
+        self._next_try = 0.0
+
+    def start(self) -> OSError | None:
+        """Serve addr now ("" serves nothing); the error when it is taken,
+        and then retry() tries again. A malformed address raises ValueError."""
+        try:
+            self.server = serve_metrics(self.metrics, self.addr, self.web_config_file)
+        except OSError as exc:
+            self.busy = exc
+            self._next_try = self._clock() + RETRY_S
+            return exc
+        return None
+
+    def retry(self) -> None:
+        """When the address was taken and a retry is due, try it again."""
+        if self.busy is None or self._clock() < self._next_try:
+            return
+        try:
+            self.server = serve_metrics(self.metrics, self.addr, self.web_config_file)
+        except OSError as exc:
+            self.busy = exc
+            self._next_try = self._clock() + RETRY_S
+            log.debug("metrics on %s still unavailable: %s", self.addr, exc)
+            return
+        self.busy = None
+        log.warning("metrics served on %s now (it was unavailable at start)", self.addr)
+
+    @property
+    def unavailable(self) -> str | None:
+        """The address not served yet because it was taken, else None."""
+        return self.addr if self.busy is not None else None
+
+    def reload(self, web_config_file: str) -> None:
+        """A new web config for the next connection (and the next retry);
+        on error the old settings stay and the error is raised."""
+        if self.server is not None:
+            self.server.reload(web_config_file)
+        self.web_config_file = web_config_file
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 def parse_listen_addr(addr: str) -> tuple[str, int] | None:

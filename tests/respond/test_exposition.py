@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from rome_guard.respond.exposition import parse_listen_addr, serve_metrics
+from rome_guard.respond.exposition import (
+    RETRY_S,
+    MetricsEndpoint,
+    parse_listen_addr,
+    serve_metrics,
+)
 from rome_guard.respond.metrics import GuardMetrics
 from rome_guard.respond.webconfig import BasicAuth, load_web_config, password_checker
 from rome_guard.yamlsrc import SourceError
@@ -256,3 +261,24 @@ def test_a_real_prometheus_scrapes_through_mutual_tls_and_basic_auth(pki, tmp_pa
             )
             assert "401" in down["lastError"]
             assert prom.query("rome_guard_sensor_info") == []
+
+
+def test_an_address_in_use_is_tried_again_when_due_and_then_served():
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    now = [100.0]
+    endpoint = MetricsEndpoint(GuardMetrics(), f"127.0.0.1:{port}", clock=lambda: now[0])
+    try:
+        assert isinstance(endpoint.start(), OSError)
+        assert endpoint.unavailable == f"127.0.0.1:{port}" and endpoint.server is None
+        taken.close()
+        endpoint.retry()  # not due yet: nothing tried
+        assert endpoint.server is None
+        now[0] += RETRY_S
+        endpoint.retry()
+        assert endpoint.unavailable is None and endpoint.server is not None
+        assert get(port)[0] == 200
+    finally:
+        taken.close()
+        endpoint.close()
+    assert endpoint.server is None

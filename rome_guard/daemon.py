@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from rome_guard import __version__
 from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
+from rome_guard.findings import rejection_record
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.fd import judge_pending_shells
@@ -266,7 +267,7 @@ class Guard:
                 rejection.path,
                 "\n".join(rejection.lines()),
             )
-            self.journal.write(rejection.record(self.ctx.alerts.host, self.config.mode))
+            self.journal.write(rejection_record(rejection, self.config.mode, self.ctx.alerts.host))
 
     # --- start-up -----------------------------------------------------------
 

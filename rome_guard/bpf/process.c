@@ -753,6 +753,22 @@ int rgs_rename(struct tracepoint__task__task_rename *args)
 	return 0;
 }
 
+/* The status the process exited with; -1 when killed by a signal. Where the
+ * running kernel's BTF names task_struct.exit_code (HAVE_TASK_EXIT_CODE), it
+ * is read there: do_exit() sets it before sched_process_exit, as wait()
+ * would see it. Else exit_group(2)'s argument is kept per process until its
+ * exit (one more traced syscall, one more map). */
+#ifdef HAVE_TASK_EXIT_CODE
+static __always_inline __s32 exit_status(__u32 tgid)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	int code = 0;
+
+	if (RG_READ(code, task, RG_OFF_TASK_EXIT_CODE) || (code & 0x7f))
+		return -1; /* unreadable, or a signal's number */
+	return (code >> 8) & 0xff;
+}
+#else
 int rgs_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -762,6 +778,16 @@ int rgs_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
 	return 0;
 }
 
+static __always_inline __s32 exit_status(__u32 tgid)
+{
+	__s32 *code = exit_codes.lookup(&tgid);
+	__s32 status = code ? *code : -1;
+
+	exit_codes.delete(&tgid);
+	return status;
+}
+#endif
+
 int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -770,7 +796,6 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	struct exit_record *r;
 	struct proc_entry *e;
 	__s32 exit_code;
-	__s32 *code;
 	int send;
 
 	/* per-thread state of the other families */
@@ -791,9 +816,7 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	if (tid != tgid)
 		return 0;
 #endif
-	code = exit_codes.lookup(&tgid);
-	exit_code = code ? *code : -1;
-	exit_codes.delete(&tgid);
+	exit_code = exit_status(tgid);
 	/* sent when user space holds the process: it read it (held_pids, or
 	 * no entry: it predates the sensor) or was sent its exec */
 	e = proc_live.lookup(&tgid);

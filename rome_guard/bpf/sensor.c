@@ -154,7 +154,9 @@ struct exec_scan {
 #define EXEC_TAIL_SCAN 0
 BPF_PERCPU_ARRAY(exec_scan_state, struct exec_scan, 1);
 BPF_PROG_ARRAY(exec_tail, 1);
+#ifndef HAVE_TASK_EXIT_CODE
 BPF_TABLE("lru_hash", __u32, __s32, exit_codes, 16384);
+#endif
 #ifndef HAVE_FD_TABLE
 /* Without the running kernel's BTF for the fd table: inet sockets made by
  * socket(2) or accepted, by process and descriptor. Entries are not removed

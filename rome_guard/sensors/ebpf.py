@@ -109,6 +109,8 @@ def _process(
 # onto stdio asks the caller's fd table whether it is an inet socket, so
 # socket() and accept() need not be traced
 FD_TABLE_FEATURE = "HAVE_FD_TABLE"
+# task_struct.exit_code read at sched_process_exit: exit_group() is not traced
+TASK_EXIT_CODE_FEATURE = "HAVE_TASK_EXIT_CODE"
 
 
 ATTACHMENTS: tuple[Attachment, ...] = (
@@ -119,7 +121,7 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("sched:sched_prepare_exec", "rgs_prep_exec", "HAVE_PREPARE_EXEC"),
     _process("sched:sched_process_exec", "rgs_exec"),
     _process("task:task_newtask", "rgs_newtask"),
-    _process("syscalls:sys_enter_exit_group", "rgs_exit_group"),
+    _process("syscalls:sys_enter_exit_group", "rgs_exit_group", unless=TASK_EXIT_CODE_FEATURE),
     _process("sched:sched_process_exit", "rgs_exit"),
     _process("syscalls:sys_enter_socket", "rgs_socket", unless=FD_TABLE_FEATURE),
     _process("syscalls:sys_exit_socket", "rgs_socket_ret", unless=FD_TABLE_FEATURE),
@@ -209,6 +211,12 @@ BTF_FEATURES = (
         RAW_TCP_STATE_MEMBERS,
         "TCP outcomes from the sock:inet_sock_set_state tracepoint: no kernel BTF for "
         "struct sock, so another tracing program on the CPU can make one be missed",
+    ),
+    BtfFeature(
+        TASK_EXIT_CODE_FEATURE,
+        (("RG_OFF_TASK_EXIT_CODE", "task_struct", "exit_code"),),
+        "exit codes from exit_group(2), one more traced syscall (no kernel BTF for "
+        "task_struct): a last thread's exit(2) is reported as -1",
     ),
     BtfFeature(
         FD_TABLE_FEATURE,
@@ -446,7 +454,8 @@ class EbpfSensor:
         missing = missing_required(tracefs)
         if missing:
             raise EbpfUnavailable(f"tracepoints missing in {tracefs}/events: {', '.join(missing)}")
-        self.features = (available_features(tracefs) | {FD_TABLE_FEATURE}) - self._disable_features
+        self.features = available_features(tracefs) | {f.name for f in BTF_FEATURES}
+        self.features -= self._disable_features
         offsets: dict[str, int] = {}
         wanted = [f for f in BTF_FEATURES if f.name in self.features]
         found_offsets = btf_offsets(wanted)

@@ -55,8 +55,13 @@ static __always_inline int addr_is_loopback(__u8 family, const __u8 *addr)
 
 static __always_inline int cgroup_ignores_loopback(void)
 {
-	__u64 id = bpf_get_current_cgroup_id();
+	__u32 zero = 0;
+	struct sensor_config *config = sensor_config.lookup(&zero);
+	__u64 id;
 
+	if (!config || !config->loopback_ignoring)
+		return 0; /* no registered job: no ancestor walk per loopback connect */
+	id = bpf_get_current_cgroup_id();
 	if (loopback_ignore_cgroups.lookup(&id))
 		return 1;
 	for (int level = 1; level < CGROUP_ANCESTOR_LEVELS; level++) {

@@ -553,6 +553,7 @@ class EbpfSensor:
             tcp_repeat_ns=self._tcp_repeat_ns,
             quiet_lifecycle=int(self._wake_names is not None),
             exec_filter=int(self._wake_names is not None and self._needles is not None),
+            loopback_ignoring=int(bool(self._loopback_ignore_cgroups)),
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
@@ -629,6 +630,8 @@ class EbpfSensor:
                 "loopback_ignore_cgroups", ct.c_uint64, self._loopback_ignore_cgroups, new
             )
         self._loopback_ignore_cgroups = new
+        if self._bpf is not None:
+            self._write_config()
 
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Quiet lifecycle: forks, exits and the execs of programs whose comm

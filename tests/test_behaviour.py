@@ -300,6 +300,9 @@ def test_daemonised_pty_reverse_shell_is_judged_in_the_child(guard: Daemon, tmp_
             )
             assert driver["category"] == "reverse_shell"
             assert driver["process"]["comm"].startswith("python")  # the child, not its shell
+            # reparented to init once its parent exited: lineage still names the
+            # process that created it (and made the socket)
+            assert driver["lineage"][0]["pid"] == proc.pid
             spawned = guard.wait_alert(
                 lambda r: (
                     "shell-under-socket-stdio" in rule_ids(r)

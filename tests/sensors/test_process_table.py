@@ -179,6 +179,47 @@ def test_lineage_through_a_parent_that_exited_unseen(filtered):
     shutil.rmtree(work, ignore_errors=True)
 
 
+def test_a_reparented_process_keeps_its_creator_in_its_lineage(filtered):
+    """stage1 starts a long-lived child and exits: /proc now names init as
+    the child's parent; the model, resolving the child (never sent: a
+    benign name), takes the creator from the kernel's table, and finds the
+    exited creator there too."""
+    sensor, table = filtered
+    work = _scratch()
+    stage1 = work / "stage1"
+    shutil.copy("/bin/sh", stage1)
+    script = work / "launch"
+    script.write_text("sleep 30 >/dev/null 2>&1 &\necho $!\nexit 0\n")
+    model = ProcessModel()
+    model.kernel = table
+    model.seed()
+    parent = subprocess.run([str(stage1), str(script)], capture_output=True, text=True, check=True)
+    child = int(parent.stdout)
+    try:
+        stage1_pid = _ppid_in_kernel(table, child)
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[1] != str(stage1_pid)  # reparented
+        info = model.resolve(child)
+        assert info is not None and info.ppid == stage1_pid
+        lineage = model.lineage(info)
+        assert lineage[0].pid == stage1_pid
+        assert lineage[0].comm == "stage1"
+        assert lineage[1].pid == os.getpid()
+    finally:
+        os.kill(child, 9)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ppid_in_kernel(table: KernelProcessTable, pid: int) -> int:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entry = table.lookup(pid)
+        if entry is not None and entry.ppid:
+            return entry.ppid
+        time.sleep(0.05)
+    raise AssertionError(f"{pid} not in the kernel's table")
+
+
 def test_the_exited_table_is_bounded_and_its_evictions_exported(small):
     _, table = small
     for _ in range(EXITED_TABLE + 50):

@@ -141,18 +141,25 @@ def test_what_a_rule_may_concern_is_sent(filtered, tmp_path):
     assert execs[pids["argv[0] a rule names"]].argv == ("xmrig", "--version")
 
 
-def test_lineage_through_a_parent_that_exited_unseen(filtered):
-    """stage1 (a name no rule knows) starts the miner in the background and
-    exits before the miner's exec: the kernel never sent stage1, and the
-    model finds it in the kernel's exited table."""
-    sensor, table = filtered
-    work = _scratch()
+def _launcher(work: Path) -> tuple[Path, Path, Path]:
+    """stage1 (a copy of sh, a name no rule knows), the script it runs
+    (start the miner in the background 0.3 s later, exit now), the miner."""
     stage1 = work / "stage1"
     shutil.copy("/bin/sh", stage1)
     miner = work / "xmrig"
     shutil.copy("/bin/sleep", miner)
     script = work / "launch"
     script.write_text(f"( sleep 0.3; exec {miner} 0.1 ) &\nexit 0\n")
+    return stage1, miner, script
+
+
+def test_lineage_through_a_parent_that_exited_unseen(filtered):
+    """stage1 (a name no rule knows) starts the miner in the background and
+    exits before the miner's exec: the kernel never sent stage1, and the
+    model finds it in the kernel's exited table."""
+    sensor, table = filtered
+    work = _scratch()
+    stage1, miner, script = _launcher(work)
     model = ProcessModel()
     model.kernel = table
     model.seed()
@@ -245,12 +252,7 @@ def test_daemon_alert_names_the_exited_parent_only_the_kernel_saw():
     never sent and which was gone when the miner exec'd."""
     require(probe_ebpf() is None, "eBPF sensor unavailable")
     work = _scratch()
-    stage1 = work / "stage1"
-    shutil.copy("/bin/sh", stage1)
-    miner = work / "xmrig"
-    shutil.copy("/bin/sleep", miner)
-    script = work / "launch"
-    script.write_text(f"( sleep 0.3; exec {miner} 0.1 ) &\nexit 0\n")
+    stage1, miner, script = _launcher(work)
     with daemon() as d:
         parent = subprocess.Popen([str(stage1), str(script)])
         parent.wait()

@@ -7,9 +7,11 @@ wakes a sleeping waiter for a record submitted with a wakeup
 (BPF_RB_FORCE_WAKEUP, or the default when the ring was empty). In the
 sensor's quiet mode (sensor.c) the execs of programs no rule names wake
 user space at most once per ``BATCH_MS``, and forks and exits only once
-per 2,048 (the next wakeup or timer drains them); after any wakeup the
-daemon drains again ``BATCH_MS`` later, for as long as records keep
-coming, and sleeps until its next timer once a batch finds nothing.
+per 2,048 (the next wakeup or timer drains them); a wire record wakes it
+only when none did for ``BATCH_MS`` (wire.c's wake_flags; a drop at once).
+After any wakeup the daemon drains again ``BATCH_MS`` later, for as long
+as records keep coming, and sleeps until its next timer once a batch
+finds nothing.
 Nothing happening costs one wakeup per timer, not one per ``BATCH_MS``.
 
 This module never reads a record: the BpfObject that owns the ring

@@ -18,13 +18,15 @@ RSS <= 200 MiB, exec -> alert p99 <= 5 ms still):
   miner-only flag under an unnamed program (a quiet record: it wakes the
   daemon only when no quiet record did for BATCH_MS).
 
---baseline DIR also runs a daemon from another checkout of rome-guard (for
-example `git archive main | tar -x -C DIR`) over the same window: before and
-after a change, under the same host activity.
+--against REV also runs a daemon from that commit of this repository
+(`git archive REV`, unpacked into a temporary directory), --baseline DIR one
+from another checkout, over the same window: before and after a change,
+under the same host activity. --idle-only leaves out the latency figures.
 
 Needs root and eBPF; each daemon runs in monitor mode with the shipped rules
 and its own journal and run dir, as in bench/daemon_bench.py. Nothing
-leaves the host. Run: .venv/bin/python -m bench.poller_bench [--idle-s 20] [--baseline DIR]
+leaves the host. Run: .venv/bin/python -m bench.poller_bench [--idle-s 20]
+[--against REV | --baseline DIR] [--idle-only]
 """
 
 from __future__ import annotations
@@ -104,9 +106,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle-s", type=float, default=20.0)
     parser.add_argument("--alerts", type=int, default=100, help="spawns per latency figure")
-    parser.add_argument("--baseline", help="another rome-guard checkout, run over the same window")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", help="another rome-guard checkout, run alongside")
+    baseline.add_argument(
+        "--against", metavar="REV", help="a commit of this repository, run alongside"
+    )
+    parser.add_argument("--idle-only", action="store_true", help="no exec -> alert figures")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rg-poller-bench-")
+    if args.against:
+        args.baseline = checkout(args.against, os.path.join(work, "against"))
     daemons = {"daemon": Daemon(config_text="rules: []\n")}  # the shipped rules, nothing added
     if args.baseline:
         # run from that checkout: `python -m rome_guard` imports the one in its cwd
@@ -124,7 +133,11 @@ def main() -> None:
         logger.terminate()
         logger.wait()
         logger = None
-        latencies = {name: exec_to_alert(d, work, args.alerts) for name, d in daemons.items()}
+        latencies = (
+            {}
+            if args.idle_only
+            else {name: exec_to_alert(d, work, args.alerts) for name, d in daemons.items()}
+        )
     finally:
         if logger is not None:
             logger.terminate()
@@ -134,7 +147,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"poller benchmark ({os.cpu_count()} CPUs), monitor mode, eBPF sensor, shipped rules; "
-        f"{args.idle_s:.0f} s, host forks {forks:.0f}/s over the window"
+        f"{args.idle_s:.0f} s, host forks {forks:.0f}/s over the window; load average "
+        f"{load_average()}"
+        + (f"; baseline {args.against or args.baseline}" if args.baseline else "")
     )
     for name, idle in found.items():
         print(
@@ -159,6 +174,22 @@ def main() -> None:
             f"wakeups {ours.wakeups / max(base.wakeups, 0.01):.2f}x, "
             f"RSS {ours.rss - base.rss:+.0f} MiB"
         )
+
+
+def checkout(rev: str, into: str) -> str:
+    """The tree of commit rev of this repository, unpacked into a directory."""
+    os.makedirs(into)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = subprocess.run(
+        ["git", "-C", root, "archive", rev], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    return into
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def exec_to_alert(daemon: Daemon, work: str, count: int) -> tuple[list[float], list[float]]:

@@ -19,7 +19,8 @@ second).
 
 Start-up misses nothing: the sensor attaches first, then the model is
 seeded from /proc (processes marked pre-existing) and evaluated, then
-events are drained. After any lost event /proc is read again (at most every
+events are drained. The kernel's counters are read every COUNTERS_EVERY_S;
+after any lost event they show, /proc is read again (at most every
 RESYNC_EVERY_S, or four times what the last re-read took) and every live
 process judged again, so a miner whose exec was lost is still caught; the
 loss itself is journaled (events_lost).
@@ -78,7 +79,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rome_guard")
 
-STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
+STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping (what is pending: retries) and the status file
+COUNTERS_EVERY_S = 5.0  # the kernel's counters (lost events, its process table) and health
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
@@ -164,7 +166,7 @@ class Guard:
         self._reload = threading.Event()
         self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
         self._next_resync = 0.0
-        self._next_watchdog = self._next_status = 0.0  # run()'s timers
+        self._next_watchdog = self._next_status = self._next_counters = 0.0  # run()'s timers
         self._poller: RingPoller | None = None  # while run() runs
         metrics = metrics if metrics is not None else NullMetrics()
         processes = ProcessModel(config.attribution.env_keys)
@@ -417,6 +419,9 @@ class Guard:
             self.ctx.alerts.events_lost(new, lost)
 
     def housekeeping(self) -> None:
+        """What is pending, once a second: each step costs nothing when
+        nothing waits (a spooled record, a metrics address, a /proc re-read,
+        parked connects, shells to judge, kills to retry)."""
         self.journal.retry()
         self._retry_metrics()
         if self._resync_due and time.monotonic() >= self._next_resync:
@@ -434,6 +439,13 @@ class Guard:
         retry_parked(self.ctx)
         judge_pending_shells(self.ctx)
         self.ctx.alerts.retry_kills()
+
+    def read_counters(self) -> None:
+        """Every COUNTERS_EVERY_S: the kernel's counters (lost events, whose
+        news journals the gap and re-reads /proc at the next housekeeping;
+        the process table's bounds), exited processes forgotten, and the
+        health series. Reading the counters takes a system call per map and
+        program, so an idle daemon does not read them every second."""
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
@@ -459,7 +471,7 @@ class Guard:
         for source in (sensor, self.prevention, self.wire_sensor):
             if source is not None:
                 poller.watch(source.ring_fds())
-        self._next_watchdog = self._next_status = time.monotonic()
+        self._next_watchdog = self._next_status = self._next_counters = time.monotonic()
         busy = True
         try:
             while not self._stop.is_set():
@@ -513,11 +525,14 @@ class Guard:
         return max(0, math.ceil((due - time.monotonic()) * 1000))
 
     def pulse(self, notifier: Notifier, status_path: str | None) -> None:
-        """The timers: housekeeping (journal retry, lost events and the
-        /proc re-read they trigger), the watchdog and the status file, when
-        due; also between chunks of a large batch, so that a flood neither
-        trips the watchdog nor leaves the status stale."""
+        """The timers: the kernel's counters (lost events), housekeeping
+        (retries, the /proc re-read lost events trigger), the watchdog and
+        the status file, when due; also between chunks of a large batch, so
+        that a flood neither trips the watchdog nor leaves the status stale."""
         now = time.monotonic()
+        if now >= self._next_counters:
+            self._next_counters = now + COUNTERS_EVERY_S
+            self.read_counters()
         if self.ctx.parked or now >= self._next_status:
             self.housekeeping()
         if notifier.watchdog_interval_s and now >= self._next_watchdog:

@@ -65,9 +65,11 @@ def own_start_ticks() -> int | None:
 def write_status(path: str, status: dict[str, Any]) -> None:
     """Replace the status file atomically; a failure is logged, never raised."""
     tmp = f"{path}.tmp"
+    # dumps, not dump: dump writes chunk by chunk from the pure-Python encoder
+    text = json.dumps({"schema": SCHEMA, **status})
     try:
         with open(tmp, "w") as f:
-            json.dump({"schema": SCHEMA, **status}, f)
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:  # a full /run must not stop the guard either
         log.debug("status file not written: %s", exc)

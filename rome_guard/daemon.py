@@ -14,7 +14,7 @@ travels (docs/architecture.md has the picture):
 The loop sleeps in one epoll over every ring buffer (kernel.poller): woken
 by a record worth a wakeup, a signal or a GPU snapshot, it drains every
 source, and drains again BATCH_MS later for as long as records keep coming;
-with nothing to do it sleeps until its next timer (the status file, once a
+with nothing to do it sleeps until its next timer (housekeeping, once a
 second).
 
 Start-up misses nothing: the sensor attaches first, then the model is
@@ -65,7 +65,7 @@ from rome_guard.sensors.poll import PollSensor
 from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
 from rome_guard.state.kernel_table import KernelProcessTable
 from rome_guard.state.processes import ProcessModel
-from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
+from rome_guard.status import WRITE_EVERY_S, own_start_ticks, rewrite_due, write_status
 from rome_guard.textsafe import one_line
 from rome_guard.yamlsrc import SourceError
 
@@ -79,7 +79,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rome_guard")
 
-STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping (what is pending: retries) and the status file
+STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping (what is pending: retries), the status file when due
 COUNTERS_EVERY_S = 5.0  # the kernel's counters (lost events, its process table) and health
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
@@ -167,6 +167,7 @@ class Guard:
         self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
         self._next_resync = 0.0
         self._next_watchdog = self._next_status = self._next_counters = 0.0  # run()'s timers
+        self._status_written = (0.0, -1)  # (when, events_seen then): status.rewrite_due
         self._poller: RingPoller | None = None  # while run() runs
         metrics = metrics if metrics is not None else NullMetrics()
         processes = ProcessModel(config.attribution.env_keys)
@@ -540,9 +541,12 @@ class Guard:
             self._next_watchdog = now + notifier.watchdog_interval_s
         if now >= self._next_status:
             self._next_status = now + STATUS_EVERY_S
-            notifier.status(self.status_line())
-            if status_path:
-                write_status(status_path, self.status())
+            written_at, events = self._status_written
+            if rewrite_due(now - written_at, self.events_seen - events):
+                self._status_written = (now, self.events_seen)
+                notifier.status(self.status_line())
+                if status_path:
+                    write_status(status_path, self.status())
 
     def status_line(self) -> str:
         lost = sum(self.ctx.lost.values())

@@ -9,10 +9,11 @@ RSS <= 200 MiB, exec -> alert p99 <= 5 ms still):
 - wakeups per second (voluntary context switches of every thread): what
   the one epoll over every ring buffer (kernel/poller.py) is for;
 - RSS idle (VmRSS) and its high-water mark (VmHWM: the compile);
-- the host's forks per second over the window (/proc/stat "processes"):
-  every fork, exec and exit on the host is a record the daemon decodes and
-  applies, so "idle" on a busy host is not idle. Measuring every consumer
-  over the same window lets them share that noise;
+- the host's forks per second over the window (/proc/stat "processes"),
+  and the events each daemon handled per second (its status file): a
+  process the rules may concern, a connect, a payload is a record the
+  daemon decodes and judges, so "idle" on a busy host is not idle.
+  Measuring every consumer over the same window lets them share that noise;
 - exec -> alert, spawn to journal line, p50/p99 (bench/load.py), for a
   program a rule names (its exec wakes the daemon at once) and for a
   miner-only flag under an unnamed program (a quiet record: it wakes the
@@ -34,12 +35,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 from bench.daemon_bench import cpu_seconds, rss_mib, start_bpftrace_logger
 from bench.load import percentile, spawn_to_journal_ms
@@ -80,12 +84,23 @@ class Idle:
     wakeups: float  # per second
     rss: float  # MiB
     hwm: float  # MiB
+    events: float | None  # handled per second, for a daemon
 
 
-def measure(pids: dict[str, int], seconds: float) -> tuple[dict[str, Idle], float]:
-    """Every pid over the same window; and the host's forks per second."""
+def events_handled(daemon: Daemon) -> int:
+    """The events a daemon handled so far, from its status file."""
+    with open(os.path.join(daemon.run_dir, "status.json")) as f:
+        return int(json.load(f)["events"])
+
+
+def measure(
+    pids: dict[str, int], seconds: float, events: dict[str, Callable[[], int]]
+) -> tuple[dict[str, Idle], float]:
+    """Every pid over the same window (events: the counters of those that
+    count what they handle); and the host's forks per second."""
     time.sleep(SETTLE_S)
     before = {name: (cpu_seconds(pid), voluntary_switches(pid)) for name, pid in pids.items()}
+    handled0 = {name: count() for name, count in events.items()}
     forks0, t0 = host_forks(), time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - t0
@@ -98,6 +113,7 @@ def measure(pids: dict[str, int], seconds: float) -> tuple[dict[str, Idle], floa
             (voluntary_switches(pid) - switches0) / elapsed,
             rss_mib(pid),
             _status_kib(pid, "VmHWM") / 1024,
+            (events[name]() - handled0[name]) / elapsed if name in events else None,
         )
     return found, forks
 
@@ -129,7 +145,8 @@ def main() -> None:
         logger = start_bpftrace_logger(os.path.join(work, "bpftrace.log"))
         pids = {name: d.proc.pid for name, d in daemons.items()}
         pids["bpftrace logger"] = logger.pid
-        found, forks = measure(pids, args.idle_s)
+        counters = {name: partial(events_handled, d) for name, d in daemons.items()}
+        found, forks = measure(pids, args.idle_s, counters)
         logger.terminate()
         logger.wait()
         logger = None
@@ -152,9 +169,10 @@ def main() -> None:
         + (f"; baseline {args.against or args.baseline}" if args.baseline else "")
     )
     for name, idle in found.items():
+        handled = f", {idle.events:.1f} events/s handled" if idle.events is not None else ""
         print(
-            f"  {name:16s} CPU {idle.cpu_pct:.2f}% of a core, {idle.wakeups:.0f} wakeups/s, "
-            f"RSS {idle.rss:.0f} MiB (peak {idle.hwm:.0f})"
+            f"  {name:16s} CPU {idle.cpu_pct:.2f}% of a core, {idle.wakeups:.0f} wakeups/s"
+            f"{handled}, RSS {idle.rss:.0f} MiB (peak {idle.hwm:.0f})"
         )
     ours, logger_idle = found["daemon"], found["bpftrace logger"]
     print(

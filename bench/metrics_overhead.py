@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from prometheus_client import CollectorRegistry, Counter  # noqa: E402
 
 from rome_guard.detect.rules import load_rules  # noqa: E402
+from rome_guard.respond.exposition import serve_metrics  # noqa: E402
 from rome_guard.respond.metrics import GpuUsage, GuardMetrics  # noqa: E402
 from rome_guard.respond.webconfig import password_checker  # noqa: E402
 
@@ -119,7 +120,10 @@ def main() -> None:
         start = time.perf_counter()
         assert check(b"s3cret", hashed.encode())
         bcrypt_once = time.perf_counter() - start
-        with metrics.serve("127.0.0.1:0") as plain, metrics.serve("127.0.0.1:0", web) as tls:
+        with (
+            serve_metrics(metrics, "127.0.0.1:0") as plain,
+            serve_metrics(metrics, "127.0.0.1:0", web) as tls,
+        ):
             context = ssl.create_default_context(cafile=os.path.join(tmp, "c.pem"))
             scrape(tls.port, context, b"prometheus:s3cret")  # the one bcrypt check
             http_s = per_call(lambda: scrape(plain.port), args.scrapes)

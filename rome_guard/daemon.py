@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from rome_guard import __version__
 from rome_guard.config import Config, load_config
 from rome_guard.detect.rules import RuleSet, rules_for
+from rome_guard.findings import rejection_record
 from rome_guard.handlers.connect import retry_parked
 from rome_guard.handlers.context import Context, Rules, Sensor
 from rome_guard.handlers.fd import judge_pending_shells
@@ -58,6 +59,8 @@ from rome_guard.linux import in_host_pid_namespace
 from rome_guard.respond import health
 from rome_guard.respond.alerts import AlertSink, ProcessKiller
 from rome_guard.respond.enforce import apply_policy
+from rome_guard.respond.exposition import RETRY_S as METRICS_RETRY_S
+from rome_guard.respond.exposition import MetricsEndpoint
 from rome_guard.respond.journal import Journal, JournalError, open_journal, recent_alerts
 from rome_guard.respond.metrics import MetricsSink, NullMetrics
 from rome_guard.respond.outputs import Outputs
@@ -72,7 +75,6 @@ from rome_guard.yamlsrc import SourceError
 if TYPE_CHECKING:
     from rome_guard.gpu.watch import GpuWatch
     from rome_guard.handlers.wire import WireHandler
-    from rome_guard.respond.metrics import MetricsServer
     from rome_guard.respond.prevent import Prevention
     from rome_guard.sdnotify import Notifier
     from rome_guard.sensors.wire import WireSensor
@@ -84,7 +86,6 @@ COUNTERS_EVERY_S = 5.0  # the kernel's counters (lost events, its process table)
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
-METRICS_RETRY_S = 10.0  # a metrics address in use at start is tried again this often
 
 
 # eBPF programs report the kernel's (host) pids, and a pinned attachment is
@@ -152,15 +153,13 @@ class Guard:
         self.extra_rules = extra_rules
         self.journal = journal
         self.prevention = prevention
-        self.metrics_server: MetricsServer | None = None  # reloaded on SIGHUP
+        self.metrics_endpoint: MetricsEndpoint | None = None  # retried, reloaded on SIGHUP
         self.outputs = Outputs()  # fixed at start (main); status shows them
         self.sensor_mode = "none"
         self.wire_sensor: WireSensor | None = None
         self.events_seen = 0
         self.started = time.time()
         self.rejected: list[Rejection] = []  # left out at start or at the last reload
-        self._metrics_retry: tuple[str, str] | None = None  # (addr, web config) not yet served
-        self._next_metrics_retry = 0.0
         self._start_ticks_of_self = own_start_ticks()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -250,9 +249,9 @@ class Guard:
         )
         self.journal.set_rotation(config.journal.rotate_bytes, config.journal.keep)
         self.ctx.processes.env_keys = tuple(self.ctx.config.attribution.env_keys)
-        if self.metrics_server is not None:
+        if self.metrics_endpoint is not None:
             try:
-                self.metrics_server.reload(self.ctx.config.metrics.web_config_file)
+                self.metrics_endpoint.reload(self.ctx.config.metrics.web_config_file)
             except (OSError, ValueError, SourceError) as exc:
                 log.error("metrics web config not reloaded, keeping the old one: %s", exc)
         self._install(Rules.compile(ruleset, self.prevention is not None), self.ctx.rules)
@@ -271,26 +270,7 @@ class Guard:
                 rejection.path,
                 "\n".join(rejection.lines()),
             )
-            self.journal.write(rejection.record(self.ctx.alerts.host, self.config.mode))
-
-    def serve_metrics_later(self, addr: str, web_config_file: str) -> None:
-        """The metrics address is taken: detection and the journal go on,
-        and housekeeping tries the address again."""
-        self._metrics_retry = (addr, web_config_file)
-        self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
-
-    def _retry_metrics(self) -> None:
-        if self._metrics_retry is None or time.monotonic() < self._next_metrics_retry:
-            return
-        addr, web_config_file = self._metrics_retry
-        try:
-            self.metrics_server = self.ctx.metrics.serve(addr, web_config_file)
-        except OSError as exc:
-            self._next_metrics_retry = time.monotonic() + METRICS_RETRY_S
-            log.debug("metrics on %s still unavailable: %s", addr, exc)
-            return
-        self._metrics_retry = None
-        log.warning("metrics served on %s now (it was unavailable at start)", addr)
+            self.journal.write(rejection_record(rejection, self.config.mode, self.ctx.alerts.host))
 
     # --- start-up -----------------------------------------------------------
 
@@ -364,7 +344,9 @@ class Guard:
             "alerts": self.ctx.alerts.raised,
             "events_lost": dict(self.ctx.lost),
             "config_rejected": [r.to_status() for r in self.rejected],
-            "metrics_unavailable": self._metrics_retry[0] if self._metrics_retry else None,
+            "metrics_unavailable": (
+                self.metrics_endpoint.unavailable if self.metrics_endpoint is not None else None
+            ),
             "gpu": self.ctx.gpu.status() if self.ctx.gpu is not None else None,
             "wire": self.wire_status(),
             "ssh_config": self.ctx.ssh.status(),
@@ -424,7 +406,8 @@ class Guard:
         nothing waits (a spooled record, a metrics address, a /proc re-read,
         parked connects, shells to judge, kills to retry)."""
         self.journal.retry()
-        self._retry_metrics()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.retry()
         if self._resync_due and time.monotonic() >= self._next_resync:
             self._resync_due = False
             started = time.monotonic()
@@ -453,11 +436,13 @@ class Guard:
         self.export_health()
 
     def export_health(self) -> None:
-        """The health series (kernel table, ssh -G, sensors up, NVML errors): at start, so
-        that they exist from the first scrape, and at every housekeeping."""
+        """The health series (kernel table, ssh -G, stdio relay deferrals, sensors up,
+        NVML errors): at start, so that they exist from the first scrape, and with the
+        kernel's counters (read_counters)."""
         if self.ctx.processes.kernel is not None:
             self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
         self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
+        self.ctx.metrics.set_stdio_deferred(self.ctx.processes.stdio_graph.deferred)
         gpu = self.ctx.gpu
         for sensor, up in health.sensors_up(self.sensor_mode, self.wire_sensor is not None, gpu):
             self.ctx.metrics.set_sensor_up(sensor, up)
@@ -650,7 +635,6 @@ def main(
     except JournalError as exc:
         log.error("not starting: %s", exc)
         return 2
-    metrics = server = None
     addr = config.metrics.addr if metrics_addr is None else metrics_addr
     from rome_guard.respond.metrics import GuardMetrics
 
@@ -660,16 +644,14 @@ def main(
     outputs = Outputs.from_config(config.outputs)  # an output that cannot start is left out
     journal.set_forward(outputs.publish)
     metrics.watch_outputs(outputs.states)
-    metrics_busy = None
-    try:
-        server = metrics.serve(addr, config.metrics.web_config_file) if addr else None
-    except OSError as exc:
-        metrics_busy = exc
+    endpoint = MetricsEndpoint(metrics, addr, config.metrics.web_config_file)
+    busy = endpoint.start()
+    if busy is not None:
         log.error(
             "DEGRADED: cannot serve metrics on %s (%s); detection and the journal go on, "
             "retrying every %.0fs",
             addr,
-            exc,
+            busy,
             METRICS_RETRY_S,
         )
     killer, prevention = _responders(config)
@@ -677,10 +659,8 @@ def main(
     guard = Guard(
         config, ruleset, journal, extra_rules, metrics, killer, gpu=gpu, prevention=prevention
     )
-    guard.metrics_server = server
+    guard.metrics_endpoint = endpoint
     guard.outputs = outputs
-    if metrics_busy is not None:
-        guard.serve_metrics_later(addr, config.metrics.web_config_file)
     guard.report_rejected(rejected)
     guard.remember_alerts(recent_alerts(config.alerts_file, config.mode))
     signal.signal(signal.SIGTERM, guard.request_stop)
@@ -724,7 +704,7 @@ def main(
             len(ruleset),
             seeded,
             config.alerts_file,
-            f", metrics on {addr}" if server else "",
+            f", metrics on {addr}" if endpoint.server is not None else "",
         )
         if status_path:
             write_status(status_path, guard.status())
@@ -740,10 +720,7 @@ def main(
             prevention.close()
         if gpu is not None:
             gpu.close()
-        if guard.metrics_server is not None:
-            guard.metrics_server.close()
-        if server is not None:
-            server.close()
+        endpoint.close()
         outputs.close()
         journal.close()
         if status_path:

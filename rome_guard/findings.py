@@ -5,8 +5,9 @@ reason, lineage and the network or GPU context that made it match. Every
 record the journal holds is built here and nowhere else: the finding
 record (`scan --json`), and the daemon's alert (one per incident),
 incident update, response, prevention and confirmation records that
-extend it (with the wire object of a wire alert), and its events_lost
-records (docs/alerts.md). Every
+extend it (with the wire object of a wire alert), its events_lost
+records, and the config_rejected record of a file the daemon left out
+(docs/alerts.md). Every
 attacker-controlled string passes through textsafe on the way out.
 
 This module never writes, sends or acts: it only builds dicts.
@@ -28,6 +29,7 @@ from rome_guard.textsafe import for_json, from_bytes, one_line
 if TYPE_CHECKING:
     from rome_guard.detect.payload import WireFacts
     from rome_guard.events import WireEvent
+    from rome_guard.siteconfig import Rejection
 
 LINEAGE_IN_RECORD = 16
 CMDLINE_ARGS_IN_RECORD = 256
@@ -127,7 +129,7 @@ def gpu_record(gpu: GpuProcess) -> dict[str, Any]:
     }
 
 
-def blocked_in_kernel(finding: Finding) -> bool:
+def dropped_in_kernel(finding: Finding) -> bool:
     """The kernel already stopped what the finding is about: the wire
     sensor dropped the flow or the DNS question it was found in."""
     return bool(finding.extra.get("wire", {}).get("dropped"))
@@ -292,4 +294,20 @@ def lost_record(
         "mode": mode,
         "lost": dict(lost),
         "totals": dict(totals),
+    }
+
+
+def rejection_record(rejection: Rejection, mode: str, host: str) -> dict[str, Any]:
+    """A rule or config file (or some config keys) the daemon left out at
+    start or at a reload, with each problem by line: the guard runs without
+    it, and the journal says so."""
+    return {
+        "event": "config_rejected",
+        "id": uuid.uuid4().hex,
+        "time": rfc3339(time.time()),
+        "host": host,
+        "mode": mode,
+        "file": rejection.path,
+        "left_out": rejection.what,
+        "problems": [{"line": line, "problem": problem} for line, problem in rejection.problems],
     }

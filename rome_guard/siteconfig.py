@@ -22,7 +22,6 @@ the journal or starts anything.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,18 +44,6 @@ class Rejection:
 
     def lines(self) -> list[str]:
         return [one_line(f"{self.path}:{line}: {problem}", 400) for line, problem in self.problems]
-
-    def record(self, host: str, mode: str) -> dict[str, Any]:
-        """The journal's config_rejected record."""
-        return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-            "host": host,
-            "event": "config_rejected",
-            "mode": mode,
-            "file": self.path,
-            "left_out": self.what,
-            "problems": [{"line": line, "problem": problem} for line, problem in self.problems],
-        }
 
     def to_status(self) -> dict[str, Any]:
         return {"file": self.path, "left_out": self.what, "problems": self.lines()}

@@ -582,7 +582,7 @@ def test_enforce_pool_name_never_resolves(enforce, tls):
     finally:
         resolver.close()
         pool.close()
-    assert alert["wire"]["dropped"] == "dns"
+    assert alert["action"] == "drop" and alert["wire"]["dropped"] == "dns"
     assert resolver.questions == []
     assert pool.accepted == 0
 
@@ -672,7 +672,7 @@ def test_enforce_chisel_upgrade_is_dropped_and_killed(enforce):
     assert server.received == [upgrade]  # what followed the verdict never left
 
 
-def test_enforce_dns_question_dropped_is_journaled_as_blocked(enforce):
+def test_enforce_dns_question_dropped_is_journaled_as_a_drop(enforce):
     resolver = DnsServer("127.10.53.69", {"pinggy.io": "127.10.77.9"})
     try:
         proc = client("resolve", resolver.host, "a.pinggy.io", "443")
@@ -680,7 +680,7 @@ def test_enforce_dns_question_dropped_is_journaled_as_blocked(enforce):
         assert _done(proc) == 3
     finally:
         resolver.close()
-    assert alert["action"] == "blocked" and alert["wire"]["dropped"] == "dns"
+    assert alert["action"] == "drop" and alert["wire"]["dropped"] == "dns"
     assert resolver.questions == []
 
 

@@ -3,8 +3,12 @@
 A condition is a mapping; several keys in one mapping must all hold. Each
 key names one test (see docs/rules.md). Compilation validates everything
 up front and raises ``RuleSyntaxError`` with the YAML location, so a rule
-that loads cannot fail at match time. A compiled condition takes a Subject
-and returns a short reason ("why it matched") or None.
+that loads cannot fail at match time. A compiled condition is a
+``Condition``: a test that takes a Subject and returns a short reason ("why
+it matched") or None, and the facts the engine's index and the rule need
+about it (the names, text and connections it requires, what it looks at),
+each set by the builder that knows it; all/any/not derive theirs from their
+parts. Nothing else works these facts out again from the YAML.
 
 This module never reads /proc or the network: it only looks at Subjects.
 """
@@ -16,6 +20,7 @@ import functools
 import ipaddress
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from rome_guard.detect import argv as argvlib
@@ -51,10 +56,10 @@ class Compiler:
     ):
         self.lists = lists
         self.macros = macros or {}
-        self._compiled_macros: dict[str, Predicate] = {}
+        self._compiled_macros: dict[str, Condition] = {}
         self._expanding: list[str] = []
 
-    def macro(self, name: Any, loc: Location) -> Predicate:
+    def macro(self, name: Any, loc: Location) -> Condition:
         """The named condition, compiled once; a reference to an unknown or
         self-referencing macro is an error at its place of use."""
         if not isinstance(name, str) or name.lstrip("$") not in self.macros:
@@ -175,7 +180,7 @@ class Compiler:
 
     # --- conditions ------------------------------------------------------------
 
-    def condition(self, node: Any, loc: Location) -> Predicate:
+    def condition(self, node: Any, loc: Location) -> Condition:
         if not isinstance(node, LineDict) or not node:
             raise RuleSyntaxError(where(node, loc), "a condition must be a non-empty mapping")
         parts = []
@@ -190,7 +195,7 @@ class Compiler:
             return parts[0]
         return _all(parts)
 
-    def conditions(self, node: Any, loc: Location, what: str) -> list[Predicate]:
+    def conditions(self, node: Any, loc: Location, what: str) -> list[Condition]:
         if not isinstance(node, LineList) or not node:
             raise RuleSyntaxError(
                 where(node, loc), f"{what}: expected a non-empty list of conditions"
@@ -198,58 +203,80 @@ class Compiler:
         return [self.condition(item, node.where(i)) for i, item in enumerate(node)]
 
 
-def required_names(predicate: Predicate) -> frozenset[str] | None:
-    """Names (lower-case) of which a subject must go by at least one for
-    predicate to hold, or None when any subject might match; an entry
-    ending in "*" is a name prefix (from a glob such as "python3*"). The
-    engine indexes rules by these, so an exec is checked only against the
-    rules that can concern it, and the eBPF sensor wakes the daemon at once
-    for execs of these names (rome_guard/bpf/sensor.c, exec_flags)."""
-    return getattr(predicate, "required_names", None)
-
-
-def _requiring(predicate: Predicate, names: frozenset[str] | None) -> Predicate:
-    predicate.required_names = names  # type: ignore[attr-defined]
-    return predicate
-
-
-def requires_connection(predicate: Predicate) -> bool:
-    """True when predicate can hold only for a subject with connections
-    (remote_port, remote_cidr): an exec, which has none yet, skips it."""
-    return getattr(predicate, "requires_connection", False)
-
-
-def _connecting(predicate: Predicate, required: bool = True) -> Predicate:
-    predicate.requires_connection = required  # type: ignore[attr-defined]
-    return predicate
-
-
-# required_text markers: the needle must start an argument (or the value of
+# required text markers: the needle must start an argument (or the value of
 # a --opt=value argument), or, for Go-style -long options also spelled
 # --long, start an argument or follow a dash
 AT_ARGUMENT = "\x01"
 AT_ARGUMENT_OR_DASH = "\x02"
 
 
-def required_text(predicate: Predicate) -> frozenset[str] | None:
-    """Lower-case strings of which the lower-cased command line must contain
-    at least one for predicate to hold, or None when nothing is known; a
-    string led by AT_ARGUMENT must start an argument there. A cheap test
-    the engine runs before a rule no name index can narrow (a pool URL, a
-    miner-only flag under any program name)."""
-    return getattr(predicate, "required_text", None)
+@dataclass(frozen=True, eq=False)
+class Condition:
+    """One compiled condition: ``test(subject)`` says why it holds, or None.
+    The other fields are what is known of it without evaluating it, set by
+    the builder that made it and derived by all/any/not from their parts;
+    the engine's rule index (and through it the kernel's exec filter) reads
+    the first three, a rule the ``uses_*`` ones."""
+
+    test: Predicate
+    # names (lower-case) of which a subject must go by at least one for test
+    # to hold, or None when any subject might match; an entry ending in "*"
+    # is a name prefix (from a glob such as "python3*"). The engine indexes
+    # rules by these, and the eBPF sensor sends (and wakes the daemon for)
+    # the execs of these names (wake_names; rome_guard/bpf/process.c).
+    names: frozenset[str] | None = None
+    # lower-case strings of which the lower-cased command line must contain
+    # at least one for test to hold, or None when nothing is known; one led
+    # by AT_ARGUMENT must start an argument there. A cheap test the engine
+    # runs before a rule no name narrows (a pool URL, a miner-only flag
+    # under any program name), and the kernel's exec filter before it sends
+    # an exec no name wants (layout/needles.py).
+    text: frozenset[str] | None = None
+    # holds only for a subject with connections (remote_port, remote_cidr):
+    # an exec, which has none yet, skips it
+    needs_connection: bool = False
+    # what it looks at anywhere inside (negated, or asked of a parent or a
+    # relay, too): connections (a rule is re-checked at a connect), stdio,
+    # what a flow said (a rule is evaluated on wire events only)
+    uses_network: bool = False
+    uses_stdio: bool = False
+    uses_wire: bool = False
+
+    def __call__(self, subject: Subject) -> str | None:
+        return self.test(subject)
 
 
-def _needing(predicate: Predicate, text: Iterable[str] | None) -> Predicate:
-    needles = None if text is None else frozenset(text)
-    predicate.required_text = None if needles is None or "" in needles else needles  # type: ignore[attr-defined]
-    return predicate
+def _looking_at(parts: Iterable[Condition], uses_stdio: bool = False) -> dict[str, bool]:
+    """The ``uses_*`` facts of a condition made of parts: whatever any uses."""
+    parts = list(parts)
+    return {
+        "uses_network": any(part.uses_network for part in parts),
+        "uses_stdio": uses_stdio or any(part.uses_stdio for part in parts),
+        "uses_wire": any(part.uses_wire for part in parts),
+    }
 
 
-def _all(parts: list[Predicate]) -> Predicate:
-    def predicate(subject: Subject) -> str | None:
+def _through(test: Predicate, inner: Condition | None, uses_stdio: bool = False) -> Condition:
+    """A condition that negates inner, or asks it of another process (a
+    parent, an ancestor, a relay): it looks at what inner looks at, but
+    inner's index facts (names, text, connections) say nothing of the
+    subject itself, so it has none."""
+    return Condition(test, **_looking_at([] if inner is None else [inner], uses_stdio))
+
+
+def _needing(test: Predicate, text: Iterable[str]) -> Condition:
+    """A condition on the command line that holds only if it contains one
+    of text (an empty string: nothing is known)."""
+    needles = frozenset(text)
+    return Condition(test, text=None if "" in needles else needles)
+
+
+def _all(parts: list[Condition]) -> Condition:
+    tests = [part.test for part in parts]
+
+    def test(subject: Subject) -> str | None:
         reasons = []
-        for part in parts:
+        for part in tests:
             reason = part(subject)
             if reason is None:
                 return None
@@ -257,28 +284,44 @@ def _all(parts: list[Predicate]) -> Predicate:
         return "; ".join(reasons)
 
     # every part must hold: the narrowest requirement of any part applies
-    needs = [n for n in map(required_names, parts) if n is not None]
-    texts = [t for t in map(required_text, parts) if t is not None]
-    _needing(predicate, min(texts, key=len) if texts else None)
-    _connecting(predicate, any(map(requires_connection, parts)))
-    return _requiring(predicate, min(needs, key=len) if needs else None)
+    names = [part.names for part in parts if part.names is not None]
+    texts = [part.text for part in parts if part.text is not None]
+    return Condition(
+        test,
+        names=min(names, key=len) if names else None,
+        text=min(texts, key=len) if texts else None,
+        needs_connection=any(part.needs_connection for part in parts),
+        **_looking_at(parts),
+    )
 
 
-def _any(parts: list[Predicate]) -> Predicate:
-    def predicate(subject: Subject) -> str | None:
-        for part in parts:
+def _any(parts: list[Condition]) -> Condition:
+    tests = [part.test for part in parts]
+
+    def test(subject: Subject) -> str | None:
+        for part in tests:
             reason = part(subject)
             if reason is not None:
                 return reason
         return None
 
     # one part is enough: a requirement only if every part has one
-    needs = [required_names(part) for part in parts]
-    union = frozenset().union(*needs) if all(n is not None for n in needs) else None
-    texts = [required_text(part) for part in parts]
-    _needing(predicate, frozenset().union(*texts) if all(t is not None for t in texts) else None)
-    _connecting(predicate, all(map(requires_connection, parts)))
-    return _requiring(predicate, union)
+    names = [part.names for part in parts]
+    texts = [part.text for part in parts]
+    return Condition(
+        test,
+        names=_union(names),
+        text=_union(texts),
+        needs_connection=all(part.needs_connection for part in parts),
+        **_looking_at(parts),
+    )
+
+
+def _union(sets: list[frozenset[str] | None]) -> frozenset[str] | None:
+    """Every item of sets, or None (nothing known) if one of them is None."""
+    if any(items is None for items in sets):
+        return None
+    return frozenset().union(*sets)
 
 
 def _host_in(value: str, suffixes: list[str]) -> bool:
@@ -309,20 +352,20 @@ def _short(value: str, limit: int = 80) -> str:
 # --- builders: one per condition key ----------------------------------------
 
 
-def _b_all(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_all(c: Compiler, value: Any, loc: Location) -> Condition:
     return _all(c.conditions(value, loc, "all"))
 
 
-def _b_any(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_any(c: Compiler, value: Any, loc: Location) -> Condition:
     return _any(c.conditions(value, loc, "any"))
 
 
-def _b_not(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_not(c: Compiler, value: Any, loc: Location) -> Condition:
     inner = c.condition(value, loc)
-    return lambda s: None if inner(s) is not None else "not matched"
+    return _through(lambda s: None if inner(s) is not None else "not matched", inner)
 
 
-def _b_name(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_name(c: Compiler, value: Any, loc: Location) -> Condition:
     patterns = c.strings(value, loc, "name")
     test = _glob_or_exact(patterns)
     # comm is cut to 15 bytes by the kernel: compare the cut names too
@@ -337,9 +380,9 @@ def _b_name(c: Compiler, value: Any, loc: Location) -> Predicate:
     exact = frozenset(p.lower() for p in patterns if not _is_glob(p))
     prefixes = frozenset(_glob_prefix(p.lower()) for p in patterns if _is_glob(p))
     if "" in prefixes:
-        return _requiring(predicate, None)  # a glob that starts with a wildcard
-    return _requiring(
-        predicate, exact | frozenset(n[:15] for n in exact) | {p + "*" for p in prefixes}
+        return Condition(predicate)  # a glob that starts with a wildcard
+    return Condition(
+        predicate, names=exact | frozenset(n[:15] for n in exact) | {p + "*" for p in prefixes}
     )
 
 
@@ -353,37 +396,39 @@ def _glob_prefix(pattern: str) -> str:
     return pattern[:cut]
 
 
-def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_exe_path(c: Compiler, value: Any, loc: Location) -> Condition:
     test = _glob_or_exact(c.strings(value, loc, "exe_path"))
-    return lambda s: f"exe {_short(s.exe)}" if s.exe and test(s.exe) else None
+    return Condition(lambda s: f"exe {_short(s.exe)}" if s.exe and test(s.exe) else None)
 
 
-def _b_exe_deleted(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_exe_deleted(c: Compiler, value: Any, loc: Location) -> Condition:
     want = c.boolean(value, loc, "exe_deleted")
-    return lambda s: "exe deleted" if s.exe_deleted == want else None
+    return Condition(lambda s: "exe deleted" if s.exe_deleted == want else None)
 
 
-def _b_exe_memfd(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_exe_memfd(c: Compiler, value: Any, loc: Location) -> Condition:
     want = c.boolean(value, loc, "exe_memfd")
-    return lambda s: "exe in memfd" if s.exe_memfd == want else None
+    return Condition(lambda s: "exe in memfd" if s.exe_memfd == want else None)
 
 
-def _b_cwd(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_cwd(c: Compiler, value: Any, loc: Location) -> Condition:
     test = _glob_or_exact(c.strings(value, loc, "cwd"))
-    return lambda s: (
-        f"cwd {_short(s.process.cwd)}" if s.process.cwd and test(s.process.cwd) else None
+    return Condition(
+        lambda s: f"cwd {_short(s.process.cwd)}" if s.process.cwd and test(s.process.cwd) else None
     )
 
 
-def _b_user(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_user(c: Compiler, value: Any, loc: Location) -> Condition:
     users = frozenset(c.strings(value, loc, "user"))
-    return lambda s: f"user {s.process.user}" if s.process.user in users else None
+    return Condition(lambda s: f"user {s.process.user}" if s.process.user in users else None)
 
 
-def _b_in_container(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_in_container(c: Compiler, value: Any, loc: Location) -> Condition:
     want = c.boolean(value, loc, "in_container")
-    return lambda s: (
-        "in a container" if (s.process.attribution.container_id is not None) == want else None
+    return Condition(
+        lambda s: (
+            "in a container" if (s.process.attribution.container_id is not None) == want else None
+        )
     )
 
 
@@ -399,13 +444,13 @@ def _argument_predicate(tokens: Callable[[Subject], Any], test: Callable[[str], 
     return predicate
 
 
-def _b_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_arg(c: Compiler, value: Any, loc: Location) -> Condition:
     wanted = frozenset(x.lower() for x in c.strings(value, loc, "arg"))
     predicate = _argument_predicate(lambda s: s.argv[1:], lambda t: t.lower() in wanted)
     return _needing(predicate, (AT_ARGUMENT + x for x in wanted))
 
 
-def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Condition:
     prefixes = tuple(x.lower() for x in c.strings(value, loc, "arg_prefix"))
     predicate = _argument_predicate(
         lambda s: s.argument_values, lambda t: t.lower().startswith(prefixes)
@@ -413,22 +458,24 @@ def _b_arg_prefix(c: Compiler, value: Any, loc: Location) -> Predicate:
     return _needing(predicate, (AT_ARGUMENT + x for x in prefixes))
 
 
-def _b_arg_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_arg_regex(c: Compiler, value: Any, loc: Location) -> Condition:
     pattern = c.regex(value, loc, "arg_regex")
-    return _argument_predicate(lambda s: s.argument_values, lambda t: pattern.search(t) is not None)
+    return Condition(
+        _argument_predicate(lambda s: s.argument_values, lambda t: pattern.search(t) is not None)
+    )
 
 
-def _b_cmdline_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_cmdline_regex(c: Compiler, value: Any, loc: Location) -> Condition:
     pattern = c.regex(value, loc, "cmdline_regex")
 
     def predicate(s: Subject) -> str | None:
         match = pattern.search(s.command_line)
         return f"command line {_short(match.group(0))}" if match else None
 
-    return predicate
+    return Condition(predicate)
 
 
-def _b_flag(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_flag(c: Compiler, value: Any, loc: Location) -> Condition:
     names = c.strings(value, loc, "flag")
     for name in names:
         if not name.startswith("-"):
@@ -444,7 +491,7 @@ def _b_flag(c: Compiler, value: Any, loc: Location) -> Predicate:
     return _needing(predicate, (AT_ARGUMENT + n.removesuffix("*").lower() for n in names))
 
 
-def _b_option(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_option(c: Compiler, value: Any, loc: Location) -> Condition:
     if not isinstance(value, LineDict) or "names" not in value:
         raise RuleSyntaxError(loc, "option: expected a mapping with 'names' and value tests")
     names = c.strings(value["names"], value.where("names"), "option.names")
@@ -474,7 +521,7 @@ def _option_needle(name: str) -> str:
     return (AT_ARGUMENT_OR_DASH if single_dash_long else AT_ARGUMENT) + name
 
 
-def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_getopt(c: Compiler, value: Any, loc: Location) -> Condition:
     if not isinstance(value, LineDict) or not isinstance(value.get("spec"), str):
         raise RuleSyntaxError(loc, "getopt: expected a mapping with a 'spec' optstring")
     allowed = {"spec", "interleaved_operands", "flags", "values", "operands"}
@@ -542,7 +589,7 @@ def _b_getopt(c: Compiler, value: Any, loc: Location) -> Predicate:
             return None
         return f"{reason} with {operands}" if reason else operands
 
-    return predicate
+    return Condition(predicate)
 
 
 def _operand_test(
@@ -573,7 +620,7 @@ def _operand_test(
     return test
 
 
-def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Condition:
     suffixes = c.strings(value, loc, "arg_host")
 
     def predicate(s: Subject) -> str | None:
@@ -588,7 +635,7 @@ def _b_arg_host(c: Compiler, value: Any, loc: Location) -> Predicate:
     return _needing(predicate, (x.lower().lstrip(".") for x in suffixes))
 
 
-def _b_wallet_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_wallet_arg(c: Compiler, value: Any, loc: Location) -> Condition:
     want = c.boolean(value, loc, "wallet_arg")
     if not want:
         raise RuleSyntaxError(loc, "wallet_arg: only 'true' is meaningful; use not: for absence")
@@ -599,10 +646,10 @@ def _b_wallet_arg(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"wallet {_short(token, 24)}"
         return None
 
-    return predicate
+    return Condition(predicate)
 
 
-def _b_parent(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_parent(c: Compiler, value: Any, loc: Location) -> Condition:
     inner = c.condition(value, loc)
 
     def predicate(s: Subject) -> str | None:
@@ -611,10 +658,10 @@ def _b_parent(c: Compiler, value: Any, loc: Location) -> Predicate:
         reason = inner(s.related(s.lineage[0], s.lineage[1:]))
         return f"parent {s.lineage[0].pid}: {reason}" if reason else None
 
-    return predicate
+    return _through(predicate, inner)
 
 
-def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Condition:
     inner = c.condition(value, loc)
 
     def predicate(s: Subject) -> str | None:
@@ -624,10 +671,10 @@ def _b_ancestor(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"ancestor {ancestor.pid}: {reason}"
         return None
 
-    return predicate
+    return _through(predicate, inner)
 
 
-def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Condition:
     want = c.boolean(value, loc, "stdio_socket")
 
     def predicate(s: Subject) -> str | None:
@@ -639,10 +686,10 @@ def _b_stdio_socket(c: Compiler, value: Any, loc: Location) -> Predicate:
         ep = s.stdio[connected[0]]
         return f"fd {','.join(map(str, connected))} is a {ep.proto} socket to {ep.daddr}:{ep.dport}"
 
-    return predicate
+    return Condition(predicate, uses_stdio=True)
 
 
-def _b_commands_from_stdin(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_commands_from_stdin(c: Compiler, value: Any, loc: Location) -> Condition:
     want = c.boolean(value, loc, "commands_from_stdin")
 
     def predicate(s: Subject) -> str | None:
@@ -651,10 +698,10 @@ def _b_commands_from_stdin(c: Compiler, value: Any, loc: Location) -> Predicate:
             return None
         return "reads its commands from stdin" if reads else "runs a given program"
 
-    return predicate
+    return Condition(predicate)
 
 
-def _b_stdio_relay(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_stdio_relay(c: Compiler, value: Any, loc: Location) -> Condition:
     """``stdio_relay: true``, or ``stdio_relay: {condition}`` on the relay:
     some process feeds the subject's stdin and reads its stdout (through
     pipes, a fifo, a pty or a socket pair) while holding a network
@@ -669,13 +716,13 @@ def _b_stdio_relay(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return relay.describe()
         return None
 
-    return predicate
+    return _through(predicate, inner, uses_stdio=True)
 
 
 SSH_FORWARD_KINDS = ("remote", "dynamic", "local", "tunnel")
 
 
-def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Condition:
     kinds = c.strings(value, loc, "ssh_forwards")
     for kind in kinds:
         if kind not in SSH_FORWARD_KINDS:
@@ -693,10 +740,10 @@ def _b_ssh_forwards(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"effective ssh config has {kind} forward {_short(found[kind])}"
         return None
 
-    return predicate
+    return Condition(predicate)
 
 
-def _b_ssh_config_unknown(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_ssh_config_unknown(c: Compiler, value: Any, loc: Location) -> Condition:
     """``ssh_config_unknown: true``: the client's effective configuration
     cannot be established -- -F names a descriptor (from the argv alone), or
     the reader says why not (sensors.sshconfig.SshConfigUnknown)."""
@@ -714,10 +761,10 @@ def _b_ssh_config_unknown(c: Compiler, value: Any, loc: Location) -> Predicate:
             return reason
         return None if reason else "ssh config established"
 
-    return predicate
+    return Condition(predicate)
 
 
-def _b_config_file(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_config_file(c: Compiler, value: Any, loc: Location) -> Condition:
     """``config_file: {options: [-c, --config], all_regex: [R, ...]}``: a
     file named by one of the options holds text matching every regex (the
     subject's reader fetches it; this module reads nothing itself)."""
@@ -741,21 +788,21 @@ def _b_config_file(c: Compiler, value: Any, loc: Location) -> Predicate:
     return _needing(predicate, (_option_needle(name.lower()) for name in names))
 
 
-def _b_macro(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_macro(c: Compiler, value: Any, loc: Location) -> Condition:
     return c.macro(value, loc)
 
 
-def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_remote_port(c: Compiler, value: Any, loc: Location) -> Condition:
     ports = c.ports(value, loc)
 
     def predicate(s: Subject) -> str | None:
         hit = s.peer_ports.keys() & ports
         return f"connects to port {min(hit)}" if hit else None
 
-    return _connecting(predicate)
+    return Condition(predicate, needs_connection=True, uses_network=True)
 
 
-def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Condition:
     ranges = _address_ranges(c.networks(value, loc))
 
     def predicate(s: Subject) -> str | None:
@@ -765,7 +812,7 @@ def _b_remote_cidr(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"connects to {ep.daddr}:{ep.dport}"
         return None
 
-    return _connecting(predicate)
+    return Condition(predicate, needs_connection=True, uses_network=True)
 
 
 def _address_ranges(nets: tuple) -> tuple[tuple[int, int], ...]:
@@ -797,7 +844,7 @@ def _address_number(address: str) -> int | None:
 PAYLOAD_REGEX_LIMIT = 8192  # characters searched: a client stream (4 KiB) and its decoded bodies
 
 
-def _wire_names(c: Compiler, value: Any, loc: Location, what: str, facts) -> Predicate:
+def _wire_names(c: Compiler, value: Any, loc: Location, what: str, facts) -> Condition:
     """Some name the flow showed (facts(wire) -> names) is in one of the
     listed domains or a subdomain of one."""
     suffixes = [s.lower().strip(".") for s in c.strings(value, loc, what)]
@@ -810,22 +857,22 @@ def _wire_names(c: Compiler, value: Any, loc: Location, what: str, facts) -> Pre
                 return f"{what} {_short(name)}"
         return None
 
-    return predicate
+    return Condition(predicate, uses_wire=True)
 
 
-def _b_dns_query(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_dns_query(c: Compiler, value: Any, loc: Location) -> Condition:
     return _wire_names(c, value, loc, "dns_query", lambda w: w.dns_queries)
 
 
-def _b_tls_sni(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_tls_sni(c: Compiler, value: Any, loc: Location) -> Condition:
     return _wire_names(c, value, loc, "tls_sni", lambda w: (w.sni,))
 
 
-def _b_remote_name(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_remote_name(c: Compiler, value: Any, loc: Location) -> Condition:
     return _wire_names(c, value, loc, "remote_name", lambda w: (w.remote_name,))
 
 
-def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Condition:
     test = _glob_or_exact(c.strings(value, loc, "stratum_method"))
 
     def predicate(s: Subject) -> str | None:
@@ -837,10 +884,10 @@ def _b_stratum_method(c: Compiler, value: Any, loc: Location) -> Predicate:
                 return f"JSON-RPC method {_short(method, 64)}"
         return None
 
-    return predicate
+    return Condition(predicate, uses_wire=True)
 
 
-def _b_payload_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_payload_regex(c: Compiler, value: Any, loc: Location) -> Condition:
     pattern = c.regex(value, loc, "payload_regex")
 
     def predicate(s: Subject) -> str | None:
@@ -849,10 +896,10 @@ def _b_payload_regex(c: Compiler, value: Any, loc: Location) -> Predicate:
         match = pattern.search(s.wire.text[:PAYLOAD_REGEX_LIMIT])
         return f"payload {_short(match.group(0), 64)!r}" if match else None
 
-    return predicate
+    return Condition(predicate, uses_wire=True)
 
 
-def _b_http_header(c: Compiler, value: Any, loc: Location) -> Predicate:
+def _b_http_header(c: Compiler, value: Any, loc: Location) -> Condition:
     if not isinstance(value, LineDict) or "names" not in value:
         raise RuleSyntaxError(loc, "http_header: expected a mapping with 'names' and value tests")
     names = [n.lower() for n in c.strings(value["names"], value.where("names"), "http_header")]
@@ -869,10 +916,10 @@ def _b_http_header(c: Compiler, value: Any, loc: Location) -> Predicate:
                     return f"HTTP {name}: {_short(found, 64)}"
         return None
 
-    return predicate
+    return Condition(predicate, uses_wire=True)
 
 
-_BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
+_BUILDERS: dict[str, Callable[[Compiler, Any, Location], Condition]] = {
     "all": _b_all,
     "any": _b_any,
     "not": _b_not,
@@ -911,13 +958,4 @@ _BUILDERS: dict[str, Callable[[Compiler, Any, Location], Predicate]] = {
     "http_header": _b_http_header,
 }
 
-# Conditions that need network knowledge: rules using them are re-checked
-# when a process gains a connection.
-NETWORK_KEYS = frozenset({"remote_port", "remote_cidr"})
-STDIO_KEYS = frozenset({"stdio_socket", "stdio_relay"})
-# Conditions on what a flow said (wire events): rules using them are
-# evaluated only on wire events, and a snapshot (scan) cannot see them.
-WIRE_KEYS = frozenset(
-    {"stratum_method", "payload_regex", "dns_query", "tls_sni", "remote_name", "http_header"}
-)
 CONDITION_KEYS = frozenset(_BUILDERS)

@@ -12,13 +12,7 @@ import logging
 import re
 from typing import Callable
 
-from rome_guard.detect.conditions import (
-    AT_ARGUMENT,
-    AT_ARGUMENT_OR_DASH,
-    required_names,
-    required_text,
-    requires_connection,
-)
+from rome_guard.detect.conditions import AT_ARGUMENT, AT_ARGUMENT_OR_DASH
 from rome_guard.detect.rules import Rule, RuleSet
 from rome_guard.detect.subject import Subject
 from rome_guard.events import Endpoint
@@ -90,7 +84,7 @@ class Engine:
 
 class RuleIndex:
     """Rules by the names a subject must go by for them to match (see
-    conditions.required_names): most rules concern one family of programs,
+    conditions.Condition.names): most rules concern one family of programs,
     and most execs are of none of them."""
 
     def __init__(self, rules: list[Rule]):
@@ -102,10 +96,10 @@ class RuleIndex:
         self._by_prefix: dict[str, list[Rule]] = {}
         needles: set[str] | None = set()
         for rule in rules:
-            names = required_names(rule.match)
+            names = rule.match.names
             if names is None:
-                text = required_text(rule.match)
-                needs_connection = requires_connection(rule.match)
+                text = rule.match.text
+                needs_connection = rule.match.needs_connection
                 self._always.append((rule, _text_test(text), needs_connection))
                 if needles is not None and not needs_connection:
                     needles = None if text is None else needles | text
@@ -169,7 +163,7 @@ _ANCHORS = {AT_ARGUMENT: r"(?:^|(?<=[\s=]))", AT_ARGUMENT_OR_DASH: r"(?:^|(?<=[\
 
 
 def _text_test(needles: frozenset[str] | None) -> re.Pattern[str] | None:
-    """One search for any of needles (see conditions.required_text); None:
+    """One search for any of needles (see conditions.Condition.text); None:
     no test, always a candidate. Anchored needles share one anchor, so most
     positions fail on the anchor before any needle is tried."""
     if needles is None:

@@ -23,14 +23,7 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, Callable, Iterable
 
-from rome_guard.detect.conditions import (
-    NETWORK_KEYS,
-    STDIO_KEYS,
-    WIRE_KEYS,
-    Compiler,
-    Predicate,
-    RuleSyntaxError,
-)
+from rome_guard.detect.conditions import Compiler, Condition, RuleSyntaxError
 from rome_guard.respond.responses import ALERT, KILL, RULE_ACTIONS
 from rome_guard.yamlsrc import LineDict, LineList, Location, SourceError, load_file, where
 
@@ -141,16 +134,13 @@ class Rule:
     action: str = ALERT.name
     kill_scope: str = "process"
     mode: str = "enforce"  # RULE_MODES
-    match: Predicate | None = None
+    match: Condition | None = None
     detector: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    exceptions: list[Predicate] = field(default_factory=list)
+    exceptions: list[Condition] = field(default_factory=list)
     prevent: PreventSpec = PreventSpec()
     tags: tuple[str, ...] = ()
     enabled: bool = True
-    needs_network: bool = False
-    needs_stdio: bool = False
-    needs_wire: bool = False  # looks at what a flow said: live daemon only
     location: Location | None = None
     # argv lists the rule must match / must not match (`rome-guard rules test`)
     examples: dict[str, tuple[Example, ...]] = field(default_factory=dict)
@@ -158,6 +148,21 @@ class Rule:
     # tune) that left it out
     tuned_at: tuple[Location, ...] = ()
     disabled_at: Location | None = None
+
+    @property
+    def needs_network(self) -> bool:
+        """Its match looks at connections: re-checked when a process connects."""
+        return self.match is not None and self.match.uses_network
+
+    @property
+    def needs_stdio(self) -> bool:
+        return self.match is not None and self.match.uses_stdio
+
+    @property
+    def needs_wire(self) -> bool:
+        """Its match looks at what a flow said: evaluated on wire events only
+        (the live daemon's; a snapshot cannot see them)."""
+        return self.match is not None and self.match.uses_wire
 
     @property
     def enforces(self) -> bool:
@@ -281,26 +286,6 @@ def _parse_prevent(raw: Any, loc: Location, compiler: Compiler, problems: list):
         if key in raw
     }
     return None if len(problems) > before else PreventSpec(**kw)
-
-
-def _uses(node: Any, keys: frozenset[str], macros: dict | None = None, depth: int = 0) -> bool:
-    """Whether a condition tree uses any of the given condition keys
-    (through the macros it names, too)."""
-    if depth > 32:
-        return False  # a macro loop: reported by the compiler
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k in keys:
-                return True
-            if k == "macro" and macros and isinstance(v, str) and v.lstrip("$") in macros:
-                if _uses(macros[v.lstrip("$")][0], keys, macros, depth + 1):
-                    return True
-            elif _uses(v, keys, macros, depth + 1):
-                return True
-        return False
-    if isinstance(node, list):
-        return any(_uses(v, keys, macros, depth + 1) for v in node)
-    return False
 
 
 _ARGV = "an argv: a non-empty list of strings"
@@ -549,9 +534,6 @@ def _parse_rule(raw: Any, loc: Location, compiler: Compiler, problems: list) -> 
         prevent=prevent,
         tags=tuple(tags),
         enabled=enabled,
-        needs_network=_uses(raw.get("match"), NETWORK_KEYS, compiler.macros),
-        needs_stdio=_uses(raw.get("match"), STDIO_KEYS, compiler.macros),
-        needs_wire=_uses(raw.get("match"), WIRE_KEYS, compiler.macros),
         location=raw.location,
         examples=examples,
     )

@@ -2,7 +2,7 @@
 needle_dfa of rome_guard/bpf/sensor.h, built from the engine's needles.
 
 The engine checks a rule no name narrows only when its lower-cased command
-line contains one of the rule's needles (conditions.required_text; a needle
+line contains one of the rule's needles (conditions.Condition.text; a needle
 led by AT_ARGUMENT must follow the start, whitespace or "=", one led by
 AT_ARGUMENT_OR_DASH also a "-"). The eBPF sensor runs the same test on an
 exec's argv before deciding to send it (process.c, needles_match), as one

@@ -33,8 +33,8 @@ from rome_guard.detect.incidents import Filed, Incident, IncidentBook, kill_rule
 from rome_guard.events import GpuProcess, ProcessInfo, ProcessKey
 from rome_guard.findings import (
     Finding,
-    blocked_in_kernel,
     confirmation_record,
+    dropped_in_kernel,
     event_record,
     incident_record,
     lost_record,
@@ -43,7 +43,7 @@ from rome_guard.findings import (
 from rome_guard.respond.journal import Journal
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, KillResult
 from rome_guard.respond.metrics import MetricsSink
-from rome_guard.respond.responses import ALERT, BLOCK, BLOCKED, KILL
+from rome_guard.respond.responses import ALERT, BLOCK, BLOCKED, DROP, KILL
 from rome_guard.textsafe import command_line, one_line
 
 log = logging.getLogger("rome_guard")
@@ -130,12 +130,11 @@ class AlertSink:
             and self.killer is not None
             and not incident.kill_settled
         )
-        # the kernel already stopped it (a wire drop: a DNS question that
-        # never left, a flow cut at its first identified packet): the record
-        # says "blocked", the metrics count it under the block response
-        blocked = any(blocked_in_kernel(f) for f in filed.findings)
-        action = KILL.name if enforce else BLOCKED if blocked else ALERT.name
-        label = BLOCK.name if action == BLOCKED else action
+        # the kernel already stopped it and no kill follows (a wire drop: a
+        # DNS question that never left, a flow cut at its first identified
+        # segment): the record and the metrics say "drop"
+        dropped = any(dropped_in_kernel(f) for f in filed.findings)
+        action = KILL.name if enforce else DROP.name if dropped else ALERT.name
         lead = primary(filed.findings) if filed.opened else filed.findings[0]
         record = incident_record(
             lead,
@@ -152,10 +151,10 @@ class AlertSink:
         self.journal.write(record)
         if filed.opened:
             self.raised += 1
-            self.metrics.incident(lead.rule.category, lead.rule.severity, label)
+            self.metrics.incident(lead.rule.category, lead.rule.severity, action)
         for finding in filed.findings:
             rule = finding.rule
-            self.metrics.alert(rule.id, rule.category, rule.severity, label)
+            self.metrics.alert(rule.id, rule.category, rule.severity, action)
         process = lead.process
         log.warning(
             "%s %s %s pid=%d user=%s %s: %s",

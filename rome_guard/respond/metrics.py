@@ -1,4 +1,5 @@
-"""Prometheus metrics: what rome-guard counts, and the endpoint that serves it.
+"""Prometheus metrics: what rome-guard counts (the endpoint that serves it is
+rome_guard.respond.exposition).
 
 ``GuardMetrics`` owns a dedicated CollectorRegistry and is the only way the
 daemon records a metric, so every label value passes through one place:
@@ -11,21 +12,13 @@ processes do.
 
 This module must never put a pid, user name, command line, path or any other
 string a watched process controls into a label, and never blocks the caller:
-recording is a dictionary update; serving happens on the server's threads.
+recording is a dictionary update (serving is rome_guard.respond.exposition's).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import logging
-import os
-import selectors
-import socket
-import ssl
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import prometheus_client
@@ -34,7 +27,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from rome_guard import __version__
-from rome_guard.config import DEFAULT_METRICS_PORT
 from rome_guard.detect.rules import SHIPPED_CATEGORIES
 from rome_guard.events import (
     SSH_UNKNOWN_FAILED,
@@ -47,14 +39,10 @@ from rome_guard.gpu import allocations, consumers
 from rome_guard.layout.sensor import LOST_SLOT_NAMES
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED
 from rome_guard.respond.outputs.queue import OutputState
-from rome_guard.respond.responses import ALERT, BLOCK, KILL
-from rome_guard.respond.webconfig import BasicAuth, WebConfig, load_web_config
-from rome_guard.textsafe import one_line
+from rome_guard.respond.responses import ALERT, BLOCK, DROP, KILL
 
 if TYPE_CHECKING:
     from rome_guard.state.kernel_table import TableStats
-
-log = logging.getLogger(__name__)
 
 PREFIX = "rome_guard"
 
@@ -84,7 +72,7 @@ LOST_BUFFERS = (
 )
 # The outcomes of rome_guard.respond.kill.
 KILL_RESULTS = (KILLED, ALREADY_EXITED, PROTECTED, KILL_FAILED)
-ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name)  # what was done about an alert
+ALERT_ACTIONS = (ALERT.name, KILL.name, BLOCK.name, DROP.name)  # what was done about an alert
 SENSOR_MODES = ("ebpf", "poll")
 GUARD_MODES = ("monitor", "enforce")
 # What rome_guard_sensor_up names: the process sensor (ebpf, or its poll
@@ -164,6 +152,23 @@ class _BoundedValues:
         return label
 
 
+class _RunningTotals:
+    """Totals counted elsewhere (a BPF map's counter, a reader's or a
+    graph's count), read now and then, as counter increments. A total below
+    the last one means that count restarted: all of it is new."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, ...], int] = {}
+        self._lock = threading.Lock()
+
+    def delta(self, key: tuple[str, ...], total: int) -> int:
+        """How much the total under key grew since the last reading."""
+        with self._lock:
+            last = self._last.get(key, 0)
+            self._last[key] = total
+        return total - last if total >= last else total
+
+
 # --- GPU snapshot (pure) -----------------------------------------------------
 
 
@@ -232,7 +237,7 @@ class GuardMetrics:
         self._categories = _BoundedValues(MAX_CATEGORIES)
         self._severities = _BoundedValues(MAX_SEVERITIES)
         self._loaded_rules: frozenset[str] | None = None
-        self._lost_totals: dict[str, int] = {}
+        self._totals = _RunningTotals()
         self._gpu_labels: set[tuple[str, str]] = set()
         self._sensor_mode = ""
 
@@ -270,6 +275,12 @@ class GuardMetrics:
         self.processes_tracked = metric(
             Gauge, "processes_tracked", "Live processes in the process table."
         )
+        self.stdio_relay_deferred = metric(
+            Counter,
+            "stdio_relay_judgements_deferred",
+            "Shells on pipes whose relay search was put off: that second's /proc read "
+            "budget was spent (the 1 s sweep judges them).",
+        )
         self.kernel_table_entries = metric(
             Gauge,
             "kernel_process_table_entries",
@@ -290,7 +301,6 @@ class GuardMetrics:
             "Records the exec filter kept in the kernel: no rule could concern them.",
             ("kind",),
         )
-        self._kernel_totals: dict[tuple[str, str], int] = {}
         self.kills = metric(Counter, "kills", "Kill attempts by outcome.", ("result",))
         self.journal_errors = metric(
             Counter,
@@ -341,7 +351,6 @@ class GuardMetrics:
             "(ssh -G failed or was skipped, -F from a descriptor, a changed or deleted file).",
             ("reason",),
         )
-        self._ssh_totals: dict[tuple[str, str], int] = {}
         for reason in SSH_UNKNOWN_REASONS:
             self.ssh_config_unknown.labels(reason=reason)
         self.build_info = metric(
@@ -370,7 +379,6 @@ class GuardMetrics:
             Counter, "nvml_errors", "NVML calls that failed, by call and error.", ("call", "error")
         )
         self._nvml_kinds: set[tuple[str, str]] = set()
-        self._nvml_totals: dict[tuple[str, str], int] = {}
         if process_collector:
             ProcessCollector(registry=self.registry)
         # Bounded enumerations start at zero, so that increase() sees the
@@ -442,10 +450,7 @@ class GuardMetrics:
         """The running total of lost events a buffer reports (e.g. a BPF map
         counter); a total below the last one means the counter restarted."""
         _member(buffer, LOST_BUFFERS, "buffer")
-        with self._lock:
-            last = self._lost_totals.get(buffer, 0)
-            delta = total - last if total >= last else total
-            self._lost_totals[buffer] = total
+        delta = self._totals.delta(("lost", buffer), total)
         if delta > 0:
             self.events_lost.labels(buffer=buffer).inc(delta)
 
@@ -464,6 +469,13 @@ class GuardMetrics:
     def set_processes_tracked(self, count: int) -> None:
         self.processes_tracked.set(count)
 
+    def set_stdio_deferred(self, total: int) -> None:
+        """The stdio graph's running count of relay judgements it put off
+        for want of its read budget (state.stdio.StdioGraph.deferred)."""
+        delta = self._totals.delta(("stdio", "deferred"), total)
+        if delta > 0:
+            self.stdio_relay_deferred.inc(delta)
+
     def set_kernel_table(self, stats: TableStats) -> None:
         """The eBPF sensor's process table (state.kernel_table.TableStats)."""
         for table, entries, bound in (
@@ -478,15 +490,13 @@ class GuardMetrics:
             ("evicted", "held"): stats.held_full,
         }
         totals.update({("unsent", kind): n for kind, n in stats.unsent.items()})
-        with self._lock:
-            deltas = {k: n - self._kernel_totals.get(k, 0) for k, n in totals.items()}
-            self._kernel_totals.update(totals)
-        for (what, label), delta in deltas.items():
+        for (what, label), total in totals.items():
             # every series exists from the first call on, at 0 until it counts
             if what == "evicted":
                 child = self.kernel_table_evictions.labels(table=label)
             else:
                 child = self.kernel_records_unsent.labels(kind=label)
+            delta = self._totals.delta(("kernel", what, label), total)
             if delta > 0:
                 child.inc(delta)
 
@@ -504,10 +514,9 @@ class GuardMetrics:
         )
         totals[("runs", "skipped")] = unknown.get(SSH_UNKNOWN_SKIPPED, 0)
         for (family, label), total in totals.items():
-            delta = total - self._ssh_totals.get((family, label), 0)
+            delta = self._totals.delta(("ssh", family, label), total)
             if delta <= 0:
                 continue
-            self._ssh_totals[(family, label)] = total
             if family == "runs":
                 self.ssh_config_runs.labels(result=label).inc(delta)
             else:
@@ -556,8 +565,7 @@ class GuardMetrics:
             summed[(call, error)] = summed.get((call, error), 0) + count
         with self._lock:
             for key, total in summed.items():
-                delta = total - self._nvml_totals.get(key, 0)
-                self._nvml_totals[key] = total
+                delta = self._totals.delta(("nvml", *key), total)
                 if delta > 0:
                     labels = (safe_label(key[0]), safe_label(key[1]))
                     if labels not in self._nvml_kinds:
@@ -617,16 +625,6 @@ class GuardMetrics:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
-    def serve(self, addr: str, web_config_file: str = "") -> MetricsServer | None:
-        """Serve /metrics on addr ("HOST:PORT", ":PORT", "[v6]:PORT"); None
-        when addr is "" (disabled). TLS and basic auth come from
-        web_config_file (Prometheus exporter --web.config.file format)."""
-        listen = parse_listen_addr(addr)
-        if listen is None:
-            return None
-        config = load_web_config(web_config_file) if web_config_file else WebConfig()
-        return MetricsServer(self, listen[0], listen[1], config)
-
 
 class _OutputCollector:
     """rome_guard_output_*: the outputs' own counters at scrape time (the
@@ -673,9 +671,6 @@ class _OutputCollector:
         return [sent, failed, dropped, queued, limit, up]
 
 
-# --- the endpoint ----------------------------------------------------------------
-
-
 # What the daemon's parts record into: GuardMetrics, or NullMetrics when no
 # metrics are served. One class, so the two cannot drift apart.
 MetricsSink = GuardMetrics
@@ -687,229 +682,3 @@ class NullMetrics(GuardMetrics):
 
     def __init__(self) -> None:
         super().__init__(CollectorRegistry(), process_collector=False)
-
-
-def parse_listen_addr(addr: str) -> tuple[str, int] | None:
-    """(host, port) from "HOST:PORT"; host "" means every address; None for
-    "" (metrics disabled). Raises ValueError naming the expected form."""
-    addr = addr.strip()
-    if not addr:
-        return None
-    if addr.startswith("["):
-        host, sep, port = addr[1:].partition("]:")
-    else:
-        host, sep, port = addr.rpartition(":")
-        if ":" in host:
-            sep = ""  # a bare IPv6 address needs brackets
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(
-            f"metrics address {addr!r} is not HOST:PORT (e.g. :{DEFAULT_METRICS_PORT}, "
-            f"127.0.0.1:{DEFAULT_METRICS_PORT}, [::1]:{DEFAULT_METRICS_PORT}; '' disables)"
-        )
-    return host, int(port)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HttpServer
-    server_version = f"rome-guard/{__version__}"
-    sys_version = ""
-    timeout = 10  # seconds to send a request: slow clients cannot hold a thread
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._respond(with_body=True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._respond(with_body=False)
-
-    def _respond(self, with_body: bool) -> None:
-        owner = self.server.owner
-        if not owner.authorized(self.headers.get("Authorization", "")):
-            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8", with_body, auth=True)
-            return
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            body, content_type = owner.metrics.exposition(self.headers.get("Accept", ""))
-            self._send(200, body, content_type, with_body)
-        elif path == "/":
-            page = b"<html><body><h1>rome-guard</h1><a href='/metrics'>metrics</a></body></html>"
-            self._send(200, page, "text/html; charset=utf-8", with_body)
-        else:
-            self._send(404, b"Not Found\n", "text/plain; charset=utf-8", with_body)
-
-    def _send(self, code: int, body: bytes, ctype: str, with_body: bool, auth: bool = False):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if auth:
-            self.send_header("WWW-Authenticate", 'Basic realm="rome-guard"')
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
-        # the request line is the client's text: sanitised, and debug only
-        log.debug("metrics %s: %s", self.client_address[0], one_line(format % args))
-
-
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-    MAX_CONCURRENT = 32
-
-    def __init__(self, owner: MetricsServer, address: tuple[str, int], family: int):
-        self.address_family = family
-        self.owner = owner
-        self._slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
-        self._closing_read, self._closing_write = os.pipe2(os.O_CLOEXEC)
-        self._closed = False
-        super().__init__(address, _Handler, bind_and_activate=False)
-        if family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            self.server_bind()
-            self.server_activate()
-        except OSError:
-            self.server_close()
-            raise
-
-    def serve_until_stopped(self) -> None:
-        """Accept connections until stop_serving(): one blocking select over
-        the listening socket and a pipe, so an idle server never wakes
-        (serve_forever's poll interval, 50 ms for the 2 s SIGTERM budget,
-        woke it 20 times a second) and a stop is seen at once."""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self, selectors.EVENT_READ)
-            selector.register(self._closing_read, selectors.EVENT_READ)
-            while True:
-                ready = {key.fileobj for key, _ in selector.select()}
-                if self._closing_read in ready:
-                    return
-                self._handle_request_noblock()  # what serve_forever does per connection
-
-    def stop_serving(self) -> None:
-        if not self._closed:
-            os.write(self._closing_write, b"\0")
-
-    def server_close(self) -> None:
-        """Idempotent: the pipe's fd numbers are never written or closed
-        again once another file may have them."""
-        super().server_close()
-        if not self._closed:
-            self._closed = True
-            os.close(self._closing_read)
-            os.close(self._closing_write)
-
-    def process_request(self, request, client_address) -> None:
-        # a flood of connections is refused, not turned into threads
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def finish_request(self, request, client_address) -> None:
-        context = self.owner.ssl_context
-        if context is None:
-            super().finish_request(request, client_address)
-            return
-        # the TLS handshake runs here, on the connection's own thread
-        request.settimeout(_Handler.timeout)
-        with context.wrap_socket(request, server_side=True) as tls:
-            super().finish_request(tls, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        # failed handshakes, resets and timeouts are the client's business
-        log.debug("metrics connection from %s failed", client_address[0], exc_info=True)
-
-
-def _family_for(host: str) -> tuple[int, str]:
-    if host == "":
-        return (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr[0]
-
-
-class MetricsServer:
-    """The /metrics endpoint on its own threads; close() stops it."""
-
-    def __init__(self, metrics: GuardMetrics, host: str, port: int, config: WebConfig):
-        self.metrics = metrics
-        self._apply(config)
-        family, bind_host = _family_for(host)
-        try:
-            self._server = _HttpServer(self, (bind_host, port), family)
-        except OSError:
-            if host != "" or family != socket.AF_INET6:
-                raise
-            # no IPv6 on this host: every IPv4 address instead
-            self._server = _HttpServer(self, ("0.0.0.0", port), socket.AF_INET)
-        self._thread = threading.Thread(
-            target=self._server.serve_until_stopped,
-            name="rome-guard-metrics",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _apply(self, config: WebConfig) -> None:
-        context = config.ssl_context()
-        auth = BasicAuth(config.users) if config.users else None
-        self.ssl_context: ssl.SSLContext | None = context
-        self._auth = auth
-        self.config = config
-
-    def reload(self, web_config_file: str = "") -> None:
-        """Re-read the web config (SIGHUP): new certificates and users apply
-        to the next connection; on error the old settings stay."""
-        self._apply(load_web_config(web_config_file) if web_config_file else WebConfig())
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return host, port
-
-    @property
-    def port(self) -> int:
-        return self.address[1]
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.ssl_context is not None else "http"
-
-    def authorized(self, header: str) -> bool:
-        auth = self._auth
-        if auth is None:
-            return True
-        kind, _, encoded = header.partition(" ")
-        if kind.lower() != "basic":
-            return False
-        try:
-            decoded = base64.b64decode(encoded.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        user, sep, password = decoded.partition(b":")
-        if not sep:
-            return False
-        return auth.verify(user.decode("utf-8", "surrogateescape"), password)
-
-    def close(self) -> None:
-        self._server.stop_serving()
-        self._thread.join(timeout=5)
-        self._server.server_close()
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -4,8 +4,9 @@ Every ``action`` a rule asks for, a journal record carries and a metric
 counts is one of these; modules import the name from here instead of
 spelling the string. A rule may ask for ``alert`` or ``kill``
 (``rule_action``); ``block`` (a connect denied, an exec killed in the
-kernel by a rule's ``prevent:``) and ``drop`` (a flow's packets dropped by
-the wire programs) are what the kernel did on a rule's behalf. Adding a
+kernel by a rule's ``prevent:``) and ``drop`` (a flow's segment or a DNS
+question dropped by the wire programs, so it never left) are what the
+kernel did on a rule's behalf. Adding a
 response is one line below and its handling where it acts
 (respond/alerts.py for user space, respond/enforce.py and the wire
 handler for the kernel).
@@ -31,9 +32,8 @@ KILL = Response("kill", True, True, "SIGKILL by verified pidfd (process, tree, c
 BLOCK = Response("block", False, True, "the kernel denied a connect or killed at exec (prevent:)")
 DROP = Response("drop", False, True, "the kernel dropped a flow's packets (the wire's prevent:)")
 
-# an alert record's ``action`` when the kernel had already stopped what the
-# alert is about (a DNS question or flow dropped at its first packet); it is
-# counted under BLOCK in metrics
+# a prevention record's ``action`` for a connect the kernel denied (the
+# other outcome is "killed"); counted under BLOCK in metrics
 BLOCKED = "blocked"
 
 RESPONSES: dict[str, Response] = {r.name: r for r in (ALERT, KILL, BLOCK, DROP)}

@@ -69,6 +69,9 @@ def test_a_broken_rule_file_and_a_bad_config_key_are_left_out(tmp_path: Path) ->
         assert {r["file"] for r in rejected} == {str(broken), d.config}
         assert {r["left_out"] for r in rejected} == {"rule file", "config keys metrics"}
         assert all(r["problems"] and isinstance(r["problems"][0]["line"], int) for r in rejected)
+        # the journal's envelope, as every record has it (docs/alerts.md)
+        assert all(len(r["id"]) == 32 and r["time"].endswith("Z") and r["host"] for r in rejected)
+        assert len({r["id"] for r in rejected}) == 2
         assert d.metric("rome_guard_config_rejected_files") == 2
         wait_until(lambda: os.path.exists(os.path.join(d.run_dir, "status.json")))
         shown = _status(d)

@@ -21,7 +21,7 @@ from rome_guard.events import (
     Endpoint,
     WireEvent,
 )
-from rome_guard.findings import blocked_in_kernel
+from rome_guard.findings import dropped_in_kernel
 from rome_guard.handlers.wire import (
     NAME_TTL_MAX_S,
     NAME_TTL_MIN_S,
@@ -320,4 +320,4 @@ def test_dns_question_dropped_in_the_kernel_is_marked_on_the_finding():
     h, alerts, _ = handler({4242: process_info(4242, start=1990)})
     h.handle(event(kind=WIRE_DNS_QUERY, dport=53, payload=dns_query("a.pinggy.io"), dropped="dns"))
     assert [a.rule.id for a in alerts] == ["tunnel-service-dns-query"]
-    assert blocked_in_kernel(alerts[0])
+    assert dropped_in_kernel(alerts[0])

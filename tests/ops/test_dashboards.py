@@ -16,6 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from rome_guard.detect.rules import SEVERITIES, load_rules
+from rome_guard.respond.exposition import serve_metrics
 from rome_guard.respond.metrics import HEALTH_SENSORS, KNOWN_CATEGORIES, GpuUsage, GuardMetrics
 from rome_guard.respond.outputs.queue import OutputState
 from tests.conftest import require
@@ -280,7 +281,7 @@ def guard():
     metrics.set_rules((r.id, r.category, r.severity) for r in load_rules([]).rules)
     metrics.set_sensor("ebpf")
     _health(metrics)
-    server = metrics.serve("127.0.0.1:0")
+    server = serve_metrics(metrics, "127.0.0.1:0")
     try:
         yield metrics, server
     finally:

@@ -9,7 +9,7 @@ import os
 import yaml
 
 from rome_guard.config import DEFAULT_METRICS_PORT, parse_config
-from rome_guard.respond.metrics import parse_listen_addr
+from rome_guard.respond.exposition import parse_listen_addr
 from rome_guard.yamlsrc import load_documents
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,7 +14,8 @@ from rome_guard.findings import Finding
 from rome_guard.respond.alerts import AlertSink
 from rome_guard.respond.journal import Journal, recent_alerts
 from rome_guard.respond.kill import ALREADY_EXITED, KILL_FAILED, KILLED, PROTECTED, KillResult
-from rome_guard.respond.metrics import NullMetrics
+from rome_guard.respond.metrics import GuardMetrics, NullMetrics
+from rome_guard.respond.responses import BLOCK, DROP, KILL
 
 RULE = Rule("test-rule", "mining", "high", "a test rule")
 
@@ -123,3 +124,32 @@ def test_a_protected_offender_is_judged_again_by_the_next_verdict_only(tmp_path)
     assert killer.calls == 1
     sink.raise_alert(Finding(ALERT_RULE, me, "after its exec"))
     assert killer.calls == 2
+
+
+def test_a_finding_the_kernel_dropped_is_journaled_and_counted_as_a_drop(tmp_path):
+    """The wire programs dropped the DNS question (or the flow's segment)
+    themselves: the alert says ``drop``, and counts under the ``drop``
+    action; a kill rule's finding on a dropped flow still says ``kill`` (a
+    kill follows, and its ``wire.dropped`` says what the kernel did)."""
+    path = str(tmp_path / "alerts.jsonl")
+    metrics = GuardMetrics()
+    killer = ScriptedKiller(KILLED)
+    sink = AlertSink(Journal(path), metrics, "enforce", "host", killer=killer)
+    me = _me()
+    question = {"wire": {"kind": "dns_query", "dropped": "dns"}}
+    assert sink.raise_alert(Finding(ALERT_RULE, me, "dns", extra=question))["action"] == DROP.name
+    other = procfs.read_process(os.getppid())
+    assert other is not None
+    login = {"wire": {"kind": "first_payload", "dropped": "method"}}
+    assert sink.raise_alert(Finding(KILL_RULE, other, "login", extra=login))["action"] == KILL.name
+    assert killer.calls == 1
+
+    def hits(rule: Rule, action: str):
+        labels = {"rule": rule.id, "category": rule.category, "severity": rule.severity}
+        return metrics.registry.get_sample_value(
+            "rome_guard_alerts_total", {**labels, "action": action}
+        )
+
+    assert hits(ALERT_RULE, DROP.name) == 1 and not hits(ALERT_RULE, BLOCK.name)
+    assert hits(KILL_RULE, KILL.name) == 1
+    assert [r["action"] for r in _records(path) if r["event"] == "alert"] == ["drop", "kill"]

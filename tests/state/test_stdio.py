@@ -193,3 +193,34 @@ def test_a_storm_of_shells_on_pipes_is_deferred_past_the_read_budget(
         _stop(proc)
     assert graph.deferred == 2  # the 4th and 5th: left pending for the sweep
     assert len(graph) == 1
+
+
+def test_deferred_judgements_are_exported_by_the_daemon(tmp_path: Path, monkeypatch) -> None:
+    """rome_guard_stdio_relay_judgements_deferred_total follows the graph
+    the daemon judges shells with, counted once however often it is read."""
+    from rome_guard.config import Config
+    from rome_guard.daemon import Guard
+    from rome_guard.detect.rules import load_rules
+    from rome_guard.respond.journal import Journal
+    from rome_guard.respond.metrics import GuardMetrics
+
+    monkeypatch.setattr("rome_guard.state.stdio.READS_PER_S", 0)  # every read is over budget
+    metrics = GuardMetrics(process_collector=False)
+    guard = Guard(Config(), load_rules([]), Journal(str(tmp_path / "a.jsonl")), metrics=metrics)
+    name = "rome_guard_stdio_relay_judgements_deferred_total"
+    guard.export_health()
+    assert metrics.registry.get_sample_value(name) == 0  # there from the first scrape
+    proc, shell = _relay(tmp_path, 0)
+    try:
+        model = guard.ctx.processes
+        for pid in (os.getpid(), proc.pid):  # the shell's neighbourhood, as the model holds it
+            model.resolve(pid)
+        held = model.resolve(shell.pid)
+        assert held is not None and model.lineage(held)
+        for _ in range(3):
+            assert model.stdio_graph.relays(held) == []
+    finally:
+        _stop(proc)
+    guard.export_health()
+    guard.export_health()
+    assert metrics.registry.get_sample_value(name) == 3

@@ -9,10 +9,11 @@ when start-up fails half-way. Once everything is loaded,
 ``release_compiler_memory()`` has every live object give back what bcc
 keeps of its compile (``BpfObject.release_compiler()``: the LLVM module,
 ~60 MiB an object) and the process give back the compiler's pages; the
-maps stay usable, nothing can be loaded into a released object. Cgroup programs go through
-``bpfsys.CgroupAttachments`` (BPF links: the kernel detaches them when the
-daemon dies); a program or map that must be found by the next start is
-pinned under this daemon's owner directory
+maps stay usable, nothing can be loaded into a released object.
+
+Cgroup programs go through ``bpfsys.CgroupAttachments`` (BPF links: the
+kernel detaches them when the daemon dies); a program or map that must be
+found by the next start is pinned under this daemon's owner directory
 (``stale.PIN_ROOT/<pid>-<start time>/``), which ``stale.cleanup_stale()``
 removes once its owner is dead.
 

@@ -240,8 +240,9 @@ class GpuOpenEvent:
 
 @dataclass(frozen=True)
 class FdDupEvent:
-    """An inet socket the process made was duplicated onto fd 0, 1 or 2
-    (dup, dup2, dup3 or fcntl F_DUPFD*): its stdio may now be the network."""
+    """An inet socket the process holds (made, accepted, inherited or
+    received) was duplicated onto fd 0, 1 or 2 (dup, dup2, dup3 or fcntl
+    F_DUPFD*): its stdio may now be the network."""
 
     pid: int
     oldfd: int

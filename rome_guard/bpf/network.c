@@ -55,8 +55,13 @@ static __always_inline int addr_is_loopback(__u8 family, const __u8 *addr)
 
 static __always_inline int cgroup_ignores_loopback(void)
 {
-	__u64 id = bpf_get_current_cgroup_id();
+	__u32 zero = 0;
+	struct sensor_config *config = sensor_config.lookup(&zero);
+	__u64 id;
 
+	if (!config || !config->loopback_ignoring)
+		return 0; /* no registered job: no ancestor walk per loopback connect */
+	id = bpf_get_current_cgroup_id();
 	if (loopback_ignore_cgroups.lookup(&id))
 		return 1;
 	for (int level = 1; level < CGROUP_ANCESTOR_LEVELS; level++) {
@@ -232,8 +237,6 @@ int rgs_tcp_state(struct tracepoint__sock__inet_sock_set_state *args)
  * struct sock and inet_sock members are read at offsets from the running
  * kernel's BTF (rome_guard/kernel/btf.py, RG_OFF_* macros), never at the
  * compile-time headers' offsets. */
-#define RG_READ(dst, sk, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (char *)(sk) + (off))
-
 int rgs_tcp_state_raw(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct tcp_sock_view v = {};
@@ -273,9 +276,14 @@ int rgs_tcp_state_raw(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif
 
-int rgs_tcp_reset(struct tracepoint__tcp__tcp_receive_reset *args)
+/* A reset received for a connecting socket: its CLOSE is a refusal. A raw
+ * tracepoint (its first argument is the struct sock), for the reason given
+ * above: it fires in softirq, often over a syscall's tracing program, where
+ * a perf-event program would be skipped and the refusal reported as a plain
+ * failure. Raw tracepoints need no BTF: every supported kernel has them. */
+int rgs_tcp_reset(struct bpf_raw_tracepoint_args *ctx)
 {
-	__u64 sk = (__u64)args->skaddr;
+	__u64 sk = (__u64)ctx->args[0];
 	struct tcp_attempt *a = tcp_connecting.lookup(&sk);
 
 	if (a)

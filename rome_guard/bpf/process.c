@@ -17,13 +17,18 @@
  * last thread does (group_dead where the tracepoint has it, else when the
  * thread-group leader exits).
  *
- * fd: socket(AF_INET/AF_INET6) results, and connections accepted on them,
- * are remembered per (process, fd);
- * a dup/dup2/dup3/fcntl(F_DUPFD*) of one of them whose result is 0, 1 or 2
- * is reported (checked at syscall exit: the result is what happened, as in
- * falco PR #2076). Shell pipelines dup2 pipes onto 0-2 all day: they cost
- * one map lookup and no record. An fd record always wakes user space: the
- * process is judged again at once.
+ * fd: a dup/dup2/dup3/fcntl(F_DUPFD*) of an inet (AF_INET/AF_INET6) socket
+ * whose result is 0, 1 or 2 is reported (checked at syscall exit: the result
+ * is what happened, as in falco PR #2076). Whether the old descriptor is an
+ * inet socket is read from the caller's own fd table when the running
+ * kernel's BTF gives its offsets (HAVE_FD_TABLE, RG_OFF_* macros): however
+ * the socket got there (socket(2), accept, inherited across fork or exec,
+ * passed over SCM_RIGHTS, io_uring), and socket() and accept() are not
+ * traced at all. Without BTF, socket(AF_INET/AF_INET6) results and
+ * connections accepted on them are remembered per (process, fd), which
+ * misses a socket the process did not make itself. Shell pipelines dup2
+ * pipes onto 0-2 all day: they cost a few reads and no record. An fd record
+ * always wakes user space: the process is judged again at once.
  *
  * rename: task:task_rename for the thread-group leader, outside exec (exec
  * renames every process to its file name; exec_pending tells them apart).
@@ -513,6 +518,42 @@ int rgs_newtask(struct tracepoint__task__task_newtask *args)
 	return 0;
 }
 
+#ifdef HAVE_FD_TABLE
+/* fd of the current process is an inet socket: its file in the fd table
+ * (files->fdt->fd[fd]) is a socket (inode mode S_IFSOCK) whose sock's
+ * family is AF_INET or AF_INET6. Every member offset is the running
+ * kernel's (kernel/btf.py); any read that fails answers no. */
+static __always_inline int fd_is_inet(__u64 fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	void *files = NULL, *fdt = NULL, *fds = NULL, *file = NULL, *inode = NULL;
+	void *sock_file = NULL, *sk = NULL;
+	unsigned int max_fds = 0;
+	__u16 mode = 0, family = 0;
+
+	if (RG_READ(files, task, RG_OFF_TASK_FILES) || !files)
+		return 0;
+	if (RG_READ(fdt, files, RG_OFF_FILES_FDT) || !fdt)
+		return 0;
+	if (RG_READ(max_fds, fdt, RG_OFF_FDT_MAX_FDS) || fd >= max_fds)
+		return 0;
+	if (RG_READ(fds, fdt, RG_OFF_FDT_FD) || !fds)
+		return 0;
+	if (RG_READ(file, fds, fd * sizeof(void *)) || !file)
+		return 0;
+	if (RG_READ(inode, file, RG_OFF_FILE_INODE) || !inode)
+		return 0;
+	if (RG_READ(mode, inode, RG_OFF_INODE_MODE) || (mode & 0170000) != 0140000)
+		return 0; /* not S_IFSOCK */
+	if (RG_READ(sock_file, file, RG_OFF_FILE_PRIVATE_DATA) || !sock_file)
+		return 0; /* a socket's file: private_data is its struct socket */
+	if (RG_READ(sk, sock_file, RG_OFF_SOCKET_SK) || !sk)
+		return 0;
+	if (RG_READ(family, sk, RG_OFF_SKC_FAMILY))
+		return 0;
+	return family == RG_AF_INET || family == RG_AF_INET6;
+}
+#else
 int rgs_socket(struct tracepoint__syscalls__sys_enter_socket *args)
 {
 	__u32 tid = current_tid();
@@ -545,17 +586,23 @@ int rgs_socket_ret(struct tracepoint__syscalls__sys_exit_socket *args)
 	return remember_new_socket(args->ret);
 }
 
+static __always_inline int fd_is_inet(__u64 fd)
+{
+	struct fd_key key = {};
+
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = (__s32)fd;
+	return inet_fds.lookup(&key) != NULL;
+}
+
 /* a connection accepted on a remembered inet listener is an inet socket
  * too: the bind shell dup2s it onto 0-2 */
 static __always_inline int accept_enter(__u64 fd)
 {
-	struct fd_key key = {};
 	__u32 tid = current_tid();
 	__u8 one = 1;
 
-	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	key.fd = (__s32)fd;
-	if (inet_fds.lookup(&key))
+	if (fd_is_inet(fd))
 		socket_pending.update(&tid, &one);
 	return 0;
 }
@@ -581,18 +628,16 @@ int rgs_accept4_ret(struct tracepoint__syscalls__sys_exit_accept4 *args)
 {
 	return remember_new_socket(args->ret);
 }
+#endif /* HAVE_FD_TABLE */
 
 static __always_inline int dup_enter(__u64 oldfd, __u64 newfd, __u32 via)
 {
-	struct fd_key key = {};
 	struct dup_pending pending = {};
 	__u32 tid = current_tid();
 
 	if (newfd > 2)
 		return 0; /* dup2/dup3 onto another descriptor: not stdio */
-	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	key.fd = (__s32)oldfd;
-	if (!inet_fds.lookup(&key))
+	if (!fd_is_inet(oldfd))
 		return 0;
 	pending.oldfd = (__s32)oldfd;
 	pending.via = via;
@@ -605,8 +650,6 @@ static __always_inline int dup_exit(long ret)
 	__u32 tid = current_tid();
 	struct dup_pending *pending = dup_pending.lookup(&tid);
 	struct fd_record *r;
-	struct fd_key key = {};
-	__u8 one = 1;
 
 	if (!pending)
 		return 0;
@@ -614,9 +657,17 @@ static __always_inline int dup_exit(long ret)
 		dup_pending.delete(&tid);
 		return 0;
 	}
-	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	key.fd = (__s32)ret;
-	inet_fds.update(&key, &one);
+#ifndef HAVE_FD_TABLE
+	{
+		struct fd_key key = {};
+		__u8 one = 1;
+
+		/* the copy is one too: a later dup of stdio onto stdio */
+		key.tgid = bpf_get_current_pid_tgid() >> 32;
+		key.fd = (__s32)ret;
+		inet_fds.update(&key, &one);
+	}
+#endif
 	r = process_events.ringbuf_reserve(sizeof(*r));
 	if (!r) {
 		count_lost(LOST_PROCESS);
@@ -702,6 +753,22 @@ int rgs_rename(struct tracepoint__task__task_rename *args)
 	return 0;
 }
 
+/* The status the process exited with; -1 when killed by a signal. Where the
+ * running kernel's BTF names task_struct.exit_code (HAVE_TASK_EXIT_CODE), it
+ * is read there: do_exit() sets it before sched_process_exit, as wait()
+ * would see it. Else exit_group(2)'s argument is kept per process until its
+ * exit (one more traced syscall, one more map). */
+#ifdef HAVE_TASK_EXIT_CODE
+static __always_inline __s32 exit_status(__u32 tgid)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	int code = 0;
+
+	if (RG_READ(code, task, RG_OFF_TASK_EXIT_CODE) || (code & 0x7f))
+		return -1; /* unreadable, or a signal's number */
+	return (code >> 8) & 0xff;
+}
+#else
 int rgs_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -711,6 +778,16 @@ int rgs_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
 	return 0;
 }
 
+static __always_inline __s32 exit_status(__u32 tgid)
+{
+	__s32 *code = exit_codes.lookup(&tgid);
+	__s32 status = code ? *code : -1;
+
+	exit_codes.delete(&tgid);
+	return status;
+}
+#endif
+
 int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -719,7 +796,6 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	struct exit_record *r;
 	struct proc_entry *e;
 	__s32 exit_code;
-	__s32 *code;
 	int send;
 
 	/* per-thread state of the other families */
@@ -728,7 +804,9 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	connect_pending.delete(&tid);
 	send_pending.delete(&tid);
 	gpu_pending.delete(&tid);
+#ifndef HAVE_FD_TABLE
 	socket_pending.delete(&tid);
+#endif
 	dup_pending.delete(&tid);
 
 #ifdef HAVE_GROUP_DEAD
@@ -738,9 +816,7 @@ int rgs_exit(struct tracepoint__sched__sched_process_exit *args)
 	if (tid != tgid)
 		return 0;
 #endif
-	code = exit_codes.lookup(&tgid);
-	exit_code = code ? *code : -1;
-	exit_codes.delete(&tgid);
+	exit_code = exit_status(tgid);
 	/* sent when user space holds the process: it read it (held_pids, or
 	 * no entry: it predates the sensor) or was sent its exec */
 	e = proc_live.lookup(&tgid);

@@ -154,12 +154,17 @@ struct exec_scan {
 #define EXEC_TAIL_SCAN 0
 BPF_PERCPU_ARRAY(exec_scan_state, struct exec_scan, 1);
 BPF_PROG_ARRAY(exec_tail, 1);
+#ifndef HAVE_TASK_EXIT_CODE
 BPF_TABLE("lru_hash", __u32, __s32, exit_codes, 16384);
-/* inet sockets made by socket(2), by process and descriptor. Entries are
- * not removed at close (close is too hot to trace): a stale one only makes
- * user space look at /proc/PID/fd, which says what the fd really is. */
+#endif
+#ifndef HAVE_FD_TABLE
+/* Without the running kernel's BTF for the fd table: inet sockets made by
+ * socket(2) or accepted, by process and descriptor. Entries are not removed
+ * at close (close is too hot to trace): a stale one only makes user space
+ * look at /proc/PID/fd, which says what the fd really is. */
 BPF_TABLE("lru_hash", struct fd_key, __u8, inet_fds, 65536);
 BPF_HASH(socket_pending, __u32, __u8, 4096); /* tid in socket(AF_INET*) */
+#endif
 BPF_HASH(dup_pending, __u32, struct dup_pending, 4096); /* tid duplicating one */
 
 /* network.c */
@@ -173,6 +178,11 @@ BPF_TABLE("lru_hash", struct datagram_key, struct tcp_seen, tcp_seen, 65536);
 BPF_HASH(gpu_pending, __u32, struct gpu_pending, 4096);
 
 /* --- helpers ------------------------------------------------------------- */
+
+/* a kernel struct member at an offset from the running kernel's BTF
+ * (RG_OFF_* macros, rome_guard/kernel/btf.py); 0 when the read worked */
+#define RG_READ(dst, base, off) \
+	bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
 
 static __always_inline void fill_header(struct record_header *h, __u32 type)
 {

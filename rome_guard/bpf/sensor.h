@@ -194,6 +194,8 @@ struct sensor_config {
 	__u32 exec_filter; /* 1: an exec no rule can concern (wake_names,
 			      needle_dfa) is kept in proc_live, not sent; forks
 			      are not sent, exits only of held processes */
+	__u32 loopback_ignoring; /* 1: loopback_ignore_cgroups has entries */
+	__u32 _pad;
 };
 
 /* One process in proc_live (pid -> entry) or, after its exit, proc_exited.

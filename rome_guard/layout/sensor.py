@@ -219,6 +219,8 @@ class SensorConfig(ct.Structure):
         ("tcp_repeat_ns", ct.c_uint64),
         ("quiet_lifecycle", ct.c_uint32),
         ("exec_filter", ct.c_uint32),
+        ("loopback_ignoring", ct.c_uint32),
+        ("_pad", ct.c_uint32),
     ]
 
 

@@ -96,10 +96,21 @@ class Attachment:
     ring: str = "network"  # the ring buffer its events go to
     raw: bool = False  # a raw tracepoint (the event of tracepoint), not a perf-event one
     replaces: str | None = None  # the program it stands in for when its feature is there
+    unless: str | None = None  # a feature that does its job another way: then not attached
 
 
-def _process(tracepoint: str, program: str, feature: str | None = None) -> Attachment:
-    return Attachment(tracepoint, program, feature, ring="process")
+def _process(
+    tracepoint: str, program: str, feature: str | None = None, unless: str | None = None
+) -> Attachment:
+    return Attachment(tracepoint, program, feature, ring="process", unless=unless)
+
+
+# the fd table read from the running kernel's BTF (FD_TABLE_MEMBERS): a dup
+# onto stdio asks the caller's fd table whether it is an inet socket, so
+# socket() and accept() need not be traced
+FD_TABLE_FEATURE = "HAVE_FD_TABLE"
+# task_struct.exit_code read at sched_process_exit: exit_group() is not traced
+TASK_EXIT_CODE_FEATURE = "HAVE_TASK_EXIT_CODE"
 
 
 ATTACHMENTS: tuple[Attachment, ...] = (
@@ -110,14 +121,15 @@ ATTACHMENTS: tuple[Attachment, ...] = (
     _process("sched:sched_prepare_exec", "rgs_prep_exec", "HAVE_PREPARE_EXEC"),
     _process("sched:sched_process_exec", "rgs_exec"),
     _process("task:task_newtask", "rgs_newtask"),
-    _process("syscalls:sys_enter_exit_group", "rgs_exit_group"),
+    _process("syscalls:sys_enter_exit_group", "rgs_exit_group", unless=TASK_EXIT_CODE_FEATURE),
     _process("sched:sched_process_exit", "rgs_exit"),
-    _process("syscalls:sys_enter_socket", "rgs_socket"),
-    _process("syscalls:sys_exit_socket", "rgs_socket_ret"),
-    _process("syscalls:sys_enter_accept", "rgs_accept", "HAVE_ACCEPT"),  # not on arm64
-    _process("syscalls:sys_exit_accept", "rgs_accept_ret", "HAVE_ACCEPT"),
-    _process("syscalls:sys_enter_accept4", "rgs_accept4"),
-    _process("syscalls:sys_exit_accept4", "rgs_accept4_ret"),
+    _process("syscalls:sys_enter_socket", "rgs_socket", unless=FD_TABLE_FEATURE),
+    _process("syscalls:sys_exit_socket", "rgs_socket_ret", unless=FD_TABLE_FEATURE),
+    # not on arm64
+    _process("syscalls:sys_enter_accept", "rgs_accept", "HAVE_ACCEPT", FD_TABLE_FEATURE),
+    _process("syscalls:sys_exit_accept", "rgs_accept_ret", "HAVE_ACCEPT", FD_TABLE_FEATURE),
+    _process("syscalls:sys_enter_accept4", "rgs_accept4", unless=FD_TABLE_FEATURE),
+    _process("syscalls:sys_exit_accept4", "rgs_accept4_ret", unless=FD_TABLE_FEATURE),
     _process("syscalls:sys_enter_dup", "rgs_dup"),
     _process("syscalls:sys_exit_dup", "rgs_dup_ret"),
     _process("syscalls:sys_enter_dup2", "rgs_dup2", "HAVE_DUP2"),  # not on arm64
@@ -136,7 +148,7 @@ ATTACHMENTS: tuple[Attachment, ...] = (
         raw=True,
         replaces="rgs_tcp_state",
     ),
-    Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset"),
+    Attachment("tcp:tcp_receive_reset", "rgs_tcp_reset", raw=True),
     Attachment("syscalls:sys_enter_connect", "rgs_connect"),
     Attachment("syscalls:sys_exit_connect", "rgs_connect_ret"),
     Attachment("syscalls:sys_enter_sendto", "rgs_sendto"),
@@ -165,6 +177,54 @@ RAW_TCP_STATE_MEMBERS = (
     ("RG_OFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
     ("RG_OFF_INET_SPORT", "inet_sock", "inet_sport"),
     ("RG_OFF_INET_SADDR", "inet_sock", "inet_saddr"),
+)
+
+# what fd_is_inet (process.c) reads: current->files->fdt->fd[fd], its inode's
+# mode, and a socket file's struct socket -> sock -> family
+FD_TABLE_MEMBERS = (
+    ("RG_OFF_TASK_FILES", "task_struct", "files"),
+    ("RG_OFF_FILES_FDT", "files_struct", "fdt"),
+    ("RG_OFF_FDT_MAX_FDS", "fdtable", "max_fds"),
+    ("RG_OFF_FDT_FD", "fdtable", "fd"),
+    ("RG_OFF_FILE_INODE", "file", "f_inode"),
+    ("RG_OFF_INODE_MODE", "inode", "i_mode"),
+    ("RG_OFF_FILE_PRIVATE_DATA", "file", "private_data"),
+    ("RG_OFF_SOCKET_SK", "socket", "sk"),
+    ("RG_OFF_SKC_FAMILY", "sock_common", "skc_family"),
+)
+
+
+@dataclass(frozen=True)
+class BtfFeature:
+    """A -D feature whose programs read kernel structs at the running
+    kernel's offsets (kernel/btf.py): built only when its BTF names every
+    member; else left out, and the sensor says what it sees instead."""
+
+    name: str
+    members: tuple[tuple[str, str, str], ...]  # (RG_OFF_* macro, struct, member)
+    without: str  # the sensor's degraded line when it is left out
+
+
+BTF_FEATURES = (
+    BtfFeature(
+        RAW_TCP_STATE_FEATURE,
+        RAW_TCP_STATE_MEMBERS,
+        "TCP outcomes from the sock:inet_sock_set_state tracepoint: no kernel BTF for "
+        "struct sock, so another tracing program on the CPU can make one be missed",
+    ),
+    BtfFeature(
+        TASK_EXIT_CODE_FEATURE,
+        (("RG_OFF_TASK_EXIT_CODE", "task_struct", "exit_code"),),
+        "exit codes from exit_group(2), one more traced syscall (no kernel BTF for "
+        "task_struct): a last thread's exit(2) is reported as -1",
+    ),
+    BtfFeature(
+        FD_TABLE_FEATURE,
+        FD_TABLE_MEMBERS,
+        "an inet socket duplicated onto stdio is seen only when the process made or "
+        "accepted it itself (no kernel BTF for the fd table): one inherited across fork "
+        "or passed over a unix socket is judged only at the next exec",
+    ),
 )
 
 
@@ -217,18 +277,30 @@ def available_features(tracefs: str) -> set[str]:
 
 
 def attachments_for(features: set[str]) -> list[Attachment]:
-    chosen = [a for a in ATTACHMENTS if a.feature is None or a.feature in features]
+    chosen = [
+        a
+        for a in ATTACHMENTS
+        if (a.feature is None or a.feature in features) and a.unless not in features
+    ]
     replaced = {a.replaces for a in chosen if a.replaces}
     return [a for a in chosen if a.program not in replaced]
 
 
-def struct_offsets() -> dict[str, int] | None:
-    """The RG_OFF_* offsets of RAW_TCP_STATE_MEMBERS in the running
-    kernel (its BTF); None where it has no BTF or lacks one of them."""
+def btf_offsets(wanted: Iterable[BtfFeature]) -> dict[str, dict[str, int] | None]:
+    """Per feature wanted, the RG_OFF_* offsets of its members in the
+    running kernel (its BTF); None where it has no BTF or lacks one."""
+    wanted = list(wanted)
     try:
-        return btf.offsets(btf.Btf.of_running_kernel(), RAW_TCP_STATE_MEMBERS)
+        kernel = btf.Btf.of_running_kernel() if wanted else None
     except (OSError, btf.BtfError, struct.error):
-        return None
+        return {feature.name: None for feature in wanted}
+    found: dict[str, dict[str, int] | None] = {}
+    for feature in wanted:
+        try:
+            found[feature.name] = btf.offsets(kernel, feature.members)
+        except (btf.BtfError, struct.error):
+            found[feature.name] = None
+    return found
 
 
 def compile_unit(features: Iterable[str] = ()) -> tuple[str, list[str]]:
@@ -382,16 +454,20 @@ class EbpfSensor:
         missing = missing_required(tracefs)
         if missing:
             raise EbpfUnavailable(f"tracepoints missing in {tracefs}/events: {', '.join(missing)}")
-        self.features = available_features(tracefs) - self._disable_features
-        offsets = struct_offsets() if RAW_TCP_STATE_FEATURE in self.features else None
-        if offsets is None and RAW_TCP_STATE_FEATURE in self.features:
-            self.features.discard(RAW_TCP_STATE_FEATURE)
-            self.degraded.append(
-                "TCP outcomes from the sock:inet_sock_set_state tracepoint: no kernel BTF for "
-                "struct sock, so another tracing program on the CPU can make one be missed"
-            )
+        self.features = available_features(tracefs) | {f.name for f in BTF_FEATURES}
+        self.features -= self._disable_features
+        offsets: dict[str, int] = {}
+        wanted = [f for f in BTF_FEATURES if f.name in self.features]
+        found_offsets = btf_offsets(wanted)
+        for feature in wanted:
+            found = found_offsets[feature.name]
+            if found is None:
+                self.features.discard(feature.name)
+                self.degraded.append(feature.without)
+            else:
+                offsets.update(found)
         text, cflags = compile_unit(self.features)
-        cflags += [f"-D{name}={value}" for name, value in sorted((offsets or {}).items())]
+        cflags += [f"-D{name}={value}" for name, value in sorted(offsets.items())]
         cflags += [
             f"-DPROCESS_RING_PAGES={self._process_ring_pages}",
             f"-DNETWORK_RING_PAGES={self._network_ring_pages}",
@@ -477,6 +553,7 @@ class EbpfSensor:
             tcp_repeat_ns=self._tcp_repeat_ns,
             quiet_lifecycle=int(self._wake_names is not None),
             exec_filter=int(self._wake_names is not None and self._needles is not None),
+            loopback_ignoring=int(bool(self._loopback_ignore_cgroups)),
         )
 
     def _sync_set(self, table_name: str, key_type: Any, old: set[int], new: set[int]) -> None:
@@ -553,6 +630,8 @@ class EbpfSensor:
                 "loopback_ignore_cgroups", ct.c_uint64, self._loopback_ignore_cgroups, new
             )
         self._loopback_ignore_cgroups = new
+        if self._bpf is not None:
+            self._write_config()
 
     def set_wake_names(self, names: Iterable[str] | None) -> None:
         """Quiet lifecycle: forks, exits and the execs of programs whose comm

@@ -277,17 +277,25 @@ class ProcessModel:
         return info
 
     def _as_execed(self, info: ProcessInfo) -> ProcessInfo:
-        """info (read from /proc now) with the name and argv the kernel saw
-        at its exec, for a process whose exec was not sent: a title it
-        rewrote since (no rename) is then judged at its first connect
-        outside loopback (first_external_connect), as when the model holds
-        the exec. Unchanged when the kernel has not seen it exec, or its
-        argv was longer than the table keeps and /proc starts the same."""
+        """info (read from /proc now) as the kernel's table saw it, for a
+        process whose fork and exec were not sent. Its parent is the process
+        that created it, as for a sent exec: /proc names init or a subreaper
+        once the creator exited (a daemonising double fork), which would cut
+        its lineage off from the tool call that started it. Its name and
+        argv are the ones at its exec: a title it rewrote since (no rename)
+        is then judged at its first connect outside loopback
+        (first_external_connect), as when the model holds the exec. argv is
+        unchanged when the kernel has not seen it exec, or when its argv was
+        longer than the table keeps and /proc starts the same."""
         entry = self.kernel.lookup(info.pid) if self.kernel is not None else None
-        if entry is None or entry.exit_ns or not entry.flags & PROC_EXEC_SEEN:
+        if entry is None or entry.exit_ns:
             return info
         if entry.start_ns and abs(boottime_ns_to_ticks(entry.start_ns) - info.key.start_time) > 1:
             return info  # another process under that pid
+        if entry.ppid and entry.ppid != info.ppid:
+            info = replace(info, ppid=entry.ppid)
+        if not entry.flags & PROC_EXEC_SEEN:
+            return info
         if entry.args_cut and info.cmdline[: len(entry.args)] == entry.args:
             return info
         return replace(info, comm=entry.comm, cmdline=entry.args)

@@ -29,6 +29,7 @@ from rome_guard.events import (
     ConnectEvent,
     ExecEvent,
     ExitEvent,
+    FdDupEvent,
     ForkEvent,
     GpuOpenEvent,
 )
@@ -36,6 +37,8 @@ from rome_guard.layout.sensor import ARG_MAX_LEN
 from rome_guard.linux import cgroup_dir_id as cgroup_id
 from rome_guard.sensors.ebpf import (
     ATTACHMENTS,
+    BTF_FEATURES,
+    FD_TABLE_FEATURE,
     GROUP_DEAD_FEATURE,
     PROGRAM_PREFIX,
     EbpfSensor,
@@ -467,6 +470,87 @@ def test_failed_gpu_open_is_not_reported(rec, fake_gpu_device):
 # --- accounting and teardown -----------------------------------------------------
 
 
+# --- an inet socket duplicated onto stdio ----------------------------------------
+
+# Each spelling prints the pid that dup2()s the socket onto fd 0, then exits.
+# The socket comes to it a different way each time.
+DUP_MADE = """
+import os, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print(os.getpid(), flush=True)
+os.dup2(s.fileno(), 0)
+"""
+# made by the parent, duplicated by a forked child (a daemonising reverse shell)
+DUP_INHERITED = """
+import os, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+pid = os.fork()
+if pid == 0:
+    print(os.getpid(), flush=True)
+    os.dup2(s.fileno(), 0)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+# made by one process, handed to another over a unix socket (SCM_RIGHTS)
+DUP_RECEIVED = """
+import os, socket, sys
+a, b = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    a.close()
+    msg, fds, _, _ = socket.recv_fds(b, 1, 1)
+    print(os.getpid(), flush=True)
+    os.dup2(fds[0], 0)
+    os._exit(0)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+socket.send_fds(a, [b"x"], [s.fileno()])
+os.waitpid(pid, 0)
+"""
+# a shell pipeline and node's stdio: a pipe and a unix socket pair onto 0-2
+DUP_NOT_INET = """
+import os, socket
+r, w = os.pipe()
+a, b = socket.socketpair()
+print(os.getpid(), flush=True)
+os.dup2(r, 0)
+os.dup2(a.fileno(), 1)
+"""
+
+
+def _dup_pid(code: str, listener) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, listener.getsockname())],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return int(out.stdout.split()[0])
+
+
+def _dup_onto_stdin(pid: int) -> Callable[[object], bool]:
+    return lambda e: isinstance(e, FdDupEvent) and e.pid == pid and e.newfd == 0
+
+
+@pytest.mark.parametrize(
+    "code", [DUP_MADE, DUP_INHERITED, DUP_RECEIVED], ids=["made", "inherited", "received"]
+)
+def test_inet_socket_onto_stdio_is_seen_however_the_socket_came(rec, sensor, listener, code):
+    require(FD_TABLE_FEATURE in sensor.features, "kernel BTF names the fd table")
+    pid = _dup_pid(code, listener)
+    dup = rec.wait_for(_dup_onto_stdin(pid), "dup2 of an inet socket onto fd 0")
+    assert dup.via == "dup2"
+    # socket() and accept() are not traced where the fd table is read
+    assert not {"rgs_socket", "rgs_accept4"} & {a.program for a in sensor.attached}
+
+
+def test_pipe_and_unix_socket_onto_stdio_are_not_reported(rec, listener):
+    pid = _dup_pid(DUP_NOT_INET, listener)
+    marker = _dup_pid(DUP_MADE, listener)  # reported after it: the ring got that far
+    rec.wait_for(_dup_onto_stdin(marker), "the marker's dup2")
+    assert rec.matching(lambda e: isinstance(e, FdDupEvent) and e.pid == pid) == []
+
+
 def test_lost_counters_exist_and_are_zero_under_light_load(sensor, rec):
     subprocess.run(["/bin/true"], check=True)
     sensor.poll(100)
@@ -486,13 +570,14 @@ def _bpftool(kind: str) -> list[dict]:
     return json.loads(out.stdout or b"[]")
 
 
-def test_fallbacks_work_and_close_leaves_nothing_loaded(fork_exec_literal):
+def test_fallbacks_work_and_close_leaves_nothing_loaded(fork_exec_literal, listener):
     """Built as on a kernel without the optional tracepoints (5.x): exits
     from the leader, datagrams reported at syscall exit. Then close()."""
     require(shutil.which("bpftool") is not None, "bpftool is needed (apt-get install bpftool)")
     progs_before = {p["id"] for p in _bpftool("prog")}
     maps_before = {m["id"] for m in _bpftool("map")}
     optional = {a.feature for a in ATTACHMENTS if a.feature} | {GROUP_DEAD_FEATURE}
+    optional |= {feature.name for feature in BTF_FEATURES}
     s = EbpfSensor(disable_features=optional)
     try:
         s.start()
@@ -522,6 +607,17 @@ def test_fallbacks_work_and_close_leaves_nothing_loaded(fork_exec_literal):
             lambda e: isinstance(e, ConnectEvent) and e.endpoint.daddr == "127.0.0.11", "UDP"
         )
         assert udp.endpoint.proto == "udp"
+
+        # without the fd table: a socket the process made itself is known
+        # from socket(); one inherited from its parent is not (the degraded
+        # line). dup3: dup2 is one of the optional tracepoints left out here.
+        def dup3(code: str) -> str:
+            return code.replace("os.dup2(s.fileno(), 0)", "os.dup2(s.fileno(), 0, False)")
+
+        inherited = _dup_pid(dup3(DUP_INHERITED), listener)
+        made = _dup_pid(dup3(DUP_MADE), listener)
+        assert r.wait_for(_dup_onto_stdin(made), "dup3 of a socket the process made").via == "dup3"
+        assert r.matching(_dup_onto_stdin(inherited)) == []
         # without sched_prepare_exec an argv not yet paged in stays unread,
         # and the event says so
         cut = r.wait_for(_exec_of(literal_pid), "exec with literal argv")

@@ -141,18 +141,25 @@ def test_what_a_rule_may_concern_is_sent(filtered, tmp_path):
     assert execs[pids["argv[0] a rule names"]].argv == ("xmrig", "--version")
 
 
-def test_lineage_through_a_parent_that_exited_unseen(filtered):
-    """stage1 (a name no rule knows) starts the miner in the background and
-    exits before the miner's exec: the kernel never sent stage1, and the
-    model finds it in the kernel's exited table."""
-    sensor, table = filtered
-    work = _scratch()
+def _launcher(work: Path) -> tuple[Path, Path, Path]:
+    """stage1 (a copy of sh, a name no rule knows), the script it runs
+    (start the miner in the background 0.3 s later, exit now), the miner."""
     stage1 = work / "stage1"
     shutil.copy("/bin/sh", stage1)
     miner = work / "xmrig"
     shutil.copy("/bin/sleep", miner)
     script = work / "launch"
     script.write_text(f"( sleep 0.3; exec {miner} 0.1 ) &\nexit 0\n")
+    return stage1, miner, script
+
+
+def test_lineage_through_a_parent_that_exited_unseen(filtered):
+    """stage1 (a name no rule knows) starts the miner in the background and
+    exits before the miner's exec: the kernel never sent stage1, and the
+    model finds it in the kernel's exited table."""
+    sensor, table = filtered
+    work = _scratch()
+    stage1, miner, script = _launcher(work)
     model = ProcessModel()
     model.kernel = table
     model.seed()
@@ -177,6 +184,47 @@ def test_lineage_through_a_parent_that_exited_unseen(filtered):
     assert lineage[0].comm == "stage1"
     assert lineage[0].cmdline == (str(stage1), str(script))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_reparented_process_keeps_its_creator_in_its_lineage(filtered):
+    """stage1 starts a long-lived child and exits: /proc now names init as
+    the child's parent; the model, resolving the child (never sent: a
+    benign name), takes the creator from the kernel's table, and finds the
+    exited creator there too."""
+    sensor, table = filtered
+    work = _scratch()
+    stage1 = work / "stage1"
+    shutil.copy("/bin/sh", stage1)
+    script = work / "launch"
+    script.write_text("sleep 30 >/dev/null 2>&1 &\necho $!\nexit 0\n")
+    model = ProcessModel()
+    model.kernel = table
+    model.seed()
+    parent = subprocess.run([str(stage1), str(script)], capture_output=True, text=True, check=True)
+    child = int(parent.stdout)
+    try:
+        stage1_pid = _ppid_in_kernel(table, child)
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[1] != str(stage1_pid)  # reparented
+        info = model.resolve(child)
+        assert info is not None and info.ppid == stage1_pid
+        lineage = model.lineage(info)
+        assert lineage[0].pid == stage1_pid
+        assert lineage[0].comm == "stage1"
+        assert lineage[1].pid == os.getpid()
+    finally:
+        os.kill(child, 9)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ppid_in_kernel(table: KernelProcessTable, pid: int) -> int:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entry = table.lookup(pid)
+        if entry is not None and entry.ppid:
+            return entry.ppid
+        time.sleep(0.05)
+    raise AssertionError(f"{pid} not in the kernel's table")
 
 
 def test_the_exited_table_is_bounded_and_its_evictions_exported(small):
@@ -204,12 +252,7 @@ def test_daemon_alert_names_the_exited_parent_only_the_kernel_saw():
     never sent and which was gone when the miner exec'd."""
     require(probe_ebpf() is None, "eBPF sensor unavailable")
     work = _scratch()
-    stage1 = work / "stage1"
-    shutil.copy("/bin/sh", stage1)
-    miner = work / "xmrig"
-    shutil.copy("/bin/sleep", miner)
-    script = work / "launch"
-    script.write_text(f"( sleep 0.3; exec {miner} 0.1 ) &\nexit 0\n")
+    stage1, miner, script = _launcher(work)
     with daemon() as d:
         parent = subprocess.Popen([str(stage1), str(script)])
         parent.wait()

@@ -14,12 +14,13 @@ travels (docs/architecture.md has the picture):
 The loop sleeps in one epoll over every ring buffer (kernel.poller): woken
 by a record worth a wakeup, a signal or a GPU snapshot, it drains every
 source, and drains again BATCH_MS later for as long as records keep coming;
-with nothing to do it sleeps until its next timer (the status file, once a
+with nothing to do it sleeps until its next timer (housekeeping, once a
 second).
 
 Start-up misses nothing: the sensor attaches first, then the model is
 seeded from /proc (processes marked pre-existing) and evaluated, then
-events are drained. After any lost event /proc is read again (at most every
+events are drained. The kernel's counters are read every COUNTERS_EVERY_S;
+after any lost event they show, /proc is read again (at most every
 RESYNC_EVERY_S, or four times what the last re-read took) and every live
 process judged again, so a miner whose exec was lost is still caught; the
 loss itself is journaled (events_lost).
@@ -67,7 +68,7 @@ from rome_guard.sensors.poll import PollSensor
 from rome_guard.siteconfig import Rejection, rejected_reload, usable_rules
 from rome_guard.state.kernel_table import KernelProcessTable
 from rome_guard.state.processes import ProcessModel
-from rome_guard.status import WRITE_EVERY_S, own_start_ticks, write_status
+from rome_guard.status import WRITE_EVERY_S, own_start_ticks, rewrite_due, write_status
 from rome_guard.textsafe import one_line
 from rome_guard.yamlsrc import SourceError
 
@@ -80,7 +81,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rome_guard")
 
-STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping, journal retry and the status file
+STATUS_EVERY_S = WRITE_EVERY_S  # housekeeping (what is pending: retries), the status file when due
+COUNTERS_EVERY_S = 5.0  # the kernel's counters (lost events, its process table) and health
 SHUTDOWN_BUDGET_S = 2.0
 PULSE_EVERY_EVENTS = 1024  # within a batch, check the timers this often
 RESYNC_EVERY_S = 2.0  # at most one /proc re-read per interval while events are lost
@@ -163,7 +165,8 @@ class Guard:
         self._reload = threading.Event()
         self._resync_due = False  # events were lost: re-read /proc at the next housekeeping
         self._next_resync = 0.0
-        self._next_watchdog = self._next_status = 0.0  # run()'s timers
+        self._next_watchdog = self._next_status = self._next_counters = 0.0  # run()'s timers
+        self._status_written = (0.0, -1)  # (when, events_seen then): status.rewrite_due
         self._poller: RingPoller | None = None  # while run() runs
         metrics = metrics if metrics is not None else NullMetrics()
         processes = ProcessModel(config.attribution.env_keys)
@@ -399,6 +402,9 @@ class Guard:
             self.ctx.alerts.events_lost(new, lost)
 
     def housekeeping(self) -> None:
+        """What is pending, once a second: each step costs nothing when
+        nothing waits (a spooled record, a metrics address, a /proc re-read,
+        parked connects, shells to judge, kills to retry)."""
         self.journal.retry()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.retry()
@@ -417,6 +423,13 @@ class Guard:
         retry_parked(self.ctx)
         judge_pending_shells(self.ctx)
         self.ctx.alerts.retry_kills()
+
+    def read_counters(self) -> None:
+        """Every COUNTERS_EVERY_S: the kernel's counters (lost events, whose
+        news journals the gap and re-reads /proc at the next housekeeping;
+        the process table's bounds), exited processes forgotten, and the
+        health series. Reading the counters takes a system call per map and
+        program, so an idle daemon does not read them every second."""
         self.ctx.processes.expire()
         self.check_lost()
         self.ctx.metrics.set_processes_tracked(len(self.ctx.processes))
@@ -424,8 +437,8 @@ class Guard:
 
     def export_health(self) -> None:
         """The health series (kernel table, ssh -G, stdio relay deferrals, sensors up,
-        NVML errors): at start, so that they exist from the first scrape, and at every
-        housekeeping."""
+        NVML errors): at start, so that they exist from the first scrape, and with the
+        kernel's counters (read_counters)."""
         if self.ctx.processes.kernel is not None:
             self.ctx.metrics.set_kernel_table(self.ctx.processes.kernel.stats())
         self.ctx.metrics.set_ssh_config(self.ctx.ssh.runs, self.ctx.ssh.unknown)
@@ -444,7 +457,7 @@ class Guard:
         for source in (sensor, self.prevention, self.wire_sensor):
             if source is not None:
                 poller.watch(source.ring_fds())
-        self._next_watchdog = self._next_status = time.monotonic()
+        self._next_watchdog = self._next_status = self._next_counters = time.monotonic()
         busy = True
         try:
             while not self._stop.is_set():
@@ -498,11 +511,14 @@ class Guard:
         return max(0, math.ceil((due - time.monotonic()) * 1000))
 
     def pulse(self, notifier: Notifier, status_path: str | None) -> None:
-        """The timers: housekeeping (journal retry, lost events and the
-        /proc re-read they trigger), the watchdog and the status file, when
-        due; also between chunks of a large batch, so that a flood neither
-        trips the watchdog nor leaves the status stale."""
+        """The timers: the kernel's counters (lost events), housekeeping
+        (retries, the /proc re-read lost events trigger), the watchdog and
+        the status file, when due; also between chunks of a large batch, so
+        that a flood neither trips the watchdog nor leaves the status stale."""
         now = time.monotonic()
+        if now >= self._next_counters:
+            self._next_counters = now + COUNTERS_EVERY_S
+            self.read_counters()
         if self.ctx.parked or now >= self._next_status:
             self.housekeeping()
         if notifier.watchdog_interval_s and now >= self._next_watchdog:
@@ -510,9 +526,12 @@ class Guard:
             self._next_watchdog = now + notifier.watchdog_interval_s
         if now >= self._next_status:
             self._next_status = now + STATUS_EVERY_S
-            notifier.status(self.status_line())
-            if status_path:
-                write_status(status_path, self.status())
+            written_at, events = self._status_written
+            if rewrite_due(now - written_at, self.events_seen - events):
+                self._status_written = (now, self.events_seen)
+                notifier.status(self.status_line())
+                if status_path:
+                    write_status(status_path, self.status())
 
     def status_line(self) -> str:
         lost = sum(self.ctx.lost.values())

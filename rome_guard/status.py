@@ -1,6 +1,7 @@
 """The running daemon's status, live: the file the daemon rewrites every
-second (``<run_dir>/status.json``) and the reading `rome-guard status` makes
-of it.
+second while it handles events and every 2 s when it handles none
+(``<run_dir>/status.json``, ``rewrite_due``), and the reading
+`rome-guard status` makes of it.
 
 The daemon writes the file from its event loop, so the file's age is the
 daemon's pulse: a stopped, hung or dead daemon stops refreshing it.
@@ -27,7 +28,8 @@ from rome_guard.report import table
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-WRITE_EVERY_S = 1.0  # the daemon's refresh interval
+WRITE_EVERY_S = 1.0  # the daemon's refresh interval while it handles events
+IDLE_WRITE_EVERY_S = 2.0  # and when it handled none since the last write
 STALE_AFTER_S = 5.0  # older than this: the daemon is stopped or hung
 
 
@@ -62,12 +64,24 @@ def own_start_ticks() -> int | None:
     return start_time(os.getpid())
 
 
+def rewrite_due(since_write_s: float, events_since_write: int) -> bool:
+    """Whether the daemon rewrites the file at its once-a-second tick:
+    every WRITE_EVERY_S while events come, every IDLE_WRITE_EVERY_S when
+    none came since the last write (what else the file shows, the kernel's
+    counters, changes every 5 s at most; two idle writes fit in
+    STALE_AFTER_S). Half a tick of slack: the ticks are not exact."""
+    every = WRITE_EVERY_S if events_since_write else IDLE_WRITE_EVERY_S
+    return since_write_s >= every - WRITE_EVERY_S / 2
+
+
 def write_status(path: str, status: dict[str, Any]) -> None:
     """Replace the status file atomically; a failure is logged, never raised."""
     tmp = f"{path}.tmp"
+    # dumps, not dump: dump writes chunk by chunk from the pure-Python encoder
+    text = json.dumps({"schema": SCHEMA, **status})
     try:
         with open(tmp, "w") as f:
-            json.dump({"schema": SCHEMA, **status}, f)
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:  # a full /run must not stop the guard either
         log.debug("status file not written: %s", exc)
@@ -119,7 +133,8 @@ def problem(reading: StatusReading) -> str | None:
     if reading.stale:
         return (
             f"status is stale: last written {human_duration(reading.age_s)} ago "
-            f"(pid {pid} is stopped or hung; it refreshes every {WRITE_EVERY_S:.0f}s)"
+            f"(pid {pid} is stopped or hung; it refreshes at least every "
+            f"{IDLE_WRITE_EVERY_S:.0f}s)"
         )
     return None
 

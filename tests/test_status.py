@@ -15,12 +15,14 @@ import pytest
 
 from rome_guard.procfs import start_time
 from rome_guard.status import (
+    IDLE_WRITE_EVERY_S,
     STALE_AFTER_S,
     StatusUnavailable,
     human_duration,
     problem,
     read_status,
     render,
+    rewrite_due,
     write_status,
 )
 
@@ -113,3 +115,13 @@ def test_human_duration() -> None:
         "2h 03m",
         "3d 1h",
     ]
+
+
+def test_an_idle_daemon_rewrites_the_file_less_often_but_well_before_it_is_stale() -> None:
+    # while events come: every tick (the ticks are a second apart, give or take)
+    assert rewrite_due(0.98, events_since_write=3)
+    # none since the last write: every other tick, never so late that a
+    # reader calls a live daemon stale
+    assert not rewrite_due(1.02, events_since_write=0)
+    assert rewrite_due(1.98, events_since_write=0)
+    assert IDLE_WRITE_EVERY_S * 2 < STALE_AFTER_S

@@ -5,10 +5,15 @@ Every BPF object the daemon runs (the sensor, the wire programs, the
 prevention programs) is a ``BpfObject``: compiled once by ``compile()``,
 its programs attached through it, its rings opened through it, and
 everything it holds detached, unpinned and freed by its ``close()``, also
-when start-up fails half-way. Cgroup programs go through
-``bpfsys.CgroupAttachments`` (BPF links: the kernel detaches them when the
-daemon dies); a program or map that must be found by the next start is
-pinned under this daemon's owner directory
+when start-up fails half-way. Once everything is loaded,
+``release_compiler_memory()`` has every live object give back what bcc
+keeps of its compile (``BpfObject.release_compiler()``: the LLVM module,
+~60 MiB an object) and the process give back the compiler's pages; the
+maps stay usable, nothing can be loaded into a released object.
+
+Cgroup programs go through ``bpfsys.CgroupAttachments`` (BPF links: the
+kernel detaches them when the daemon dies); a program or map that must be
+found by the next start is pinned under this daemon's owner directory
 (``stale.PIN_ROOT/<pid>-<start time>/``), which ``stale.cleanup_stale()``
 removes once its owner is dead.
 
@@ -25,6 +30,7 @@ import contextlib
 import ctypes as ct
 import os
 import resource
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, TypeVar
@@ -56,13 +62,16 @@ _MADV_DONTNEED = 4
 
 
 def release_compiler_memory(smaps: str = "/proc/self/smaps") -> None:
-    """After the last compile: give back what compiling left resident. The
-    heap LLVM freed goes back to the system (malloc_trim), and the
+    """After the last compile: give back what compiling left resident.
+    Every live BpfObject frees its compiler module (release_compiler());
+    the heap LLVM freed goes back to the system (malloc_trim), and the
     compiler's code pages, read once per compile, leave this process's
     resident set (MADV_DONTNEED on its mappings that are read-only and hold
     no page of their own: a later compile reads them in again from the page
-    cache). Half of an idle daemon's RSS was these. Best effort: nothing
-    here can fail the daemon."""
+    cache). Together these were two thirds of an idle daemon's RSS. Best
+    effort: nothing here can fail the daemon."""
+    for obj in list(_LIVE):
+        obj.release_compiler()
     libc = ct.CDLL(None, use_errno=True)
     with contextlib.suppress(AttributeError):
         libc.malloc_trim(0)  # glibc only
@@ -136,6 +145,10 @@ class Ring(Generic[Record]):
         return records
 
 
+# every BpfObject not yet closed: release_compiler_memory() frees their compilers
+_LIVE: weakref.WeakSet[BpfObject] = weakref.WeakSet()
+
+
 class BpfObject:
     """One compiled BPF object of this daemon and everything hung on it."""
 
@@ -148,8 +161,11 @@ class BpfObject:
         self._pins: list[str] = []
         self._cgroups: dict[str, bpfsys.CgroupAttachments] = {}
         self._rings: list[Ring[Any]] = []
-        self._ring_fds: list[int] = []
+        self._ring_tables: list[str] = []
+        self._map_fds: list[int] = []  # duplicated by release_compiler(), closed by close()
+        self.compiler_released = False
         self.degraded: list[str] = []  # what this object cannot do here, for the operator
+        _LIVE.add(self)
 
     @classmethod
     def compile(
@@ -175,7 +191,61 @@ class BpfObject:
         return cls(bpf, str(source), pin_root)
 
     def __getitem__(self, name: str) -> Any:
-        return self.bpf[name.encode()]
+        key = name.encode()
+        if self.compiler_released and key not in self.bpf.tables:
+            # bcc would ask the freed module (a NULL pointer into libbcc)
+            raise KeyError(f"{self.source} has no table {name} bcc can read")
+        return self.bpf[key]
+
+    def release_compiler(self) -> None:
+        """Free what bcc keeps of this object's compile (its BPFModule: the
+        LLVM context and module, the rewritten source, the table
+        descriptions; ~60 MiB), keeping every map usable: each table is
+        looked up first (its ctypes key and leaf come from the module) and
+        its fd duplicated (the module closes the fds it made; the loaded
+        programs hold their maps in the kernel either way). From then on
+        nothing more can be loaded into this object (LoadError), so the
+        daemon calls it (through release_compiler_memory) once everything
+        is attached and before it watches the rings' fds. Best effort and
+        idempotent: an object that cannot duplicate its fds keeps its module."""
+        bpf = self.bpf
+        module = getattr(bpf, "module", None)
+        if self.compiler_released or not module:
+            return
+        from bcc.libbcc import lib
+
+        lib.bpf_num_tables.restype = ct.c_size_t
+        lib.bpf_num_tables.argtypes = [ct.c_void_p]
+        lib.bpf_table_name.restype = ct.c_char_p
+        lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_size_t]
+        for index in range(lib.bpf_num_tables(module)):
+            name = lib.bpf_table_name(module, index)
+            # a kind bcc's Python has no class for (socket storage) is not
+            # readable from here anyway
+            with contextlib.suppress(Exception):
+                bpf[name]
+        tables = list(bpf.tables.values())
+        fds: list[int] = []
+        try:
+            for table in tables:
+                fds.append(os.dup(table.map_fd))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return
+        for table, fd in zip(tables, fds):
+            table.map_fd = fd
+        self._map_fds = fds
+        lib.bpf_module_destroy(module)
+        bpf.module = None
+        self.compiler_released = True
+
+    def _loadable(self, what: str) -> None:
+        if self.compiler_released:
+            raise LoadError(
+                f"cannot load {what} from {self.source}: its compiler was released "
+                "(kernel.loader.release_compiler_memory runs after the last load)"
+            )
 
     # --- rings -------------------------------------------------------------------
 
@@ -191,12 +261,15 @@ class BpfObject:
         ring: Ring[Record] = Ring(name or table, decode, malformed)
         self[table].open_ring_buffer(ring.on_record)
         self._rings.append(ring)
-        self._ring_fds.append(self[table].map_fd)
+        self._ring_tables.append(table)
         return ring
 
     def ring_fds(self) -> list[int]:
-        """The map fds of every open ring, for kernel.poller.RingPoller."""
-        return list(self._ring_fds) if self.bpf is not None else []
+        """The map fds of every open ring, for kernel.poller.RingPoller
+        (after release_compiler(): the duplicates that stay open)."""
+        if self.bpf is None:
+            return []
+        return [self[table].map_fd for table in self._ring_tables]
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to timeout_ms for a record in any ring, then drain them
@@ -216,6 +289,7 @@ class BpfObject:
     # --- programs ----------------------------------------------------------------
 
     def attach_tracepoint(self, tracepoint: str, program: str) -> None:
+        self._loadable(program)
         try:
             self.bpf.attach_tracepoint(tp=tracepoint.encode(), fn_name=program.encode())
         except Exception as exc:
@@ -226,6 +300,7 @@ class BpfObject:
     def attach_raw_tracepoint(self, tracepoint: str, program: str) -> None:
         """program on the raw tracepoint named like tracepoint's event."""
         event = tracepoint.split(":")[-1]
+        self._loadable(program)
         try:
             self.bpf.attach_raw_tracepoint(tp=event.encode(), fn_name=program.encode())
         except Exception as exc:
@@ -235,6 +310,7 @@ class BpfObject:
             ) from exc
 
     def load_func(self, program: str, prog_type: int, attach_type: int | None = None) -> Any:
+        self._loadable(program)
         try:
             if attach_type is None:
                 return self.bpf.load_func(program.encode(), prog_type)
@@ -341,8 +417,13 @@ class BpfObject:
             _detach_tracepoints(bpf)
             bpf.cleanup()  # tracepoints, program and map fds
             atexit.unregister(bpf.cleanup)  # bcc's own, which would run it again at exit
+        for fd in self._map_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._map_fds = []
         self._rings.clear()
-        self._ring_fds.clear()
+        self._ring_tables.clear()
+        _LIVE.discard(self)
 
 
 def _detach_tracepoints(bpf: Any) -> None:

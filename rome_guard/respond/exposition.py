@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
+import selectors
 import socket
 import ssl
 import threading
@@ -31,9 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# how often the server loop checks for shutdown: part of the daemon's 2 s
-# budget for SIGTERM (the default 0.5 s alone would take a quarter of it)
-SHUTDOWN_POLL_S = 0.05
 RETRY_S = 10.0  # an address in use is tried again this often
 
 
@@ -188,6 +187,8 @@ class _HttpServer(ThreadingHTTPServer):
         self.address_family = family
         self.owner = owner
         self._slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
+        self._closing_read, self._closing_write = os.pipe2(os.O_CLOEXEC)
+        self._closed = False
         super().__init__(address, _Handler, bind_and_activate=False)
         if family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -197,6 +198,33 @@ class _HttpServer(ThreadingHTTPServer):
         except OSError:
             self.server_close()
             raise
+
+    def serve_until_stopped(self) -> None:
+        """Accept connections until stop_serving(): one blocking select over
+        the listening socket and a pipe, so an idle server never wakes
+        (serve_forever's poll interval, 50 ms for the 2 s SIGTERM budget,
+        woke it 20 times a second) and a stop is seen at once."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._closing_read, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._closing_read in ready:
+                    return
+                self._handle_request_noblock()  # what serve_forever does per connection
+
+    def stop_serving(self) -> None:
+        if not self._closed:
+            os.write(self._closing_write, b"\0")
+
+    def server_close(self) -> None:
+        """Idempotent: the pipe's fd numbers are never written or closed
+        again once another file may have them."""
+        super().server_close()
+        if not self._closed:
+            self._closed = True
+            os.close(self._closing_read)
+            os.close(self._closing_write)
 
     def process_request(self, request, client_address) -> None:
         # a flood of connections is refused, not turned into threads
@@ -253,8 +281,7 @@ class MetricsServer:
             # no IPv6 on this host: every IPv4 address instead
             self._server = _HttpServer(self, ("0.0.0.0", port), socket.AF_INET)
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": SHUTDOWN_POLL_S},
+            target=self._server.serve_until_stopped,
             name="rome-guard-metrics",
             daemon=True,
         )
@@ -302,9 +329,9 @@ class MetricsServer:
         return auth.verify(user.decode("utf-8", "surrogateescape"), password)
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop_serving()
         self._thread.join(timeout=5)
+        self._server.server_close()
 
     def __enter__(self) -> MetricsServer:
         return self

@@ -191,7 +191,10 @@ class NvmlSensor:
 
     def run(self, on_snapshot: Callable[[GpuSnapshot], None], stop: threading.Event) -> None:
         """Poll every poll_interval until stop is set. Exceptions from
-        on_snapshot or bugs here are logged and counted, never raised."""
+        on_snapshot or bugs here are logged and counted, never raised.
+        Disabled for good (no bindings, no library: a host without GPUs),
+        it hands over one snapshot that says so and then only waits for
+        stop: no later poll could say anything else."""
         self.start()
         while not stop.is_set():
             began = self._clock()
@@ -200,6 +203,9 @@ class NvmlSensor:
             except Exception:
                 self._count("", "poll", "EXCEPTION")
                 log.exception("GPU poll failed; continuing")
+            if self._disabled:
+                stop.wait()
+                return
             stop.wait(max(0.0, self.poll_interval - (self._clock() - began)))
 
     def close(self) -> None:

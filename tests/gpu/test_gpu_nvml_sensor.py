@@ -4,6 +4,7 @@ processes on the scripted GPUs are real processes started by the test."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.fixtures import fake_nvml
@@ -109,6 +110,35 @@ def test_library_that_cannot_be_loaded_turns_gpu_features_off(nvml_worker):
     stderr = worker.finish()
     assert len(log_lines(stderr, "NVML disabled")) == 1
     assert "Traceback" not in stderr
+
+
+NO_LIBRARY_RUN = """
+import json, threading
+from rome_guard.sensors.nvml import NvmlSensor
+
+sensor = NvmlSensor(poll_interval=0.1)
+stop = threading.Event()
+snapshots = []
+thread = threading.Thread(target=sensor.run, args=(snapshots.append, stop))
+thread.start()
+stop.wait(1.0)  # ten poll intervals
+polls = sensor.polls_total
+stop.set()
+thread.join(5)
+print(json.dumps({"polls": polls, "snapshots": len(snapshots), "ended": not thread.is_alive(),
+                  "available": snapshots[0].available}))
+"""
+
+
+def test_a_host_without_the_library_is_polled_once_then_the_thread_only_waits(tmp_path):
+    # no GPU, no driver: nothing a later poll sees can differ, so the NVML
+    # thread of an idle daemon must not wake every poll interval for it
+    state = tmp_path / "state.txt"
+    FakeState().write(state)
+    result = fake_nvml.run_python(NO_LIBRARY_RUN, state, variant=fake_nvml.BROKEN)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found == {"polls": 1, "snapshots": 1, "ended": True, "available": False}
 
 
 def test_driver_not_loaded_is_retried_and_recovers(nvml_worker, processes):

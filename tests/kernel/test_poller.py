@@ -1,18 +1,14 @@
-"""The one wait over every ring (kernel/poller.py) and what the loader
-gives back after compiling (kernel/loader.py)."""
+"""The one wait over every ring (kernel/poller.py) and which compiler
+pages the loader gives back (kernel/loader.py); a released sensor's rings
+waking the poller: tests/kernel/test_loader.py."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
-from rome_guard.events import ExecEvent
-from rome_guard.kernel.loader import _clean_compiler_mappings, release_compiler_memory
+from rome_guard.kernel.loader import _clean_compiler_mappings
 from rome_guard.kernel.poller import RingPoller
-from rome_guard.sensors.ebpf import EbpfSensor, probe_ebpf
-from tests.conftest import require
 
 WAIT_MS = 10_000  # an upper bound on a loaded host, never a timing assertion
 
@@ -29,41 +25,6 @@ def test_wake_ends_a_wait_from_another_thread_and_is_consumed() -> None:
         assert not poller.watching  # no ring yet: the daemon polls on a short timer
     finally:
         poller.close()
-
-
-def test_a_named_exec_wakes_the_poller_after_the_compiler_memory_is_released(
-    tmp_path: Path,
-) -> None:
-    reason = probe_ebpf()
-    require(reason is None, f"eBPF sensor unavailable: {reason}")
-    sensor = EbpfSensor()
-    poller = RingPoller()
-    try:
-        sensor.start()
-        release_compiler_memory()  # what the daemon does once everything is loaded
-        sensor.set_wake_names({"rg-poller-wake"})  # quiet mode: only this name wakes at once
-        poller.watch(sensor.ring_fds())
-        assert poller.watching
-        program = tmp_path / "rg-poller-wake"
-        shutil.copy("/bin/true", program)
-        sensor.poll(0)
-        proc = subprocess.Popen([str(program)])
-        proc.wait()
-        seen = False
-        for _ in range(50):  # other processes on the host wake it too
-            if not poller.wait(WAIT_MS):
-                break
-            events = sensor.poll(0)
-            if any(isinstance(e, ExecEvent) and e.pid == proc.pid for e in events):
-                seen = True
-                break
-        assert seen, "the exec of a named program never woke the poller"
-        sensor.close()
-        sensor = EbpfSensor()
-        sensor.start()  # the compiler still works: its pages come back from the page cache
-    finally:
-        poller.close()
-        sensor.close()
 
 
 def _smaps(tmp_path: Path, entries: list[tuple[str, str, str, int]]) -> str:

@@ -281,33 +281,36 @@ def confirmation_record(
     }
 
 
+def _daemon_record(event: str, mode: str, host: str, **fields: Any) -> dict[str, Any]:
+    """A record about the daemon itself (no finding): the journal's envelope
+    (event, id, time, host, mode) and fields."""
+    return {
+        "event": event,
+        "id": uuid.uuid4().hex,
+        "time": rfc3339(time.time()),
+        "host": host,
+        "mode": mode,
+        **fields,
+    }
+
+
 def lost_record(
     lost: dict[str, int], totals: dict[str, int], mode: str, host: str
 ) -> dict[str, Any]:
     """Events the daemon never saw since the last report, per ring or queue
     (and the running totals): the gap is evidence too."""
-    return {
-        "event": "events_lost",
-        "id": uuid.uuid4().hex,
-        "time": rfc3339(time.time()),
-        "host": host,
-        "mode": mode,
-        "lost": dict(lost),
-        "totals": dict(totals),
-    }
+    return _daemon_record("events_lost", mode, host, lost=dict(lost), totals=dict(totals))
 
 
 def rejection_record(rejection: Rejection, mode: str, host: str) -> dict[str, Any]:
     """A rule or config file (or some config keys) the daemon left out at
     start or at a reload, with each problem by line: the guard runs without
     it, and the journal says so."""
-    return {
-        "event": "config_rejected",
-        "id": uuid.uuid4().hex,
-        "time": rfc3339(time.time()),
-        "host": host,
-        "mode": mode,
-        "file": rejection.path,
-        "left_out": rejection.what,
-        "problems": [{"line": line, "problem": problem} for line, problem in rejection.problems],
-    }
+    return _daemon_record(
+        "config_rejected",
+        mode,
+        host,
+        file=rejection.path,
+        left_out=rejection.what,
+        problems=[{"line": line, "problem": problem} for line, problem in rejection.problems],
+    )
